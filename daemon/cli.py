@@ -1,0 +1,177 @@
+"""Command line: ``anomalyd run | train | simulate | score | check-config``.
+
+Exit codes: 0 success; 1 a runtime failure; 2 bad arguments, configuration or models;
+3 the broker could not be reached or refused the connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from daemon import __version__
+from daemon.config import Settings, load_settings
+from daemon.errors import AnomalydError, BrokerError, ConfigError, ModelLoadError, TrainingError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
+
+
+def _progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon import logs
+    from daemon.models import load_bundle
+    from daemon.service import Service
+
+    settings = _settings(args)
+    logs.configure(settings.logging.level, settings.logging.format)
+    bundle = load_bundle(settings.model.dir)
+    if settings.service.workers > 1 and args.worker_index is None:
+        from daemon.supervisor import run_workers
+
+        return run_workers(settings, args.config)
+    return Service(settings, bundle, worker_index=args.worker_index).run()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from daemon.training.train import train_csv, train_default
+
+    settings = _settings(args)
+    out = Path(args.out) if args.out else settings.model.dir
+    if (out / "manifest.json").exists() and not args.force:
+        print(f"error: {out} already holds a trained model set; pass --force to replace it",
+              file=sys.stderr)
+        return EXIT_USAGE
+    features = [f.strip() for f in args.features.split(",")] if args.features else None
+    print(f"training into {out}", file=sys.stderr)
+    if args.data:
+        manifest = train_csv(Path(args.data), out, features=features, seed=args.seed,
+                             quantile=args.quantile, progress=_progress)
+    else:
+        if features:
+            print("error: --features applies to --data only", file=sys.stderr)
+            return EXIT_USAGE
+        manifest = train_default(out, rows=args.rows, seed=args.seed, quantile=args.quantile,
+                                 progress=_progress)
+    print(f"model set {manifest['model_version']} written to {out}", file=sys.stderr)
+    for name, det in manifest["detectors"].items():
+        v = det.get("validation") or {}
+        figures = " ".join(f"{k}={v[k]:.3f}" for k in ("precision", "recall", "f1", "far")
+                           if isinstance(v.get(k), float))
+        print(f"  {name:<17} threshold={det['threshold']:.4g} {figures}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from daemon.simulate import simulate
+
+    settings = _settings(args)
+    return simulate(settings, devices=args.devices, rate=args.rate, duration=args.duration,
+                    fault_rate=args.fault_rate, batch=args.batch, seed=args.seed,
+                    qos=args.qos)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from daemon.models import load_bundle
+    from daemon.offline import score_file
+
+    settings = _settings(args)
+    bundle = load_bundle(settings.model.dir)
+    out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
+    try:
+        counts = score_file(Path(args.input), out, settings, bundle, device=args.device,
+                            detector=args.model)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    print(f"scored {counts['readings']} readings: {counts['anomalies']} anomalies, "
+          f"{counts['rejected']} rejected", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
+    print("configuration is valid", file=sys.stderr)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anomalyd", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"anomalyd {__version__}")
+    p.add_argument("-c", "--config", type=Path, default=None,
+                   help="configuration file (default: config/anomalyd.toml if present)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train the preprocessor and all detectors")
+    train.add_argument("--data", help="CSV of normal operation (default: synthetic pump data)")
+    train.add_argument("--features", help="comma-separated feature columns (default: all numeric)")
+    train.add_argument("--out", help="model directory (default: model.dir / MODEL_DIR)")
+    train.add_argument("--rows", type=int, default=20000, help="synthetic rows (default 20000)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--quantile", type=float, default=0.99,
+                       help="threshold quantile of held-back normal scores (default 0.99)")
+    train.add_argument("--force", action="store_true", help="replace an existing model set")
+    train.set_defaults(func=cmd_train)
+
+    sim = sub.add_parser("simulate", help="publish realistic pump readings with injected faults")
+    sim.add_argument("--devices", type=int, default=5)
+    sim.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
+    sim.add_argument("--duration", type=float, default=0,
+                     help="seconds to run (default 0: until interrupted)")
+    sim.add_argument("--fault-rate", type=float, default=0.02,
+                     help="chance per reading that a fault episode starts (default 0.02)")
+    sim.add_argument("--batch", type=int, default=0,
+                     help="send batch messages of this many readings (default 0: single)")
+    sim.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    sim.add_argument("--seed", type=int, default=None)
+    sim.set_defaults(func=cmd_simulate)
+
+    score = sub.add_parser("score", help="score a CSV or JSON-lines file offline (backtesting)")
+    score.add_argument("input", help="CSV with a header, or JSON lines of reading payloads")
+    score.add_argument("--out", default="-", help="output JSON lines (default: stdout)")
+    score.add_argument("--device", default="offline",
+                       help="device id for rows that do not name one (default: offline)")
+    score.add_argument("--model", default=None, help="detector (default: the configured one)")
+    score.set_defaults(func=cmd_score)
+
+    check = sub.add_parser("check-config", help="validate and print the effective configuration")
+    check.set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    except (ConfigError, ModelLoadError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, ModelLoadError):
+            print("hint: train a model set with `anomalyd train`", file=sys.stderr)
+        return EXIT_USAGE
+    except AnomalydError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,84 @@
+"""Every Prometheus metric anomalyd exposes, defined once; the registry is passed in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class Metrics:
+    """The daemon's metrics. Build one per process (tests build one per registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "anomalyd_messages_received", "MQTT messages received on the readings subscription",
+            registry=r,
+        )
+        self.readings = Counter(
+            "anomalyd_readings", "Readings by outcome (normal, anomaly, rejected)",
+            ["outcome"], registry=r,
+        )
+        self.dead_letters = Counter(
+            "anomalyd_dead_letters", "Dead-letter records published, by reason",
+            ["reason"], registry=r,
+        )
+        self.anomalies = Counter(
+            "anomalyd_anomalies", "Readings judged anomalous, by detector", ["detector"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "anomalyd_alerts", "Alerts published, by severity", ["severity"], registry=r,
+        )
+        self.batch_size = Histogram(
+            "anomalyd_batch_size", "Readings per scored micro-batch", ["detector"],
+            buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.scoring_seconds = Histogram(
+            "anomalyd_scoring_seconds", "Time to score one micro-batch", ["detector"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "anomalyd_end_to_end_seconds",
+            "From receipt of a message to the broker's acknowledgement of its verdict",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge(
+            "anomalyd_queue_depth", "Messages received and not yet scored", registry=r,
+        )
+        self.outstanding_publishes = Gauge(
+            "anomalyd_outstanding_publishes",
+            "Verdicts, alerts and dead letters published and not yet acknowledged by the broker",
+            registry=r,
+        )
+        self.unacked_inputs = Gauge(
+            "anomalyd_unacked_inputs", "Received messages not yet acknowledged to the broker",
+            registry=r,
+        )
+        self.connected = Gauge(
+            "anomalyd_broker_connected", "1 while connected to the MQTT broker", registry=r,
+        )
+        self.reconnects = Counter(
+            "anomalyd_broker_reconnects", "Successful connections after the first", registry=r,
+        )
+        self.connection_errors = Counter(
+            "anomalyd_broker_connection_errors", "Failed or refused connection attempts, by reason",
+            ["reason"], registry=r,
+        )
+        self.callback_errors = Counter(
+            "anomalyd_callback_errors", "Exceptions caught at an I/O edge, by where",
+            ["where"], registry=r,
+        )
+        self.deferred = Counter(
+            "anomalyd_messages_deferred",
+            "Messages left unacknowledged for broker redelivery because the queue was full",
+            registry=r,
+        )
+        self.model_info = Info(
+            "anomalyd_model", "The loaded model set", registry=r,
+        )

@@ -1,0 +1,360 @@
+"""The MQTT edge: the only module that talks to paho-mqtt.
+
+A paho message becomes an ``Inbound`` here and nothing past this module sees paho. Received
+readings are acknowledged manually, in order, once their outputs are acknowledged by the
+broker (see ``daemon.acks``). Outgoing QoS 1 publishes are capped (paho keys them by a
+16-bit packet id and silently overwrites past 65,535 in flight). No callback blocks and no
+exception escapes a callback: one that did would kill paho's network thread while
+``is_connected()`` kept saying True.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from daemon.acks import AckSequencer, Inbound
+from daemon.config import MqttConfig
+from daemon.errors import BrokerError
+from daemon.metrics import Metrics
+
+log = structlog.get_logger("anomalyd.mqtt")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PublishWindow:
+    """Outgoing QoS 1 publishes awaiting the broker's PUBACK, capped at ``limit``.
+
+    The PUBACK can be processed by the network thread before ``publish()`` has returned
+    its packet id to us, so an ack for an unknown id is parked until the id is recorded.
+    No lock of ours is held while calling into paho.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._owners: dict[int, tuple[Inbound | None, bool]] = {}
+        self._early: set[int] = set()
+
+    def acquire(self, timeout: float) -> bool:
+        return self._slots.acquire(timeout=timeout)
+
+    def give_back(self) -> None:
+        self._slots.release()
+
+    def record(self, mid: int, owner: Inbound | None, counted: bool = True) -> bool:
+        """Remember who waits on ``mid``; returns True if it was already acknowledged.
+
+        ``counted=False`` is for the rare publish made without taking a slot (the status
+        message, sent from the network thread, which must not block).
+        """
+        with self._lock:
+            if mid in self._early:
+                self._early.discard(mid)
+                early = True
+            else:
+                self._owners[mid] = (owner, counted)
+                early = False
+        if early and counted:
+            self._slots.release()
+        return early
+
+    def acked(self, mid: int) -> tuple[bool, Inbound | None]:
+        """The broker acknowledged ``mid``: (known, owner)."""
+        with self._lock:
+            entry = self._owners.pop(mid, None)
+            if entry is None:
+                self._early.add(mid)
+                return False, None
+        if entry[1]:
+            self._slots.release()
+        return True, entry[0]
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+
+class MqttAdapter:
+    """Subscribe, hand each received message to ``deliver``, publish, acknowledge."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        subscription: str,
+        status_topic: str,
+        metrics: Metrics,
+        deliver: Callable[[Inbound], bool],
+        client_id: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.subscription = subscription
+        self.status_topic = status_topic
+        self.metrics = metrics
+        self._deliver = deliver
+        self.v5 = cfg.protocol == "5"
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or cfg.client_id,
+            clean_session=None if self.v5 else False,
+            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
+            manual_ack=True,
+        )
+        self.window = PublishWindow(cfg.max_outstanding_publishes)
+        self.acks = AckSequencer(self._send_ack, self._on_input_done)
+        self._intake = True
+        self._connected = threading.Event()
+        self._connect_result: str | None = None
+        self._first_connect = threading.Event()
+        self._ever_connected = False
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self.loop_crashed: str | None = None
+        self._configure()
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        c = self.client
+        cfg = self.cfg
+        if cfg.username:
+            c.username_pw_set(
+                cfg.username, cfg.password.get_secret_value() if cfg.password else None
+            )
+        c.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        c.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]  # paho accepts float seconds
+        # paho's own in-flight cap; the PublishWindow bounds what it queues behind it.
+        c.max_inflight_messages_set(min(cfg.max_outstanding_publishes, 1000))
+        c.on_socket_open = self._guard("on_socket_open", self._on_socket_open)
+        c.on_connect = self._guard("on_connect", self._on_connect)
+        c.on_connect_fail = self._guard("on_connect_fail", self._on_connect_fail)
+        c.on_disconnect = self._guard("on_disconnect", self._on_disconnect)
+        c.on_message = self._guard("on_message", self._on_message)
+        c.on_publish = self._guard("on_publish", self._on_publish)
+
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        self.client.tls_set_context(context)
+
+    def _guard(self, where: str, fn: F) -> F:
+        """Wrap a paho callback so that no exception can escape it."""
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                self.metrics.callback_errors.labels(where).inc()
+                log.exception("callback_failed", where=where)
+                return None
+
+        return wrapper  # type: ignore[return-value]
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (retrying until ``connect_timeout_s``) and start the network thread.
+
+        Raises BrokerError when the broker cannot be reached in time or refuses us.
+        """
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        delay = cfg.reconnect_min_delay_s
+        while True:
+            try:
+                self._connect()
+                break
+            except OSError as exc:
+                self.last_error = f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}"
+                self.metrics.connection_errors.labels("unreachable").inc()
+                if cfg.connect_timeout_s and time.monotonic() + delay > deadline:
+                    raise BrokerError(self.last_error) from exc
+                log.warning("broker_unreachable", host=cfg.host, port=cfg.port, error=str(exc),
+                            retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, cfg.reconnect_max_delay_s)
+        self._thread = threading.Thread(target=self._loop, name="mqtt-loop", daemon=True)
+        self._thread.start()
+        remaining = max(0.5, deadline - time.monotonic()) if cfg.connect_timeout_s else None
+        if not self._first_connect.wait(remaining):
+            raise BrokerError(
+                f"no answer to CONNECT from broker at {cfg.host}:{cfg.port} "
+                f"within {cfg.connect_timeout_s:.0f}s"
+            )
+        if self._connect_result is not None:
+            self.client.disconnect()
+            raise BrokerError(
+                f"broker at {cfg.host}:{cfg.port} refused the connection: {self._connect_result}"
+            )
+
+    def _connect(self) -> None:
+        cfg = self.cfg
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = cfg.session_expiry_s
+            props.ReceiveMaximum = cfg.receive_maximum
+            self.client.connect(
+                cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
+            )
+        else:
+            self.client.connect(cfg.host, cfg.port, cfg.keepalive_s)
+
+    def _loop(self) -> None:
+        try:
+            self.client.loop_forever(retry_first_connection=True)
+        except Exception as exc:
+            self.loop_crashed = repr(exc)
+            log.exception("mqtt_loop_crashed")
+
+    @property
+    def loop_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set() and self.loop_alive
+
+    def pause_intake(self) -> None:
+        """Stop taking readings: later ones stay unacked at the broker for redelivery."""
+        self._intake = False
+
+    def stop(self, timeout: float) -> None:
+        """Publish ``offline``, disconnect cleanly and join the network thread."""
+        if self.connected:
+            info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                try:
+                    info.wait_for_publish(timeout=min(timeout, 2.0))
+                except (RuntimeError, ValueError):
+                    pass
+        self.client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- publishing (worker thread) -----------------------------------------------------
+
+    def publish(
+        self, topic: str, payload: bytes, owner: Inbound | None, retain: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """QoS 1 publish that holds ``owner``'s ack until the broker acknowledges it.
+
+        Blocks while the publish window is full (backpressure). Returns False only if
+        ``should_stop`` said so while waiting.
+        """
+        window = self.window
+        while not window.acquire(timeout=0.5):
+            if should_stop is not None and should_stop():
+                return False
+        if owner is not None:
+            self.acks.hold(owner)
+        try:
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
+        except Exception:
+            window.give_back()
+            if owner is not None:
+                self.acks.release(owner)
+            raise
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            window.give_back()
+            if owner is not None:
+                self.acks.release(owner)
+            raise BrokerError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if window.record(info.mid, owner) and owner is not None:
+            self.acks.release(owner)
+        self.metrics.outstanding_publishes.set(len(window))
+        return True
+
+    # -- paho callbacks (network thread; never block, never raise) ---------------------
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self.cfg.tcp_nodelay:
+            # paho never sets TCP_NODELAY: small messages would wait for Nagle (~25 ms).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._connect_result = str(reason)
+            self.last_error = f"broker refused the connection: {reason}"
+            self.metrics.connection_errors.labels("refused").inc()
+            log.error("broker_refused", reason=str(reason), host=self.cfg.host,
+                      port=self.cfg.port)
+            self._first_connect.set()
+            return
+        self._connect_result = None
+        self.last_error = None
+        if self._ever_connected:
+            self.metrics.reconnects.inc()
+        self._ever_connected = True
+        if self.v5:
+            client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
+        else:
+            client.subscribe(self.subscription, qos=1)
+        info = client.publish(self.status_topic, b"online", qos=1, retain=True)
+        # On the network thread nothing can acknowledge it before it is recorded.
+        self.window.record(info.mid, None, counted=False)
+        self._connected.set()
+        self.metrics.connected.set(1)
+        log.info("broker_connected", host=self.cfg.host, port=self.cfg.port,
+                 session_present=bool(flags.session_present), subscription=self.subscription)
+        self._first_connect.set()
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self.metrics.connection_errors.labels("unreachable").inc()
+        self.last_error = f"cannot reach broker at {self.cfg.host}:{self.cfg.port}"
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self.metrics.connected.set(0)
+        self.acks.new_session()
+        self.metrics.unacked_inputs.set(0)
+        if was:
+            log.warning("broker_disconnected", reason=str(reason))
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if not self._intake:
+            return  # not acked: the broker keeps it for our next session
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = msg._topic.decode("utf-8", "replace")
+        inbound = Inbound(msg.mid, msg.qos, topic, msg.payload, time.monotonic(), time.time())
+        self.metrics.messages.inc()
+        self.acks.register(inbound)
+        if not self._deliver(inbound):
+            # Queue full (only if the broker ignored our Receive Maximum): leave it unacked,
+            # so the broker redelivers it on our next session, without blocking later acks.
+            self.acks.forget(inbound)
+            self.metrics.deferred.inc()
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        known, owner = self.window.acked(mid)
+        if owner is not None:
+            self.acks.release(owner)
+
+    # -- acknowledgements --------------------------------------------------------------
+
+    def _send_ack(self, mid: int) -> None:
+        self.client.ack(mid, 1)
+
+    def _on_input_done(self, msg: Inbound) -> None:
+        self.metrics.end_to_end_seconds.observe(time.monotonic() - msg.received_at)

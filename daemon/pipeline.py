@@ -1,0 +1,344 @@
+"""The pure core of the daemon: a micro-batch of raw messages in, outgoing messages out.
+
+Decode every message (one place: ``daemon.readings``), group the valid readings by
+detector, score each group with one vectorised call, and build the verdict, alert and
+dead-letter payloads. No sockets, no clocks of its own: the wall time of scoring is passed
+in, so the same code runs live and in the offline ``score`` command.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+
+from daemon.config import AlertConfig, TopicsConfig
+from daemon.models import BatchScores, ModelBundle
+from daemon.readings import Decoded, Decoder, Reading, Rejection
+
+OutKind = Literal["verdict", "alert", "dead_letter"]
+NORMAL_TEXT = "within normal parameters"
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    topic: str
+    payload: bytes
+    received_at: float  # wall-clock epoch seconds at receipt
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    kind: OutKind
+    topic: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class Judgement:
+    """The verdict for one reading, as plain Python values."""
+
+    reading: Reading
+    detector: str
+    score: float
+    threshold: float
+    is_anomaly: bool
+    confidence: float
+    margin: float
+    members: dict[str, float] | None
+    explanation: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """What one call to ``Pipeline.process`` did, for the canonical log line and metrics."""
+
+    messages: int = 0
+    readings: int = 0
+    anomalies: int = 0
+    rejected: int = 0
+    by_detector: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    rejections: list[str] = field(default_factory=list)
+    alert_severities: list[str] = field(default_factory=list)
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds to ISO 8601 UTC with millisecond precision."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def severity(margin: float, cfg: AlertConfig) -> str:
+    """Alert severity from the score's distance above the threshold (in normal spreads)."""
+    if margin >= cfg.critical_margin:
+        return "critical"
+    if margin >= cfg.major_margin:
+        return "major"
+    return "minor"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        decoder: Decoder,
+        topics: TopicsConfig,
+        alerts: AlertConfig,
+        default_detector: str | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.decoder = decoder
+        self.topics = topics
+        self.alerts = alerts
+        self.default_detector = default_detector or bundle.default_detector
+        if self.default_detector not in bundle.detector_names:
+            raise ValueError(f"default detector {self.default_detector!r} is not in the model set")
+        self._verdict_prefix, self._verdict_suffix = topics.verdict.split("{device_id}", 1)
+        self._alert_prefix, self._alert_suffix = topics.alert.split("{device_id}", 1)
+
+    # -- scoring -----------------------------------------------------------------------
+
+    def judge(self, readings: Sequence[Reading], stats: BatchStats) -> list[Judgement]:
+        """Score readings grouped by detector; results in the order given."""
+        groups: dict[str, list[int]] = {}
+        default = self.default_detector
+        for i, r in enumerate(readings):
+            groups.setdefault(r.model_name or default, []).append(i)
+        out: list[Judgement | None] = [None] * len(readings)
+        for detector, idx in groups.items():
+            X = np.array([readings[i].values for i in idx], dtype=np.float64)
+            t0 = time.perf_counter()
+            scored = self.bundle.score(X, detector)
+            elapsed = time.perf_counter() - t0
+            n_anom = self._collect(scored, readings, idx, out)
+            stats.by_detector[detector] = (len(idx), n_anom, elapsed)
+        return [j for j in out if j is not None]
+
+    def _collect(
+        self,
+        s: BatchScores,
+        readings: Sequence[Reading],
+        idx: list[int],
+        out: list[Judgement | None],
+    ) -> int:
+        threshold = float(self.bundle.manifest["detectors"][s.detector]["threshold"])
+        scores = s.scores.tolist()
+        flags = s.is_anomaly.tolist()
+        conf = s.confidence.tolist()
+        margins = s.margin.tolist()
+        members = (
+            {k: v.tolist() for k, v in s.members.items()} if s.members is not None else None
+        )
+        n_anom = 0
+        for row, i in enumerate(idx):
+            score = scores[row]
+            if not math.isfinite(score):
+                # A non-finite score would leave as JSON null; treat it as the worst case.
+                score, flags[row], conf[row], margins[row] = 1e300, True, 1.0, 1e300
+            j = Judgement(
+                reading=readings[i],
+                detector=s.detector,
+                score=score,
+                threshold=threshold,
+                is_anomaly=bool(flags[row]),
+                confidence=conf[row],
+                margin=margins[row],
+                members={k: v[row] for k, v in members.items()} if members else None,
+            )
+            if j.is_anomaly:
+                n_anom += 1
+                exp = self.bundle.explain(
+                    np.asarray(readings[i].values, dtype=np.float64), s.zscores[row]
+                )
+                j.explanation = _as_dict(exp)
+            out[i] = j
+        return n_anom
+
+    # -- whole micro-batch -------------------------------------------------------------
+
+    def process(
+        self, messages: Sequence[RawMessage], now: float
+    ) -> tuple[list[list[Outbound]], BatchStats]:
+        """Outputs for each message, in order, and the batch's statistics."""
+        stats = BatchStats(messages=len(messages))
+        decoded = [self.decoder.decode(m.topic, m.payload, m.received_at) for m in messages]
+        readings: list[Reading] = []
+        for d in decoded:
+            readings.extend(d.readings)
+        judged = self.judge(readings, stats) if readings else []
+        stats.readings = len(judged)
+        stats.anomalies = sum(1 for j in judged if j.is_anomaly)
+        stats.alert_severities = [
+            severity(j.margin, self.alerts) for j in judged if j.is_anomaly
+        ]
+        scored_at = iso(now)
+        outputs: list[list[Outbound]] = []
+        pos = 0
+        for msg, d in zip(messages, decoded, strict=True):
+            mine = judged[pos : pos + len(d.readings)]
+            pos += len(d.readings)
+            outs: list[Outbound] = []
+            if d.rejections:
+                stats.rejected += len(d.rejections)
+                stats.rejections.extend(r.reason for r in d.rejections)
+                outs.append(self._dead_letter(msg, d, d.rejections, now))
+            if d.is_batch:
+                if mine:
+                    outs.extend(self._batch_outputs(d, mine, scored_at))
+            elif mine:
+                outs.extend(self._single_outputs(mine[0], scored_at))
+            outputs.append(outs)
+        return outputs, stats
+
+    def internal_error(
+        self, messages: Sequence[RawMessage], now: float
+    ) -> tuple[list[list[Outbound]], BatchStats]:
+        """Dead-letter every message of a batch that failed for an internal reason."""
+        stats = BatchStats(messages=len(messages), rejected=len(messages))
+        outputs = []
+        for msg in messages:
+            d = Decoded(self.decoder.device_id(msg.topic), (), (), False, None)
+            rej = Rejection("internal_error", "scoring failed inside anomalyd; see its log")
+            outputs.append([self._dead_letter(msg, d, (rej,), now)])
+            stats.rejections.append(rej.reason)
+        return outputs, stats
+
+    # -- payloads ----------------------------------------------------------------------
+
+    def verdict_dict(self, j: Judgement, scored_at: str) -> dict[str, Any]:
+        r = j.reading
+        v: dict[str, Any] = {
+            "device_id": r.device_id,
+            "key": r.key,
+            "is_anomaly": j.is_anomaly,
+            "anomaly_score": j.score,
+            "threshold": j.threshold,
+            "confidence": j.confidence,
+            "model_used": j.detector,
+            "model_version": self.bundle.version,
+            "timestamp": iso(r.timestamp),
+            "scored_at": scored_at,
+            "explanation": j.explanation["text"] if j.explanation else NORMAL_TEXT,
+        }
+        if r.seq is not None:
+            v["seq"] = r.seq
+        if r.operational_state is not None:
+            v["operational_state"] = r.operational_state
+        if j.explanation:
+            v["contributions"] = j.explanation["contributions"]
+        if j.members is not None:
+            v["detector_scores"] = j.members
+        return v
+
+    def _alert(self, j: Judgement, scored_at: str) -> Outbound:
+        r = j.reading
+        sev = severity(j.margin, self.alerts)
+        body: dict[str, Any] = {
+            "device_id": r.device_id,
+            "key": r.key,
+            "severity": sev,
+            "anomaly_score": j.score,
+            "threshold": j.threshold,
+            "confidence": j.confidence,
+            "model_used": j.detector,
+            "timestamp": iso(r.timestamp),
+            "raised_at": scored_at,
+            "explanation": j.explanation["text"] if j.explanation else NORMAL_TEXT,
+            "contributions": j.explanation["contributions"] if j.explanation else [],
+        }
+        if r.seq is not None:
+            body["seq"] = r.seq
+        if r.index is not None:
+            body["index"] = r.index
+        return Outbound("alert", self._alert_topic(r.device_id), orjson.dumps(body))
+
+    def _single_outputs(self, j: Judgement, scored_at: str) -> list[Outbound]:
+        topic = self._verdict_prefix + j.reading.device_id + self._verdict_suffix
+        outs = [Outbound("verdict", topic, orjson.dumps(self.verdict_dict(j, scored_at)))]
+        if j.is_anomaly:
+            outs.append(self._alert(j, scored_at))
+        return outs
+
+    def _batch_outputs(self, d: Decoded, judged: list[Judgement], scored_at: str) -> list[Outbound]:
+        device = judged[0].reading.device_id
+        preds = []
+        for j in judged:
+            p: dict[str, Any] = {
+                "index": j.reading.index,
+                "is_anomaly": j.is_anomaly,
+                "anomaly_score": j.score,
+                "confidence": j.confidence,
+                "timestamp": iso(j.reading.timestamp),
+            }
+            if j.reading.seq is not None:
+                p["seq"] = j.reading.seq
+            if j.explanation:
+                p["explanation"] = j.explanation["text"]
+            preds.append(p)
+        n_anom = sum(1 for j in judged if j.is_anomaly)
+        models = sorted({j.detector for j in judged})
+        body = {
+            "device_id": device,
+            "key": judged[0].reading.key.rsplit("#", 1)[0],
+            "model_used": models[0] if len(models) == 1 else models,
+            "model_version": self.bundle.version,
+            "scored_at": scored_at,
+            "total_samples": len(judged),
+            "anomalies_detected": n_anom,
+            "anomaly_rate": n_anom / len(judged),
+            "rejected": len(d.rejections),
+            "predictions": preds,
+        }
+        topic = self._verdict_prefix + device + self._verdict_suffix
+        outs = [Outbound("verdict", topic, orjson.dumps(body))]
+        outs.extend(self._alert(j, scored_at) for j in judged if j.is_anomaly)
+        return outs
+
+    def _alert_topic(self, device_id: str) -> str:
+        return self._alert_prefix + device_id + self._alert_suffix
+
+    def _dead_letter(
+        self, msg: RawMessage, d: Decoded, rejections: Sequence[Rejection], now: float
+    ) -> Outbound:
+        limit = self.decoder.max_payload_bytes
+        raw = msg.payload[:limit]
+        body: dict[str, Any] = {
+            "reason": rejections[0].reason,
+            "detail": rejections[0].detail,
+            "topic": msg.topic,
+            "device_id": d.device_id,
+            "received_at": iso(msg.received_at),
+            "dead_lettered_at": iso(now),
+            "rejections": [
+                {"reason": r.reason, "detail": r.detail, "index": r.index} for r in rejections
+            ],
+            "payload_truncated": len(msg.payload) > limit,
+        }
+        try:
+            body["payload"] = raw.decode("utf-8")
+            body["payload_encoding"] = "utf-8"
+        except UnicodeDecodeError:
+            body["payload"] = base64.b64encode(raw).decode("ascii")
+            body["payload_encoding"] = "base64"
+        return Outbound("dead_letter", self.topics.dead_letter, orjson.dumps(body))
+
+
+def _as_dict(exp: Any) -> dict[str, Any]:
+    """An explanation object as {"text": str, "contributions": [...]}."""
+    if isinstance(exp, dict):
+        return exp
+    to_dict = getattr(exp, "to_dict", None)
+    if callable(to_dict):
+        result: dict[str, Any] = to_dict()
+        return result
+    return {"text": str(getattr(exp, "text", exp)), "contributions": list(
+        getattr(exp, "contributions", [])
+    )}

@@ -1,0 +1,282 @@
+"""The lifecycle: wire everything, start, run until a signal, drain within a time bound.
+
+The first SIGTERM/SIGINT asks for a graceful stop: stop taking readings, score and publish
+what is queued, wait for the broker to acknowledge every output, acknowledge the inputs,
+publish ``offline``, disconnect, exit 0. A second signal forces the stop; whatever was left
+is logged, and the broker still holds every reading that was not acknowledged.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from daemon import __version__
+from daemon.acks import Inbound
+from daemon.batching import next_batch
+from daemon.config import Settings
+from daemon.http import HttpServer
+from daemon.metrics import Metrics
+from daemon.models import ModelBundle
+from daemon.mqtt import MqttAdapter
+from daemon.pipeline import BatchStats, Pipeline, RawMessage
+from daemon.readings import Decoder
+
+log = structlog.get_logger("anomalyd")
+
+
+def shared_subscription(subscription: str, group: str, workers: int) -> str:
+    """With several workers the subscription is shared: each reading goes to one of them."""
+    if workers > 1 and not subscription.startswith("$share/"):
+        return f"$share/{group}/{subscription}"
+    return subscription
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        bundle: ModelBundle,
+        metrics: Metrics | None = None,
+        worker_index: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bundle = bundle
+        self.metrics = metrics or Metrics()
+        self.started_at = time.time()
+        s = settings
+        self.subscription = shared_subscription(
+            s.mqtt.subscription, s.service.share_group, s.service.workers
+        )
+        self.decoder = Decoder(
+            bundle.features,
+            bundle.detector_names,
+            subscription=self.subscription,
+            max_payload_bytes=s.limits.max_payload_bytes,
+            max_batch_readings=s.limits.max_batch_readings,
+            device_id_pattern=s.limits.device_id_pattern,
+        )
+        self.pipeline = Pipeline(
+            bundle, self.decoder, s.topics, s.alerts, s.model.default_detector
+        )
+        # Never smaller than the broker's in-flight window, so the network thread never
+        # finds it full (it must not block: it also carries the PUBACKs we wait for).
+        self.queue: queue.Queue[Inbound] = queue.Queue(
+            max(s.batch.queue_size, s.mqtt.receive_maximum + 64)
+        )
+        client_id = s.mqtt.client_id if worker_index is None else f"{s.mqtt.client_id}-{worker_index}"
+        self.mqtt = MqttAdapter(
+            s.mqtt, self.subscription, s.topics.status, self.metrics, self._deliver, client_id
+        )
+        port = s.http.port if worker_index is None or s.http.port == 0 else s.http.port + worker_index
+        self.http = HttpServer(s.http.host, port, self, self.metrics.registry)
+        self._worker = threading.Thread(target=self._work, name="scorer", daemon=True)
+        self._stopping = threading.Event()
+        self._forced = threading.Event()
+        self._signalled = threading.Event()
+        self.worker_crashed: str | None = None
+        self.metrics.model_info.info(
+            {"version": bundle.version, "features": ",".join(bundle.features),
+             "default_detector": self.pipeline.default_detector}
+        )
+
+    # -- intake (network thread) -------------------------------------------------------
+
+    def _deliver(self, msg: Inbound) -> bool:
+        try:
+            self.queue.put_nowait(msg)
+        except queue.Full:
+            return False
+        return True
+
+    # -- scoring worker ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        b = self.settings.batch
+        max_wait = b.max_wait_ms / 1000.0
+        try:
+            while True:
+                batch = next_batch(self.queue, b.max_batch_size, max_wait)
+                self.metrics.queue_depth.set(self.queue.qsize())
+                if batch:
+                    self._handle(batch)
+                elif self._stopping.is_set():
+                    return
+        except Exception as exc:
+            self.worker_crashed = repr(exc)
+            log.exception("worker_crashed")
+
+    def _handle(self, batch: list[Inbound]) -> None:
+        t0 = time.perf_counter()
+        raws = [RawMessage(m.topic, m.payload, m.received_wall) for m in batch]
+        try:
+            outputs, stats = self.pipeline.process(raws, time.time())
+        except Exception:
+            # A bug, not bad input (that is dead-lettered by the decoder): dead-letter the
+            # whole batch with the reason, so nothing disappears silently, and carry on.
+            log.exception("batch_failed", size=len(batch))
+            self.metrics.callback_errors.labels("pipeline").inc()
+            outputs, stats = self.pipeline.internal_error(raws, time.time())
+        stop = self._forced.is_set
+        for msg, outs in zip(batch, outputs, strict=True):
+            for out in outs:
+                if not self.mqtt.publish(out.topic, out.payload, msg, should_stop=stop):
+                    return
+            self.mqtt.acks.release(msg)
+        self._record(stats, time.perf_counter() - t0)
+
+    def _record(self, stats: BatchStats, elapsed: float) -> None:
+        m = self.metrics
+        for reason in stats.rejections:
+            m.dead_letters.labels(reason).inc()
+        if stats.rejected:
+            m.readings.labels("rejected").inc(stats.rejected)
+        for detector, (n, n_anom, secs) in stats.by_detector.items():
+            m.batch_size.labels(detector).observe(n)
+            m.scoring_seconds.labels(detector).observe(secs)
+            if n_anom:
+                m.anomalies.labels(detector).inc(n_anom)
+        normal = stats.readings - stats.anomalies
+        if normal:
+            m.readings.labels("normal").inc(normal)
+        if stats.anomalies:
+            m.readings.labels("anomaly").inc(stats.anomalies)
+        for sev in stats.alert_severities:
+            m.alerts.labels(sev).inc()
+        m.unacked_inputs.set(len(self.mqtt.acks))
+        log.info(
+            "batch",
+            messages=stats.messages,
+            readings=stats.readings,
+            anomalies=stats.anomalies,
+            rejected=stats.rejected,
+            models=sorted(stats.by_detector),
+            latency_ms=round(elapsed * 1000, 3),
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.http.start()
+        log.info("http_listening", host=self.settings.http.host, port=self.http.port)
+        try:
+            self.mqtt.start()
+        except BaseException:
+            self.http.stop()
+            raise
+        self._worker.start()
+        log.info("started", version=__version__, model_version=self.bundle.version,
+                 subscription=self.subscription, detector=self.pipeline.default_detector)
+
+    def request_stop(self, force: bool = False) -> None:
+        if force or self._stopping.is_set():
+            self._forced.set()
+        self._stopping.set()
+        self._signalled.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        first = not self._stopping.is_set()
+        log.warning("signal", signal=signal.Signals(signum).name,
+                    action="graceful stop" if first else "forced stop")
+        self.request_stop(force=not first)
+
+    def run(self) -> int:
+        """Start, serve until a signal, shut down. Returns the process exit code."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.start()
+        while not self._signalled.wait(1.0):
+            if self.worker_crashed or not self.mqtt.loop_alive:
+                log.error("component_died", worker=self.worker_crashed,
+                          mqtt_loop=self.mqtt.loop_crashed)
+                self.shutdown()
+                return 1
+        return 0 if self.shutdown() else 1
+
+    def shutdown(self) -> bool:
+        """Drain and stop within ``shutdown_timeout_s``; True if nothing was left."""
+        timeout = self.settings.service.shutdown_timeout_s
+        deadline = time.monotonic() + timeout
+        self.mqtt.pause_intake()
+        self._stopping.set()
+        self._worker.join(max(0.0, deadline - time.monotonic()))
+        while (len(self.mqtt.window) or len(self.mqtt.acks)) and time.monotonic() < deadline:
+            if self._forced.is_set() or not self.mqtt.connected:
+                break
+            time.sleep(0.01)
+        left = {"queued": self.queue.qsize(), "awaiting_broker": len(self.mqtt.window),
+                "unacked_inputs": len(self.mqtt.acks)}
+        clean = not self._worker.is_alive() and not any(left.values())
+        self.mqtt.stop(max(1.0, deadline - time.monotonic()))
+        self.http.stop()
+        if clean:
+            log.info("stopped", uptime_s=round(time.time() - self.started_at, 1))
+        else:
+            log.warning("stopped_with_work_left", **left,
+                        note="unacknowledged readings stay at the broker for redelivery")
+        return clean
+
+    # -- status (HTTP threads) ---------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        checks = {
+            "mqtt_loop": self.mqtt.loop_alive and self.mqtt.loop_crashed is None,
+            "worker": self._worker.is_alive() and self.worker_crashed is None,
+        }
+        ok = all(checks.values())
+        return ok, {
+            "status": "ok" if ok else "unhealthy",
+            "models_loaded": len(self.bundle.detector_names),
+            "preprocessor_loaded": True,
+            "broker_connected": self.mqtt.connected,
+            "checks": checks,
+            "timestamp": datetime.now(UTC).isoformat(),
+        }
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        connected = self.mqtt.connected
+        ok = connected and not self._stopping.is_set() and self.health()[0]
+        body: dict[str, Any] = {"ready": ok, "broker_connected": connected,
+                                "models_loaded": len(self.bundle.detector_names),
+                                "stopping": self._stopping.is_set()}
+        if self.mqtt.last_error:
+            body["broker_error"] = self.mqtt.last_error
+        return ok, body
+
+    def models(self) -> dict[str, Any]:
+        man = self.bundle.manifest
+        return {
+            "version": self.bundle.version,
+            "features": list(self.bundle.features),
+            "default_detector": self.pipeline.default_detector,
+            "trained_at": man.get("created_at"),
+            "training": man.get("training"),
+            "models": [
+                {"name": name, "version": self.bundle.version,
+                 "threshold": d.get("threshold"), "validation": d.get("validation")}
+                for name, d in man.get("detectors", {}).items()
+            ],
+        }
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "broker": {"host": s.mqtt.host, "port": s.mqtt.port,
+                       "connected": self.mqtt.connected, "protocol": s.mqtt.protocol},
+            "subscription": self.subscription,
+            "topics": s.topics.model_dump(),
+            "model_version": self.bundle.version,
+            "queue_depth": self.queue.qsize(),
+            "awaiting_broker": len(self.mqtt.window),
+            "unacked_inputs": len(self.mqtt.acks),
+            "config": s.masked(),
+        }

@@ -1,0 +1,45 @@
+"""``WORKERS=N``: run N daemon processes sharing one MQTT subscription.
+
+Each worker is a full daemon (``anomalyd run --worker-index i``) with its own client id,
+its own persistent session and its own HTTP port (``HEALTH_PORT + i``); the broker spreads
+readings over them through ``$share/<group>/<filter>``. Signals are forwarded; the
+supervisor exits with the worst exit code of its workers.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from daemon.config import Settings
+
+log = structlog.get_logger("anomalyd.supervisor")
+
+
+def run_workers(settings: Settings, config: Path | None) -> int:
+    n = settings.service.workers
+    base = [sys.executable, "-m", "daemon"] + (["--config", str(config)] if config else [])
+    procs = [
+        subprocess.Popen([*base, "run", "--worker-index", str(i)])  # noqa: S603
+        for i in range(n)
+    ]
+    log.info("workers_started", workers=n, pids=[p.pid for p in procs])
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    codes = [p.returncode for p in procs]
+    log.info("workers_stopped", exit_codes=codes)
+    return max(codes)

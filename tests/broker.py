@@ -1,0 +1,103 @@
+"""A real Mosquitto for the tests: the repo's configuration on a free port.
+
+Order of preference: a broker named by ``ANOMALYD_TEST_BROKER=host:port``; the local
+``mosquitto`` binary started here; testcontainers when a Docker engine answers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "mosquitto" / "mosquitto.conf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+@dataclass
+class Broker:
+    """A Mosquitto process owned by the test (restartable, killable)."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="anomalyd-mq-")))
+    extra_conf: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    def config_text(self) -> str:
+        text = CONF.read_text()
+        text = re.sub(r"^listener .*$", f"listener {self.port} {self.host}", text, flags=re.M)
+        text = re.sub(r"^persistence_location .*$", f"persistence_location {self.workdir}/",
+                      text, flags=re.M)
+        return text + "\n" + self.extra_conf + "\n"
+
+    def start(self) -> Broker:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self.config_text())
+        # As root, mosquitto drops to its own user, which must own the persistence dir.
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, user="mosquitto") if _has_user("mosquitto") else None
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_for_port(self.host, self.port)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        p = self.workdir / "mosquitto.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def mosquitto_binary() -> str:
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError("the mosquitto binary is not installed (apt-get install mosquitto)")
