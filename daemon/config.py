@@ -37,7 +37,7 @@ class MqttConfig(_Strict):
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_outstanding_publishes: int = Field(2000, ge=1, le=20000)
     reconnect_min_delay_s: float = Field(0.5, gt=0)
-    reconnect_max_delay_s: float = Field(30.0, gt=0)
+    reconnect_max_delay_s: float = Field(2.0, gt=0)
     connect_timeout_s: float = Field(30.0, ge=0)
     tcp_nodelay: bool = True
 

@@ -1,0 +1,63 @@
+"""Strict configuration: defaults, the shipped file, environment overrides, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Settings, load_settings
+from daemon.errors import ConfigError
+from tests.broker import REPO
+
+
+def test_shipped_config_file_is_valid_and_equals_the_defaults() -> None:
+    assert load_settings(REPO / "config" / "anomalyd.toml", env={}) == Settings()
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[mqtt]\nhost = "broker.local"\nport = 1884\n')
+    s = load_settings(cfg, env={"MQTT_PORT": "2883", "LOG_LEVEL": "debug", "WORKERS": "2",
+                                "MODEL_DIR": "/srv/models"})
+    assert s.mqtt.host == "broker.local"
+    assert s.mqtt.port == 2883
+    assert s.logging.level == "DEBUG"
+    assert s.service.workers == 2
+    assert s.model.dir == Path("/srv/models")
+
+
+def test_unknown_key_is_an_error_naming_its_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[mqtt]\nhots = 'x'\n")
+    with pytest.raises(ConfigError, match=r"mqtt\.hots"):
+        load_settings(cfg, env={})
+
+
+def test_bad_values_are_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[mqtt]\nport = 70000\n[topics]\nverdict = 'anomaly/verdict'\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    assert "mqtt.port" in str(err.value)
+    assert "device_id" in str(err.value)
+
+
+def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mqtt\.port"):
+        load_settings(None, env={"MQTT_PORT": "not-a-port"})
+
+
+def test_not_toml_is_reported(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[mqtt\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(cfg, env={})
+
+
+def test_password_is_masked() -> None:
+    s = load_settings(None, env={"MQTT_PASSWORD": "hunter2", "MQTT_USERNAME": "u"})
+    assert s.mqtt.password is not None
+    assert s.mqtt.password.get_secret_value() == "hunter2"
+    assert s.masked()["mqtt"]["password"] == "********"
+    assert "hunter2" not in repr(s)

@@ -1,0 +1,248 @@
+"""The daemon end to end through a real Mosquitto: readings in, verdicts and alerts out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.broker import REPO, Broker, free_port, wait_for_port
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.integration
+
+NORMAL = {"temperature": 45.3, "vibration": 2.8, "pressure": 6.5, "flow_rate": 152.0,
+          "current": 87.5, "duty_cycle": 0.75}
+ANOMALOUS = {"temperature": 78.5, "vibration": 12.4, "pressure": 4.2, "flow_rate": 98.0,
+             "current": 125.0, "duty_cycle": 0.95}
+
+
+def http_get(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            body = r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        body, status = e.read(), e.code
+    return status, (body.decode() if path == "/metrics" else json.loads(body))
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{want}}}" if want else name):
+            return float(value)
+    return 0.0
+
+
+def test_normal_and_anomalous_readings_get_verdicts_and_one_alert(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any
+) -> None:
+    start_daemon(broker)
+    col = collector_for(broker, ["anomaly/#"])
+    pub = publisher_for(broker)
+    pub.send("sensors/e2e-pump-1/readings", {**NORMAL, "seq": 1})
+    pub.send("sensors/e2e-pump-1/readings", {**ANOMALOUS, "seq": 2})
+    verdicts = col.json_on("anomaly/e2e-pump-1/verdict", count=2)
+    by_seq = {v["seq"]: v for v in verdicts}
+    assert by_seq[1]["is_anomaly"] is False
+    assert by_seq[1]["explanation"] == "within normal parameters"
+    assert by_seq[2]["is_anomaly"] is True
+    assert "vibration" in by_seq[2]["explanation"]
+    assert by_seq[2]["model_used"] == "ensemble"
+    assert set(by_seq[2]["detector_scores"]) == {"isolation_forest", "lof", "autoencoder"}
+    assert by_seq[2]["anomaly_score"] > by_seq[2]["threshold"] > by_seq[1]["anomaly_score"]
+    for v in verdicts:
+        assert 0.0 <= v["confidence"] <= 1.0
+        assert v["key"] == f"e2e-pump-1:{v['seq']}"
+    alerts = col.json_on("anomaly/e2e-pump-1/alert", count=1)
+    assert len(alerts) == 1 and alerts[0]["seq"] == 2
+    assert alerts[0]["severity"] in {"minor", "major", "critical"}
+    assert "vibration" in alerts[0]["explanation"]
+
+
+def test_each_detector_can_be_selected_per_reading(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any
+) -> None:
+    start_daemon(broker)
+    col = collector_for(broker, ["anomaly/e2e-sel/verdict"])
+    pub = publisher_for(broker)
+    names = ["isolation_forest", "lof", "autoencoder", "ensemble"]
+    for i, name in enumerate(names):
+        pub.send("sensors/e2e-sel/readings", {"sensor_data": ANOMALOUS, "model_name": name,
+                                              "seq": i})
+    got = {v["model_used"]: v for v in col.json_on("anomaly/e2e-sel/verdict", count=4)}
+    assert set(got) == set(names)
+    assert all(v["is_anomaly"] for v in got.values())
+
+
+def test_malformed_payload_is_dead_lettered_and_next_reading_still_judged(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any
+) -> None:
+    svc = start_daemon(broker)
+    col = collector_for(broker, ["anomaly/#"])
+    pub = publisher_for(broker)
+    pub.send("sensors/e2e-bad/readings", b"{not json")
+    pub.send("sensors/e2e-bad/readings", {**NORMAL, "vibration": "high", "seq": 5})
+    pub.send("sensors/e2e-bad/readings", {**NORMAL, "seq": 6})
+    dead = col.json_on("anomaly/dead-letter", count=2)
+    reasons = {d["reason"] for d in dead if d["device_id"] == "e2e-bad"}
+    assert reasons == {"not_json", "non_numeric_feature"}
+    assert any(d["payload"] == "{not json" for d in dead)
+    verdicts = col.json_on("anomaly/e2e-bad/verdict", count=1)
+    assert [v["seq"] for v in verdicts] == [6]
+    _, text = http_get(svc.http.port, "/metrics")
+    assert metric(text, "anomalyd_dead_letters_total", reason="not_json") >= 1
+    assert metric(text, "anomalyd_dead_letters_total", reason="non_numeric_feature") >= 1
+    assert metric(text, "anomalyd_readings_total", outcome="normal") >= 1
+
+
+def test_batch_message_gets_one_batch_verdict(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any
+) -> None:
+    start_daemon(broker)
+    col = collector_for(broker, ["anomaly/e2e-batch/#"])
+    pub = publisher_for(broker)
+    readings = [NORMAL, ANOMALOUS, {**NORMAL, "pressure": None}, NORMAL]
+    pub.send("sensors/e2e-batch/readings", {"readings": readings, "model_name": "ensemble"})
+    (verdict,) = col.json_on("anomaly/e2e-batch/verdict")
+    assert verdict["total_samples"] == 3
+    assert verdict["rejected"] == 1
+    assert verdict["anomalies_detected"] == 1
+    assert verdict["anomaly_rate"] == pytest.approx(1 / 3)
+    flags = {p["index"]: p["is_anomaly"] for p in verdict["predictions"]}
+    assert flags == {0: False, 1: True, 3: False}
+    alerts = col.json_on("anomaly/e2e-batch/alert")
+    assert alerts[0]["index"] == 1
+
+
+def test_http_endpoints_report_health_readiness_models_and_masked_info(
+    broker: Broker, start_daemon: Any, trained_model_dir: Path, publisher_for: Any,
+    collector_for: Any,
+) -> None:
+    settings = make_settings(broker, trained_model_dir)
+    settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(
+        update={"username": "someone", "password": "s3cret-value"})})
+    svc = start_daemon(broker, settings)
+    port = svc.http.port
+    status, health = http_get(port, "/health")
+    assert status == 200 and health["status"] == "ok"
+    assert health["models_loaded"] == 4 and health["preprocessor_loaded"] is True
+    status, ready = http_get(port, "/ready")
+    assert status == 200 and ready["ready"] is True
+    status, models = http_get(port, "/models")
+    assert status == 200
+    assert {m["name"] for m in models["models"]} == {"isolation_forest", "lof", "autoencoder",
+                                                      "ensemble"}
+    assert models["features"][:2] == ["temperature", "vibration"]
+    status, info = http_get(port, "/info")
+    assert status == 200
+    assert info["config"]["mqtt"]["password"] == "********"
+    assert "s3cret-value" not in json.dumps(info)
+    col = collector_for(broker, ["anomaly/e2e-http/verdict"])
+    publisher_for(broker).send("sensors/e2e-http/readings", NORMAL)
+    col.json_on("anomaly/e2e-http/verdict")
+    status, text = http_get(port, "/metrics")
+    assert status == 200
+    assert metric(text, "anomalyd_broker_connected") == 1
+    assert metric(text, "anomalyd_messages_received_total") >= 1
+    assert metric(text, "anomalyd_batch_size_count", detector="ensemble") >= 1
+    assert "anomalyd_end_to_end_seconds_bucket" in text
+    assert "s3cret-value" not in text
+
+
+def test_ready_is_503_once_stopping(
+    broker: Broker, start_daemon: Any
+) -> None:
+    svc = start_daemon(broker)
+    svc.request_stop()
+    status, body = http_get(svc.http.port, "/ready")
+    assert status == 503 and body["stopping"] is True
+
+
+def test_restarted_daemon_judges_what_was_published_while_it_was_down(
+    broker: Broker, start_daemon: Any, trained_model_dir: Path, collector_for: Any,
+    publisher_for: Any,
+) -> None:
+    settings = make_settings(broker, trained_model_dir)
+    first = start_daemon(broker, settings)
+    assert first.shutdown() is True
+    col = collector_for(broker, ["anomaly/e2e-restart/verdict"])
+    pub = publisher_for(broker)
+    for seq in range(25):
+        pub.send("sensors/e2e-restart/readings", {**NORMAL, "seq": seq})
+    start_daemon(broker, settings)  # same client id: the broker kept the session
+    verdicts = col.json_on("anomaly/e2e-restart/verdict", count=25)
+    assert sorted({v["seq"] for v in verdicts}) == list(range(25))
+
+
+def _daemon_env(b: Broker, model_dir: Path, http_port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(MQTT_HOST=b.host, MQTT_PORT=str(b.port), MODEL_DIR=str(model_dir),
+               HEALTH_PORT=str(http_port), MQTT_CLIENT_ID=f"anomalyd-sub-{http_port}",
+               LOG_LEVEL="INFO")
+    return env
+
+
+def test_sigterm_drains_and_exits_zero(
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any
+) -> None:
+    http_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run"], cwd=REPO,
+        env=_daemon_env(broker, trained_model_dir, http_port),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port("127.0.0.1", http_port, timeout=30)
+        deadline = time.monotonic() + 30
+        while http_get(http_port, "/ready")[0] != 200:
+            assert time.monotonic() < deadline, "daemon never became ready"
+            time.sleep(0.1)
+        col = collector_for(broker, ["anomaly/e2e-term/verdict", "anomaly/status"])
+        pub = publisher_for(broker)
+        for seq in range(200):
+            pub.client.publish("sensors/e2e-term/readings",
+                               orjson.dumps({**NORMAL, "seq": seq}), qos=1)
+        col.json_on("anomaly/e2e-term/verdict", count=1)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 0, stderr[-2000:]
+    assert '"stopped"' in stderr or "stopped" in stderr
+    assert col.wait_for(lambda t, p: t == "anomaly/status" and p == b"offline")
+
+
+def test_missing_models_exit_2_with_a_clear_message(tmp_path: Path) -> None:
+    env = dict(os.environ, MODEL_DIR=str(tmp_path / "nothing-here"))
+    res = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "anomalyd train" in res.stderr
+
+
+def test_unreachable_broker_exits_3_with_a_clear_message(trained_model_dir: Path) -> None:
+    env = dict(os.environ, MODEL_DIR=str(trained_model_dir), MQTT_PORT=str(free_port()),
+               HEALTH_PORT=str(free_port()))
+    cfg = REPO / "tests" / "data" / "short-connect-timeout.toml"
+    res = subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), "run"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "cannot reach broker" in res.stderr
