@@ -1,0 +1,91 @@
+"""Dense autoencoder: trained with Keras, served as numpy matrix products.
+
+Keras ``predict`` costs ~43 ms for one reading and importing TensorFlow ~5 s; the same
+weights as numpy take microseconds. Only ``fit`` touches TensorFlow, through a lazy import
+of ``daemon.training.keras_autoencoder``, so serving never imports it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import ClassVar, Self
+
+import numpy as np
+
+from daemon.detectors.base import Matrix, Vector
+from daemon.errors import ModelLoadError
+
+Layer = tuple[Matrix, Matrix]
+
+
+class AutoencoderDetector:
+    name: ClassVar[str] = "autoencoder"
+    artifact_names: ClassVar[tuple[str, ...]] = ("autoencoder.npz",)
+
+    def __init__(self, seed: int = 0, max_epochs: int = 60) -> None:
+        self.seed = seed
+        self.max_epochs = max_epochs
+        self._layers: list[Layer] | None = None
+
+    @classmethod
+    def from_layers(cls, layers: list[Layer]) -> Self:
+        """Build from (kernel, bias) pairs; every layer but the last is followed by ReLU."""
+        det = cls()
+        det._layers = [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in layers]
+        return det
+
+    def fit(self, x: Matrix) -> None:
+        from daemon.training.keras_autoencoder import export_layers, fit_autoencoder
+
+        model = fit_autoencoder(x, seed=self.seed, max_epochs=self.max_epochs)
+        self._layers = [
+            (w.astype(np.float64), b.astype(np.float64)) for w, b in export_layers(model)
+        ]
+
+    def reconstruct(self, x: Matrix) -> Matrix:
+        if self._layers is None:
+            raise RuntimeError("AutoencoderDetector used before fit() or load()")
+        h = np.asarray(x, dtype=np.float64)
+        last = len(self._layers) - 1
+        for i, (w, b) in enumerate(self._layers):
+            h = h @ w + b
+            if i != last:
+                np.maximum(h, 0.0, out=h)
+        return h
+
+    def feature_errors(self, x: Matrix) -> Matrix:
+        """Per-feature squared reconstruction error, shape (n, d)."""
+        err = np.asarray(x, dtype=np.float64) - self.reconstruct(x)
+        return np.asarray(err * err, dtype=np.float64)
+
+    def score(self, x: Matrix) -> Vector:
+        return np.asarray(self.feature_errors(x).mean(axis=1), dtype=np.float64)
+
+    def save(self, directory: Path) -> list[Path]:
+        if self._layers is None:
+            raise RuntimeError("AutoencoderDetector saved before fit()")
+        arrays: dict[str, Matrix] = {}
+        for i, (w, b) in enumerate(self._layers):
+            arrays[f"kernel_{i}"] = w
+            arrays[f"bias_{i}"] = b
+        path = directory / self.artifact_names[0]
+        with path.open("wb") as fh:
+            np.savez(fh, allow_pickle=False, **arrays)
+        return [path]
+
+    @classmethod
+    def load(cls, directory: Path) -> Self:
+        path = directory / cls.artifact_names[0]
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                count = len(npz.files) // 2
+                layers = [(npz[f"kernel_{i}"], npz[f"bias_{i}"]) for i in range(count)]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{path.name}: cannot read autoencoder weights: {exc}") from exc
+        for (w, b), (w_next, _) in itertools.pairwise(layers):
+            if w.shape[1] != b.shape[0] or w.shape[1] != w_next.shape[0]:
+                raise ModelLoadError(f"{path.name}: layer shapes do not chain")
+        if not layers:
+            raise ModelLoadError(f"{path.name}: no layers")
+        return cls.from_layers(layers)

@@ -1,0 +1,180 @@
+"""Loading a trained model directory into a :class:`ModelBundle`, after verifying it.
+
+Every artifact listed in ``manifest.json`` is hashed before anything is loaded; a missing or
+altered file, or an unlisted pickle lying in the directory, stops the load with
+:class:`ModelLoadError`. Nothing is unpickled unless its SHA-256 matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.calibration import Calibration
+from daemon.detectors import MEMBER_TYPES, Detector, Ensemble
+from daemon.errors import ModelLoadError
+from daemon.explain import Explanation, explain_reading
+from daemon.preprocess import StandardScaler
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENSEMBLE = "ensemble"
+#: Suffixes whose loading executes code; such files must be listed and verified.
+PICKLE_SUFFIXES = frozenset({".joblib", ".pkl", ".pickle", ".p"})
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    detector: str
+    scores: np.ndarray  # (n,) float64
+    is_anomaly: np.ndarray  # (n,) bool
+    confidence: np.ndarray  # (n,) float64 in [0, 1)
+    margin: np.ndarray  # (n,) (score - threshold) / spread
+    members: dict[str, np.ndarray] | None  # ensemble only: each member's raw score
+    zscores: np.ndarray  # (n, d) (x - center) / scale of the raw input
+
+
+class ModelBundle:
+    """A verified, loaded model set: preprocessor, member detectors, ensemble, thresholds."""
+
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        preprocessor: StandardScaler,
+        members: dict[str, Detector],
+        calibrations: dict[str, Calibration],
+    ) -> None:
+        self.manifest = manifest
+        self.features: tuple[str, ...] = tuple(manifest["features"])
+        self.version: str = str(manifest["model_version"])
+        self.default_detector: str = str(manifest.get("default_detector", ENSEMBLE))
+        self.detector_names: tuple[str, ...] = (*members, ENSEMBLE)
+        self.mean = preprocessor.mean
+        self.std = preprocessor.std
+        self._preprocessor = preprocessor
+        self._members = members
+        self._calibrations = calibrations
+        self._ensemble = Ensemble({k: (d, calibrations[k]) for k, d in members.items()})
+
+    def score(
+        self,
+        x: np.ndarray,
+        detector: str,
+        *,
+        center: np.ndarray | None = None,
+        scale: np.ndarray | None = None,
+    ) -> BatchScores:
+        """Score raw readings (n, d) in ``features`` order; center/scale (n, d) per row."""
+        calibration = self._calibrations[detector]  # KeyError for an unknown detector
+        z = self._preprocessor.transform(x, center=center, scale=scale)
+        members: dict[str, np.ndarray] | None = None
+        if detector == ENSEMBLE:
+            scores, members = self._ensemble.score(z)
+        else:
+            scores = self._members[detector].score(z)
+        return BatchScores(
+            detector=detector,
+            scores=scores,
+            is_anomaly=calibration.is_anomaly(scores),
+            confidence=calibration.confidence(scores),
+            margin=calibration.margin(scores),
+            members=members,
+            zscores=z,
+        )
+
+    def explain(
+        self,
+        values: np.ndarray,
+        zscores: np.ndarray,
+        *,
+        center: np.ndarray | None = None,
+        scale: np.ndarray | None = None,
+        is_anomaly: bool = True,
+    ) -> Explanation:
+        """Explain one row; pass the row's center/scale if it was scored against a baseline."""
+        return explain_reading(
+            self.features,
+            values,
+            zscores,
+            self.mean if center is None else center,
+            self.std if scale is None else scale,
+            is_anomaly=is_anomaly,
+        )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{path}: no manifest; is this a model directory?") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: unreadable manifest: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: unsupported manifest format (want {FORMAT_VERSION})")
+    for key in ("model_version", "features", "artifacts", "preprocessor", "detectors"):
+        if key not in manifest:
+            raise ModelLoadError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+def verify_artifacts(model_dir: Path, manifest: dict[str, Any]) -> None:
+    """Check every listed artifact's SHA-256 and refuse unlisted pickles."""
+    listed: dict[str, str] = manifest["artifacts"]
+    for name, expected in listed.items():
+        if Path(name).name != name or name in {"", ".", ".."}:
+            raise ModelLoadError(f"artifact {name!r}: must be a plain file name")
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelLoadError(f"artifact {name}: missing from {model_dir}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelLoadError(
+                f"artifact {name}: SHA-256 {actual} does not match manifest {expected}"
+            )
+    for path in model_dir.iterdir():
+        if path.suffix.lower() in PICKLE_SUFFIXES and path.name not in listed:
+            raise ModelLoadError(f"{path.name}: unlisted pickle file in model directory")
+
+
+def load_bundle(model_dir: Path) -> ModelBundle:
+    manifest = read_manifest(model_dir)
+    verify_artifacts(model_dir, manifest)
+    listed = manifest["artifacts"]
+    if manifest["preprocessor"] not in listed:
+        raise ModelLoadError(f"preprocessor {manifest['preprocessor']}: not a listed artifact")
+    preprocessor = StandardScaler.load(model_dir / manifest["preprocessor"])
+    if preprocessor.mean.shape != (len(manifest["features"]),):
+        raise ModelLoadError("preprocessor width does not match the manifest's features")
+    members: dict[str, Detector] = {}
+    for kind in MEMBER_TYPES:
+        if kind.name not in manifest["detectors"]:
+            continue
+        unlisted = [a for a in kind.artifact_names if a not in listed]
+        if unlisted:
+            raise ModelLoadError(f"{kind.name}: artifacts {unlisted} not in the manifest")
+        members[kind.name] = kind.load(model_dir)
+    if not members:
+        raise ModelLoadError("manifest lists no known detector")
+    if ENSEMBLE not in manifest["detectors"]:
+        raise ModelLoadError("manifest has no ensemble calibration")
+    unknown = set(manifest["detectors"]) - {*members, ENSEMBLE}
+    if unknown:
+        raise ModelLoadError(f"manifest lists unknown detectors {sorted(unknown)}")
+    calibrations = {
+        name: Calibration.from_dict(manifest["detectors"][name]) for name in (*members, ENSEMBLE)
+    }
+    return ModelBundle(manifest, preprocessor, members, calibrations)

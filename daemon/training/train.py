@@ -1,0 +1,254 @@
+"""Training: split, standardise, fit every detector, calibrate, validate, write atomically.
+
+A fifth of the normal rows is held back and never fitted on. Thresholds come from the
+detectors' scores on those rows (see ``daemon.calibration``); validation figures are computed
+on those rows plus any labelled validation rows (for synthetic data, fresh readings with
+injected faults; for a labelled CSV, its anomalous rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+from numpy.typing import NDArray
+
+from daemon.calibration import Calibration
+from daemon.detectors import (
+    AutoencoderDetector,
+    Detector,
+    Ensemble,
+    IsolationForestDetector,
+    LofDetector,
+)
+from daemon.errors import TrainingError
+from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, sha256_file
+from daemon.preprocess import StandardScaler
+from daemon.training.datasets import load_csv
+from daemon.training.synthetic import FEATURES, generate_dataset
+
+HOLDOUT_FRACTION = 0.2
+MIN_ROWS = 50
+PREPROCESSOR = "preprocessor.json"
+
+Progress = Callable[[str], None]
+
+
+def train(
+    x: NDArray[np.float64],
+    features: Sequence[str],
+    out_dir: Path,
+    *,
+    source: str,
+    seed: int = 0,
+    quantile: float = 0.99,
+    validation: tuple[NDArray[np.float64], NDArray[np.bool_]] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Fit every detector on normal rows ``x``, write a model directory, return its manifest."""
+    say = progress or (lambda _message: None)
+    x = _checked(x, features)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(x.shape[0])
+    n_hold = max(int(HOLDOUT_FRACTION * x.shape[0]), 10)
+    held, fitted = x[order[:n_hold]], x[order[n_hold:]]
+    say(f"split {x.shape[0]} rows: {fitted.shape[0]} to fit, {n_hold} held back to calibrate")
+
+    scaler = StandardScaler.fit(fitted)
+    z_fit, z_held = scaler.transform(fitted), scaler.transform(held)
+    detectors: list[Detector] = [
+        IsolationForestDetector(seed=seed),
+        LofDetector(seed=seed),
+        AutoencoderDetector(seed=seed),
+    ]
+    members: dict[str, tuple[Detector, Calibration]] = {}
+    for det in detectors:
+        started = time.perf_counter()
+        say(f"fitting {det.name}")
+        det.fit(z_fit)
+        members[det.name] = (det, Calibration.from_scores(det.score(z_held), quantile))
+        say(f"fitted {det.name} in {time.perf_counter() - started:.1f} s")
+    ensemble = Ensemble(members)
+    calibrations = {name: cal for name, (_, cal) in members.items()}
+    calibrations[ENSEMBLE] = Calibration.from_scores(ensemble.score(z_held)[0], quantile)
+
+    say("validating")
+    x_val, y_val = held, np.zeros(n_hold, dtype=bool)
+    if validation is not None:
+        x_val = np.vstack([held, _checked(validation[0], features, min_rows=1)])
+        y_val = np.concatenate([y_val, np.asarray(validation[1], dtype=bool)])
+    combined, member_scores = ensemble.score(scaler.transform(x_val))
+    all_scores = {**member_scores, ENSEMBLE: combined}
+    report = {
+        name: {**cal.to_dict(), "validation": _figures(cal.is_anomaly(all_scores[name]), y_val)}
+        for name, cal in calibrations.items()
+    }
+    for name, entry in report.items():
+        say(f"{name}: {json.dumps(entry['validation'])}")
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "features": list(features),
+        "default_detector": ENSEMBLE,
+        "training": {
+            "source": source,
+            "rows": int(x.shape[0]),
+            "fingerprint": fingerprint(x, features),
+            "seed": seed,
+            "quantile": quantile,
+        },
+        "library_versions": _library_versions(),
+        "preprocessor": PREPROCESSOR,
+        "detectors": report,
+    }
+    _write_atomically(out_dir, scaler, detectors, manifest)
+    say(f"wrote model {manifest['model_version']} to {out_dir}")
+    return manifest
+
+
+def train_default(
+    out_dir: Path, rows: int = 20000, seed: int = 0, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Train on synthetic pump data; validate on fresh readings, half with injected faults."""
+    x, _, _ = generate_dataset(rows, seed, fault_fraction=0.0)
+    x_val, y_val, _ = generate_dataset(max(rows // 4, 100), seed + 1, fault_fraction=0.5)
+    return train(
+        x,
+        FEATURES,
+        out_dir,
+        source=f"synthetic pump (rows={rows}, seed={seed})",
+        seed=seed,
+        validation=(x_val, y_val),
+        progress=progress,
+    )
+
+
+def train_csv(
+    path: Path,
+    out_dir: Path,
+    features: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+    quantile: float = 0.99,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train on a CSV's rows; labelled anomalous rows are kept out of fitting and validate."""
+    data = load_csv(path, features)
+    x, validation = data.X, None
+    if data.labels is not None:
+        x = data.X[~data.labels]
+        anomalous = data.X[data.labels]
+        validation = (anomalous, np.ones(anomalous.shape[0], dtype=bool))
+        if progress:
+            progress(f"{path.name}: {x.shape[0]} normal rows, {anomalous.shape[0]} labelled")
+    return train(
+        x,
+        data.features,
+        out_dir,
+        source=f"csv {path.name}",
+        seed=seed,
+        quantile=quantile,
+        validation=validation,
+        progress=progress,
+    )
+
+
+def fingerprint(x: NDArray[np.float64], features: Sequence[str]) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(x, dtype=np.float64).tobytes())
+    digest.update("\x1f".join(features).encode())
+    return digest.hexdigest()
+
+
+def _checked(
+    x: NDArray[np.float64], features: Sequence[str], min_rows: int = MIN_ROWS
+) -> NDArray[np.float64]:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(features):
+        raise TrainingError(f"data shape {x.shape} does not match {len(features)} features")
+    if len(set(features)) != len(features) or not all(features):
+        raise TrainingError(f"feature names must be unique and non-empty: {list(features)}")
+    if x.shape[0] < min_rows:
+        raise TrainingError(f"need at least {min_rows} rows, got {x.shape[0]}")
+    if not np.isfinite(x).all():
+        raise TrainingError("training data contains NaN or infinite values")
+    return x
+
+
+def _figures(flagged: NDArray[np.bool_], y: NDArray[np.bool_]) -> dict[str, float | int | None]:
+    tp = int(np.sum(flagged & y))
+    fp = int(np.sum(flagged & ~y))
+    fn = int(np.sum(~flagged & y))
+    n_anom, n_norm = int(y.sum()), int((~y).sum())
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / n_anom if n_anom else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "far": fp / n_norm if n_norm else None,
+        "mar": fn / n_anom if n_anom else None,
+        "n_normal": n_norm,
+        "n_anomalous": n_anom,
+    }
+
+
+def _library_versions() -> dict[str, str]:
+    # training already imported TensorFlow for the autoencoder; this import is free by now
+    from daemon.training.keras_autoencoder import TF_VERSION
+
+    return {
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "tensorflow": TF_VERSION,
+        "python": platform.python_version(),
+    }
+
+
+def _write_atomically(
+    out_dir: Path,
+    scaler: StandardScaler,
+    detectors: Sequence[Detector],
+    manifest: dict[str, Any],
+) -> None:
+    """Build the directory beside ``out_dir`` and rename it into place.
+
+    A reader sees the old model or the complete new one, never a half-written directory.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        written = [scaler.save(tmp / PREPROCESSOR)]
+        for det in detectors:
+            written += det.save(tmp)
+        manifest["artifacts"] = {p.name: sha256_file(p) for p in written}
+        now = datetime.now(UTC)
+        combined = hashlib.sha256(json.dumps(manifest["artifacts"], sort_keys=True).encode())
+        manifest["created_at"] = now.isoformat(timespec="seconds").replace("+00:00", "Z")
+        manifest["model_version"] = f"{now:%Y%m%dT%H%M%SZ}-{combined.hexdigest()[:8]}"
+        text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+        with (tmp / MANIFEST).open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{now:%Y%m%dT%H%M%S%f}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
