@@ -1,4 +1,4 @@
-"""Command line: ``anomalyd run | train | simulate | score | check-config``.
+"""Command line: ``anomalyd run | train | simulate | score | watch | check-config``.
 
 Exit codes: 0 success; 1 a runtime failure; 2 bad arguments, configuration or models;
 3 the broker could not be reached or refused the connection.
@@ -99,6 +99,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from daemon.watch import watch
+
+    return watch(_settings(args), anomalies_only=args.anomalies)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
@@ -148,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device id for rows that do not name one (default: offline)")
     score.add_argument("--model", default=None, help="detector (default: the configured one)")
     score.set_defaults(func=cmd_score)
+
+    w = sub.add_parser("watch", help="print verdicts, alerts and dead letters as they arrive")
+    w.add_argument("--anomalies", action="store_true", help="hide normal verdicts")
+    w.set_defaults(func=cmd_watch)
 
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
     check.set_defaults(func=cmd_check_config)

@@ -1,0 +1,64 @@
+"""``anomalyd watch``: print verdicts, alerts and dead letters as they arrive (one line each)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from daemon.config import Settings
+from daemon.errors import BrokerError
+
+
+def describe(topic: str, payload: bytes, settings: Settings) -> str:
+    """One human line for a message on the result topics."""
+    try:
+        body: Any = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return f"{topic} {payload[:80]!r}"
+    if not isinstance(body, dict):
+        return f"{topic} {body!r}"
+    device = body.get("device_id", "?")
+    if topic == settings.topics.dead_letter:
+        return f"DEAD-LETTER {device}: {body.get('reason')}: {body.get('detail')}"
+    if "severity" in body:
+        return f"ALERT   {device} [{body['severity']}] {body.get('explanation')}"
+    if "total_samples" in body:
+        return (f"batch   {device} {body['anomalies_detected']}/{body['total_samples']} "
+                "anomalous")
+    mark = "ANOMALY" if body.get("is_anomaly") else "normal "
+    return (f"{mark} {device} seq={body.get('seq', '-')} score={body.get('anomaly_score', 0):.3f}"
+            f" conf={body.get('confidence', 0):.2f} {body.get('explanation', '')}")
+
+
+def watch(settings: Settings, anomalies_only: bool = False) -> int:
+    cfg = settings.mqtt
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+    verdict_filter = settings.topics.verdict.replace("{device_id}", "+")
+    alert_filter = settings.topics.alert.replace("{device_id}", "+")
+
+    def on_message(c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        line = describe(msg.topic, msg.payload, settings)
+        if anomalies_only and line.startswith("normal"):
+            return
+        print(line, flush=True)
+
+    client.on_message = on_message
+    try:
+        client.connect(cfg.host, cfg.port, 30)
+    except OSError as exc:
+        raise BrokerError(f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}") from exc
+    client.subscribe([(verdict_filter, 0), (alert_filter, 0), (settings.topics.dead_letter, 0)])
+    try:
+        client.loop_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.disconnect()
+    print("", file=sys.stderr)
+    return 0

@@ -1,0 +1,24 @@
+# Sourced by the other scripts: create or refresh the project's virtual environment.
+# Usage: ensure_venv EXTRAS   (e.g. ensure_venv "train" or ensure_venv "train,test,dev")
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="${ANOMALYD_VENV:-$ROOT/.venv}"
+
+ensure_venv() {
+  local extras=$1
+  local stamp="$VENV/.anomalyd-$(echo "$extras" | tr ',' '-')-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-12)"
+  if [ ! -x "$VENV/bin/python" ]; then
+    local py
+    py=$(command -v python3.12 || command -v python3.11 || command -v python3)
+    "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+      || { echo "anomalyd needs Python 3.11 or newer" >&2; exit 1; }
+    echo "creating virtual environment in $VENV" >&2
+    "$py" -m venv "$VENV"
+  fi
+  if [ ! -e "$stamp" ]; then
+    echo "installing anomalyd[$extras] into $VENV (TensorFlow is large: first run takes a few minutes)" >&2
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]"
+    touch "$stamp"
+  fi
+}
