@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# Two targets: `runtime` (default, serving only: no TensorFlow) and `train` (adds
+# TensorFlow to fit the autoencoder). Both run as a non-root user.
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin anomalyd
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY daemon ./daemon
+COPY config ./config
+
+FROM base AS train
+RUN pip install ".[train]"
+USER anomalyd
+ENTRYPOINT ["anomalyd"]
+CMD ["train"]
+
+FROM base AS runtime
+RUN pip install . && mkdir -p /app/models && chown anomalyd /app/models
+USER anomalyd
+ENV HEALTH_HOST=0.0.0.0 HEALTH_PORT=8000 MODEL_DIR=/app/models
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["anomalyd"]
+CMD ["run"]
