@@ -15,7 +15,8 @@ severity is graded on it.
 
 ``confidence = 1 - exp(-|score - threshold| / spread)`` is how sure the verdict is, in
 [0, 1), whichever way it went: 0 exactly at the threshold (a coin toss), about 0.63 one
-spread away from it and approaching 1 far from it. It is not a probability of anomaly.
+spread away from it and approaching 1 far from it (it rounds to 1.0 beyond ~37 spreads).
+It is not a probability of anomaly.
 """
 
 from __future__ import annotations

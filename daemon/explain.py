@@ -44,7 +44,7 @@ class Explanation:
     text: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "top_features": [asdict(c) for c in self.contributions]}
+        return {"text": self.text, "contributions": [asdict(c) for c in self.contributions]}
 
 
 def explain_reading(

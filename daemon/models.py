@@ -33,7 +33,7 @@ class BatchScores:
     detector: str
     scores: np.ndarray  # (n,) float64
     is_anomaly: np.ndarray  # (n,) bool
-    confidence: np.ndarray  # (n,) float64 in [0, 1)
+    confidence: np.ndarray  # (n,) float64 in [0, 1]; see daemon.calibration
     margin: np.ndarray  # (n,) (score - threshold) / spread
     members: dict[str, np.ndarray] | None  # ensemble only: each member's raw score
     zscores: np.ndarray  # (n, d) (x - center) / scale of the raw input

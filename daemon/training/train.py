@@ -118,7 +118,12 @@ def train(
 
 
 def train_default(
-    out_dir: Path, rows: int = 20000, seed: int = 0, progress: Progress | None = None
+    out_dir: Path,
+    rows: int = 20000,
+    seed: int = 0,
+    *,
+    quantile: float = 0.99,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train on synthetic pump data; validate on fresh readings, half with injected faults."""
     x, _, _ = generate_dataset(rows, seed, fault_fraction=0.0)
@@ -129,6 +134,7 @@ def train_default(
         out_dir,
         source=f"synthetic pump (rows={rows}, seed={seed})",
         seed=seed,
+        quantile=quantile,
         validation=(x_val, y_val),
         progress=progress,
     )
