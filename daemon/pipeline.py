@@ -93,11 +93,13 @@ class Pipeline:
         topics: TopicsConfig,
         alerts: AlertConfig,
         default_detector: str | None = None,
+        max_payload_bytes: int = 65536,
     ) -> None:
         self.bundle = bundle
         self.decoder = decoder
         self.topics = topics
         self.alerts = alerts
+        self.max_payload_bytes = max_payload_bytes
         self.default_detector = default_detector or bundle.default_detector
         if self.default_detector not in bundle.detector_names:
             raise ValueError(f"default detector {self.default_detector!r} is not in the model set")
@@ -308,7 +310,7 @@ class Pipeline:
     def _dead_letter(
         self, msg: RawMessage, d: Decoded, rejections: Sequence[Rejection], now: float
     ) -> Outbound:
-        limit = self.decoder.max_payload_bytes
+        limit = self.max_payload_bytes
         raw = msg.payload[:limit]
         body: dict[str, Any] = {
             "reason": rejections[0].reason,

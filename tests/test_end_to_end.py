@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from tests.broker import REPO, Broker, free_port, wait_for_port
 from tests.conftest import make_settings
@@ -136,7 +137,7 @@ def test_http_endpoints_report_health_readiness_models_and_masked_info(
 ) -> None:
     settings = make_settings(broker, trained_model_dir)
     settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(
-        update={"username": "someone", "password": "s3cret-value"})})
+        update={"username": "someone", "password": SecretStr("s3cret-value")})})
     svc = start_daemon(broker, settings)
     port = svc.http.port
     status, health = http_get(port, "/health")
