@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config/anomalyd.toml")
+MASK = "********"  # what a secret looks like in /info and check-config
 
 
 class _Strict(BaseModel):
@@ -122,7 +123,7 @@ class Settings(_Strict):
         """The effective configuration as plain data, secrets replaced by '********'."""
         data = self.model_dump(mode="json")
         if self.mqtt.password is not None:
-            data["mqtt"]["password"] = "********"
+            data["mqtt"]["password"] = MASK
         return data
 
 

@@ -41,7 +41,7 @@ class HttpServer:
             server_version = "anomalyd"
             sys_version = ""
 
-            def do_GET(self) -> None:  # noqa: N802 (the stdlib's naming)
+            def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0])
                 if route is None:
                     status, ctype, body = 404, "application/json", b'{"error":"not found"}'
@@ -57,7 +57,7 @@ class HttpServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # requests are not logged: /metrics is scraped every few seconds
 
         self._server = ThreadingHTTPServer((host, port), Handler)

@@ -10,6 +10,7 @@ exception escapes a callback: one that did would kill paho's network thread whil
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import ssl
@@ -202,7 +203,7 @@ class MqttAdapter:
     def _connect(self) -> None:
         cfg = self.cfg
         if self.v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry_s
             props.ReceiveMaximum = cfg.receive_maximum
             self.client.connect(
@@ -235,10 +236,8 @@ class MqttAdapter:
         if self.connected:
             info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                try:
+                with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(timeout=min(timeout, 2.0))
-                except (RuntimeError, ValueError):
-                    pass
         self.client.disconnect()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -335,7 +334,9 @@ class MqttAdapter:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = msg._topic.decode("utf-8", "replace")
-        inbound = Inbound(msg.mid, msg.qos, topic, msg.payload, time.monotonic(), time.time())
+        inbound = Inbound(
+            msg.mid, msg.qos, topic, bytes(msg.payload), time.monotonic(), time.time()
+        )
         self.metrics.messages.inc()
         self.acks.register(inbound)
         if not self._deliver(inbound):
@@ -347,7 +348,7 @@ class MqttAdapter:
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
     ) -> None:
-        known, owner = self.window.acked(mid)
+        _, owner = self.window.acked(mid)
         if owner is not None:
             self.acks.release(owner)
 

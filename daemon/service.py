@@ -71,11 +71,14 @@ class Service:
         self.queue: queue.Queue[Inbound] = queue.Queue(
             max(s.batch.queue_size, s.mqtt.receive_maximum + 64)
         )
-        client_id = s.mqtt.client_id if worker_index is None else f"{s.mqtt.client_id}-{worker_index}"
+        client_id = s.mqtt.client_id
+        port = s.http.port
+        if worker_index is not None:
+            client_id = f"{client_id}-{worker_index}"
+            port = port + worker_index if port else 0
         self.mqtt = MqttAdapter(
             s.mqtt, self.subscription, s.topics.status, self.metrics, self._deliver, client_id
         )
-        port = s.http.port if worker_index is None or s.http.port == 0 else s.http.port + worker_index
         self.http = HttpServer(s.http.host, port, self, self.metrics.registry)
         self._worker = threading.Thread(target=self._work, name="scorer", daemon=True)
         self._stopping = threading.Event()

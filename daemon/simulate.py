@@ -41,10 +41,13 @@ def simulate(
         for i in range(devices)
     ]
     cfg = settings.mqtt
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"anomalyd-sim-{rng.randrange(10**6)}",
-                         protocol=paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"anomalyd-sim-{rng.randrange(10**6)}",
+        protocol=paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311,
+    )
     if cfg.username:
-        client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+        secret = cfg.password.get_secret_value() if cfg.password else None
+        client.username_pw_set(cfg.username, secret)
     client.max_inflight_messages_set(200)
     try:
         client.connect(cfg.host, cfg.port, 30)

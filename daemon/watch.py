@@ -38,12 +38,13 @@ def watch(settings: Settings, anomalies_only: bool = False) -> int:
     cfg = settings.mqtt
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     if cfg.username:
-        client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+        secret = cfg.password.get_secret_value() if cfg.password else None
+        client.username_pw_set(cfg.username, secret)
     verdict_filter = settings.topics.verdict.replace("{device_id}", "+")
     alert_filter = settings.topics.alert.replace("{device_id}", "+")
 
     def on_message(c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        line = describe(msg.topic, msg.payload, settings)
+        line = describe(msg.topic, bytes(msg.payload), settings)
         if anomalies_only and line.startswith("normal"):
             return
         print(line, flush=True)

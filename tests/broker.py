@@ -51,8 +51,9 @@ class Broker:
     def config_text(self) -> str:
         text = CONF.read_text()
         text = re.sub(r"^listener .*$", f"listener {self.port} {self.host}", text, flags=re.M)
-        text = re.sub(r"^persistence_location .*$", f"persistence_location {self.workdir}/",
-                      text, flags=re.M)
+        text = re.sub(
+            r"^persistence_location .*$", f"persistence_location {self.workdir}/", text, flags=re.M
+        )
         return text + "\n" + self.extra_conf + "\n"
 
     def start(self) -> Broker:
@@ -97,7 +98,11 @@ def _has_user(name: str) -> bool:
 
 
 def mosquitto_binary() -> str:
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+    for candidate in (
+        shutil.which("mosquitto"),
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise FileNotFoundError("the mosquitto binary is not installed (apt-get install mosquitto)")
