@@ -45,7 +45,9 @@ class IsolationForestDetector:
 
     def fit(self, x: Matrix) -> None:
         forest = IsolationForest(
-            n_estimators=self.n_estimators, max_samples=self.max_samples, random_state=self.seed
+            n_estimators=self.n_estimators,
+            max_samples=min(self.max_samples, x.shape[0]),
+            random_state=self.seed,
         ).fit(x)
         self._arrays = flatten_forest(forest)
 
@@ -115,7 +117,8 @@ def flatten_forest(forest: IsolationForest) -> dict[str, np.ndarray]:
         k = tree.node_count
         is_split = tree.children_left[:k] != -1
         base = i * n_nodes
-        feature[i, :k] = np.where(is_split, np.asarray(features)[tree.feature[:k]], 0)
+        # leaves carry feature -2; give them a valid column, their children are themselves
+        feature[i, :k] = np.asarray(features)[np.where(is_split, tree.feature[:k], 0)]
         threshold[i, :k] = tree.threshold[:k]
         left[i, :k] = np.where(is_split, tree.children_left[:k] + base, own[i, :k])
         right[i, :k] = np.where(is_split, tree.children_right[:k] + base, own[i, :k])

@@ -1,0 +1,178 @@
+"""Training: CSV loading rules, the Keras/numpy autoencoder agreement, manifests on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.detectors import AutoencoderDetector
+from daemon.errors import TrainingError
+from daemon.models import load_bundle, sha256_file
+from daemon.training.datasets import load_csv
+from daemon.training.synthetic import generate_dataset
+from daemon.training.train import fingerprint, train
+
+SKAB_FILE = Path("/work/shared/datasets/skab/valve1/0.csv")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_numpy_forward_pass_matches_keras() -> None:
+    from daemon.training.keras_autoencoder import export_layers, fit_autoencoder
+
+    x, _, _ = generate_dataset(600, seed=2)
+    z = (x - x.mean(0)) / x.std(0)
+    model = fit_autoencoder(z, seed=1, max_epochs=3)
+    det = AutoencoderDetector.from_layers(export_layers(model))  # type: ignore[arg-type]
+    keras_out = np.asarray(model(z.astype(np.float32)))
+    np.testing.assert_allclose(det.reconstruct(z), keras_out, atol=1e-5)
+    np.testing.assert_allclose(det.score(z), ((z - keras_out) ** 2).mean(axis=1), atol=1e-5)
+
+
+def test_semicolon_csv_excludes_time_and_label_columns(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "skab.csv",
+        "datetime;Volume Flow RateRMS;Temperature;anomaly;changepoint\n"
+        "2020-03-09 10:14:33;32.0;70.1;0.0;0.0\n"
+        "2020-03-09 10:14:34;31.5;70.3;1.0;1.0\n",
+    )
+    data = load_csv(path)
+    assert data.features == ("Volume Flow RateRMS", "Temperature")
+    np.testing.assert_array_equal(data.X, [[32.0, 70.1], [31.5, 70.3]])
+    assert data.labels is not None
+    assert data.labels.tolist() == [False, True]
+
+
+def test_comma_csv_with_unnamed_date_column_and_selected_features(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "plant.csv",
+        "when,a,b,c\n2024-01-01T00:00:00,1,2,3\n2024-01-01T00:00:01,4,5,6\n",
+    )
+    data = load_csv(path, features=["c", "a"])
+    assert data.features == ("c", "a")
+    np.testing.assert_array_equal(data.X, [[3, 1], [6, 4]])
+    assert data.labels is None
+    assert load_csv(path).features == ("a", "b", "c")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("t,v\n1,2\n", "header"),
+        ("v,w\n1,2\n3,oops\n", r":3: column 'w': not a number"),
+        ("v,w\n1,\n", r":2: column 'w': not a number"),
+        ("v,w\n1,nan\n", r":2: column 'w': not finite"),
+        ("v,w\n1,2,3\n", r":2: 3 cells"),
+    ],
+)
+def test_bad_csv_names_line_and_column(tmp_path: Path, body: str, message: str) -> None:
+    if message == "header":
+        body = "1,2\n3,4\n"
+    with pytest.raises(TrainingError, match=message):
+        load_csv(_write(tmp_path / "bad.csv", body))
+
+
+def test_unknown_feature_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "x.csv", "a,b\n1,2\n")
+    with pytest.raises(TrainingError, match="no column"):
+        load_csv(path, features=["nope"])
+
+
+@pytest.mark.skipif(not SKAB_FILE.exists(), reason="SKAB dataset not present")
+def test_loads_a_real_skab_file() -> None:
+    data = load_csv(SKAB_FILE)
+    assert "Volume Flow RateRMS" in data.features
+    assert "datetime" not in data.features
+    assert "anomaly" not in data.features
+    assert data.labels is not None
+    assert data.labels.any()
+    assert data.X.shape == (data.labels.shape[0], 8)
+
+
+def test_single_feature_csv_trains_and_scores_end_to_end(tmp_path: Path) -> None:
+    from daemon.training.train import train_csv
+
+    rng = np.random.default_rng(0)
+    temps = 20 + rng.normal(0, 0.5, 400)
+    labels = np.zeros(400, dtype=int)
+    temps[-20:] += 8
+    labels[-20:] = 1
+    lines = ["timestamp,Temperature C,label"] + [
+        f"2024-01-01T00:{i // 60:02d}:{i % 60:02d},{t:.3f},{lab}"
+        for i, (t, lab) in enumerate(zip(temps, labels, strict=True))
+    ]
+    path = _write(tmp_path / "one.csv", "\n".join(lines) + "\n")
+    manifest = train_csv(path, tmp_path / "model", seed=1)
+    assert manifest["features"] == ["Temperature C"]
+    assert manifest["training"]["rows"] == 380
+    assert manifest["detectors"]["ensemble"]["validation"]["n_anomalous"] == 20
+    bundle = load_bundle(tmp_path / "model")
+    s = bundle.score(np.array([[20.1], [30.0]]), "ensemble")
+    assert s.is_anomaly.tolist() == [False, True]
+    assert "Temperature C 30.0 is" in bundle.explain(np.array([30.0]), s.zscores[1]).text
+
+
+def test_manifest_describes_training_and_artifacts(trained_model_dir: Path) -> None:
+    manifest = json.loads((trained_model_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["default_detector"] == "ensemble"
+    assert manifest["created_at"].endswith("Z")
+    assert manifest["model_version"].split("-")[0].endswith("Z")
+    assert set(manifest["library_versions"]) == {"numpy", "scikit-learn", "tensorflow", "python"}
+    assert manifest["training"]["rows"] == 6000
+    assert len(manifest["training"]["fingerprint"]) == 64
+    for name, digest in manifest["artifacts"].items():
+        assert sha256_file(trained_model_dir / name) == digest
+    for name in ("isolation_forest", "lof", "autoencoder", "ensemble"):
+        entry = manifest["detectors"][name]
+        assert entry["center"] < entry["threshold"]
+        assert entry["quantile"] == 0.99
+        figures = entry["validation"]
+        assert figures["n_anomalous"] > 0
+        assert figures["far"] < 0.05
+        assert figures["recall"] > (0.1 if name == "isolation_forest" else 0.9)
+    # nothing but the model set itself: no temporary or backup directories left behind
+    assert [p.name for p in trained_model_dir.parent.iterdir()] == ["default"]
+
+
+def test_retraining_replaces_the_directory_atomically(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 2))
+    out = tmp_path / "m"
+    first = train(x, ["a", "b"], out, source="test", seed=0)
+    (out / "stale.txt").write_text("from the old model")
+    second = train(x + 1, ["a", "b"], out, source="test", seed=0)
+    assert first["training"]["fingerprint"] != second["training"]["fingerprint"]
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert load_bundle(out).version == second["model_version"]
+
+
+def test_fingerprint_depends_on_data_and_feature_names() -> None:
+    x = np.arange(6.0).reshape(3, 2)
+    assert fingerprint(x, ["a", "b"]) == fingerprint(x.copy(), ["a", "b"])
+    assert fingerprint(x, ["a", "b"]) != fingerprint(x, ["a", "c"])
+    assert fingerprint(x, ["a", "b"]) != fingerprint(x + 1e-9, ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("x", "features", "message"),
+    [
+        (np.ones((10, 2)), ["a", "b"], "at least 50 rows"),
+        (np.ones((100, 2)), ["a"], "does not match"),
+        (np.ones((100, 2)), ["a", "a"], "unique"),
+        (np.full((100, 1), np.nan), ["a"], "NaN"),
+    ],
+)
+def test_unusable_training_data_is_refused(
+    tmp_path: Path, x: np.ndarray, features: list[str], message: str
+) -> None:
+    with pytest.raises(TrainingError, match=message):
+        train(x, features, tmp_path / "m", source="test")
+    assert not (tmp_path / "m").exists()
