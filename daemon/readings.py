@@ -1,0 +1,492 @@
+"""Raw MQTT payload bytes -> validated readings, or rejections with a reason.
+
+This is the one place where untrusted bytes enter the daemon. It is pure (no I/O, no clock,
+no logging; the receipt time is passed in) and `Decoder.decode` never raises: every problem
+becomes a `Rejection` with a stable snake_case `reason` (see `REASONS`) and a short `detail`.
+
+Decisions worth knowing:
+- One problem is reported per reading: the first found, in this order: features (schema
+  order), then timestamp, seq, operational_state, model_name.
+- A JSON ``null`` for an optional meta field means "absent"; for a feature it is rejected.
+- Epoch timestamps must lie in [2000-01-01, 2200-01-01) UTC. Millisecond epochs fall above
+  that range and are rejected (the detail says they look like milliseconds) rather than
+  guessed at; a device sending 1970-ish values has no clock set.
+- In the nested form the inner object wins over the outer one for features and meta alike.
+- Batch entries inherit only ``model_name`` from the batch.
+- Duplicate keys are reported only for keys this module reads (features, meta fields,
+  ``sensor_data``, ``readings``), in the objects it reads them from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+import orjson
+
+from daemon.errors import ConfigError
+
+MAX_DEPTH = 8  # a batch of nested readings needs 4 levels; orjson alone would allow 1,024
+MAX_ABS_VALUE = 1e15
+_MIN_EPOCH = 946_684_800.0  # 2000-01-01T00:00:00Z
+_MAX_EPOCH = 7_258_118_400.0  # 2200-01-01T00:00:00Z
+_MAX_SEQ = 2**63
+_MAX_STATE_LEN = 64
+_MAX_TIMESTAMP_LEN = 64
+_MAX_TOPIC_LEN = 65_535  # the MQTT limit; longer strings cannot be real topics
+_NESTED = "sensor_data"
+_BATCH = "readings"
+_META = ("timestamp", "seq", "operational_state", "model_name")
+_TOO_DEEP = f"JSON nesting is deeper than {MAX_DEPTH} levels"
+_TOPIC_CACHE_SIZE = 4096
+_MAX_CACHED_TOPIC_LEN = 256
+
+# Every reason code a Rejection can carry, with its meaning (the README lists these).
+REASONS: Mapping[str, str] = MappingProxyType({
+    "bad_device_id": "the topic does not fit the subscription, or its id fails the pattern",
+    "payload_too_large": "the payload exceeds max_payload_bytes (checked before parsing)",
+    "not_utf8": "the payload is not valid UTF-8",
+    "not_json": "not strict JSON: syntax error, NaN/Infinity, a number beyond a double, a BOM",
+    "too_deep": f"JSON nesting deeper than {MAX_DEPTH} levels (the top level counts as 1)",
+    "not_object": "the top level, sensor_data or a batch entry is not a JSON object",
+    "duplicate_key": "a key this decoder reads appears twice in the same object",
+    "bad_batch": "'readings' is not a non-empty array",
+    "batch_too_large": "the batch has more than max_batch_readings entries",
+    "missing_feature": "a schema feature is absent",
+    "non_numeric_feature": "a feature value is not a JSON number (string, bool, null, ...)",
+    "non_finite": "a feature value is NaN or infinite (JSON cannot carry these: see not_json)",
+    "out_of_range": f"a feature value's magnitude exceeds {MAX_ABS_VALUE:g}",
+    "bad_timestamp": "not ISO 8601 or epoch seconds within [2000-01-01, 2200-01-01) UTC",
+    "bad_seq": "seq is not an integer in [0, 2**63)",
+    "bad_operational_state": f"operational_state is not a string of <= {_MAX_STATE_LEN} chars",
+    "unknown_model": "model_name is not one of the loaded models",
+})  # fmt: skip
+
+# A JSON string literal, written so that an unterminated one cannot backtrack exponentially.
+_STRING_LITERAL = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    device_id: str
+    values: tuple[float, ...]  # in the schema's feature order
+    model_name: str | None  # from the payload (None = default detector)
+    seq: int | None  # device sequence number, echoed back
+    timestamp: float  # epoch seconds: the payload's, else received_at
+    operational_state: str | None
+    key: str  # idempotency key
+    index: int | None  # position in a batch message, None for single
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str  # stable snake_case code, one of REASONS
+    detail: str  # human-readable; quotes at most ~60 characters of input
+    index: int | None = None  # the entry inside a batch message, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    device_id: str | None  # None when the topic itself was bad
+    readings: tuple[Reading, ...]
+    rejections: tuple[Rejection, ...]
+    is_batch: bool
+    model_name: str | None  # the message-level model_name (a batch's, or a single reading's)
+
+
+class Decoder:
+    """Validates payloads against one feature schema; set-up work happens here, once."""
+
+    def __init__(
+        self,
+        features: Sequence[str],
+        model_names: Collection[str],
+        *,
+        subscription: str = "sensors/+/readings",
+        max_payload_bytes: int = 65536,
+        max_batch_readings: int = 1000,
+        device_id_pattern: str = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}",
+    ) -> None:
+        self._features = tuple(features)
+        if not self._features or len(set(self._features)) != len(self._features):
+            raise ConfigError("features must be a non-empty list of distinct names")
+        reserved = set(self._features) & {*_META, _NESTED, _BATCH}
+        if reserved:
+            raise ConfigError(f"feature names clash with payload fields: {sorted(reserved)}")
+        if max_payload_bytes < 1 or max_batch_readings < 1:
+            raise ConfigError("max_payload_bytes and max_batch_readings must be positive")
+        self._models = frozenset(model_names)
+        self._max_payload = max_payload_bytes
+        self._max_batch = max_batch_readings
+        self._subscription = subscription
+        self._levels, self._id_level, self._multi = _parse_filter(subscription)
+        try:
+            self._id_pattern = re.compile(device_id_pattern)
+        except re.error as exc:
+            raise ConfigError(f"device_id_pattern does not compile: {exc}") from exc
+        self._keyset = frozenset((*self._features, *_META, _NESTED, _BATCH))
+        # Devices publish on the same few topics over and over; remembering the answer saves
+        # most of the per-message topic cost. Bounded: cleared when full, short topics only.
+        self._topic_cache: dict[str, str | None] = {}
+
+    def device_id(self, topic: str) -> str | None:
+        """The device id in `topic`, or None if the topic does not fit the subscription."""
+        cache = self._topic_cache
+        if topic in cache:
+            return cache[topic]
+        device_id = self._parse_topic(topic)
+        if len(topic) <= _MAX_CACHED_TOPIC_LEN:
+            if len(cache) >= _TOPIC_CACHE_SIZE:
+                cache.clear()
+            cache[topic] = device_id
+        return device_id
+
+    def _parse_topic(self, topic: str) -> str | None:
+        if len(topic) > _MAX_TOPIC_LEN or "+" in topic or "#" in topic:
+            return None
+        levels = topic.split("/")
+        pattern = self._levels
+        if len(levels) != len(pattern) and not (self._multi and len(levels) >= len(pattern)):
+            return None
+        # MQTT: a filter starting with a wildcard does not match topics starting with "$".
+        if pattern[0] == "+" and topic.startswith("$"):
+            return None
+        for want, got in zip(pattern, levels, strict=False):
+            if want != "+" and want != got:
+                return None
+        candidate = levels[self._id_level]
+        return candidate if self._id_pattern.fullmatch(candidate) else None
+
+    def decode(self, topic: str, payload: bytes, received_at: float) -> Decoded:
+        """Turn one MQTT message into readings and rejections. Never raises."""
+        device_id = self.device_id(topic)
+        if device_id is None:
+            detail = f"topic {_show(topic)} does not match {self._subscription!r} with a valid id"
+            return Decoded(None, (), (Rejection("bad_device_id", detail),), False, None)
+        size = len(payload)
+        if size > self._max_payload:
+            detail = f"payload is {size} bytes; the limit is {self._max_payload}"
+            return _message_fails(device_id, "payload_too_large", detail)
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            return _message_fails(device_id, *_why_unparseable(payload, exc))
+        strings, depth = _shape(doc, MAX_DEPTH)
+        if depth > MAX_DEPTH:
+            return _message_fails(device_id, "too_deep", _TOO_DEEP)
+        if type(doc) is not dict:
+            return _message_fails(device_id, "not_object", f"top level is {_show(doc)}")
+
+        # orjson silently keeps the last of duplicate keys. Without a backslash in the
+        # payload every '"' in it delimits a string, so 2 quotes per key or string value
+        # found in the parsed document means nothing was dropped. Otherwise the slow parser
+        # settles it; valid readings never get there.
+        dups: dict[int, tuple[str, ...]] = {}
+        if payload.count(b'"') != 2 * strings or b"\\" in payload:
+            doc, dups = self._parse_tracking_duplicates(payload)
+        if _BATCH in doc:
+            return self._decode_batch(device_id, doc, payload, received_at, dups)
+        result = self._decode_entry(device_id, doc, None, None, payload, None, received_at, dups)
+        if isinstance(result, Reading):
+            return Decoded(device_id, (result,), (), False, result.model_name)
+        return Decoded(device_id, (), (result,), False, None)
+
+    def _decode_batch(
+        self,
+        device_id: str,
+        doc: dict[str, object],
+        payload: bytes,
+        received_at: float,
+        dups: dict[int, tuple[str, ...]],
+    ) -> Decoded:
+        duplicated = [k for k in dups.get(id(doc), ()) if k in (_BATCH, "model_name")]
+        if duplicated:
+            return _message_fails(device_id, "duplicate_key", _dup_detail(duplicated[0]), True)
+        entries = doc[_BATCH]
+        if type(entries) is not list or not entries:
+            detail = f"'readings' must be a non-empty array, got {_show(entries)}"
+            return _message_fails(device_id, "bad_batch", detail, True)
+        if len(entries) > self._max_batch:
+            detail = f"batch has {len(entries)} readings; the limit is {self._max_batch}"
+            return _message_fails(device_id, "batch_too_large", detail, True)
+        batch_model = doc.get("model_name")
+        if batch_model is not None and not (
+            type(batch_model) is str and batch_model in self._models
+        ):
+            detail = f"batch model_name {_show(batch_model)} is not a loaded model"
+            return _message_fails(device_id, "unknown_model", detail, True)
+
+        digest = hashlib.sha256(payload).hexdigest()[:16]
+        readings: list[Reading] = []
+        rejections: list[Rejection] = []
+        for index, entry in enumerate(entries):
+            if type(entry) is not dict:
+                detail = f"readings[{index}] is {_show(entry)}, not an object"
+                rejections.append(Rejection("not_object", detail, index))
+                continue
+            result = self._decode_entry(
+                device_id, entry, index, batch_model, payload, digest, received_at, dups
+            )
+            if isinstance(result, Reading):
+                readings.append(result)
+            else:
+                rejections.append(result)
+        return Decoded(device_id, tuple(readings), tuple(rejections), True, batch_model)
+
+    def _decode_entry(
+        self,
+        device_id: str,
+        outer: dict[str, object],
+        index: int | None,
+        default_model: str | None,
+        payload: bytes,
+        digest: str | None,
+        received_at: float,
+        dups: dict[int, tuple[str, ...]],
+    ) -> Reading | Rejection:
+        source = outer
+        inner = outer.get(_NESTED)
+        if inner is not None or _NESTED in outer:
+            if type(inner) is not dict:
+                detail = f"'sensor_data' is {_show(inner)}, not an object"
+                return _entry_fails("not_object", detail, index)
+            source = outer | inner
+        if dups:
+            duplicated = dups.get(id(outer), ()) + dups.get(id(inner), ())
+            if duplicated:
+                return _entry_fails("duplicate_key", _dup_detail(duplicated[0]), index)
+
+        values: list[float] = []
+        get = source.get
+        limit = MAX_ABS_VALUE
+        for name in self._features:
+            value = get(name)
+            if (type(value) is float or type(value) is int) and -limit <= value <= limit:
+                values.append(float(value))
+                continue
+            reason, problem = _feature_problem(value, name in source)
+            return _entry_fails(reason, f"feature {name!r} {problem}", index)
+
+        timestamp = get("timestamp")
+        if timestamp is None:
+            timestamp = received_at
+        elif not (type(timestamp) is float and _MIN_EPOCH <= timestamp < _MAX_EPOCH):
+            parsed = _parse_timestamp(timestamp)
+            if isinstance(parsed, str):
+                return _entry_fails("bad_timestamp", f"timestamp {parsed}", index)
+            timestamp = parsed
+
+        seq = get("seq")
+        if seq is not None and not (type(seq) is int and 0 <= seq < _MAX_SEQ):
+            detail = f"seq must be an integer in [0, 2**63), got {_show(seq)}"
+            return _entry_fails("bad_seq", detail, index)
+
+        state = get("operational_state")
+        if state is not None and not (type(state) is str and len(state) <= _MAX_STATE_LEN):
+            detail = (
+                f"operational_state must be a string of at most {_MAX_STATE_LEN}"
+                f" characters, got {_show(state)}"
+            )
+            return _entry_fails("bad_operational_state", detail, index)
+
+        model = get("model_name")
+        if model is None:
+            model = default_model
+        elif not (type(model) is str and model in self._models):
+            detail = f"model_name {_show(model)} is not a loaded model"
+            return _entry_fails("unknown_model", detail, index)
+
+        if seq is not None:
+            key = f"{device_id}:{seq}"
+        elif digest is None:
+            key = f"{device_id}:{hashlib.sha256(payload).hexdigest()[:16]}"
+        else:
+            key = f"{device_id}:{digest}#{index}"
+        return Reading(device_id, tuple(values), model, seq, timestamp, state, key, index)
+
+    def _parse_tracking_duplicates(
+        self, payload: bytes
+    ) -> tuple[dict[str, object], dict[int, tuple[str, ...]]]:
+        """Re-parse with the json module, recording which objects repeat a key we read.
+
+        Only reached after orjson accepted the payload, so the input is strict JSON of
+        bounded depth and json.loads cannot hit its recursion or NaN quirks.
+        """
+        keyset = self._keyset
+        dups: dict[int, tuple[str, ...]] = {}
+
+        def build(pairs: list[tuple[str, object]]) -> dict[str, object]:
+            obj = dict(pairs)
+            if len(obj) != len(pairs):
+                seen: set[str] = set()
+                repeated = []
+                for key, _ in pairs:
+                    if key in seen and key in keyset:
+                        repeated.append(key)
+                    seen.add(key)
+                if repeated:
+                    dups[id(obj)] = tuple(repeated)
+            return obj
+
+        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=build)
+        return doc, dups
+
+
+def _parse_filter(subscription: str) -> tuple[tuple[str, ...], int, bool]:
+    """Split an MQTT filter into levels: (levels without '#', id level index, has '#')."""
+    text = subscription
+    if text.startswith("$share/"):
+        parts = text.split("/", 2)
+        if len(parts) < 3 or not parts[1]:
+            raise ConfigError(f"subscription {subscription!r}: '$share/' needs a group name")
+        text = parts[2]
+    levels = text.split("/")
+    multi = levels[-1] == "#"
+    if multi:
+        levels.pop()
+    for level in levels:
+        if level != "+" and ("+" in level or "#" in level):
+            raise ConfigError(f"subscription {subscription!r}: misplaced wildcard")
+    if "+" not in levels:
+        raise ConfigError(f"subscription {subscription!r} needs a '+' level for the device id")
+    return tuple(levels), levels.index("+"), multi
+
+
+def _message_fails(device_id: str, reason: str, detail: str, is_batch: bool = False) -> Decoded:
+    return Decoded(device_id, (), (Rejection(reason, detail),), is_batch, None)
+
+
+def _entry_fails(reason: str, detail: str, index: int | None) -> Rejection:
+    return Rejection(reason, detail if index is None else f"readings[{index}]: {detail}", index)
+
+
+def _nesting_exceeds(payload: bytes, limit: int) -> bool:
+    """True if the JSON text nests deeper than `limit`, checked without recursion.
+
+    Drop string literals, keep only brackets, then peel innermost pairs: each pass lowers
+    the depth of every balanced group by exactly one, all in C-level bytes operations.
+    """
+    brackets = _STRING_LITERAL.sub(b"", payload).translate(_TO_PARENS, _NOT_BRACKETS)
+    for _ in range(limit):
+        brackets = brackets.replace(b"()", b"")
+        if not brackets:
+            return False
+    # Leftover pairs are nesting beyond the limit; lone brackets are for orjson to reject.
+    return b"()" in brackets
+
+
+def _shape(root: object, limit: int) -> tuple[int, int]:
+    """(keys + string values, nesting depth) of a parsed document, level by level.
+
+    Iterative, so hostile nesting costs no recursion; stops once `limit` is exceeded.
+    """
+    if type(root) is dict:  # the usual flat reading: no containers inside
+        kinds = list(map(type, root.values()))
+        if dict not in kinds and list not in kinds:
+            return len(root) + kinds.count(str), 1
+    strings = 0
+    depth = 0
+    level = [root]
+    while level and depth <= limit:
+        depth += 1
+        below: list[object] = []
+        for node in level:
+            values: Iterable[object]
+            if type(node) is dict:
+                strings += len(node)
+                values = node.values()
+            elif type(node) is list:
+                values = node
+            else:
+                continue
+            kinds = list(map(type, values))
+            strings += kinds.count(str)
+            if dict in kinds or list in kinds:
+                below.extend(v for v in values if type(v) is dict or type(v) is list)
+        level = below
+    return strings, depth
+
+
+def _why_unparseable(payload: bytes, exc: orjson.JSONDecodeError) -> tuple[str, str]:
+    # orjson gives up at depth 1,024 with a generic error; name the real problem.
+    if payload.count(b"{") + payload.count(b"[") > MAX_DEPTH and _nesting_exceeds(
+        payload, MAX_DEPTH
+    ):
+        return "too_deep", _TOO_DEEP
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return "not_utf8", f"payload is not UTF-8 (invalid byte at offset {err.start})"
+    return "not_json", f"payload is not valid JSON: {_clip(str(exc), 80)}"
+
+
+def _feature_problem(value: object, present: bool) -> tuple[str, str]:
+    """The reason code and wording for a feature value the fast check refused."""
+    if not present:
+        return "missing_feature", "is missing"
+    if type(value) is not float and type(value) is not int:
+        return "non_numeric_feature", f"must be a number, got {_show(value)}"
+    # JSON cannot spell NaN/Infinity (orjson refuses the tokens and overflowing literals
+    # as not_json), so this only guards against a future change of parser.
+    if isinstance(value, float) and not math.isfinite(value):
+        return "non_finite", f"is not finite ({value!r})"
+    return "out_of_range", f"is {_show(value)}, beyond ±{MAX_ABS_VALUE:g}"
+
+
+def _parse_timestamp(raw: object) -> float | str:
+    """Epoch seconds, or a description of what is wrong (no exceptions on bad input)."""
+    if type(raw) is str:
+        if len(raw) > _MAX_TIMESTAMP_LEN:
+            return f"is a string of {len(raw)} characters, too long for ISO 8601"
+        try:
+            moment = datetime.fromisoformat(raw)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            seconds = moment.timestamp()
+        except (ValueError, OverflowError):
+            return f"{_show(raw)} is not an ISO 8601 date-time"
+    elif type(raw) is int or type(raw) is float:
+        seconds = raw
+    else:
+        return f"must be an ISO 8601 string or epoch seconds, got {_show(raw)}"
+    if _MIN_EPOCH <= seconds < _MAX_EPOCH:
+        return float(seconds)
+    if _MIN_EPOCH * 1000 <= seconds < _MAX_EPOCH * 1000:
+        return f"{_show(raw)} looks like milliseconds; send epoch seconds"
+    return f"{_show(raw)} is outside 2000-01-01..2200-01-01 UTC"
+
+
+def _dup_detail(key: str) -> str:
+    return f"key {key!r} appears more than once in the same object"
+
+
+def _show(value: object) -> str:
+    """Describe a JSON value for a detail message, quoting at most ~60 characters of it."""
+    if isinstance(value, str):
+        # repr of 60 characters can run to 600 (escapes), hence the second clip.
+        return _clip(repr(value[:60]) + ("..." if len(value) > 60 else ""), 80)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if -(10**30) < value < 10**30 else "an integer of 30+ digits"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
