@@ -51,8 +51,13 @@ def fresh_broker() -> Iterator[Broker]:
 
 def make_settings(b: Broker, model_dir: Path, **mqtt: Any) -> Settings:
     return Settings(
-        mqtt=MqttConfig(host=b.host, port=b.port, client_id=f"anomalyd-test-{os.getpid()}-"
-                        f"{next(_ids)}", connect_timeout_s=5, **mqtt),
+        mqtt=MqttConfig(
+            host=b.host,
+            port=b.port,
+            client_id=f"anomalyd-test-{os.getpid()}-{next(_ids)}",
+            connect_timeout_s=5,
+            **mqtt,
+        ),
         http=HttpConfig(port=0),
         model=ModelConfig(dir=model_dir),
     )

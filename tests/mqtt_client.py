@@ -18,8 +18,9 @@ class Collector:
     def __init__(self, host: str, port: int, filters: list[str], client_id: str | None = None):
         self.messages: list[tuple[str, bytes, bool, float]] = []
         self._cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or "",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id or "", protocol=paho.MQTTv5
+        )
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()

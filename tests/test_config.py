@@ -18,8 +18,10 @@ def test_shipped_config_file_is_valid_and_equals_the_defaults() -> None:
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     cfg = tmp_path / "a.toml"
     cfg.write_text('[mqtt]\nhost = "broker.local"\nport = 1884\n')
-    s = load_settings(cfg, env={"MQTT_PORT": "2883", "LOG_LEVEL": "debug", "WORKERS": "2",
-                                "MODEL_DIR": "/srv/models"})
+    s = load_settings(
+        cfg,
+        env={"MQTT_PORT": "2883", "LOG_LEVEL": "debug", "WORKERS": "2", "MODEL_DIR": "/srv/models"},
+    )
     assert s.mqtt.host == "broker.local"
     assert s.mqtt.port == 2883
     assert s.logging.level == "DEBUG"

@@ -22,10 +22,22 @@ from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
 
-NORMAL = {"temperature": 45.3, "vibration": 2.8, "pressure": 6.5, "flow_rate": 152.0,
-          "current": 87.5, "duty_cycle": 0.75}
-ANOMALOUS = {"temperature": 78.5, "vibration": 12.4, "pressure": 4.2, "flow_rate": 98.0,
-             "current": 125.0, "duty_cycle": 0.95}
+NORMAL = {
+    "temperature": 45.3,
+    "vibration": 2.8,
+    "pressure": 6.5,
+    "flow_rate": 152.0,
+    "current": 87.5,
+    "duty_cycle": 0.75,
+}
+ANOMALOUS = {
+    "temperature": 78.5,
+    "vibration": 12.4,
+    "pressure": 4.2,
+    "flow_rate": 98.0,
+    "current": 125.0,
+    "duty_cycle": 0.95,
+}
 
 
 def http_get(port: int, path: str) -> tuple[int, Any]:
@@ -84,8 +96,9 @@ def test_each_detector_can_be_selected_per_reading(
     pub = publisher_for(broker)
     names = ["isolation_forest", "lof", "autoencoder", "ensemble"]
     for i, name in enumerate(names):
-        pub.send("sensors/e2e-sel/readings", {"sensor_data": ANOMALOUS, "model_name": name,
-                                              "seq": i})
+        pub.send(
+            "sensors/e2e-sel/readings", {"sensor_data": ANOMALOUS, "model_name": name, "seq": i}
+        )
     got = {v["model_used"]: v for v in col.json_on("anomaly/e2e-sel/verdict", count=4)}
     assert set(got) == set(names)
     assert all(v["is_anomaly"] for v in got.values())
@@ -132,12 +145,20 @@ def test_batch_message_gets_one_batch_verdict(
 
 
 def test_http_endpoints_report_health_readiness_models_and_masked_info(
-    broker: Broker, start_daemon: Any, trained_model_dir: Path, publisher_for: Any,
+    broker: Broker,
+    start_daemon: Any,
+    trained_model_dir: Path,
+    publisher_for: Any,
     collector_for: Any,
 ) -> None:
     settings = make_settings(broker, trained_model_dir)
-    settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(
-        update={"username": "someone", "password": SecretStr("s3cret-value")})})
+    settings = settings.model_copy(
+        update={
+            "mqtt": settings.mqtt.model_copy(
+                update={"username": "someone", "password": SecretStr("s3cret-value")}
+            )
+        }
+    )
     svc = start_daemon(broker, settings)
     port = svc.http.port
     status, health = http_get(port, "/health")
@@ -147,8 +168,12 @@ def test_http_endpoints_report_health_readiness_models_and_masked_info(
     assert status == 200 and ready["ready"] is True
     status, models = http_get(port, "/models")
     assert status == 200
-    assert {m["name"] for m in models["models"]} == {"isolation_forest", "lof", "autoencoder",
-                                                      "ensemble"}
+    assert {m["name"] for m in models["models"]} == {
+        "isolation_forest",
+        "lof",
+        "autoencoder",
+        "ensemble",
+    }
     assert models["features"][:2] == ["temperature", "vibration"]
     status, info = http_get(port, "/info")
     assert status == 200
@@ -166,9 +191,7 @@ def test_http_endpoints_report_health_readiness_models_and_masked_info(
     assert "s3cret-value" not in text
 
 
-def test_ready_is_503_once_stopping(
-    broker: Broker, start_daemon: Any
-) -> None:
+def test_ready_is_503_once_stopping(broker: Broker, start_daemon: Any) -> None:
     svc = start_daemon(broker)
     svc.request_stop()
     status, body = http_get(svc.http.port, "/ready")
@@ -176,7 +199,10 @@ def test_ready_is_503_once_stopping(
 
 
 def test_restarted_daemon_judges_what_was_published_while_it_was_down(
-    broker: Broker, start_daemon: Any, trained_model_dir: Path, collector_for: Any,
+    broker: Broker,
+    start_daemon: Any,
+    trained_model_dir: Path,
+    collector_for: Any,
     publisher_for: Any,
 ) -> None:
     settings = make_settings(broker, trained_model_dir)
@@ -193,9 +219,14 @@ def test_restarted_daemon_judges_what_was_published_while_it_was_down(
 
 def _daemon_env(b: Broker, model_dir: Path, http_port: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(MQTT_HOST=b.host, MQTT_PORT=str(b.port), MODEL_DIR=str(model_dir),
-               HEALTH_PORT=str(http_port), MQTT_CLIENT_ID=f"anomalyd-sub-{http_port}",
-               LOG_LEVEL="INFO")
+    env.update(
+        MQTT_HOST=b.host,
+        MQTT_PORT=str(b.port),
+        MODEL_DIR=str(model_dir),
+        HEALTH_PORT=str(http_port),
+        MQTT_CLIENT_ID=f"anomalyd-sub-{http_port}",
+        LOG_LEVEL="INFO",
+    )
     return env
 
 
@@ -204,9 +235,11 @@ def test_sigterm_drains_and_exits_zero(
 ) -> None:
     http_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run"], cwd=REPO,
+        [sys.executable, "-m", "daemon", "run"],
+        cwd=REPO,
         env=_daemon_env(broker, trained_model_dir, http_port),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         wait_for_port("127.0.0.1", http_port, timeout=30)
@@ -217,8 +250,9 @@ def test_sigterm_drains_and_exits_zero(
         col = collector_for(broker, ["anomaly/e2e-term/verdict", "anomaly/status"])
         pub = publisher_for(broker)
         for seq in range(200):
-            pub.client.publish("sensors/e2e-term/readings",
-                               orjson.dumps({**NORMAL, "seq": seq}), qos=1)
+            pub.client.publish(
+                "sensors/e2e-term/readings", orjson.dumps({**NORMAL, "seq": seq}), qos=1
+            )
         col.json_on("anomaly/e2e-term/verdict", count=1)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=15)
@@ -233,17 +267,33 @@ def test_sigterm_drains_and_exits_zero(
 
 def test_missing_models_exit_2_with_a_clear_message(tmp_path: Path) -> None:
     env = dict(os.environ, MODEL_DIR=str(tmp_path / "nothing-here"))
-    res = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2
     assert "anomalyd train" in res.stderr
 
 
 def test_unreachable_broker_exits_3_with_a_clear_message(trained_model_dir: Path) -> None:
-    env = dict(os.environ, MODEL_DIR=str(trained_model_dir), MQTT_PORT=str(free_port()),
-               HEALTH_PORT=str(free_port()))
+    env = dict(
+        os.environ,
+        MODEL_DIR=str(trained_model_dir),
+        MQTT_PORT=str(free_port()),
+        HEALTH_PORT=str(free_port()),
+    )
     cfg = REPO / "tests" / "data" / "short-connect-timeout.toml"
-    res = subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), "run"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), "run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 3, res.stderr[-2000:]
     assert "cannot reach broker" in res.stderr
