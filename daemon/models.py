@@ -71,6 +71,8 @@ class ModelBundle:
     ) -> BatchScores:
         """Score raw readings (n, d) in ``features`` order; center/scale (n, d) per row."""
         calibration = self._calibrations[detector]  # KeyError for an unknown detector
+        if x.ndim != 2 or x.shape[1] != len(self.features):
+            raise ValueError(f"expected shape (n, {len(self.features)}), got {x.shape}")
         z = self._preprocessor.transform(x, center=center, scale=scale)
         members: dict[str, np.ndarray] | None = None
         if detector == ENSEMBLE:

@@ -208,3 +208,8 @@ def test_scaler_json_round_trip_and_std_floor(tmp_path: Path) -> None:
     loaded = StandardScaler.load(scaler.save(tmp_path / "p.json"))
     np.testing.assert_array_equal(loaded.transform(x), scaler.transform(x))
     assert np.isfinite(loaded.transform(x)).all()
+
+
+def test_wrong_width_is_refused(model_bundle: ModelBundle) -> None:
+    with pytest.raises(ValueError, match=r"\(n, 6\)"):
+        model_bundle.score(np.zeros((2, 5)), "ensemble")
