@@ -25,6 +25,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsConfig(_Strict):
+    enabled: bool = False
+    ca_file: Path | None = None  # None: the system's trusted CAs
+    cert_file: Path | None = None  # client certificate (mutual TLS), with key_file
+    key_file: Path | None = None
+    verify_hostname: bool = True
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _check(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class MqttConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
@@ -32,6 +47,8 @@ class MqttConfig(_Strict):
     client_id: str = Field("anomalyd", min_length=1, max_length=128)
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: TlsConfig = TlsConfig()
     keepalive_s: int = Field(30, ge=5, le=3600)
     session_expiry_s: int = Field(86400, ge=0)
     subscription: str = "sensors/+/readings"
@@ -48,7 +65,20 @@ class MqttConfig(_Strict):
             raise ValueError("subscription must contain a '+' level for the device id")
         if self.reconnect_max_delay_s < self.reconnect_min_delay_s:
             raise ValueError("reconnect_max_delay_s must be >= reconnect_min_delay_s")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
         return self
+
+    def secret(self) -> str | None:
+        """The broker password, from the environment/file setting or the password file."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read mqtt.password_file: {exc.strerror}") from exc
+        return None
 
 
 class TopicsConfig(_Strict):
@@ -79,6 +109,9 @@ class LimitsConfig(_Strict):
     max_payload_bytes: int = Field(65536, ge=64)
     max_batch_readings: int = Field(1000, ge=1)
     device_id_pattern: str = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+    # Per-device token bucket, in readings: 0 turns it off.
+    device_rate_per_s: float = Field(0.0, ge=0)
+    device_burst: int = Field(1000, ge=1)
 
 
 class ModelConfig(_Strict):
@@ -89,6 +122,25 @@ class ModelConfig(_Strict):
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # Bearer token required for everything but /health; None: no token.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> HttpConfig:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        return self
+
+    def secret(self) -> str | None:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text(encoding="utf-8").strip() or None
+            except OSError as exc:
+                raise ConfigError(f"cannot read http.token_file: {exc.strerror}") from exc
+        return None
 
 
 class LoggingConfig(_Strict):
@@ -124,15 +176,24 @@ class Settings(_Strict):
         data = self.model_dump(mode="json")
         if self.mqtt.password is not None:
             data["mqtt"]["password"] = MASK
+        if self.http.token is not None:
+            data["http"]["token"] = MASK
         return data
 
 
-# Environment variable -> (section, key). The one place overrides are defined.
-ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+# Environment variable -> path of the key. The one place overrides are defined.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MQTT_HOST": ("mqtt", "host"),
     "MQTT_PORT": ("mqtt", "port"),
     "MQTT_USERNAME": ("mqtt", "username"),
     "MQTT_PASSWORD": ("mqtt", "password"),
+    "MQTT_PASSWORD_FILE": ("mqtt", "password_file"),
+    "MQTT_TLS": ("mqtt", "tls", "enabled"),
+    "MQTT_CA_FILE": ("mqtt", "tls", "ca_file"),
+    "MQTT_CERT_FILE": ("mqtt", "tls", "cert_file"),
+    "MQTT_KEY_FILE": ("mqtt", "tls", "key_file"),
+    "HEALTH_TOKEN": ("http", "token"),
+    "HEALTH_TOKEN_FILE": ("http", "token_file"),
     "MQTT_CLIENT_ID": ("mqtt", "client_id"),
     "MQTT_PROTOCOL": ("mqtt", "protocol"),
     "HEALTH_HOST": ("http", "host"),
@@ -174,14 +235,16 @@ def load_settings(
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
         source = str(path)
     overridden = []
-    for var, (section, key) in ENV_OVERRIDES.items():
+    for var, path_ in ENV_OVERRIDES.items():
         value = env.get(var)
         if value is None or value == "":
             continue
-        section_data = data.setdefault(section, {})
-        if not isinstance(section_data, dict):
-            raise ConfigError(f"invalid configuration ({source}): {section} must be a table")
-        section_data[key] = value.upper() if var == "LOG_LEVEL" else value
+        table = data
+        for part in path_[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"invalid configuration ({source}): {part} must be a table")
+        table[path_[-1]] = value.upper() if var == "LOG_LEVEL" else value
         overridden.append(var)
     if overridden:
         source += " + environment (" + ", ".join(overridden) + ")"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,8 +28,14 @@ class HttpServer:
     """A small threaded HTTP server running in a background thread."""
 
     def __init__(
-        self, host: str, port: int, source: StatusSource, registry: CollectorRegistry
+        self,
+        host: str,
+        port: int,
+        source: StatusSource,
+        registry: CollectorRegistry,
+        token: str | None = None,
     ) -> None:
+        expected = f"Bearer {token}".encode() if token else None
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/health": lambda: _json(*source.health()),
             "/ready": lambda: _json(*source.ready()),
@@ -42,7 +49,19 @@ class HttpServer:
             sys_version = ""
 
             def do_GET(self) -> None:
-                route = routes.get(self.path.split("?", 1)[0])
+                path = self.path.split("?", 1)[0]
+                route = routes.get(path)
+                if expected is not None and path != "/health" and not _authorized(
+                    self.headers.get("Authorization"), expected
+                ):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Bearer realm="anomalyd"')
+                    self.send_header("Content-Type", "application/json")
+                    body = b'{"error":"a bearer token is required"}'
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if route is None:
                     status, ctype, body = 404, "application/json", b'{"error":"not found"}'
                 else:
@@ -76,6 +95,10 @@ class HttpServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _authorized(header: str | None, expected: bytes) -> bool:
+    return header is not None and hmac.compare_digest(header.encode(), expected)
 
 
 def _json(ok: bool, body: dict[str, Any]) -> tuple[int, str, bytes]:

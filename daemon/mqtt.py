@@ -30,6 +30,7 @@ from daemon.acks import AckSequencer, Inbound
 from daemon.config import MqttConfig
 from daemon.errors import BrokerError
 from daemon.metrics import Metrics
+from daemon.tls import client_context, describe_failure
 
 log = structlog.get_logger("anomalyd.mqtt")
 
@@ -132,9 +133,9 @@ class MqttAdapter:
         c = self.client
         cfg = self.cfg
         if cfg.username:
-            c.username_pw_set(
-                cfg.username, cfg.password.get_secret_value() if cfg.password else None
-            )
+            c.username_pw_set(cfg.username, cfg.secret())
+        if cfg.tls.enabled:
+            c.tls_set_context(client_context(cfg.tls))
         c.will_set(self.status_topic, b"offline", qos=1, retain=True)
         c.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]  # paho accepts float seconds
         # paho's own in-flight cap; the PublishWindow bounds what it queues behind it.
@@ -145,9 +146,6 @@ class MqttAdapter:
         c.on_disconnect = self._guard("on_disconnect", self._on_disconnect)
         c.on_message = self._guard("on_message", self._on_message)
         c.on_publish = self._guard("on_publish", self._on_publish)
-
-    def use_tls(self, context: ssl.SSLContext) -> None:
-        self.client.tls_set_context(context)
 
     def _guard(self, where: str, fn: F) -> F:
         """Wrap a paho callback so that no exception can escape it."""
@@ -177,6 +175,11 @@ class MqttAdapter:
             try:
                 self._connect()
                 break
+            except ssl.SSLError as exc:
+                # Retrying cannot fix a certificate: say what is wrong and stop.
+                self.metrics.connection_errors.labels("tls").inc()
+                self.last_error = f"broker at {cfg.host}:{cfg.port}: {describe_failure(exc)}"
+                raise BrokerError(self.last_error) from exc
             except OSError as exc:
                 self.last_error = f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}"
                 self.metrics.connection_errors.labels("unreachable").inc()

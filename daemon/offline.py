@@ -64,7 +64,8 @@ def score_file(
         device_id_pattern=settings.limits.device_id_pattern,
     )
     pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
-                        detector or settings.model.default_detector)
+                        detector or settings.model.default_detector,
+                        settings.limits.max_payload_bytes)
     counts = {"readings": 0, "anomalies": 0, "rejected": 0}
     chunk: list[RawMessage] = []
 

@@ -21,6 +21,7 @@ import orjson
 
 from daemon.config import AlertConfig, TopicsConfig
 from daemon.models import BatchScores, ModelBundle
+from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoded, Decoder, Reading, Rejection
 
 OutKind = Literal["verdict", "alert", "dead_letter"]
@@ -94,12 +95,14 @@ class Pipeline:
         alerts: AlertConfig,
         default_detector: str | None = None,
         max_payload_bytes: int = 65536,
+        limiter: DeviceRateLimiter | None = None,
     ) -> None:
         self.bundle = bundle
         self.decoder = decoder
         self.topics = topics
         self.alerts = alerts
         self.max_payload_bytes = max_payload_bytes
+        self.limiter = limiter
         self.default_detector = default_detector or bundle.default_detector
         if self.default_detector not in bundle.detector_names:
             raise ValueError(f"default detector {self.default_detector!r} is not in the model set")
@@ -171,7 +174,7 @@ class Pipeline:
     ) -> tuple[list[list[Outbound]], BatchStats]:
         """Outputs for each message, in order, and the batch's statistics."""
         stats = BatchStats(messages=len(messages))
-        decoded = [self.decoder.decode(m.topic, m.payload, m.received_at) for m in messages]
+        decoded = [self._decode(m, now) for m in messages]
         readings: list[Reading] = []
         for d in decoded:
             readings.extend(d.readings)
@@ -199,6 +202,19 @@ class Pipeline:
                 outs.extend(self._single_outputs(mine[0], scored_at))
             outputs.append(outs)
         return outputs, stats
+
+    def _decode(self, m: RawMessage, now: float) -> Decoded:
+        limiter = self.limiter
+        if limiter is None:
+            return self.decoder.decode(m.topic, m.payload, m.received_at)
+        device = self.decoder.device_id(m.topic)
+        if device is not None and not limiter.allow(device, now):
+            detail = f"device is over its limit of {limiter.rate:g} readings/s"
+            return Decoded(device, (), (Rejection("rate_limited", detail),), False, None)
+        d = self.decoder.decode(m.topic, m.payload, m.received_at)
+        if device is not None and len(d.readings) > 1:
+            limiter.charge(device, len(d.readings) - 1, now)
+        return d
 
     def internal_error(
         self, messages: Sequence[RawMessage], now: float

@@ -27,6 +27,7 @@ from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.mqtt import MqttAdapter
 from daemon.pipeline import BatchStats, Pipeline, RawMessage
+from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoder
 
 log = structlog.get_logger("anomalyd")
@@ -63,8 +64,14 @@ class Service:
             max_batch_readings=s.limits.max_batch_readings,
             device_id_pattern=s.limits.device_id_pattern,
         )
+        limiter = (
+            DeviceRateLimiter(s.limits.device_rate_per_s, s.limits.device_burst)
+            if s.limits.device_rate_per_s > 0
+            else None
+        )
         self.pipeline = Pipeline(
-            bundle, self.decoder, s.topics, s.alerts, s.model.default_detector
+            bundle, self.decoder, s.topics, s.alerts, s.model.default_detector,
+            s.limits.max_payload_bytes, limiter,
         )
         # Never smaller than the broker's in-flight window, so the network thread never
         # finds it full (it must not block: it also carries the PUBACKs we wait for).
@@ -79,7 +86,9 @@ class Service:
         self.mqtt = MqttAdapter(
             s.mqtt, self.subscription, s.topics.status, self.metrics, self._deliver, client_id
         )
-        self.http = HttpServer(s.http.host, port, self, self.metrics.registry)
+        self.http = HttpServer(
+            s.http.host, port, self, self.metrics.registry, s.http.secret()
+        )
         self._worker = threading.Thread(target=self._work, name="scorer", daemon=True)
         self._stopping = threading.Event()
         self._forced = threading.Event()

@@ -13,11 +13,9 @@ import time
 from typing import Any
 
 import orjson
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.config import Settings
-from daemon.errors import BrokerError
+from daemon.tool_client import connect_tool_client
 from daemon.training.synthetic import PumpStream
 
 
@@ -41,18 +39,8 @@ def simulate(
         for i in range(devices)
     ]
     cfg = settings.mqtt
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"anomalyd-sim-{rng.randrange(10**6)}",
-        protocol=paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311,
-    )
-    if cfg.username:
-        secret = cfg.password.get_secret_value() if cfg.password else None
-        client.username_pw_set(cfg.username, secret)
+    client = connect_tool_client(cfg, f"anomalyd-sim-{rng.randrange(10**6)}")
     client.max_inflight_messages_set(200)
-    try:
-        client.connect(cfg.host, cfg.port, 30)
-    except OSError as exc:
-        raise BrokerError(f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}") from exc
     client.loop_start()
     interval = 1.0 / rate
     seqs = [0] * devices

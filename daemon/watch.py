@@ -7,10 +7,9 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.config import Settings
-from daemon.errors import BrokerError
+from daemon.tool_client import connect_tool_client
 
 
 def describe(topic: str, payload: bytes, settings: Settings) -> str:
@@ -36,10 +35,6 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
 
 def watch(settings: Settings, anomalies_only: bool = False) -> int:
     cfg = settings.mqtt
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    if cfg.username:
-        secret = cfg.password.get_secret_value() if cfg.password else None
-        client.username_pw_set(cfg.username, secret)
     verdict_filter = settings.topics.verdict.replace("{device_id}", "+")
     alert_filter = settings.topics.alert.replace("{device_id}", "+")
 
@@ -49,11 +44,8 @@ def watch(settings: Settings, anomalies_only: bool = False) -> int:
             return
         print(line, flush=True)
 
+    client = connect_tool_client(cfg)
     client.on_message = on_message
-    try:
-        client.connect(cfg.host, cfg.port, 30)
-    except OSError as exc:
-        raise BrokerError(f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}") from exc
     client.subscribe([(verdict_filter, 0), (alert_filter, 0), (settings.topics.dead_letter, 0)])
     try:
         client.loop_forever()
