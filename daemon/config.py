@@ -152,6 +152,24 @@ class AlertConfig(_Strict):
     minor_margin: float = Field(0.0, ge=0)
     major_margin: float = Field(3.0, ge=0)
     critical_margin: float = Field(10.0, ge=0)
+    raise_after: int = Field(3, ge=1)
+    window: int = Field(5, ge=1, le=1000)
+    resolve_after: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> AlertConfig:
+        if self.raise_after > self.window:
+            raise ValueError("raise_after must be <= window")
+        return self
+
+
+class BaselineConfig(_Strict):
+    warmup_readings: int = Field(400, ge=0)
+
+
+class StateConfig(_Strict):
+    dir: Path = Path("state")
+    save_interval_s: float = Field(60.0, gt=0)
 
 
 class ServiceConfig(_Strict):
@@ -169,15 +187,20 @@ class Settings(_Strict):
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     alerts: AlertConfig = AlertConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    state: StateConfig = StateConfig()
     service: ServiceConfig = ServiceConfig()
 
     def masked(self) -> dict[str, Any]:
-        """The effective configuration as plain data, secrets replaced by '********'."""
+        """The effective configuration as plain data, secrets and their paths masked."""
         data = self.model_dump(mode="json")
-        if self.mqtt.password is not None:
-            data["mqtt"]["password"] = MASK
-        if self.http.token is not None:
-            data["http"]["token"] = MASK
+        # Secrets and the paths to them: a path tells an intruder where to look.
+        for section, key in (("mqtt", "password"), ("mqtt", "password_file"),
+                             ("http", "token"), ("http", "token_file")):
+            if data[section][key] is not None:
+                data[section][key] = MASK
+        if data["mqtt"]["tls"]["key_file"] is not None:
+            data["mqtt"]["tls"]["key_file"] = MASK
         return data
 
 
@@ -201,6 +224,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MODEL_DIR": ("model", "dir"),
     "LOG_LEVEL": ("logging", "level"),
     "WORKERS": ("service", "workers"),
+    "STATE_DIR": ("state", "dir"),
 }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 
 from daemon.calibration import Calibration
 from daemon.detectors import MEMBER_TYPES, Detector, Ensemble
+from daemon.devices import derived_names
 from daemon.errors import ModelLoadError
 from daemon.explain import Explanation, explain_reading
 from daemon.preprocess import StandardScaler
@@ -51,6 +54,10 @@ class ModelBundle:
     ) -> None:
         self.manifest = manifest
         self.features: tuple[str, ...] = tuple(manifest["features"])
+        #: Readings per feature window (``daemon.devices``); 1 = the model sees raw readings.
+        self.window: int = int(manifest.get("window", 1))
+        #: The model's inputs: ``features`` themselves, or their windowed statistics.
+        self.model_features: tuple[str, ...] = derived_names(self.features, self.window)
         self.version: str = str(manifest["model_version"])
         self.default_detector: str = str(manifest.get("default_detector", ENSEMBLE))
         self.detector_names: tuple[str, ...] = (*members, ENSEMBLE)
@@ -69,10 +76,12 @@ class ModelBundle:
         center: np.ndarray | None = None,
         scale: np.ndarray | None = None,
     ) -> BatchScores:
-        """Score raw readings (n, d) in ``features`` order; center/scale (n, d) per row."""
+        """Score model inputs (n, D) in ``model_features`` order (the raw readings when
+        ``window`` is 1); center/scale (n, D) per row."""
         calibration = self._calibrations[detector]  # KeyError for an unknown detector
-        if x.ndim != 2 or x.shape[1] != len(self.features):
-            raise ValueError(f"expected shape (n, {len(self.features)}), got {x.shape}")
+        width = len(self.model_features)
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"expected shape (n, {width}), got {x.shape}")
         z = self._preprocessor.transform(x, center=center, scale=scale)
         members: dict[str, np.ndarray] | None = None
         if detector == ENSEMBLE:
@@ -100,7 +109,7 @@ class ModelBundle:
     ) -> Explanation:
         """Explain one row; pass the row's center/scale if it was scored against a baseline."""
         return explain_reading(
-            self.features,
+            self.model_features,
             values,
             zscores,
             self.mean if center is None else center,
@@ -133,15 +142,37 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_not_writable_by_others(path: Path) -> None:
+    """Refuse a file or directory that users other than us (or root) could have altered.
+
+    A checksum in a manifest that others can rewrite proves nothing, so the directory, the
+    manifest and every artifact must be owned by this user or root, and writable by no one
+    else (group write is accepted only for this process's own group).
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: {exc.strerror}") from exc
+    if st.st_uid not in (0, os.geteuid()):
+        raise ModelLoadError(f"{path}: owned by uid {st.st_uid}, not by this user or root")
+    if st.st_mode & stat.S_IWOTH:
+        raise ModelLoadError(f"{path}: writable by every user; run chmod o-w on it")
+    if st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid():
+        raise ModelLoadError(f"{path}: writable by group {st.st_gid}; run chmod g-w on it")
+
+
 def verify_artifacts(model_dir: Path, manifest: dict[str, Any]) -> None:
-    """Check every listed artifact's SHA-256 and refuse unlisted pickles."""
+    """Check permissions and every listed artifact's SHA-256; refuse unlisted pickles."""
     listed: dict[str, str] = manifest["artifacts"]
+    check_not_writable_by_others(model_dir)
+    check_not_writable_by_others(model_dir / MANIFEST)
     for name, expected in listed.items():
         if Path(name).name != name or name in {"", ".", ".."}:
             raise ModelLoadError(f"artifact {name!r}: must be a plain file name")
         path = model_dir / name
         if not path.is_file():
             raise ModelLoadError(f"artifact {name}: missing from {model_dir}")
+        check_not_writable_by_others(path)
         actual = sha256_file(path)
         if actual != expected:
             raise ModelLoadError(
@@ -159,7 +190,8 @@ def load_bundle(model_dir: Path) -> ModelBundle:
     if manifest["preprocessor"] not in listed:
         raise ModelLoadError(f"preprocessor {manifest['preprocessor']}: not a listed artifact")
     preprocessor = StandardScaler.load(model_dir / manifest["preprocessor"])
-    if preprocessor.mean.shape != (len(manifest["features"]),):
+    width = len(derived_names(manifest["features"], int(manifest.get("window", 1))))
+    if preprocessor.mean.shape != (width,):
         raise ModelLoadError("preprocessor width does not match the manifest's features")
     members: dict[str, Detector] = {}
     for kind in MEMBER_TYPES:

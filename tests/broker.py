@@ -46,10 +46,15 @@ class Broker:
     port: int = field(default_factory=free_port)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="anomalyd-mq-")))
     extra_conf: str = ""
+    conf: Path = CONF
+    # Literal replacements in the configuration (e.g. the secure config's certificate dir).
+    substitutions: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
-        text = CONF.read_text()
+        text = self.conf.read_text()
+        for old, new in self.substitutions.items():
+            text = text.replace(old, new)
         text = re.sub(r"^listener .*$", f"listener {self.port} {self.host}", text, flags=re.M)
         text = re.sub(
             r"^persistence_location .*$", f"persistence_location {self.workdir}/", text, flags=re.M

@@ -213,3 +213,11 @@ def test_scaler_json_round_trip_and_std_floor(tmp_path: Path) -> None:
 def test_wrong_width_is_refused(model_bundle: ModelBundle) -> None:
     with pytest.raises(ValueError, match=r"\(n, 6\)"):
         model_bundle.score(np.zeros((2, 5)), "ensemble")
+
+
+@pytest.mark.parametrize("target", ["dir", "manifest.json", "lof.joblib"])
+def test_model_files_writable_by_others_are_refused(model_copy: Path, target: str) -> None:
+    path = model_copy if target == "dir" else model_copy / target
+    path.chmod(path.stat().st_mode | 0o002)
+    with pytest.raises(ModelLoadError, match="writable by every user"):
+        load_bundle(model_copy)

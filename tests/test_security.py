@@ -1,0 +1,324 @@
+"""Secure by default: TLS, credentials, topic ACLs, rate limits, tokens, no leaked secrets.
+
+A Mosquitto is started with the repo's secure configuration (mosquitto/secure/) and
+certificates made in the test session by scripts/dev-certs.sh.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import SecretStr
+
+from daemon.config import HttpConfig, LimitsConfig, ModelConfig, MqttConfig, Settings, TlsConfig
+from daemon.errors import BrokerError
+from daemon.metrics import Metrics
+from daemon.models import load_bundle
+from daemon.service import Service
+from tests.broker import REPO, Broker, free_port, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+SECURE = REPO / "mosquitto" / "secure"
+NORMAL = {"temperature": 45.3, "vibration": 2.8, "pressure": 6.5, "flow_rate": 152.0,
+          "current": 87.5, "duty_cycle": 0.75}
+
+
+def make_certs(*extra_env: tuple[str, str]) -> Path:
+    # Not under pytest's tmp_path: mosquitto runs as its own user and must reach the files.
+    out = Path(tempfile.mkdtemp(prefix="anomalyd-certs-"))
+    out.chmod(0o755)
+    env = dict(os.environ, **dict(extra_env))
+    subprocess.run([str(REPO / "scripts" / "dev-certs.sh"), str(out), "pump-001", "pump-002"],
+                   check=True, env=env, capture_output=True)
+    if os.geteuid() == 0 and shutil.which("mosquitto"):
+        # mosquitto drops to its own user: it must be able to read its files.
+        for p in [out, *out.iterdir()]:
+            shutil.chown(p, user="mosquitto")
+    return out
+
+
+def secure_broker(certs: Path) -> Broker:
+    return Broker(conf=SECURE / "mosquitto.conf", substitutions={
+        "/mosquitto/certs/": f"{certs}/", "/mosquitto/config/acl": str(SECURE / "acl"),
+        "/mosquitto/data/": "PERSISTENCE/",
+    }).start()
+
+
+@pytest.fixture(scope="module")
+def certs() -> Iterator[Path]:
+    out = make_certs()
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sbroker(certs: Path) -> Iterator[Broker]:
+    b = secure_broker(certs)
+    yield b
+    b.stop()
+
+
+def password(certs: Path, user: str) -> str:
+    return (certs / f"{user}.password").read_text()
+
+
+def tls_mqtt(b: Broker, certs: Path, user: str | None, secret: str | None = None,
+             ca: Path | None = None, **kw: Any) -> MqttConfig:
+    return MqttConfig(
+        host="localhost", port=b.port, client_id=f"sec-{user}-{free_port()}",
+        username=user, password=SecretStr(secret) if secret else None,
+        tls=TlsConfig(enabled=True, ca_file=ca or certs / "ca.crt"), connect_timeout_s=5, **kw,
+    )
+
+
+def settings(mqtt: MqttConfig, model_dir: Path, **kw: Any) -> Settings:
+    return Settings(mqtt=mqtt, http=HttpConfig(port=0), model=ModelConfig(dir=model_dir), **kw)
+
+
+@pytest.fixture
+def run_daemon(trained_model_dir: Path) -> Iterator[Callable[[Settings], Service]]:
+    started: list[Service] = []
+    bundle = load_bundle(trained_model_dir)
+
+    def start(s: Settings) -> Service:
+        svc = Service(s, bundle, Metrics())
+        svc.start()
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        if svc.mqtt.loop_alive:
+            svc.shutdown()
+
+
+class Client:
+    """A TLS test client logged in as one user, collecting what it receives."""
+
+    def __init__(self, b: Broker, certs: Path, user: str):
+        self.got: list[tuple[str, bytes]] = []
+        self.cond = threading.Condition()
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.c.username_pw_set(user, password(certs, user))
+        self.c.tls_set(ca_certs=str(certs / "ca.crt"))
+        self.suback: list[Any] = []
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = lambda c, u, mid, codes, props: self.suback.extend(codes)
+        connected = threading.Event()
+        self.c.on_connect = lambda *a: connected.set()
+        self.c.connect("localhost", b.port, 30)
+        self.c.loop_start()
+        assert connected.wait(5)
+
+    def _on_message(self, c: Any, u: Any, msg: paho.MQTTMessage) -> None:
+        with self.cond:
+            self.got.append((msg.topic, bytes(msg.payload)))
+            self.cond.notify_all()
+
+    def wait(self, pred: Callable[[str, bytes], bool], timeout: float = 10) -> tuple[str, bytes]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for t, p in self.got:
+                    if pred(t, p):
+                        return t, p
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"not received; got topics {[t for t, _ in self.got]}")
+                self.cond.wait(left)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+@pytest.fixture
+def client(sbroker: Broker, certs: Path) -> Iterator[Callable[[str], Client]]:
+    made: list[Client] = []
+
+    def make(user: str) -> Client:
+        c = Client(sbroker, certs, user)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_anonymous_connection_is_refused_with_a_clear_error(
+    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path
+) -> None:
+    with pytest.raises(BrokerError, match="refused the connection"):
+        run_daemon(settings(tls_mqtt(sbroker, certs, None), trained_model_dir))
+
+
+def test_wrong_password_is_refused_with_a_clear_error(
+    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path
+) -> None:
+    with pytest.raises(BrokerError, match="refused the connection"):
+        run_daemon(settings(tls_mqtt(sbroker, certs, "anomalyd", "wrong"), trained_model_dir))
+
+
+def test_unknown_ca_is_refused_with_a_clear_error(
+    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    other = make_certs()
+    mqtt = tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd"),
+                    ca=other / "ca.crt")
+    with pytest.raises(BrokerError, match="certificate was rejected"):
+        run_daemon(settings(mqtt, trained_model_dir))
+
+
+def test_expired_broker_certificate_is_refused_with_a_clear_error(
+    run_daemon: Any, trained_model_dir: Path, tmp_path: Path
+) -> None:
+    expired = make_certs(("SERVER_CERT_DAYS", "-1"))
+    b = secure_broker(expired)
+    try:
+        mqtt = tls_mqtt(b, expired, "anomalyd", password(expired, "anomalyd"))
+        with pytest.raises(BrokerError, match="expired"):
+            run_daemon(settings(mqtt, trained_model_dir))
+    finally:
+        b.stop()
+
+
+def test_daemon_runs_over_tls_and_devices_are_confined_to_their_own_topic(
+    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path, client: Any
+) -> None:
+    run_daemon(settings(tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd")),
+                        trained_model_dir))
+    alerts = client("alerts")
+    alerts.c.subscribe("anomaly/#", qos=1)
+    pump1 = client("pump-001")
+    # Impersonation first, then its own reading: the broker keeps one client's order, so
+    # once the second verdict is in, the first would have been judged before it.
+    pump1.c.publish("sensors/pump-002/readings", orjson.dumps({**NORMAL, "seq": 1}), qos=1)
+    pump1.c.publish("sensors/pump-001/readings", orjson.dumps({**NORMAL, "seq": 2}), qos=1)
+    alerts.wait(lambda t, p: t == "anomaly/pump-001/verdict")
+    assert not [t for t, _ in alerts.got if t.startswith("anomaly/pump-002/")]
+
+
+def test_device_cannot_read_other_topics(
+    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path, client: Any
+) -> None:
+    run_daemon(settings(tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd")),
+                        trained_model_dir))
+    spy = client("pump-001")
+    spy.c.subscribe("#", qos=1)
+    alerts = client("alerts")
+    alerts.c.subscribe("anomaly/#", qos=1)
+    time.sleep(0.3)  # let both SUBACKs arrive before anything is published
+    client("pump-002").c.publish("sensors/pump-002/readings", orjson.dumps(NORMAL), qos=1)
+    alerts.wait(lambda t, p: t == "anomaly/pump-002/verdict")
+    time.sleep(0.3)  # anything the spy could receive was sent before the verdict reached us
+    assert spy.got == []
+
+
+def test_flooding_device_is_rate_limited_and_others_are_still_judged(
+    broker: Broker, trained_model_dir: Path, run_daemon: Any, collector_for: Any,
+    publisher_for: Any,
+) -> None:
+    s = Settings(
+        mqtt=MqttConfig(host=broker.host, port=broker.port, client_id=f"rl-{free_port()}"),
+        http=HttpConfig(port=0), model=ModelConfig(dir=trained_model_dir),
+        limits=LimitsConfig(device_rate_per_s=5, device_burst=10),
+    )
+    svc = run_daemon(s)
+    col = collector_for(broker, ["anomaly/#"])
+    pub = publisher_for(broker)
+    t0 = time.monotonic()
+    for seq in range(100):
+        pub.client.publish("sensors/rl-flood/readings", orjson.dumps({**NORMAL, "seq": seq}),
+                           qos=1)
+    for seq in range(5):
+        pub.send("sensors/rl-calm/readings", {**NORMAL, "seq": seq})
+    calm = col.json_on("anomaly/rl-calm/verdict", count=5)
+    assert sorted(v["seq"] for v in calm) == list(range(5))
+
+    def flood_outcomes() -> tuple[list[bytes], list[bytes]]:
+        got = [(t, p) for t, p, _, _ in list(col.messages)]
+        verdicts = [p for t, p in got if t == "anomaly/rl-flood/verdict"]
+        dead = [p for t, p in got if t == "anomaly/dead-letter" and b'"rl-flood"' in p]
+        return verdicts, dead
+
+    deadline = time.monotonic() + 15
+    verdicts, dead = flood_outcomes()
+    while len(verdicts) + len(dead) < 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        verdicts, dead = flood_outcomes()
+    elapsed = time.monotonic() - t0
+    # Each flooding reading got exactly one outcome: a verdict or a rate_limited dead letter.
+    assert len(verdicts) + len(dead) == 100
+    assert all(orjson.loads(p)["reason"] == "rate_limited" for p in dead)
+    assert 10 <= len(verdicts) <= 10 + 5 * elapsed + 1  # burst, then 5 readings/s
+    assert svc.metrics.dead_letters.labels("rate_limited")._value.get() == len(dead)
+
+
+def _get(port: int, path: str, token: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_no_secret_in_info_metrics_or_logs_and_token_guards_http(
+    sbroker: Broker, certs: Path, trained_model_dir: Path, tmp_path: Path
+) -> None:
+    secret = password(certs, "anomalyd")
+    token = "tok-" + os.urandom(8).hex()
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    http_port = free_port()
+    env = dict(os.environ, MQTT_HOST="localhost", MQTT_PORT=str(sbroker.port),
+               MQTT_USERNAME="anomalyd", MQTT_PASSWORD=secret, MQTT_TLS="true",
+               MQTT_CA_FILE=str(certs / "ca.crt"), MODEL_DIR=str(trained_model_dir),
+               HEALTH_PORT=str(http_port), HEALTH_TOKEN_FILE=str(token_file),
+               MQTT_CLIENT_ID=f"sec-logs-{http_port}", LOG_LEVEL="DEBUG")
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_port("127.0.0.1", http_port, timeout=30)
+        deadline = time.monotonic() + 30
+        while _get(http_port, "/ready", token)[0] != 200:
+            assert time.monotonic() < deadline, "daemon never became ready"
+            time.sleep(0.1)
+        assert _get(http_port, "/health")[0] == 200  # liveness needs no token
+        for path in ("/metrics", "/info", "/models", "/ready"):
+            assert _get(http_port, path)[0] == 401
+            assert _get(http_port, path, "wrong")[0] == 401
+        bodies = [_get(http_port, p, token) for p in ("/metrics", "/info", "/models")]
+        assert all(status == 200 for status, _ in bodies)
+        for _, body in bodies:
+            assert secret.encode() not in body
+            assert token.encode() not in body
+            assert str(token_file).encode() not in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    logs = out + err
+    assert b"broker_connected" in logs  # the logs were captured at all
+    assert secret.encode() not in logs
+    assert token.encode() not in logs
