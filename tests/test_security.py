@@ -278,7 +278,7 @@ def _get(port: int, path: str, token: str | None = None) -> tuple[int, bytes]:
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 (http on loopback)
+        with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
