@@ -6,6 +6,7 @@
 # (for mutual TLS), passwd (Mosquitto password file) and one <user>.password file per user
 # (anomalyd, alerts, and each DEVICE; default devices pump-001 pump-002 pump-003).
 # Development only: the CA key sits beside the certificates. Never commit OUTDIR.
+# CERTS_FOR_CONTAINERS=1 makes keys and passwords readable by the containers' users.
 set -euo pipefail
 out=${1:-mosquitto/secure/certs}
 shift || true
@@ -42,4 +43,9 @@ for user in anomalyd alerts "${devices[@]}"; do
   "$passwd_bin" -b passwd "$user" "$pw"
 done
 chmod 644 ca.crt server.crt client.crt
+if [ "${CERTS_FOR_CONTAINERS:-0}" = 1 ]; then
+  # docker compose: the broker and the daemon run as their own users in their containers
+  # and must read the keys and password files. Development only.
+  chmod 644 server.key client.key passwd ./*.password
+fi
 echo "done: users anomalyd, alerts, ${devices[*]} (passwords in $out/<user>.password)" >&2
