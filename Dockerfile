@@ -3,7 +3,8 @@
 # TensorFlow to fit the autoencoder). Both run as a non-root user.
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin anomalyd
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin anomalyd \
+ && mkdir -p /app/models && chown anomalyd /app/models
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY daemon ./daemon
@@ -16,7 +17,7 @@ ENTRYPOINT ["anomalyd"]
 CMD ["train"]
 
 FROM base AS runtime
-RUN pip install . && mkdir -p /app/models && chown anomalyd /app/models
+RUN pip install .
 USER anomalyd
 ENV HEALTH_HOST=0.0.0.0 HEALTH_PORT=8000 MODEL_DIR=/app/models
 EXPOSE 8000
