@@ -2,7 +2,9 @@
 
 Each row of a CSV (or each line of a JSON-lines file) becomes the payload the device would
 have published, and goes through the same decoder and pipeline, so a backtest gives the
-verdicts the daemon would have published for the same stream.
+verdicts the daemon would have published for the same stream: each device starts with no
+saved state, warms up over its first ``[baseline] warmup_readings`` rows and keeps its own
+feature window, exactly as in the daemon.
 """
 
 from __future__ import annotations
@@ -46,11 +48,20 @@ def _rows(path: Path) -> Iterator[tuple[str | None, bytes]]:
             for k, v in rec.items():
                 if k is None or v is None:
                     continue
-                try:
-                    body[k] = float(v)
-                except ValueError:
-                    body[k] = v
+                body[k] = _cell(v)
             yield device, orjson.dumps(body)
+
+
+def _cell(text: str) -> int | float | str:
+    """A CSV cell as the JSON value a device would have sent: int, float or string."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def score_file(
@@ -65,7 +76,8 @@ def score_file(
     )
     pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
                         detector or settings.model.default_detector,
-                        settings.limits.max_payload_bytes)
+                        settings.limits.max_payload_bytes,
+                        warmup=settings.baseline.warmup_readings)
     counts = {"readings": 0, "anomalies": 0, "rejected": 0}
     chunk: list[RawMessage] = []
 

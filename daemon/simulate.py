@@ -39,8 +39,7 @@ def simulate(
         for i in range(devices)
     ]
     cfg = settings.mqtt
-    client = connect_tool_client(cfg, f"anomalyd-sim-{rng.randrange(10**6)}")
-    client.max_inflight_messages_set(200)
+    client = connect_tool_client(cfg, f"anomalyd-sim-{rng.randrange(10**6)}", max_inflight=200)
     client.loop_start()
     interval = 1.0 / rate
     seqs = [0] * devices

@@ -13,7 +13,9 @@ from daemon.errors import BrokerError
 from daemon.tls import client_context, describe_failure
 
 
-def connect_tool_client(cfg: MqttConfig, client_id: str = "") -> paho.Client:
+def connect_tool_client(
+    cfg: MqttConfig, client_id: str = "", max_inflight: int | None = None
+) -> paho.Client:
     """A connected (not yet looping) paho client; BrokerError if the broker is unreachable."""
     client = paho.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -23,6 +25,8 @@ def connect_tool_client(cfg: MqttConfig, client_id: str = "") -> paho.Client:
         client.username_pw_set(cfg.username, cfg.secret())
     if cfg.tls.enabled:
         client.tls_set_context(client_context(cfg.tls))
+    if max_inflight is not None:
+        client.max_inflight_messages_set(max_inflight)  # only possible before connecting
     try:
         client.connect(cfg.host, cfg.port, 30)
     except ssl.SSLError as exc:

@@ -1,0 +1,134 @@
+"""The command line: clear messages and exit codes, offline scoring, the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.broker import REPO, Broker
+
+NORMAL = {"temperature": 45.3, "vibration": 2.8, "pressure": 6.5, "flow_rate": 152.0,
+          "current": 87.5, "duty_cycle": 0.75}
+ANOMALOUS = {"temperature": 78.5, "vibration": 12.4, "pressure": 4.2, "flow_rate": 98.0,
+             "current": 125.0, "duty_cycle": 0.95}
+
+
+def anomalyd(*args: str, env: dict[str, str] | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=REPO,
+                          env=dict(os.environ, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_check_config_prints_the_effective_configuration_with_secrets_masked() -> None:
+    res = anomalyd("check-config", env={"MQTT_PASSWORD": "pw-123456", "MQTT_USERNAME": "u",
+                                        "MQTT_PORT": "1999"})
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads(res.stdout)
+    assert cfg["mqtt"]["port"] == 1999
+    assert cfg["mqtt"]["password"] == "********"
+    assert "pw-123456" not in res.stdout + res.stderr
+
+
+def test_check_config_rejects_a_typo_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[batch]\nmax_batch_sise = 10\n")
+    res = anomalyd("--config", str(bad), "check-config")
+    assert res.returncode == 2
+    assert "batch.max_batch_sise" in res.stderr
+
+
+def test_bad_arguments_exit_2() -> None:
+    res = anomalyd("train", "--rows", "many")
+    assert res.returncode == 2
+    assert "invalid int value" in res.stderr
+
+
+def test_train_refuses_to_replace_a_model_set_without_force(trained_model_dir: Path) -> None:
+    res = anomalyd("train", "--out", str(trained_model_dir))
+    assert res.returncode == 2
+    assert "--force" in res.stderr
+
+
+def test_train_on_a_broken_csv_names_the_problem(tmp_path: Path) -> None:
+    data = tmp_path / "broken.csv"
+    data.write_text("temperature;vibration\n45.1;2.8\n45.2;oops\n")
+    res = anomalyd("train", "--data", str(data), "--out", str(tmp_path / "m"))
+    assert res.returncode == 2
+    assert "vibration" in res.stderr
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_score_a_csv_offline_writes_one_verdict_per_row(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "stream.csv"
+    cols = list(NORMAL)
+    rows = [NORMAL, ANOMALOUS, NORMAL]
+    data.write_text(";".join(["seq", *cols]) + "\n" + "\n".join(
+        ";".join([str(i), *(str(r[c]) for c in cols)]) for i, r in enumerate(rows)) + "\n")
+    out = tmp_path / "verdicts.jsonl"
+    res = anomalyd("score", str(data), "--out", str(out),
+                   env={"MODEL_DIR": str(trained_model_dir)})
+    assert res.returncode == 0, res.stderr
+    verdicts = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [v["is_anomaly"] for v in verdicts] == [False, True, False]
+    assert [v["seq"] for v in verdicts] == [0, 1, 2]
+    assert "vibration" in verdicts[1]["explanation"]
+    assert "3 readings: 1 anomalies, 0 rejected" in res.stderr
+
+
+def test_score_json_lines_dead_letters_bad_lines_and_keeps_going(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "stream.jsonl"
+    data.write_text("\n".join([orjson.dumps({**NORMAL, "device_id": "p1"}).decode(),
+                               '{"temperature": "hot"}',
+                               orjson.dumps(ANOMALOUS).decode()]) + "\n")
+    res = anomalyd("score", str(data), env={"MODEL_DIR": str(trained_model_dir)})
+    assert res.returncode == 0, res.stderr
+    out = [json.loads(line) for line in res.stdout.splitlines()]
+    assert out[0]["device_id"] == "p1"
+    assert out[0]["is_anomaly"] is False
+    assert out[1]["reason"] in {"missing_feature", "non_numeric_feature"}
+    assert out[2]["is_anomaly"] is True
+
+
+def test_simulate_publishes_readings_the_daemon_accepts(
+    broker: Broker, collector_for: Any, trained_model_dir: Path
+) -> None:
+    col = collector_for(broker, ["sensors/+/readings"])
+    res = anomalyd("simulate", "--devices", "3", "--rate", "20", "--duration", "1.5",
+                   "--fault-rate", "0.2", "--seed", "7",
+                   env={"MQTT_HOST": broker.host, "MQTT_PORT": str(broker.port)})
+    assert res.returncode == 0, res.stderr
+    got = col.wait_for(lambda t, p: True, count=60)
+    devices = {t.split("/")[1] for t, _ in got}
+    assert devices == {"pump-001", "pump-002", "pump-003"}
+    from daemon.models import load_bundle
+    from daemon.readings import Decoder
+
+    bundle = load_bundle(trained_model_dir)
+    decoder = Decoder(bundle.features, bundle.detector_names)
+    decoded = [decoder.decode(t, p, 0.0) for t, p in got]
+    assert all(d.readings and not d.rejections for d in decoded)
+
+
+def test_simulate_without_a_broker_exits_3() -> None:
+    from tests.broker import free_port
+
+    res = anomalyd("simulate", "--duration", "1", env={"MQTT_PORT": str(free_port())})
+    assert res.returncode == 3
+    assert "cannot reach broker" in res.stderr
+
+
+@pytest.mark.parametrize("args", [["--devices", "0"], ["--rate", "0"]])
+def test_simulate_rejects_nonsense(args: list[str]) -> None:
+    assert anomalyd("simulate", *args).returncode == 2
