@@ -1,0 +1,1 @@
+"""Benchmark harness for issue 5: ``python -m bench.run`` (see BENCHMARKS.md)."""
