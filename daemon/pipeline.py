@@ -19,7 +19,9 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
+from daemon.alerts import AlertEvent, AlertTracker
 from daemon.config import AlertConfig, TopicsConfig
+from daemon.devices import DeviceTracker, Observation
 from daemon.models import BatchScores, ModelBundle
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoded, Decoder, Reading, Rejection
@@ -40,6 +42,7 @@ class Outbound:
     kind: OutKind
     topic: str
     payload: bytes
+    retain: bool = False  # alert states are retained: a new subscriber sees the last one
 
 
 @dataclass(slots=True)
@@ -55,6 +58,8 @@ class Judgement:
     margin: float
     members: dict[str, float] | None
     explanation: dict[str, Any] | None = None
+    warming_up: bool = False
+    alert: AlertEvent | None = None  # the alert transition this verdict caused
 
 
 @dataclass(slots=True)
@@ -96,8 +101,15 @@ class Pipeline:
         default_detector: str | None = None,
         max_payload_bytes: int = 65536,
         limiter: DeviceRateLimiter | None = None,
+        warmup: int = 0,
     ) -> None:
         self.bundle = bundle
+        # Per-device state: feature windows and warm-up baselines, then alert states. Both
+        # are fed in arrival order, so micro-batch boundaries never change a verdict.
+        self.devices = DeviceTracker(
+            len(bundle.features), bundle.window, warmup, bundle.mean, bundle.std
+        )
+        self.alert_states = AlertTracker(alerts.raise_after, alerts.window, alerts.resolve_after)
         self.decoder = decoder
         self.topics = topics
         self.alerts = alerts
@@ -115,15 +127,18 @@ class Pipeline:
         """Score readings grouped by detector; results in the order given."""
         groups: dict[str, list[int]] = {}
         default = self.default_detector
+        observed = [self.devices.observe(r.device_id, r.values) for r in readings]
         for i, r in enumerate(readings):
             groups.setdefault(r.model_name or default, []).append(i)
         out: list[Judgement | None] = [None] * len(readings)
         for detector, idx in groups.items():
-            X = np.array([readings[i].values for i in idx], dtype=np.float64)
+            X = np.array([observed[i].row for i in idx], dtype=np.float64)
+            center = np.array([observed[i].center for i in idx], dtype=np.float64)
+            scale = np.array([observed[i].scale for i in idx], dtype=np.float64)
             t0 = time.perf_counter()
-            scored = self.bundle.score(X, detector)
+            scored = self.bundle.score(X, detector, center=center, scale=scale)
             elapsed = time.perf_counter() - t0
-            n_anom = self._collect(scored, readings, idx, out)
+            n_anom = self._collect(scored, readings, observed, idx, out)
             stats.by_detector[detector] = (len(idx), n_anom, elapsed)
         return [j for j in out if j is not None]
 
@@ -131,6 +146,7 @@ class Pipeline:
         self,
         s: BatchScores,
         readings: Sequence[Reading],
+        observed: Sequence[Observation],
         idx: list[int],
         out: list[Judgement | None],
     ) -> int:
@@ -157,15 +173,41 @@ class Pipeline:
                 confidence=conf[row],
                 margin=margins[row],
                 members={k: v[row] for k, v in members.items()} if members else None,
+                warming_up=observed[i].warming_up,
             )
             if j.is_anomaly:
                 n_anom += 1
-                exp = self.bundle.explain(
-                    np.asarray(readings[i].values, dtype=np.float64), s.zscores[row]
-                )
+                o = observed[i]
+                # deviations from the device's own baseline once it has one
+                exp = self.bundle.explain(o.row, s.zscores[row], center=o.center, scale=o.scale)
                 j.explanation = _as_dict(exp)
             out[i] = j
         return n_anom
+
+    # -- per-device state --------------------------------------------------------------
+
+    def state_schema(self) -> dict[str, Any]:
+        """What saved device state must match to be reused with this model."""
+        return {"features": list(self.bundle.features), "window": self.bundle.window}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Windows, baselines and alert states as plain data (``daemon.state`` saves it)."""
+        return {"devices": self.devices.to_json(), "alerts": self.alert_states.to_json()}
+
+    def restore(self, snapshot: dict[str, Any]) -> int:
+        """Reload a snapshot; returns the number of devices. ValueError/KeyError if bad."""
+        devices = DeviceTracker(
+            self.devices.n_features, self.devices.window, self.devices.warmup,
+            self.devices.global_center, self.devices.global_scale,
+        )
+        alerts = AlertTracker(
+            self.alert_states.raise_after, self.alert_states.window,
+            self.alert_states.resolve_after,
+        )
+        n = devices.restore(snapshot["devices"])
+        alerts.restore(snapshot["alerts"])
+        self.devices, self.alert_states = devices, alerts  # all or nothing
+        return n
 
     # -- whole micro-batch -------------------------------------------------------------
 
@@ -181,9 +223,13 @@ class Pipeline:
         judged = self.judge(readings, stats) if readings else []
         stats.readings = len(judged)
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
-        stats.alert_severities = [
-            severity(j.margin, self.alerts) for j in judged if j.is_anomaly
-        ]
+        for j in judged:
+            sev = severity(j.margin, self.alerts)
+            j.alert = self.alert_states.observe(
+                j.reading.device_id, j.is_anomaly, sev, j.margin, j.reading.timestamp
+            )
+            if j.alert is not None and j.alert.transition != "resolved":
+                stats.alert_severities.append(sev)
         scored_at = iso(now)
         outputs: list[list[Outbound]] = []
         pos = 0
@@ -245,6 +291,7 @@ class Pipeline:
             "timestamp": iso(r.timestamp),
             "scored_at": scored_at,
             "explanation": j.explanation["text"] if j.explanation else NORMAL_TEXT,
+            "warming_up": j.warming_up,
         }
         if r.seq is not None:
             v["seq"] = r.seq
@@ -256,33 +303,43 @@ class Pipeline:
             v["detector_scores"] = j.members
         return v
 
-    def _alert(self, j: Judgement, scored_at: str) -> Outbound:
+    def _alert(self, j: Judgement, event: AlertEvent, scored_at: str) -> Outbound:
+        """The device's new alert state (retained), caused by verdict ``j``."""
         r = j.reading
-        sev = severity(j.margin, self.alerts)
         body: dict[str, Any] = {
             "device_id": r.device_id,
             "key": r.key,
-            "severity": sev,
+            "state": event.transition,
+            "active": event.transition != "resolved",
+            "severity": event.severity,
             "anomaly_score": j.score,
             "threshold": j.threshold,
             "confidence": j.confidence,
             "model_used": j.detector,
             "timestamp": iso(r.timestamp),
-            "raised_at": scored_at,
+            "raised_at": iso(event.raised_at),
+            "published_at": scored_at,
+            "anomalous_in_window": event.anomalous_in_window,
+            "window": self.alerts.window,
+            "peak_margin": event.peak_margin,
+            "warming_up": j.warming_up,
             "explanation": j.explanation["text"] if j.explanation else NORMAL_TEXT,
             "contributions": j.explanation["contributions"] if j.explanation else [],
         }
+        if event.transition == "resolved":
+            body["resolved_at"] = iso(r.timestamp)
         if r.seq is not None:
             body["seq"] = r.seq
         if r.index is not None:
             body["index"] = r.index
-        return Outbound("alert", self._alert_topic(r.device_id), orjson.dumps(body))
+        topic = self._alert_topic(r.device_id)
+        return Outbound("alert", topic, orjson.dumps(body), retain=True)
 
     def _single_outputs(self, j: Judgement, scored_at: str) -> list[Outbound]:
         topic = self._verdict_prefix + j.reading.device_id + self._verdict_suffix
         outs = [Outbound("verdict", topic, orjson.dumps(self.verdict_dict(j, scored_at)))]
-        if j.is_anomaly:
-            outs.append(self._alert(j, scored_at))
+        if j.alert is not None:
+            outs.append(self._alert(j, j.alert, scored_at))
         return outs
 
     def _batch_outputs(self, d: Decoded, judged: list[Judgement], scored_at: str) -> list[Outbound]:
@@ -295,6 +352,7 @@ class Pipeline:
                 "anomaly_score": j.score,
                 "confidence": j.confidence,
                 "timestamp": iso(j.reading.timestamp),
+                "warming_up": j.warming_up,
             }
             if j.reading.seq is not None:
                 p["seq"] = j.reading.seq
@@ -317,7 +375,7 @@ class Pipeline:
         }
         topic = self._verdict_prefix + device + self._verdict_suffix
         outs = [Outbound("verdict", topic, orjson.dumps(body))]
-        outs.extend(self._alert(j, scored_at) for j in judged if j.is_anomaly)
+        outs.extend(self._alert(j, j.alert, scored_at) for j in judged if j.alert is not None)
         return outs
 
     def _alert_topic(self, device_id: str) -> str:

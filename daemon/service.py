@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__
+from daemon import __version__, state
 from daemon.acks import Inbound
 from daemon.batching import next_batch
 from daemon.config import Settings
@@ -71,8 +71,10 @@ class Service:
         )
         self.pipeline = Pipeline(
             bundle, self.decoder, s.topics, s.alerts, s.model.default_detector,
-            s.limits.max_payload_bytes, limiter,
+            s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings,
         )
+        self.state_path = state.state_file(s.state.dir, worker_index)
+        self._state_saved_at = time.monotonic()
         # Never smaller than the broker's in-flight window, so the network thread never
         # finds it full (it must not block: it also carries the PUBACKs we wait for).
         self.queue: queue.Queue[Inbound] = queue.Queue(
@@ -119,6 +121,7 @@ class Service:
                 self.metrics.queue_depth.set(self.queue.qsize())
                 if batch:
                     self._handle(batch)
+                    self._save_state_every(self.settings.state.save_interval_s)
                 elif self._stopping.is_set():
                     return
         except Exception as exc:
@@ -139,7 +142,9 @@ class Service:
         stop = self._forced.is_set
         for msg, outs in zip(batch, outputs, strict=True):
             for out in outs:
-                if not self.mqtt.publish(out.topic, out.payload, msg, should_stop=stop):
+                if not self.mqtt.publish(
+                    out.topic, out.payload, msg, retain=out.retain, should_stop=stop
+                ):
                     return
             self.mqtt.acks.release(msg)
         self._record(stats, time.perf_counter() - t0)
@@ -175,7 +180,32 @@ class Service:
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    def _restore_state(self) -> None:
+        try:
+            snapshot = state.load(self.state_path, self.pipeline.state_schema())
+            devices = 0 if snapshot is None else self.pipeline.restore(snapshot)
+        except (state.StateError, ValueError, KeyError, TypeError) as exc:
+            # Starting fresh costs every device a new warm-up; refusing to start would
+            # cost all verdicts. The old file is kept until the first save replaces it.
+            log.warning("state_discarded", path=str(self.state_path), error=str(exc))
+            return
+        log.info("state_restored", path=str(self.state_path), devices=devices)
+
+    def save_state(self) -> None:
+        """Write per-device state now (scorer thread, or after it stopped)."""
+        try:
+            state.save(self.state_path, self.pipeline.state_schema(), self.pipeline.snapshot())
+        except OSError:
+            log.exception("state_save_failed", path=str(self.state_path))
+            self.metrics.callback_errors.labels("state").inc()
+        self._state_saved_at = time.monotonic()
+
+    def _save_state_every(self, interval_s: float) -> None:
+        if time.monotonic() - self._state_saved_at >= interval_s:
+            self.save_state()
+
     def start(self) -> None:
+        self._restore_state()
         self.http.start()
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)
         try:
@@ -226,6 +256,8 @@ class Service:
         left = {"queued": self.queue.qsize(), "awaiting_broker": len(self.mqtt.window),
                 "unacked_inputs": len(self.mqtt.acks)}
         clean = not self._worker.is_alive() and not any(left.values())
+        if not self._worker.is_alive():  # else the scorer may still be changing the state
+            self.save_state()
         self.mqtt.stop(max(1.0, deadline - time.monotonic()))
         self.http.stop()
         if clean:

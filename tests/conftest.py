@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from daemon.config import HttpConfig, ModelConfig, MqttConfig, Settings
+from daemon.config import HttpConfig, ModelConfig, MqttConfig, Settings, StateConfig
 from daemon.metrics import Metrics
 from daemon.models import load_bundle
 from daemon.service import Service
@@ -60,6 +61,8 @@ def make_settings(b: Broker, model_dir: Path, **mqtt: Any) -> Settings:
         ),
         http=HttpConfig(port=0),
         model=ModelConfig(dir=model_dir),
+        # never the repository's state/: each daemon starts without saved device state
+        state=StateConfig(dir=Path(tempfile.mkdtemp(prefix="anomalyd-state-"))),
     )
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
+from daemon.config import AlertConfig, Settings
 from tests.broker import REPO, Broker, free_port, wait_for_port
 from tests.conftest import make_settings
 
@@ -38,6 +40,11 @@ ANOMALOUS = {
     "current": 125.0,
     "duty_cycle": 0.95,
 }
+
+
+def _alert_at_once(settings: Settings) -> Settings:
+    """Alert on the first anomalous verdict (the default waits for 3 of the last 5)."""
+    return settings.model_copy(update={"alerts": AlertConfig(raise_after=1, window=1)})
 
 
 def http_get(port: int, path: str) -> tuple[int, Any]:
@@ -63,9 +70,13 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_normal_and_anomalous_readings_get_verdicts_and_one_alert(
-    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any
+    broker: Broker,
+    start_daemon: Any,
+    trained_model_dir: Path,
+    collector_for: Any,
+    publisher_for: Any,
 ) -> None:
-    start_daemon(broker)
+    start_daemon(broker, _alert_at_once(make_settings(broker, trained_model_dir)))
     col = collector_for(broker, ["anomaly/#"])
     pub = publisher_for(broker)
     pub.send("sensors/e2e-pump-1/readings", {**NORMAL, "seq": 1})
@@ -126,9 +137,13 @@ def test_malformed_payload_is_dead_lettered_and_next_reading_still_judged(
 
 
 def test_batch_message_gets_one_batch_verdict(
-    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any
+    broker: Broker,
+    start_daemon: Any,
+    trained_model_dir: Path,
+    collector_for: Any,
+    publisher_for: Any,
 ) -> None:
-    start_daemon(broker)
+    start_daemon(broker, _alert_at_once(make_settings(broker, trained_model_dir)))
     col = collector_for(broker, ["anomaly/e2e-batch/#"])
     pub = publisher_for(broker)
     readings = [NORMAL, ANOMALOUS, {**NORMAL, "pressure": None}, NORMAL]
@@ -226,6 +241,7 @@ def _daemon_env(b: Broker, model_dir: Path, http_port: int) -> dict[str, str]:
         HEALTH_PORT=str(http_port),
         MQTT_CLIENT_ID=f"anomalyd-sub-{http_port}",
         LOG_LEVEL="INFO",
+        STATE_DIR=tempfile.mkdtemp(prefix="anomalyd-state-"),
     )
     return env
 

@@ -32,6 +32,7 @@ from daemon.detectors import (
     IsolationForestDetector,
     LofDetector,
 )
+from daemon.devices import derived_names, windowed_matrix
 from daemon.errors import TrainingError
 from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, sha256_file
 from daemon.preprocess import StandardScaler
@@ -55,10 +56,22 @@ def train(
     quantile: float = 0.99,
     validation: tuple[NDArray[np.float64], NDArray[np.bool_]] | None = None,
     progress: Progress | None = None,
+    window: int = 1,
+    windowed: bool = False,
 ) -> dict[str, Any]:
-    """Fit every detector on normal rows ``x``, write a model directory, return its manifest."""
+    """Fit every detector on normal rows ``x``, write a model directory, return its manifest.
+
+    With ``window > 1`` the model's inputs are windowed statistics (``daemon.devices``):
+    ``x`` (and the validation rows) are consecutive readings of one device, windowed here,
+    unless ``windowed`` says they already are model inputs.
+    """
     say = progress or (lambda _message: None)
-    x = _checked(x, features)
+    inputs = derived_names(features, window)
+    if not windowed:
+        x = windowed_matrix(_checked(x, features), window)
+        if validation is not None:
+            validation = (windowed_matrix(validation[0], window), validation[1])
+    x = _checked(x, inputs)
     rng = np.random.default_rng(seed)
     order = rng.permutation(x.shape[0])
     n_hold = max(int(HOLDOUT_FRACTION * x.shape[0]), 10)
@@ -86,7 +99,7 @@ def train(
     say("validating")
     x_val, y_val = held, np.zeros(n_hold, dtype=bool)
     if validation is not None:
-        x_val = np.vstack([held, _checked(validation[0], features, min_rows=1)])
+        x_val = np.vstack([held, _checked(validation[0], inputs, min_rows=1)])
         y_val = np.concatenate([y_val, np.asarray(validation[1], dtype=bool)])
     combined, member_scores = ensemble.score(scaler.transform(x_val))
     all_scores = {**member_scores, ENSEMBLE: combined}
@@ -100,11 +113,12 @@ def train(
     manifest = {
         "format_version": FORMAT_VERSION,
         "features": list(features),
+        "window": window,
         "default_detector": ENSEMBLE,
         "training": {
             "source": source,
             "rows": int(x.shape[0]),
-            "fingerprint": fingerprint(x, features),
+            "fingerprint": fingerprint(x, inputs),
             "seed": seed,
             "quantile": quantile,
         },
@@ -148,13 +162,19 @@ def train_csv(
     seed: int = 0,
     quantile: float = 0.99,
     progress: Progress | None = None,
+    window: int = 1,
 ) -> dict[str, Any]:
-    """Train on a CSV's rows; labelled anomalous rows are kept out of fitting and validate."""
+    """Train on a CSV's rows; labelled anomalous rows are kept out of fitting and validate.
+
+    The rows are taken as consecutive readings of one device, windowed before the labelled
+    rows are set aside, exactly as the daemon would have seen them.
+    """
     data = load_csv(path, features)
-    x, validation = data.X, None
+    inputs = windowed_matrix(_checked(data.X, data.features, min_rows=1), window)
+    x, validation = inputs, None
     if data.labels is not None:
-        x = data.X[~data.labels]
-        anomalous = data.X[data.labels]
+        x = inputs[~data.labels]
+        anomalous = inputs[data.labels]
         validation = (anomalous, np.ones(anomalous.shape[0], dtype=bool))
         if progress:
             progress(f"{path.name}: {x.shape[0]} normal rows, {anomalous.shape[0]} labelled")
@@ -167,6 +187,8 @@ def train_csv(
         quantile=quantile,
         validation=validation,
         progress=progress,
+        window=window,
+        windowed=True,
     )
 
 

@@ -1,0 +1,59 @@
+"""Reading and writing the daemon's per-device state file (JSON, never a pickle).
+
+The file is replaced atomically: written beside its final name, flushed to disk, then
+renamed over it, so a crash leaves the previous complete file or the new one. It records
+the model it belongs to: baselines and windows computed for one feature schema or window
+make no sense for another, so a mismatch is refused (the caller logs it and starts fresh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import AnomalydError
+
+FORMAT = 1
+
+
+class StateError(AnomalydError):
+    """The state file is unreadable or belongs to another model schema."""
+
+
+def state_file(directory: Path, worker_index: int | None) -> Path:
+    """One file per worker: with shared subscriptions each worker sees its own devices."""
+    name = "devices.json" if worker_index is None else f"devices-{worker_index}.json"
+    return directory / name
+
+
+def save(path: Path, schema: dict[str, Any], snapshot: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"format": FORMAT, "schema": schema, **snapshot}, separators=(",", ":"))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path, schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved snapshot, or None if there is no file yet."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{path}: unreadable state: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise StateError(f"{path}: unknown state format")
+    if raw.get("schema") != schema:
+        raise StateError(f"{path}: saved for {raw.get('schema')}, the model is {schema}")
+    return raw
