@@ -141,15 +141,13 @@ def test_manifest_describes_training_and_artifacts(trained_model_dir: Path) -> N
     assert [p.name for p in trained_model_dir.parent.iterdir()] == ["default"]
 
 
-def test_retraining_replaces_the_directory_atomically(tmp_path: Path) -> None:
+def test_retraining_leaves_nothing_beside_the_directory(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(300, 2))
     out = tmp_path / "m"
     first = train(x, ["a", "b"], out, source="test", seed=0)
-    (out / "stale.txt").write_text("from the old model")
     second = train(x + 1, ["a", "b"], out, source="test", seed=0)
     assert first["training"]["fingerprint"] != second["training"]["fingerprint"]
-    assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert load_bundle(out).version == second["model_version"]
 
@@ -176,3 +174,22 @@ def test_unusable_training_data_is_refused(
     with pytest.raises(TrainingError, match=message):
         train(x, features, tmp_path / "m", source="test")
     assert not (tmp_path / "m").exists()
+
+
+def test_retraining_replaces_the_model_set_in_place_and_leaves_other_files(
+    tmp_path: Path,
+) -> None:
+    from daemon.models import load_bundle
+    from daemon.training.train import train_default
+
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+    (out / "old-model.joblib").write_bytes(b"not listed by the new manifest")
+    first = train_default(out, rows=600, seed=1)
+    second = train_default(out, rows=600, seed=2)
+    assert first["model_version"] != second["model_version"]
+    assert (out / "README.md").read_text() == "keep me"
+    assert not (out / "old-model.joblib").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    assert load_bundle(out).version == second["model_version"]

@@ -34,7 +34,7 @@ from daemon.detectors import (
 )
 from daemon.devices import derived_names, windowed_matrix
 from daemon.errors import TrainingError
-from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, sha256_file
+from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, PICKLE_SUFFIXES, sha256_file
 from daemon.preprocess import StandardScaler
 from daemon.training.datasets import load_csv
 from daemon.training.synthetic import FEATURES, generate_dataset
@@ -172,7 +172,7 @@ def train_csv(
     data = load_csv(path, features)
     inputs = windowed_matrix(_checked(data.X, data.features, min_rows=1), window)
     x, validation = inputs, None
-    if data.labels is not None:
+    if data.labels is not None and data.labels.any():
         x = inputs[~data.labels]
         anomalous = inputs[data.labels]
         validation = (anomalous, np.ones(anomalous.shape[0], dtype=bool))
@@ -250,12 +250,16 @@ def _write_atomically(
     detectors: Sequence[Detector],
     manifest: dict[str, Any],
 ) -> None:
-    """Build the directory beside ``out_dir`` and rename it into place.
+    """Write into a temporary folder inside ``out_dir``, then move each file into place,
+    the manifest last.
 
-    A reader sees the old model or the complete new one, never a half-written directory.
+    ``out_dir`` itself is never replaced (it may be a mount point, e.g. a container
+    volume) and files that are not the model's are left alone. A reader that loads while
+    files are being moved finds a checksum that does not match and refuses the load;
+    it never loads a mixture.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir))
     try:
         written = [scaler.save(tmp / PREPROCESSOR)]
         for det in detectors:
@@ -270,13 +274,17 @@ def _write_atomically(
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{now:%Y%m%dT%H%M%S%f}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
+        previous = out_dir / MANIFEST
+        if previous.exists():
+            previous.unlink()  # no manifest vouches for a half-replaced set
+        for path in written:
+            os.replace(path, out_dir / path.name)
+        for path in out_dir.iterdir():
+            # A pickle of an older model set that this one does not list would be refused
+            # at load time: remove it.
+            stale = path.suffix in PICKLE_SUFFIXES and path.name not in manifest["artifacts"]
+            if stale and path.is_file():
+                path.unlink()
+        os.replace(tmp / MANIFEST, out_dir / MANIFEST)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
