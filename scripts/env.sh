@@ -16,9 +16,14 @@ ensure_venv() {
     "$py" -m venv "$VENV"
   fi
   if [ ! -e "$stamp" ]; then
-    echo "installing anomalyd[$extras] into $VENV (TensorFlow is large: first run takes a few minutes)" >&2
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]"
+    echo "installing anomalyd[$extras] into $VENV (TensorFlow is large: the first time takes a few minutes)" >&2
+    local log="$VENV/install.log"
+    if ! { "$VENV/bin/python" -m pip install --upgrade pip \
+           && "$VENV/bin/python" -m pip install -e "$ROOT[$extras]"; } > "$log" 2>&1; then
+      tail -30 "$log" >&2
+      echo "installation failed; full log: $log" >&2
+      exit 1
+    fi
     touch "$stamp"
   fi
 }
