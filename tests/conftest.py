@@ -74,8 +74,11 @@ def start_daemon(
     started: list[Service] = []
     bundle = load_bundle(trained_model_dir)
 
-    def start(b: Broker, settings: Settings | None = None, **mqtt: Any) -> Service:
-        svc = Service(settings or make_settings(b, trained_model_dir, **mqtt), bundle, Metrics())
+    def start(b: Broker | None = None, settings: Settings | None = None, **mqtt: Any) -> Service:
+        if settings is None:
+            assert b is not None, "give a broker or complete settings"
+            settings = make_settings(b, trained_model_dir, **mqtt)
+        svc = Service(settings, bundle, Metrics())
         svc.start()
         started.append(svc)
         return svc

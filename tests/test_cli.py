@@ -13,23 +13,28 @@ import orjson
 import pytest
 
 from tests.broker import REPO, Broker
-
-NORMAL = {"temperature": 45.3, "vibration": 2.8, "pressure": 6.5, "flow_rate": 152.0,
-          "current": 87.5, "duty_cycle": 0.75}
-ANOMALOUS = {"temperature": 78.5, "vibration": 12.4, "pressure": 4.2, "flow_rate": 98.0,
-             "current": 125.0, "duty_cycle": 0.95}
+from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
+from tests.conftest_models import NORMAL_READING as NORMAL
 
 
-def anomalyd(*args: str, env: dict[str, str] | None = None,
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=REPO,
-                          env=dict(os.environ, **(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+def anomalyd(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        cwd=REPO,
+        env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_check_config_prints_the_effective_configuration_with_secrets_masked() -> None:
-    res = anomalyd("check-config", env={"MQTT_PASSWORD": "pw-123456", "MQTT_USERNAME": "u",
-                                        "MQTT_PORT": "1999"})
+    res = anomalyd(
+        "check-config",
+        env={"MQTT_PASSWORD": "pw-123456", "MQTT_USERNAME": "u", "MQTT_PORT": "1999"},
+    )
     assert res.returncode == 0, res.stderr
     cfg = json.loads(res.stdout)
     assert cfg["mqtt"]["port"] == 1999
@@ -72,11 +77,14 @@ def test_score_a_csv_offline_writes_one_verdict_per_row(
     data = tmp_path / "stream.csv"
     cols = list(NORMAL)
     rows = [NORMAL, ANOMALOUS, NORMAL]
-    data.write_text(";".join(["seq", *cols]) + "\n" + "\n".join(
-        ";".join([str(i), *(str(r[c]) for c in cols)]) for i, r in enumerate(rows)) + "\n")
+    data.write_text(
+        ";".join(["seq", *cols])
+        + "\n"
+        + "\n".join(";".join([str(i), *(str(r[c]) for c in cols)]) for i, r in enumerate(rows))
+        + "\n"
+    )
     out = tmp_path / "verdicts.jsonl"
-    res = anomalyd("score", str(data), "--out", str(out),
-                   env={"MODEL_DIR": str(trained_model_dir)})
+    res = anomalyd("score", str(data), "--out", str(out), env={"MODEL_DIR": str(trained_model_dir)})
     assert res.returncode == 0, res.stderr
     verdicts = [json.loads(line) for line in out.read_text().splitlines()]
     assert [v["is_anomaly"] for v in verdicts] == [False, True, False]
@@ -89,9 +97,16 @@ def test_score_json_lines_dead_letters_bad_lines_and_keeps_going(
     trained_model_dir: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "stream.jsonl"
-    data.write_text("\n".join([orjson.dumps({**NORMAL, "device_id": "p1"}).decode(),
-                               '{"temperature": "hot"}',
-                               orjson.dumps(ANOMALOUS).decode()]) + "\n")
+    data.write_text(
+        "\n".join(
+            [
+                orjson.dumps({**NORMAL, "device_id": "p1"}).decode(),
+                '{"temperature": "hot"}',
+                orjson.dumps(ANOMALOUS).decode(),
+            ]
+        )
+        + "\n"
+    )
     res = anomalyd("score", str(data), env={"MODEL_DIR": str(trained_model_dir)})
     assert res.returncode == 0, res.stderr
     out = [json.loads(line) for line in res.stdout.splitlines()]
@@ -105,9 +120,20 @@ def test_simulate_publishes_readings_the_daemon_accepts(
     broker: Broker, collector_for: Any, trained_model_dir: Path
 ) -> None:
     col = collector_for(broker, ["sensors/+/readings"])
-    res = anomalyd("simulate", "--devices", "3", "--rate", "20", "--duration", "1.5",
-                   "--fault-rate", "0.2", "--seed", "7",
-                   env={"MQTT_HOST": broker.host, "MQTT_PORT": str(broker.port)})
+    res = anomalyd(
+        "simulate",
+        "--devices",
+        "3",
+        "--rate",
+        "20",
+        "--duration",
+        "1.5",
+        "--fault-rate",
+        "0.2",
+        "--seed",
+        "7",
+        env={"MQTT_HOST": broker.host, "MQTT_PORT": str(broker.port)},
+    )
     assert res.returncode == 0, res.stderr
     got = col.wait_for(lambda t, p: True, count=60)
     devices = {t.split("/")[1] for t, _ in got}

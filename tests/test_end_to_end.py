@@ -21,25 +21,11 @@ from pydantic import SecretStr
 from daemon.config import AlertConfig, Settings
 from tests.broker import REPO, Broker, free_port, wait_for_port
 from tests.conftest import make_settings
+from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
+from tests.conftest_models import NORMAL_READING as NORMAL
 
 pytestmark = pytest.mark.integration
 
-NORMAL = {
-    "temperature": 45.3,
-    "vibration": 2.8,
-    "pressure": 6.5,
-    "flow_rate": 152.0,
-    "current": 87.5,
-    "duty_cycle": 0.75,
-}
-ANOMALOUS = {
-    "temperature": 78.5,
-    "vibration": 12.4,
-    "pressure": 4.2,
-    "flow_rate": 98.0,
-    "current": 125.0,
-    "duty_cycle": 0.95,
-}
 
 
 def _alert_at_once(settings: Settings) -> Settings:

@@ -28,16 +28,12 @@ from pydantic import SecretStr
 
 from daemon.config import HttpConfig, LimitsConfig, ModelConfig, MqttConfig, Settings, TlsConfig
 from daemon.errors import BrokerError
-from daemon.metrics import Metrics
-from daemon.models import load_bundle
-from daemon.service import Service
 from tests.broker import REPO, Broker, free_port, wait_for_port
+from tests.conftest_models import NORMAL_READING as NORMAL
 
 pytestmark = pytest.mark.integration
 
 SECURE = REPO / "mosquitto" / "secure"
-NORMAL = {"temperature": 45.3, "vibration": 2.8, "pressure": 6.5, "flow_rate": 152.0,
-          "current": 87.5, "duty_cycle": 0.75}
 
 
 def make_certs(*extra_env: tuple[str, str]) -> Path:
@@ -45,8 +41,12 @@ def make_certs(*extra_env: tuple[str, str]) -> Path:
     out = Path(tempfile.mkdtemp(prefix="anomalyd-certs-"))
     out.chmod(0o755)
     env = dict(os.environ, **dict(extra_env))
-    subprocess.run([str(REPO / "scripts" / "dev-certs.sh"), str(out), "pump-001", "pump-002"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [str(REPO / "scripts" / "dev-certs.sh"), str(out), "pump-001", "pump-002"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     if os.geteuid() == 0 and shutil.which("mosquitto"):
         # mosquitto drops to its own user: it must be able to read its files.
         for p in [out, *out.iterdir()]:
@@ -55,10 +55,14 @@ def make_certs(*extra_env: tuple[str, str]) -> Path:
 
 
 def secure_broker(certs: Path) -> Broker:
-    return Broker(conf=SECURE / "mosquitto.conf", substitutions={
-        "/mosquitto/certs/": f"{certs}/", "/mosquitto/config/acl": str(SECURE / "acl"),
-        "/mosquitto/data/": "PERSISTENCE/",
-    }).start()
+    return Broker(
+        conf=SECURE / "mosquitto.conf",
+        substitutions={
+            "/mosquitto/certs/": f"{certs}/",
+            "/mosquitto/config/acl": str(SECURE / "acl"),
+            "/mosquitto/data/": "PERSISTENCE/",
+        },
+    ).start()
 
 
 @pytest.fixture(scope="module")
@@ -79,34 +83,28 @@ def password(certs: Path, user: str) -> str:
     return (certs / f"{user}.password").read_text()
 
 
-def tls_mqtt(b: Broker, certs: Path, user: str | None, secret: str | None = None,
-             ca: Path | None = None, **kw: Any) -> MqttConfig:
+def tls_mqtt(
+    b: Broker,
+    certs: Path,
+    user: str | None,
+    secret: str | None = None,
+    ca: Path | None = None,
+    **kw: Any,
+) -> MqttConfig:
     return MqttConfig(
-        host="localhost", port=b.port, client_id=f"sec-{user}-{free_port()}",
-        username=user, password=SecretStr(secret) if secret else None,
-        tls=TlsConfig(enabled=True, ca_file=ca or certs / "ca.crt"), connect_timeout_s=5, **kw,
+        host="localhost",
+        port=b.port,
+        client_id=f"sec-{user}-{free_port()}",
+        username=user,
+        password=SecretStr(secret) if secret else None,
+        tls=TlsConfig(enabled=True, ca_file=ca or certs / "ca.crt"),
+        connect_timeout_s=5,
+        **kw,
     )
 
 
 def settings(mqtt: MqttConfig, model_dir: Path, **kw: Any) -> Settings:
     return Settings(mqtt=mqtt, http=HttpConfig(port=0), model=ModelConfig(dir=model_dir), **kw)
-
-
-@pytest.fixture
-def run_daemon(trained_model_dir: Path) -> Iterator[Callable[[Settings], Service]]:
-    started: list[Service] = []
-    bundle = load_bundle(trained_model_dir)
-
-    def start(s: Settings) -> Service:
-        svc = Service(s, bundle, Metrics())
-        svc.start()
-        started.append(svc)
-        return svc
-
-    yield start
-    for svc in started:
-        if svc.mqtt.loop_alive:
-            svc.shutdown()
 
 
 class Client:
@@ -164,48 +162,55 @@ def client(sbroker: Broker, certs: Path) -> Iterator[Callable[[str], Client]]:
 
 
 def test_anonymous_connection_is_refused_with_a_clear_error(
-    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path
+    sbroker: Broker, certs: Path, start_daemon: Any, trained_model_dir: Path
 ) -> None:
     with pytest.raises(BrokerError, match="refused the connection"):
-        run_daemon(settings(tls_mqtt(sbroker, certs, None), trained_model_dir))
+        start_daemon(settings=settings(tls_mqtt(sbroker, certs, None), trained_model_dir))
 
 
 def test_wrong_password_is_refused_with_a_clear_error(
-    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path
+    sbroker: Broker, certs: Path, start_daemon: Any, trained_model_dir: Path
 ) -> None:
     with pytest.raises(BrokerError, match="refused the connection"):
-        run_daemon(settings(tls_mqtt(sbroker, certs, "anomalyd", "wrong"), trained_model_dir))
+        start_daemon(
+            settings=settings(tls_mqtt(sbroker, certs, "anomalyd", "wrong"), trained_model_dir)
+        )
 
 
 def test_unknown_ca_is_refused_with_a_clear_error(
-    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path,
+    sbroker: Broker,
+    certs: Path,
+    start_daemon: Any,
+    trained_model_dir: Path,
     tmp_path: Path,
 ) -> None:
     other = make_certs()
-    mqtt = tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd"),
-                    ca=other / "ca.crt")
+    mqtt = tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd"), ca=other / "ca.crt")
     with pytest.raises(BrokerError, match="certificate was rejected"):
-        run_daemon(settings(mqtt, trained_model_dir))
+        start_daemon(settings=settings(mqtt, trained_model_dir))
 
 
 def test_expired_broker_certificate_is_refused_with_a_clear_error(
-    run_daemon: Any, trained_model_dir: Path, tmp_path: Path
+    start_daemon: Any, trained_model_dir: Path, tmp_path: Path
 ) -> None:
     expired = make_certs(("SERVER_CERT_DAYS", "-1"))
     b = secure_broker(expired)
     try:
         mqtt = tls_mqtt(b, expired, "anomalyd", password(expired, "anomalyd"))
         with pytest.raises(BrokerError, match="expired"):
-            run_daemon(settings(mqtt, trained_model_dir))
+            start_daemon(settings=settings(mqtt, trained_model_dir))
     finally:
         b.stop()
 
 
 def test_daemon_runs_over_tls_and_devices_are_confined_to_their_own_topic(
-    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path, client: Any
+    sbroker: Broker, certs: Path, start_daemon: Any, trained_model_dir: Path, client: Any
 ) -> None:
-    run_daemon(settings(tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd")),
-                        trained_model_dir))
+    start_daemon(
+        settings=settings(
+            tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd")), trained_model_dir
+        )
+    )
     alerts = client("alerts")
     alerts.c.subscribe("anomaly/#", qos=1)
     pump1 = client("pump-001")
@@ -218,10 +223,13 @@ def test_daemon_runs_over_tls_and_devices_are_confined_to_their_own_topic(
 
 
 def test_device_cannot_read_other_topics(
-    sbroker: Broker, certs: Path, run_daemon: Any, trained_model_dir: Path, client: Any
+    sbroker: Broker, certs: Path, start_daemon: Any, trained_model_dir: Path, client: Any
 ) -> None:
-    run_daemon(settings(tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd")),
-                        trained_model_dir))
+    start_daemon(
+        settings=settings(
+            tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd")), trained_model_dir
+        )
+    )
     spy = client("pump-001")
     spy.c.subscribe("#", qos=1)
     alerts = client("alerts")
@@ -234,21 +242,24 @@ def test_device_cannot_read_other_topics(
 
 
 def test_flooding_device_is_rate_limited_and_others_are_still_judged(
-    broker: Broker, trained_model_dir: Path, run_daemon: Any, collector_for: Any,
+    broker: Broker,
+    trained_model_dir: Path,
+    start_daemon: Any,
+    collector_for: Any,
     publisher_for: Any,
 ) -> None:
     s = Settings(
         mqtt=MqttConfig(host=broker.host, port=broker.port, client_id=f"rl-{free_port()}"),
-        http=HttpConfig(port=0), model=ModelConfig(dir=trained_model_dir),
+        http=HttpConfig(port=0),
+        model=ModelConfig(dir=trained_model_dir),
         limits=LimitsConfig(device_rate_per_s=5, device_burst=10),
     )
-    svc = run_daemon(s)
+    svc = start_daemon(settings=s)
     col = collector_for(broker, ["anomaly/#"])
     pub = publisher_for(broker)
     t0 = time.monotonic()
     for seq in range(100):
-        pub.client.publish("sensors/rl-flood/readings", orjson.dumps({**NORMAL, "seq": seq}),
-                           qos=1)
+        pub.client.publish("sensors/rl-flood/readings", orjson.dumps({**NORMAL, "seq": seq}), qos=1)
     for seq in range(5):
         pub.send("sensors/rl-calm/readings", {**NORMAL, "seq": seq})
     calm = col.json_on("anomaly/rl-calm/verdict", count=5)
@@ -292,13 +303,27 @@ def test_no_secret_in_info_metrics_or_logs_and_token_guards_http(
     token_file = tmp_path / "token"
     token_file.write_text(token)
     http_port = free_port()
-    env = dict(os.environ, MQTT_HOST="localhost", MQTT_PORT=str(sbroker.port),
-               MQTT_USERNAME="anomalyd", MQTT_PASSWORD=secret, MQTT_TLS="true",
-               MQTT_CA_FILE=str(certs / "ca.crt"), MODEL_DIR=str(trained_model_dir),
-               HEALTH_PORT=str(http_port), HEALTH_TOKEN_FILE=str(token_file),
-               MQTT_CLIENT_ID=f"sec-logs-{http_port}", LOG_LEVEL="DEBUG")
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        MQTT_HOST="localhost",
+        MQTT_PORT=str(sbroker.port),
+        MQTT_USERNAME="anomalyd",
+        MQTT_PASSWORD=secret,
+        MQTT_TLS="true",
+        MQTT_CA_FILE=str(certs / "ca.crt"),
+        MODEL_DIR=str(trained_model_dir),
+        HEALTH_PORT=str(http_port),
+        HEALTH_TOKEN_FILE=str(token_file),
+        MQTT_CLIENT_ID=f"sec-logs-{http_port}",
+        LOG_LEVEL="DEBUG",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_port("127.0.0.1", http_port, timeout=30)
         deadline = time.monotonic() + 30
