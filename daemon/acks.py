@@ -77,21 +77,25 @@ class AckSequencer:
             msg.done = True
             if self._on_done is not None:
                 self._on_done(msg)
-            queue = self._queue
-            while queue and queue[0].done:
-                head = queue.popleft()
-                self._send_ack(head.mid)
+            self._ack_finished_head()
 
     def forget(self, msg: Inbound) -> None:
-        """Drop a message that will not be processed; it stays unacked at the broker."""
+        """Drop a message that will not be processed; it stays unacked at the broker.
+
+        The broker resends it only on the next connection, so this is for messages that
+        could not be handed over at all (an exception in the intake), never for load.
+        """
         with self._lock:
             try:
                 self._queue.remove(msg)
             except ValueError:
                 return
-            queue = self._queue
-            while queue and queue[0].done:
-                self._send_ack(queue.popleft().mid)
+            self._ack_finished_head()
+
+    def _ack_finished_head(self) -> None:
+        queue = self._queue
+        while queue and queue[0].done:
+            self._send_ack(queue.popleft().mid)
 
     def new_session(self) -> int:
         """The connection was lost: forget unacked messages of the old connection.

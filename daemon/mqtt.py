@@ -99,7 +99,7 @@ class MqttAdapter:
         subscription: str,
         status_topic: str,
         metrics: Metrics,
-        deliver: Callable[[Inbound], bool],
+        deliver: Callable[[Inbound], None],
         client_id: str | None = None,
     ) -> None:
         self.cfg = cfg
@@ -123,6 +123,9 @@ class MqttAdapter:
         self._first_connect = threading.Event()
         self._ever_connected = False
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._last_inbound = time.monotonic()  # any packet from the broker (watchdog)
         self.last_error: str | None = None
         self.loop_crashed: str | None = None
         self._configure()
@@ -191,6 +194,8 @@ class MqttAdapter:
                 delay = min(delay * 2, cfg.reconnect_max_delay_s)
         self._thread = threading.Thread(target=self._loop, name="mqtt-loop", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="mqtt-watchdog", daemon=True)
+        self._watchdog.start()
         remaining = max(0.5, deadline - time.monotonic()) if cfg.connect_timeout_s else None
         if not self._first_connect.wait(remaining):
             raise BrokerError(
@@ -222,6 +227,48 @@ class MqttAdapter:
             self.loop_crashed = repr(exc)
             log.exception("mqtt_loop_crashed")
 
+    def _watch(self) -> None:
+        """Notice a silent link within about one keepalive, and drop it.
+
+        paho pings only after a whole keepalive without traffic and gives up one keepalive
+        later: a cut link (no FIN, no RST) goes unnoticed for up to 2 x keepalive (measured:
+        9 s at keepalive 5 s). Here: after half a keepalive without a packet from the
+        broker, ping; no answer within another half, shut the socket down so paho's loop
+        sees the loss and reconnects. paho's own ``_last_bytes_received`` cannot tell us
+        about silence (paho resets it whenever it thinks it should ping), so inbound
+        traffic is tracked by our callbacks and the ping's answer through paho's
+        ``_ping_t`` (0 once PINGRESP arrived). ``_ping_t`` and ``_send_pingreq`` are paho
+        2.x internals; tests/test_faults.py fails if they stop working.
+        """
+        client = self.client
+        half = self.cfg.keepalive_s / 2
+        pinged_at: float | None = None
+        while not self._stopped.wait(0.25):
+            if not self._connected.is_set():
+                pinged_at = None
+                continue
+            try:
+                now = time.monotonic()
+                heard = self._last_inbound
+                if pinged_at is not None and (heard > pinged_at or client._ping_t == 0):
+                    pinged_at = None  # answered, by the PINGRESP or any other packet
+                if pinged_at is None:
+                    if now - heard >= half:
+                        pinged_at = now
+                        client._send_pingreq()
+                elif now - pinged_at >= half:
+                    pinged_at = None
+                    self.metrics.connection_errors.labels("keepalive").inc()
+                    log.warning("broker_silent", silent_s=round(now - heard, 2),
+                                keepalive_s=self.cfg.keepalive_s, action="reconnect")
+                    sock = client.socket()
+                    if isinstance(sock, socket.socket):  # SSLSocket is one too
+                        with contextlib.suppress(OSError):  # already closed: fine
+                            sock.shutdown(socket.SHUT_RDWR)
+            except Exception:
+                self.metrics.callback_errors.labels("watchdog").inc()
+                log.exception("watchdog_failed")
+
     @property
     def loop_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -241,6 +288,7 @@ class MqttAdapter:
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(timeout=min(timeout, 2.0))
+        self._stopped.set()
         self.client.disconnect()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -299,6 +347,7 @@ class MqttAdapter:
             return
         self._connect_result = None
         self.last_error = None
+        self._last_inbound = time.monotonic()
         if self._ever_connected:
             self.metrics.reconnects.inc()
         self._ever_connected = True
@@ -331,6 +380,7 @@ class MqttAdapter:
             log.warning("broker_disconnected", reason=str(reason))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._last_inbound = time.monotonic()
         if not self._intake:
             return  # not acked: the broker keeps it for our next session
         try:
@@ -342,15 +392,18 @@ class MqttAdapter:
         )
         self.metrics.messages.inc()
         self.acks.register(inbound)
-        if not self._deliver(inbound):
-            # Queue full (only if the broker ignored our Receive Maximum): leave it unacked,
-            # so the broker redelivers it on our next session, without blocking later acks.
+        try:
+            self._deliver(inbound)
+        except BaseException:
+            # Not handed over: leave it unacked (the broker resends it on our next
+            # session) without blocking the acks of later messages; the guard logs it.
             self.acks.forget(inbound)
-            self.metrics.deferred.inc()
+            raise
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
     ) -> None:
+        self._last_inbound = time.monotonic()
         _, owner = self.window.acked(mid)
         if owner is not None:
             self.acks.release(owner)

@@ -75,18 +75,20 @@ class Service:
         )
         self.state_path = state.state_file(s.state.dir, worker_index)
         self._state_saved_at = time.monotonic()
-        # Never smaller than the broker's in-flight window, so the network thread never
-        # finds it full (it must not block: it also carries the PUBACKs we wait for).
-        self.queue: queue.Queue[Inbound] = queue.Queue(
-            max(s.batch.queue_size, s.mqtt.receive_maximum + 64)
-        )
+        # The network thread must never block (it also carries the PUBACKs we wait for) nor
+        # drop (a dropped reading comes back only on the next connection: measured, that
+        # stalled the daemon), so the queue takes whatever the broker sends. Its bound is
+        # the broker's flow control (Receive Maximum / max_inflight_messages), which
+        # Mosquitto 2.0.11 overshoots once acks flow: see docs/reliability.md.
+        self.queue: queue.Queue[Inbound] = queue.Queue()
         client_id = s.mqtt.client_id
         port = s.http.port
         if worker_index is not None:
             client_id = f"{client_id}-{worker_index}"
             port = port + worker_index if port else 0
         self.mqtt = MqttAdapter(
-            s.mqtt, self.subscription, s.topics.status, self.metrics, self._deliver, client_id
+            s.mqtt, self.subscription, s.topics.status, self.metrics, self.queue.put_nowait,
+            client_id,
         )
         self.http = HttpServer(
             s.http.host, port, self, self.metrics.registry, s.http.secret()
@@ -100,15 +102,6 @@ class Service:
             {"version": bundle.version, "features": ",".join(bundle.features),
              "default_detector": self.pipeline.default_detector}
         )
-
-    # -- intake (network thread) -------------------------------------------------------
-
-    def _deliver(self, msg: Inbound) -> bool:
-        try:
-            self.queue.put_nowait(msg)
-        except queue.Full:
-            return False
-        return True
 
     # -- scoring worker ----------------------------------------------------------------
 
