@@ -9,12 +9,14 @@ judged anyway). ``ANOMALYD_FAULTS_REPORT=<file>`` keeps each tally for docs/reli
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -25,12 +27,14 @@ from paho.mqtt.properties import Properties
 from tests.broker import Broker, free_port
 from tests.faults import (
     DATA,
+    NORMAL,
     DaemonProcess,
     LoadPublisher,
     Probe,
     Proxy,
     Tally,
     VerdictCounter,
+    http_get,
     metric,
     record,
     tally,
@@ -316,3 +320,61 @@ def test_daemon_down_60s_backlog_is_judged_on_return(rig: Callable[..., Rig]) ->
     t = r.finish("daemon down 60 s under load", recover_s=drain_s,
                  down_s=round(t_up - t_down, 1))
     assert t.lost == 0, t.lost_seqs
+
+
+# -- exceptions inside the MQTT adapter (in-process daemon) -------------------------------
+
+
+def _poll(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.02)
+
+
+def test_a_raising_callback_costs_one_message_and_never_the_loop(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception in on_message is caught: the network thread lives, later readings are
+    judged and acknowledged (the failed one does not block the ack order), /health is ok."""
+    svc = start_daemon(broker)
+    deliver = svc.mqtt._deliver
+
+    def flaky(msg: Any) -> None:
+        if b"boom" in msg.payload:
+            raise RuntimeError("injected failure in on_message")
+        deliver(msg)
+
+    monkeypatch.setattr(svc.mqtt, "_deliver", flaky)
+    col = collector_for(broker, ["anomaly/cb-raise/verdict"])
+    pub = publisher_for(broker)
+    pub.send("sensors/cb-raise/readings", b'{"boom": 1}')
+    for seq in range(30):
+        pub.send("sensors/cb-raise/readings", {**NORMAL, "seq": seq})
+    col.json_on("anomaly/cb-raise/verdict", count=30)
+    assert svc.metrics.callback_errors.labels("on_message")._value.get() == 1
+    assert svc.mqtt.loop_alive and svc.mqtt.connected
+    _poll(lambda: len(svc.mqtt.acks) == 0)  # every later reading was acknowledged
+    status, _ = http_get(svc.http.port, "/health")
+    assert status == 200
+
+
+def test_health_goes_unhealthy_when_the_network_thread_dies(
+    broker: Broker, start_daemon: Any, publisher_for: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """paho's is_connected() stays True after its thread dies; /health must not."""
+    svc = start_daemon(broker)
+    assert http_get(svc.http.port, "/health")[0] == 200
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected failure in paho's packet handling")
+
+    monkeypatch.setattr(svc.mqtt.client, "_packet_handle", broken)
+    publisher_for(broker).send("sensors/cb-dead/readings", {**NORMAL, "seq": 1})
+    _poll(lambda: not svc.mqtt.loop_alive)
+    assert svc.mqtt.client.is_connected()  # what paho still claims
+    status, body = http_get(svc.http.port, "/health")
+    assert status == 503
+    assert json.loads(body)["checks"]["mqtt_loop"] is False
+    assert http_get(svc.http.port, "/ready")[0] == 503
