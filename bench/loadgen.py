@@ -26,11 +26,11 @@ from bench._client import connect, seqs_in
 
 
 def payloads(stream: list[list[float]], features: list[str], seq: int, batch: int,
-             step: int) -> bytes:
-    """One message: ``batch`` consecutive readings of one device's stream."""
+             row: int) -> bytes:
+    """One message: ``batch`` consecutive readings of one device's stream from ``row``."""
     entries = []
     for k in range(max(1, batch)):
-        values = stream[((seq + k) // step) % len(stream)]
+        values = stream[(row + k) % len(stream)]
         entry: dict[str, Any] = dict(zip(features, values, strict=True))
         entry["seq"] = seq + k
         entry["timestamp"] = time.time()
@@ -53,8 +53,8 @@ def publish_load(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     sends = np.full(n_msgs * batch, np.nan)
     topics = [f"sensors/{args.prefix}-{d:03d}/readings" for d in range(args.devices)]
     streams = [device_stream(spec, args.prefix, d) for d in range(args.devices)]
-    # a device's k-th reading of the whole run takes row k of its own stream
-    step = args.devices * batch
+    # a device's readings follow its own stream in order, continuing from earlier phases
+    row0 = args.seq_base // args.devices
     interval = batch / args.rate if args.rate > 0 else 0.0
     start = time.monotonic()
     deadline = start + args.max_time
@@ -70,7 +70,7 @@ def publish_load(args: argparse.Namespace, spec: dict[str, Any]) -> None:
         if time.monotonic() > deadline:
             break
         body = payloads(streams[i % args.devices], spec["features"], args.seq_base + i * batch,
-                        batch, step)
+                        batch, row0 + (i // args.devices) * batch)
         sends[i * batch : (i + 1) * batch] = time.monotonic()
         client.publish(topics[i % len(topics)], body, qos=1)
     last = time.monotonic()
@@ -104,7 +104,7 @@ def probe(args: argparse.Namespace, spec: dict[str, Any]) -> None:
             break
         got.clear()
         want[0] = args.seq_base + i
-        body = payloads(stream, spec["features"], want[0], 1, 1)
+        body = payloads(stream, spec["features"], want[0], 1, i)
         t0 = time.monotonic()
         client.publish(topic, body, qos=1)
         if got.wait(5.0):
