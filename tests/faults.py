@@ -509,8 +509,18 @@ def render(path: Path) -> str:
         lines.append(f"| {r['fault']} | {r['sent']} | {r['accepted']} | {r['lost']} | "
                      f"{r['duplicated']} | {r['recovered']} | {fmt(r['detect_s'])} | "
                      f"{fmt(r['recover_s'])} |")
-    notes = [f"- {r['fault']}: {json.dumps(r['notes'])}" for r in rows if r["notes"]]
+    notes = [f"- {r['fault']}: {json.dumps(_short(r['notes']))}" for r in rows if r["notes"]]
     return "\n".join([*lines, "", *notes])
+
+
+def _short(notes: dict[str, Any]) -> dict[str, Any]:
+    """Long lists (the age of every lost reading) as their range and count."""
+    out: dict[str, Any] = {}
+    for k, v in notes.items():
+        if isinstance(v, list) and len(v) > 4:
+            v = {"n": len(v), "min": min(v), "max": max(v)}
+        out[k] = v
+    return out
 
 
 if __name__ == "__main__":
