@@ -40,23 +40,40 @@ F = TypeVar("F", bound=Callable[..., Any])
 class PublishWindow:
     """Outgoing QoS 1 publishes awaiting the broker's PUBACK, capped at ``limit``.
 
+    This is the only cap on what we have in flight: paho's own (``max_inflight_messages``)
+    is switched off, because paho rescans every queued message on each PUBACK when it is on
+    (measured: a quarter of the daemon's CPU under load). The limit is lowered to the
+    broker's Receive Maximum when the broker announces one.
+
     The PUBACK can be processed by the network thread before ``publish()`` has returned
     its packet id to us, so an ack for an unknown id is parked until the id is recorded.
     No lock of ours is held while calling into paho.
     """
 
     def __init__(self, limit: int) -> None:
+        self.configured = limit
         self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._taken = 0
         self._owners: dict[int, tuple[Inbound | None, bool]] = {}
         self._early: set[int] = set()
 
+    def set_limit(self, limit: int) -> None:
+        with self._cond:
+            self.limit = max(1, min(self.configured, limit))
+            self._cond.notify_all()
+
     def acquire(self, timeout: float) -> bool:
-        return self._slots.acquire(timeout=timeout)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._taken < self.limit, timeout):
+                return False
+            self._taken += 1
+            return True
 
     def give_back(self) -> None:
-        self._slots.release()
+        with self._cond:
+            self._taken -= 1
+            self._cond.notify()
 
     def record(self, mid: int, owner: Inbound | None, counted: bool = True) -> bool:
         """Remember who waits on ``mid``; returns True if it was already acknowledged.
@@ -64,26 +81,26 @@ class PublishWindow:
         ``counted=False`` is for the rare publish made without taking a slot (the status
         message, sent from the network thread, which must not block).
         """
-        with self._lock:
+        with self._cond:
             if mid in self._early:
                 self._early.discard(mid)
-                early = True
-            else:
-                self._owners[mid] = (owner, counted)
-                early = False
-        if early and counted:
-            self._slots.release()
-        return early
+                if counted:
+                    self._taken -= 1
+                    self._cond.notify()
+                return True
+            self._owners[mid] = (owner, counted)
+            return False
 
     def acked(self, mid: int) -> tuple[bool, Inbound | None]:
         """The broker acknowledged ``mid``: (known, owner)."""
-        with self._lock:
+        with self._cond:
             entry = self._owners.pop(mid, None)
             if entry is None:
                 self._early.add(mid)
                 return False, None
-        if entry[1]:
-            self._slots.release()
+            if entry[1]:
+                self._taken -= 1
+                self._cond.notify()
         return True, entry[0]
 
     def __len__(self) -> int:
@@ -141,8 +158,8 @@ class MqttAdapter:
             c.tls_set_context(client_context(cfg.tls))
         c.will_set(self.status_topic, b"offline", qos=1, retain=True)
         c.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]  # paho accepts float seconds
-        # paho's own in-flight cap; the PublishWindow bounds what it queues behind it.
-        c.max_inflight_messages_set(min(cfg.max_outstanding_publishes, 1000))
+        # 0 = paho sends at once and never rescans its queue; PublishWindow is the cap.
+        c.max_inflight_messages_set(0)
         c.on_socket_open = self._guard("on_socket_open", self._on_socket_open)
         c.on_connect = self._guard("on_connect", self._on_connect)
         c.on_connect_fail = self._guard("on_connect_fail", self._on_connect_fail)
@@ -351,6 +368,10 @@ class MqttAdapter:
         if self._ever_connected:
             self.metrics.reconnects.inc()
         self._ever_connected = True
+        # Honour the broker's Receive Maximum (MQTT v5): never more unacknowledged
+        # publishes to it than it says it accepts.
+        receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        self.window.set_limit(receive_max or self.cfg.max_outstanding_publishes)
         if self.v5:
             client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
         else:
