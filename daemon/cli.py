@@ -1,4 +1,4 @@
-"""Command line: ``anomalyd run | train | simulate | score | watch | check-config``.
+"""Command line: ``anomalyd run | train | simulate | score | evaluate | watch | check-config``.
 
 Exit codes: 0 success; 1 a runtime failure; 2 bad arguments, configuration or models;
 3 the broker could not be reached or refused the connection.
@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training into {out}", file=sys.stderr)
     if args.data:
         manifest = train_csv(Path(args.data), out, features=features, seed=args.seed,
-                             quantile=args.quantile, progress=_progress)
+                             quantile=args.quantile, progress=_progress, window=args.window)
     else:
         if features:
             print("error: --features applies to --data only", file=sys.stderr)
@@ -99,6 +99,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from daemon.evaluate import evaluate, labelled_files, markdown
+
+    settings = _settings(args)
+    files = labelled_files(Path(args.folder))
+    if not files:
+        print(f"error: no CSV files in {args.folder}", file=sys.stderr)
+        return EXIT_USAGE
+    free = Path(args.anomaly_free) if args.anomaly_free else None
+    print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
+    results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
+                       quantile=args.quantile, alerts=settings.alerts, progress=_progress)
+    table = markdown(results)
+    sys.stdout.write(table)
+    if args.out:
+        Path(args.out).write_text(table, encoding="utf-8")
+        print(f"table written to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from daemon.watch import watch
 
@@ -132,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quantile", type=float, default=0.99,
                        help="threshold quantile of held-back normal scores (default 0.99)")
     train.add_argument("--force", action="store_true", help="replace an existing model set")
+    train.add_argument("--window", type=int, default=1,
+                       help="with --data: model inputs are the mean and std of each device's "
+                            "last N readings (default 1: raw readings)")
     train.set_defaults(func=cmd_train)
 
     sim = sub.add_parser("simulate", help="publish realistic pump readings with injected faults")
@@ -154,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device id for rows that do not name one (default: offline)")
     score.add_argument("--model", default=None, help="detector (default: the configured one)")
     score.set_defaults(func=cmd_score)
+
+    ev = sub.add_parser("evaluate", help="SKAB protocol on a folder of labelled CSV files")
+    ev.add_argument("folder", help="folder of labelled CSVs (an 'anomaly' column, one run each)")
+    ev.add_argument("--anomaly-free", help="also train once on this normal CSV and score all")
+    ev.add_argument("--warmup", type=int, default=400,
+                    help="rows per file that train/warm up the device (default 400)")
+    ev.add_argument("--window", type=int, default=10, help="feature window (default 10)")
+    ev.add_argument("--quantile", type=float, default=0.99,
+                    help="threshold quantile of held-back normal scores (default 0.99)")
+    ev.add_argument("--out", help="also write the markdown table to this file")
+    ev.set_defaults(func=cmd_evaluate)
 
     w = sub.add_parser("watch", help="print verdicts, alerts and dead letters as they arrive")
     w.add_argument("--anomalies", action="store_true", help="hide normal verdicts")

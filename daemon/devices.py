@@ -41,8 +41,7 @@ def derived_names(features: Sequence[str], window: int) -> tuple[str, ...]:
     """The model's input names for raw ``features`` and a window of ``window`` readings."""
     if window <= 1:
         return tuple(features)
-    return (*(f"{f} [mean {window}]" for f in features),
-            *(f"{f} [std {window}]" for f in features))
+    return (*(f"{f} [mean {window}]" for f in features), *(f"{f} [std {window}]" for f in features))
 
 
 def windowed_matrix(x: Matrix, window: int) -> Matrix:
@@ -181,8 +180,12 @@ class DeviceTracker:
                     raise ValueError("device state reading has the wrong width")
                 recent.append(tuple(float(v) for v in r))
             devices[str(dev)] = DeviceState(
-                recent, int(raw["count"]), arr(raw["mean"]), arr(raw["m2"]),
-                arr(raw["center"]), arr(raw["scale"]),
+                recent,
+                int(raw["count"]),
+                arr(raw["mean"]),
+                arr(raw["m2"]),
+                arr(raw["center"]),
+                arr(raw["scale"]),
             )
         self.devices = devices
         return len(devices)

@@ -138,15 +138,28 @@ def evaluate(
         for i, (d, f) in enumerate(zip(data, files, strict=True)):
             say(f"per-device [{i + 1}/{len(files)}] {f.name}: training on {warmup} rows")
             out = Path(tmp) / f"per-device-{i}"
-            train(d.X[:warmup], d.features, out, source=f"evaluate {f.name}", seed=seed,
-                  quantile=quantile, window=window)
+            train(
+                d.X[:warmup],
+                d.features,
+                out,
+                source=f"evaluate {f.name}",
+                seed=seed,
+                quantile=quantile,
+                window=window,
+            )
             _score_file(load_bundle(out), d, warmup, alerts, pooled)
         results["per-device"] = _figures(pooled)
         if anomaly_free is not None:
             say(f"global: training once on {anomaly_free.name}")
             out = Path(tmp) / "global"
-            train_csv(anomaly_free, out, list(data[0].features), seed=seed, quantile=quantile,
-                      window=window)
+            train_csv(
+                anomaly_free,
+                out,
+                list(data[0].features),
+                seed=seed,
+                quantile=quantile,
+                window=window,
+            )
             bundle = load_bundle(out)
             pooled = {}
             for i, (d, f) in enumerate(zip(data, files, strict=True)):
