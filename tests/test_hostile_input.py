@@ -234,14 +234,21 @@ def test_bad_inputs_through_the_broker_are_dead_lettered_and_the_daemon_stays_he
     col = collector_for(broker, ["anomaly/dead-letter", "anomaly/hostile-ok/verdict"])
     pub = publisher_for(broker)
     expected: dict[str, tuple[str, str]] = {}  # topic -> (kind, reason)
+    sent_at: dict[str, float] = {}
     for i, (kind, (dev, payload, reason)) in enumerate(BAD_INPUTS.items()):
         topic = f"sensors/{dev if dev != 'dev-1' else f'hostile-{i}'}/readings"
         expected[topic] = (kind, reason)
-        pub.send(topic, payload)
+        sent_at[topic] = pub.send(topic, payload)
     raw = col.wait_for(lambda t, p: t == "anomaly/dead-letter"
                        and strict(p)["topic"] in expected, count=len(BAD_INPUTS), timeout=15)
     got = {strict(p)["topic"]: strict(p)["reason"] for _, p in raw}
     assert got == {t: reason for t, (_, reason) in expected.items()}
+    latency = {strict(p)["topic"]: t - sent_at[strict(p)["topic"]]
+               for topic, p, _, t in list(col.messages) if topic == "anomaly/dead-letter"
+               and strict(p)["topic"] in sent_at}
+    print(f"dead-letter latency: max {max(latency.values()) * 1000:.1f} ms over "
+          f"{len(latency)} kinds")
+    assert max(latency.values()) < 1.0
     status, health = http_get(svc.http.port, "/health")
     assert status == 200, health
     t0 = pub.send("sensors/hostile-ok/readings", {**NORMAL, "seq": 42})
