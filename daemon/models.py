@@ -1,8 +1,9 @@
 """Loading a trained model directory into a :class:`ModelBundle`, after verifying it.
 
-Every artifact listed in ``manifest.json`` is hashed before anything is loaded; a missing or
-altered file, or an unlisted pickle lying in the directory, stops the load with
-:class:`ModelLoadError`. Nothing is unpickled unless its SHA-256 matched.
+Every artifact listed in ``manifest.json`` is hashed before anything is loaded, and a
+missing or altered file, or one that another user could have written, stops the load with
+:class:`ModelLoadError`. No artifact is a pickle: arrays are ``.npz`` files read with
+``allow_pickle=False``, the rest JSON.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from daemon.preprocess import StandardScaler
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENSEMBLE = "ensemble"
-#: Suffixes whose loading executes code; such files must be listed and verified.
-PICKLE_SUFFIXES = frozenset({".joblib", ".pkl", ".pickle", ".p"})
 
 
 @dataclass(frozen=True)
@@ -178,9 +177,6 @@ def verify_artifacts(model_dir: Path, manifest: dict[str, Any]) -> None:
             raise ModelLoadError(
                 f"artifact {name}: SHA-256 {actual} does not match manifest {expected}"
             )
-    for path in model_dir.iterdir():
-        if path.suffix.lower() in PICKLE_SUFFIXES and path.name not in listed:
-            raise ModelLoadError(f"{path.name}: unlisted pickle file in model directory")
 
 
 def load_bundle(model_dir: Path) -> ModelBundle:

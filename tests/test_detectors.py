@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import LocalOutlierFactor
 
 from daemon.calibration import Calibration
 from daemon.detectors import (
@@ -121,6 +122,16 @@ def test_isolation_forest_fast_path_equals_sklearn(seed: int, data: tuple[np.nda
     det.fit(data[0])
     forest = IsolationForest(n_estimators=100, max_samples=256, random_state=seed).fit(data[0])
     np.testing.assert_allclose(det.score(data[1]), -forest.score_samples(data[1]), atol=1e-9)
+
+
+@pytest.mark.parametrize("neighbours", [20, 1])
+def test_lof_served_from_arrays_equals_sklearn(
+    neighbours: int, data: tuple[np.ndarray, ...]
+) -> None:
+    det = LofDetector(n_neighbors=neighbours, max_rows=10**6)
+    det.fit(data[0])
+    lof = LocalOutlierFactor(n_neighbors=neighbours, novelty=True).fit(data[0])
+    np.testing.assert_allclose(det.score(data[1]), -lof.score_samples(data[1]), rtol=1e-12)
 
 
 def test_ensemble_maps_member_median_to_zero_and_threshold_to_one() -> None:

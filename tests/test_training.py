@@ -185,11 +185,9 @@ def test_retraining_replaces_the_model_set_in_place_and_leaves_other_files(
     out = tmp_path / "models"
     out.mkdir()
     (out / "README.md").write_text("keep me")
-    (out / "old-model.joblib").write_bytes(b"not listed by the new manifest")
     first = train_default(out, rows=600, seed=1)
     second = train_default(out, rows=600, seed=2)
     assert first["model_version"] != second["model_version"]
     assert (out / "README.md").read_text() == "keep me"
-    assert not (out / "old-model.joblib").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
     assert load_bundle(out).version == second["model_version"]

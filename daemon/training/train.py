@@ -34,7 +34,7 @@ from daemon.detectors import (
 )
 from daemon.devices import derived_names, windowed_matrix
 from daemon.errors import TrainingError
-from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, PICKLE_SUFFIXES, sha256_file
+from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, sha256_file
 from daemon.preprocess import StandardScaler
 from daemon.training.datasets import load_csv
 from daemon.training.synthetic import FEATURES, generate_dataset
@@ -279,12 +279,6 @@ def _write_atomically(
             previous.unlink()  # no manifest vouches for a half-replaced set
         for path in written:
             os.replace(path, out_dir / path.name)
-        for path in out_dir.iterdir():
-            # A pickle of an older model set that this one does not list would be refused
-            # at load time: remove it.
-            stale = path.suffix in PICKLE_SUFFIXES and path.name not in manifest["artifacts"]
-            if stale and path.is_file():
-                path.unlink()
         os.replace(tmp / MANIFEST, out_dir / MANIFEST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
