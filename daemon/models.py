@@ -25,7 +25,7 @@ from daemon.errors import ModelLoadError
 from daemon.explain import Explanation, explain_reading
 from daemon.preprocess import StandardScaler
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LOF stored as arrays (lof.npz) instead of a pickle
 MANIFEST = "manifest.json"
 ENSEMBLE = "ensemble"
 

@@ -10,7 +10,7 @@ import pytest
 
 from daemon.detectors import AutoencoderDetector
 from daemon.errors import TrainingError
-from daemon.models import load_bundle, sha256_file
+from daemon.models import FORMAT_VERSION, load_bundle, sha256_file
 from daemon.training.datasets import load_csv
 from daemon.training.synthetic import generate_dataset
 from daemon.training.train import fingerprint, train
@@ -120,7 +120,7 @@ def test_single_feature_csv_trains_and_scores_end_to_end(tmp_path: Path) -> None
 
 def test_manifest_describes_training_and_artifacts(trained_model_dir: Path) -> None:
     manifest = json.loads((trained_model_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["default_detector"] == "ensemble"
     assert manifest["created_at"].endswith("Z")
     assert manifest["model_version"].split("-")[0].endswith("Z")
