@@ -7,6 +7,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 
 def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -22,11 +23,16 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
     ]
     if use_json:
         processors += [
-            structlog.processors.dict_tracebacks,
+            # Tracebacks as data, without local variables: locals hold payloads and
+            # secrets, which must never reach a log line.
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
             structlog.processors.JSONRenderer(),
         ]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+        processors += [structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(),
+            exception_formatter=structlog.dev.plain_traceback,  # rich's shows locals
+        )]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -34,6 +34,13 @@ from daemon.tls import client_context, describe_failure
 
 log = structlog.get_logger("anomalyd.mqtt")
 
+# publish() results for which paho keeps the message and sends it, or resends it after the
+# next (re)connection: for a QoS 1 message nothing more is needed from us.
+_QUEUED = frozenset(
+    {MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN,
+     MQTTErrorCode.MQTT_ERR_CONN_LOST}
+)
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -318,31 +325,42 @@ class MqttAdapter:
     ) -> bool:
         """QoS 1 publish that holds ``owner``'s ack until the broker acknowledges it.
 
-        Blocks while the publish window is full (backpressure). Returns False only if
-        ``should_stop`` said so while waiting.
+        Blocks while the publish window is full (backpressure) and retries while paho
+        cannot take the message. Returns False only if ``should_stop`` said so meanwhile
+        (``owner`` then stays unacknowledged: the broker redelivers it).
         """
         window = self.window
-        while not window.acquire(timeout=0.5):
-            if should_stop is not None and should_stop():
-                return False
         if owner is not None:
             self.acks.hold(owner)
-        try:
-            info = self.client.publish(topic, payload, qos=1, retain=retain)
-        except Exception:
+        while True:
+            while not window.acquire(timeout=0.5):
+                if should_stop is not None and should_stop():
+                    return self._gave_up(owner)
+            try:
+                info = self.client.publish(topic, payload, qos=1, retain=retain)
+            except Exception:
+                window.give_back()
+                if owner is not None:
+                    self.acks.release(owner)
+                raise
+            if info.rc in _QUEUED:
+                break
+            # Not taken (its packet id is still in use): nothing was queued; try again.
             window.give_back()
-            if owner is not None:
-                self.acks.release(owner)
-            raise
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            window.give_back()
-            if owner is not None:
-                self.acks.release(owner)
-            raise BrokerError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+            self.metrics.callback_errors.labels("publish_retry").inc()
+            log.warning("publish_retry", topic=topic, error=paho.error_string(info.rc))
+            if should_stop is not None and should_stop():
+                return self._gave_up(owner)
+            time.sleep(0.05)
         if window.record(info.mid, owner) and owner is not None:
             self.acks.release(owner)
         self.metrics.outstanding_publishes.set(len(window))
         return True
+
+    def _gave_up(self, owner: Inbound | None) -> bool:
+        if owner is not None:
+            self.acks.forget(owner)
+        return False
 
     # -- paho callbacks (network thread; never block, never raise) ---------------------
 

@@ -1,0 +1,44 @@
+"""Log output: JSON lines off a terminal, and no local variables (payloads, secrets) ever."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import structlog
+
+from daemon import logs
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_never_show_local_variables(fmt: str) -> None:
+    buf = io.StringIO()
+    logs.configure("INFO", fmt, buf)
+    try:
+        secret_payload = b"s3cret-payload-bytes"  # a local of the failing frame
+        raise ValueError(f"failed on a payload of {len(secret_payload)} bytes")
+    except ValueError:
+        structlog.get_logger().exception("batch_failed")
+    finally:
+        structlog.reset_defaults()
+    out = buf.getvalue()
+    assert "batch_failed" in out
+    assert "ValueError" in out  # the traceback is there
+    assert "s3cret-payload-bytes" not in out
+
+
+def test_json_lines_when_not_on_a_terminal() -> None:
+    buf = io.StringIO()
+    logs.configure("INFO", "auto", buf)
+    try:
+        structlog.get_logger().info("batch", size=3)
+        structlog.get_logger().debug("hidden")
+    finally:
+        structlog.reset_defaults()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["event"] == "batch"
+    assert record["size"] == 3
+    assert record["level"] == "info"
