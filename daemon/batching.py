@@ -17,7 +17,10 @@ T = TypeVar("T")
 
 
 def next_batch(
-    source: queue.Queue[T], max_size: int, max_wait_s: float, poll_s: float = 0.1
+    source: queue.Queue[T] | queue.SimpleQueue[T],
+    max_size: int,
+    max_wait_s: float,
+    poll_s: float = 0.1,
 ) -> list[T]:
     """Block up to ``poll_s`` for a first item, then drain what is already queued.
 

@@ -36,3 +36,12 @@ def test_wait_bound_cuts_a_long_drain() -> None:
     batch = next_batch(q, max_size=1000, max_wait_s=0.0)
     # With a zero wait bound the drain stops at the first time check.
     assert len(batch) == 64
+
+
+def test_simple_queue_drains_the_same_way() -> None:
+    q: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(5):
+        q.put(i)
+    assert next_batch(q, max_size=3, max_wait_s=1.0) == [0, 1, 2]
+    assert next_batch(q, max_size=3, max_wait_s=1.0) == [3, 4]
+    assert next_batch(q, max_size=3, max_wait_s=1.0, poll_s=0.01) == []
