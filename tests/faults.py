@@ -83,10 +83,11 @@ class _Link:
         self.closed = True
         for s in (self.down, self.up):
             with contextlib.suppress(OSError):
-                if reset:  # SO_LINGER 0: close() sends RST instead of FIN
+                if reset:  # SO_LINGER 0: the socket's release sends RST instead of FIN
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-                else:
-                    s.shutdown(socket.SHUT_RDWR)
+                # Wakes the pump blocked in recv() on it: until that returns, close() does
+                # not release the socket (and no RST would leave until the next byte came).
+                s.shutdown(socket.SHUT_RD if reset else socket.SHUT_RDWR)
             s.close()
 
 
