@@ -331,7 +331,8 @@ class DaemonProcess:
     def start(self, wait: bool = True) -> DaemonProcess:
         env = dict(os.environ, MQTT_HOST=self.host, MQTT_PORT=str(self.port),
                    MODEL_DIR=str(self.model_dir), HEALTH_PORT=str(self.http_port),
-                   MQTT_CLIENT_ID=self.client_id, LOG_LEVEL="INFO")
+                   MQTT_CLIENT_ID=self.client_id, LOG_LEVEL="INFO",
+                   STATE_DIR=str(self.workdir / "state"))  # not the repo's state/
         if self.protocol:
             env["MQTT_PROTOCOL"] = self.protocol
         args = [sys.executable, "-m", "daemon"]
