@@ -164,8 +164,8 @@ class AlertConfig(_Strict):
 
 
 class BaselineConfig(_Strict):
-    # Off by default: a baseline frozen over one operating regime flags the device's other
-    # regimes (measured: 33-99 % of fault-free synthetic pump readings after warm-up).
+    # Off by default: on devices like the training fleet the baseline (which must agree with
+    # the global model) misses some faults the global model finds; docs/evaluation.md.
     warmup_readings: int = Field(0, ge=0)
 
 

@@ -1,21 +1,41 @@
-"""Per-device state: the window of recent readings and the warm-up baseline.
+"""Per-device state: the window of recent readings and the device's own baseline model.
 
-Pure: readings in, model inputs out; no clock, no I/O (``to_json``/``from_json`` give plain
-data, the caller writes it). The same code runs in the daemon, in ``anomalyd score``, in
-``anomalyd evaluate`` and, through :func:`windowed_matrix`, in training, so a model is fitted
-on exactly the inputs it is later served.
+Pure: readings in, model inputs and the device's verdict out; no clock, no I/O
+(``to_json``/``restore`` give plain data, the caller writes it). The same code runs in the
+daemon, in ``anomalyd score``, in ``anomalyd evaluate`` and, through :func:`windowed_matrix`,
+in training, so a model is fitted on exactly the inputs it is later served.
 
 *Windowed features.* With ``window = w > 1`` each raw feature ``f`` becomes two model
 inputs: ``f [mean w]`` and ``f [std w]``, the mean and standard deviation of the device's
-last ``w`` readings (fewer at its start). Faults that show as a shift or a change in
-variability are seen even when no single reading is out of range. ``window = 1`` keeps the
-raw readings as they are.
+last ``w`` readings (fewer at its start). ``window = 1`` keeps the raw readings as they are.
 
-*Warm-up baseline.* The first ``warmup`` readings of each device establish its own centre
-and scale (mean and standard deviation of its model inputs). Until then a reading is scored
-against the global model's standardisation and marked ``warming_up``; from then on against
-the device's own baseline, which is frozen (a fault must not become the new normal).
-Every reading of the warm-up counts, anomalous or not: the daemon cannot tell which are.
+*Baseline model* (``warmup > 0``). The global model always judges a reading on the
+training fleet's standardisation. Each device also learns its own normal from its first
+``warmup`` readings, in two parts:
+
+* the first three quarters fit a centre, a scale and the correlations of the model inputs
+  (the scale floored at a fraction of the channel's level and of the global model's
+  scale, so a channel that sat still cannot turn noise into 100σ; the correlations shrunk
+  by ``SHRINKAGE`` towards none, so a few hundred readings give a stable inverse);
+* the last quarter is held back: its largest deviation (below), scored the way live
+  readings are, times ``THRESHOLD_MARGIN`` and never below ``MIN_THRESHOLD``, becomes the
+  device's threshold.
+
+A reading's deviation is, for each input, how far it is from what the device's *other*
+inputs predict for it, in units of that conditional spread (Gaussian regression on the
+warm-up's correlations): a pump moving to another duty moves flow, current and pressure
+together and stays near zero, while a current that rises alone, or a flow that drops at an
+unchanged current, stands out. The device's score is the largest of these.
+
+After warm-up a reading is an anomaly only if the global model **and** the device's baseline
+flag it: the global model knows every operating regime of the fleet, the baseline knows
+this device's own level, noise and relations. The centre keeps adapting, as an exponential
+moving average over ``ADAPT_READINGS`` readings, so slow drift (a warming motor) becomes
+normal while a step stays anomalous: an input's centre moves only while that input's
+deviation is within the threshold, or while the global model judged the reading normal (a
+move to an operating regime the fleet knows). An input that deviates during a fault is
+therefore frozen at its pre-fault normal for as long as the fault lasts; the others keep
+tracking.
 """
 
 from __future__ import annotations
@@ -31,10 +51,23 @@ from numpy.typing import NDArray
 from daemon.preprocess import MIN_STD
 
 Matrix = NDArray[np.float64]
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 #: A channel is taken to vary by at least this fraction of its level, so a sensor that sat
 #: still (or was quantised to one value) through warm-up does not turn noise into 100σ.
 RELATIVE_SCALE_FLOOR = 1e-3
+#: ... and by at least this fraction of the global model's spread for that input.
+GLOBAL_SCALE_FLOOR = 0.05
+#: Share of the warm-up held back to set the threshold.
+HELD_BACK = 0.25
+#: The threshold is this multiple of the largest deviation seen in the held-back part...
+THRESHOLD_MARGIN = 1.5
+#: ... and never below this many standard deviations.
+MIN_THRESHOLD = 3.0
+#: Weight of the identity in the shrunk correlation matrix.
+SHRINKAGE = 0.01
+#: Time constant, in readings, of the adapting centre.
+ADAPT_READINGS = 100.0
+_ALPHA = 1.0 / ADAPT_READINGS
 
 
 def derived_names(features: Sequence[str], window: int) -> tuple[str, ...]:
@@ -56,36 +89,53 @@ def _stats(recent: Matrix) -> Matrix:
     return np.concatenate([recent.mean(axis=0), recent.std(axis=0)])
 
 
-def baseline_scale(center: Matrix, std: Matrix, n_raw: int) -> Matrix:
-    """Standard deviations floored at a small fraction of each raw channel's level."""
+def baseline_scale(center: Matrix, std: Matrix, n_raw: int, global_scale: Matrix) -> Matrix:
+    """Standard deviations floored at a small fraction of each raw channel's level and of
+    the global model's scale."""
     level = np.abs(center[:n_raw])
-    floor = np.maximum(np.tile(level, center.shape[0] // n_raw) * RELATIVE_SCALE_FLOOR, MIN_STD)
-    return np.maximum(std, floor)
+    floor = np.tile(level, center.shape[0] // n_raw) * RELATIVE_SCALE_FLOOR
+    floor = np.maximum(floor, GLOBAL_SCALE_FLOOR * global_scale)
+    return np.maximum(std, np.maximum(floor, MIN_STD))
 
 
 @dataclass(slots=True)
 class DeviceState:
     recent: deque[tuple[float, ...]]
-    count: int = 0  # readings seen so far (warm-up progress)
-    mean: Matrix | None = None  # running mean of model inputs during warm-up (Welford)
+    count: int = 0  # readings the baseline has seen (warm-up progress)
+    mean: Matrix | None = None  # running mean and co-moment matrix while fitting (Welford)
     m2: Matrix | None = None
-    center: Matrix | None = None  # frozen baseline once warm-up is done
+    center: Matrix | None = None  # adapting centre, once fitted
     scale: Matrix | None = None
+    cond: Matrix | None = None  # z -> conditional deviations (D, D), once fitted
+    held_back_max: float = 0.0  # largest max |z| in the held-back part of the warm-up
+    threshold: float | None = None  # set when warm-up completes
 
 
 @dataclass(frozen=True, slots=True)
-class Observation:
-    """One reading as the model sees it, and what to standardise it against."""
+class Assessment:
+    """The device baseline's view of one reading."""
 
-    row: Matrix  # model inputs (D,)
-    center: Matrix  # (D,)
-    scale: Matrix  # (D,)
     warming_up: bool
-    baseline: bool  # center/scale are the device's own
+    active: bool  # the baseline is complete and had a say
+    is_anomaly: bool = False
+    score: float = 0.0  # the largest conditional deviation
+    threshold: float = 0.0
+    z: Matrix | None = None  # signed conditional deviations (D,), for explanations
+    center: Matrix | None = None  # each input's value as the other inputs predict it
+    scale: Matrix | None = None  # and its conditional spread
+
+
+_OFF = Assessment(warming_up=False, active=False)
+_WARMING = Assessment(warming_up=True, active=False)
 
 
 class DeviceTracker:
-    """Window and baseline of every device seen; ``observe`` readings in arrival order."""
+    """Windows and baselines of every device seen.
+
+    ``observe`` turns a reading into model inputs (call in arrival order); ``assess`` then
+    judges those inputs against the device's baseline and updates it (also in arrival
+    order, after the global model has scored the reading).
+    """
 
     def __init__(
         self,
@@ -98,34 +148,75 @@ class DeviceTracker:
         self.n_features = n_features
         self.window = max(1, window)
         self.warmup = warmup
+        self.n_fit = max(2, warmup - round(warmup * HELD_BACK))
         self.global_center = np.asarray(global_center, dtype=np.float64)
         self.global_scale = np.asarray(global_scale, dtype=np.float64)
         self.devices: dict[str, DeviceState] = {}
 
-    def observe(self, device_id: str, values: Sequence[float]) -> Observation:
+    def observe(self, device_id: str, values: Sequence[float]) -> Matrix:
+        """The model inputs for this reading: the raw values or the window's statistics."""
         st = self.devices.get(device_id)
         if st is None:
             st = self.devices[device_id] = DeviceState(deque(maxlen=self.window))
         st.recent.append(tuple(values))
-        recent = np.array(st.recent, dtype=np.float64)
-        row = recent[-1].copy() if self.window == 1 else _stats(recent)
-        if st.center is not None and st.scale is not None:
-            return Observation(row, st.center, st.scale, warming_up=False, baseline=True)
+        if self.window == 1:
+            return np.array(values, dtype=np.float64)
+        return _stats(np.array(st.recent, dtype=np.float64))
+
+    def assess(self, device_id: str, row: Matrix, global_anomaly: bool) -> Assessment:
+        """Judge ``row`` against the device's baseline, then let the baseline learn from it."""
         if self.warmup <= 0:
-            return Observation(row, self.global_center, self.global_scale, False, False)
-        st.count += 1
-        if st.mean is None or st.m2 is None:
-            st.mean, st.m2 = row.copy(), np.zeros_like(row)
+            return _OFF
+        st = self.devices[device_id]
+        c, s, w = st.center, st.scale, st.cond
+        if c is None or s is None or w is None:  # fitting part of the warm-up
+            st.count += 1
+            if st.mean is None or st.m2 is None:
+                st.mean, st.m2 = row.copy(), np.zeros((row.size, row.size))
+            else:
+                delta = row - st.mean
+                st.mean += delta / st.count
+                st.m2 += np.outer(delta, row - st.mean)
+            if st.count >= self.n_fit:
+                self._fit(st, st.mean, st.m2 / st.count)
+                if st.count >= self.warmup:  # nothing held back (a tiny warm-up)
+                    st.threshold = MIN_THRESHOLD
+            return _WARMING
+        diff = row - c
+        dev = w @ (diff / s)
+        score = float(np.max(np.abs(dev)))
+        if st.threshold is None:  # held-back part of the warm-up: sets the threshold
+            st.count += 1
+            st.held_back_max = max(st.held_back_max, score)
+            c += _ALPHA * diff
+            if st.count >= self.warmup:
+                st.threshold = max(MIN_THRESHOLD, THRESHOLD_MARGIN * st.held_back_max)
+            return _WARMING
+        thr = st.threshold
+        out = Assessment(False, True, score > thr, score, thr, dev, *self._expected(st, diff, dev))
+        if global_anomaly:
+            c += np.where(np.abs(dev) <= thr, _ALPHA, 0.0) * diff
         else:
-            delta = row - st.mean
-            st.mean += delta / st.count
-            st.m2 += delta * (row - st.mean)
-        if st.count >= self.warmup:
-            # The reading that completes warm-up is still judged by the global model.
-            st.center = st.mean.copy()
-            st.scale = baseline_scale(st.center, np.sqrt(st.m2 / st.count), self.n_features)
-            st.mean = st.m2 = None
-        return Observation(row, self.global_center, self.global_scale, True, False)
+            c += _ALPHA * diff
+        return out
+
+    def _fit(self, st: DeviceState, mean: Matrix, cov: Matrix) -> None:
+        std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+        scale = baseline_scale(mean, std, self.n_features, self.global_scale)
+        corr = cov / np.outer(scale, scale)
+        np.fill_diagonal(corr, 1.0)
+        precision = np.linalg.inv((1.0 - SHRINKAGE) * corr + SHRINKAGE * np.eye(mean.size))
+        # (P z)_j / sqrt(P_jj): input j's distance from its prediction by the others
+        st.cond = precision / np.sqrt(np.diag(precision))[:, None]
+        st.center, st.scale = mean, scale
+        st.mean = st.m2 = None
+
+    @staticmethod
+    def _expected(st: DeviceState, diff: Matrix, dev: Matrix) -> tuple[Matrix, Matrix]:
+        """Each input's value as the other inputs predict it, and the conditional spread."""
+        assert st.center is not None and st.scale is not None and st.cond is not None
+        spread = st.scale / np.diag(st.cond)  # 1 / sqrt(P_jj) in input units
+        return st.center + diff - dev * spread, spread
 
     def progress(self, device_id: str) -> int:
         st = self.devices.get(device_id)
@@ -134,8 +225,8 @@ class DeviceTracker:
     # -- persistence (plain data; the caller writes it atomically) --------------------
 
     def to_json(self) -> dict[str, Any]:
-        def arr(a: Matrix | None) -> list[float] | None:
-            return None if a is None else [float(v) for v in a]
+        def arr(a: Matrix | None) -> list[Any] | None:
+            return None if a is None else a.tolist()
 
         return {
             "format": STATE_FORMAT,
@@ -150,6 +241,9 @@ class DeviceTracker:
                     "m2": arr(st.m2),
                     "center": arr(st.center),
                     "scale": arr(st.scale),
+                    "cond": arr(st.cond),
+                    "held_back_max": st.held_back_max,
+                    "threshold": st.threshold,
                 }
                 for dev, st in self.devices.items()
             },
@@ -157,18 +251,20 @@ class DeviceTracker:
 
     def restore(self, data: dict[str, Any]) -> int:
         """Load saved devices; returns how many. Raises ValueError if the state is for a
-        different window or feature count (the caller then starts fresh)."""
+        different window, feature count or warm-up length (the caller then starts fresh)."""
         if data.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown device state format {data.get('format')!r}")
         if data.get("window") != self.window or data.get("n_features") != self.n_features:
             raise ValueError("device state was saved for a different feature window or schema")
+        if data.get("warmup") != self.warmup:
+            raise ValueError("device state was saved for a different warm-up length")
         width = len(self.global_center)
 
-        def arr(v: Any) -> Matrix | None:
+        def arr(v: Any, shape: tuple[int, ...] = (width,)) -> Matrix | None:
             if v is None:
                 return None
             a = np.asarray(v, dtype=np.float64)
-            if a.shape != (width,) or not np.isfinite(a).all():
+            if a.shape != shape or not np.isfinite(a).all():
                 raise ValueError("device state array has the wrong shape or is not finite")
             return a
 
@@ -179,13 +275,17 @@ class DeviceTracker:
                 if len(r) != self.n_features:
                     raise ValueError("device state reading has the wrong width")
                 recent.append(tuple(float(v) for v in r))
+            threshold = raw["threshold"]
             devices[str(dev)] = DeviceState(
                 recent,
                 int(raw["count"]),
                 arr(raw["mean"]),
-                arr(raw["m2"]),
+                arr(raw["m2"], (width, width)),
                 arr(raw["center"]),
                 arr(raw["scale"]),
+                arr(raw["cond"], (width, width)),
+                float(raw["held_back_max"]),
+                None if threshold is None else float(threshold),
             )
         self.devices = devices
         return len(devices)

@@ -37,6 +37,7 @@ from daemon.training.train import train, train_csv
 Progress = Callable[[str], None]
 CHUNK = 256
 ALERT_ROW = "ensemble, alert active"
+BASELINE_ROW = "device baseline alone"
 
 
 @dataclass(frozen=True)
@@ -74,15 +75,17 @@ def stream(
     warmup: int,
     alerts: AlertConfig,
     device: str = "eval",
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]]:
     """Send one device's readings through a fresh pipeline, as payloads, in order.
 
-    Returns (is_anomaly, alert active after this reading) for every row.
+    Returns (is_anomaly, alert active after this reading, the device baseline's own flag)
+    for every row.
     """
     decoder = Decoder(bundle.features, bundle.detector_names, subscription="eval/+")
     pipeline = Pipeline(bundle, decoder, TopicsConfig(), alerts, detector, warmup=warmup)
     n = x.shape[0]
     flags = np.zeros(n, dtype=bool)
+    baseline = np.zeros(n, dtype=bool)
     changes: dict[int, bool] = {}
     names = bundle.features
     for start in range(0, n, CHUNK):
@@ -100,6 +103,7 @@ def stream(
                 body = orjson.loads(out.payload)
                 if out.kind == "verdict":
                     flags[body["seq"]] = body["is_anomaly"]
+                    baseline[body["seq"]] = body.get("baseline", {}).get("is_anomaly", False)
                 elif out.kind == "alert":
                     changes[body["seq"]] = body["active"]
                 else:
@@ -109,7 +113,7 @@ def stream(
     for i in range(n):
         state = changes.get(i, state)
         active[i] = state
-    return flags, active
+    return flags, active, baseline
 
 
 def evaluate(
@@ -179,12 +183,14 @@ def _score_file(
     assert d.labels is not None
     y = d.labels[warmup:]
     for detector in bundle.detector_names:
-        flags, active = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
+        flags, active, baseline = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
         pooled.setdefault(detector, ([], []))[0].append(flags[warmup:])
         pooled[detector][1].append(y)
         if detector == ENSEMBLE:
             pooled.setdefault(ALERT_ROW, ([], []))[0].append(active[warmup:])
             pooled[ALERT_ROW][1].append(y)
+            pooled.setdefault(BASELINE_ROW, ([], []))[0].append(baseline[warmup:])
+            pooled[BASELINE_ROW][1].append(y)
 
 
 def _figures(

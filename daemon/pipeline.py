@@ -21,7 +21,7 @@ import orjson
 
 from daemon.alerts import AlertEvent, AlertTracker
 from daemon.config import AlertConfig, TopicsConfig
-from daemon.devices import DeviceTracker, Observation
+from daemon.devices import DeviceTracker
 from daemon.models import BatchScores, ModelBundle
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoded, Decoder, Reading, Rejection
@@ -59,6 +59,8 @@ class Judgement:
     members: dict[str, float] | None
     explanation: dict[str, Any] | None = None
     warming_up: bool = False
+    #: the device baseline's score, threshold and flag, once its warm-up is complete
+    baseline: dict[str, Any] | None = None
     alert: AlertEvent | None = None  # the alert transition this verdict caused
 
 
@@ -124,32 +126,55 @@ class Pipeline:
     # -- scoring -----------------------------------------------------------------------
 
     def judge(self, readings: Sequence[Reading], stats: BatchStats) -> list[Judgement]:
-        """Score readings grouped by detector; results in the order given."""
+        """Score readings grouped by detector; results in the order given.
+
+        The global model scores each group in one vectorised call (it needs no per-device
+        state beyond the window); then, in arrival order, each device's baseline judges
+        its reading and learns from it (``daemon.devices``). A reading is anomalous after
+        warm-up only if both flag it.
+        """
         groups: dict[str, list[int]] = {}
         default = self.default_detector
         observed = [self.devices.observe(r.device_id, r.values) for r in readings]
         for i, r in enumerate(readings):
             groups.setdefault(r.model_name or default, []).append(i)
         out: list[Judgement | None] = [None] * len(readings)
+        zscores: list[np.ndarray | None] = [None] * len(readings)
+        elapsed: dict[str, float] = {}
         for detector, idx in groups.items():
-            X = np.array([observed[i].row for i in idx], dtype=np.float64)
-            center = np.array([observed[i].center for i in idx], dtype=np.float64)
-            scale = np.array([observed[i].scale for i in idx], dtype=np.float64)
+            X = np.array([observed[i] for i in idx], dtype=np.float64)
             t0 = time.perf_counter()
-            scored = self.bundle.score(X, detector, center=center, scale=scale)
-            elapsed = time.perf_counter() - t0
-            n_anom = self._collect(scored, readings, observed, idx, out)
-            stats.by_detector[detector] = (len(idx), n_anom, elapsed)
-        return [j for j in out if j is not None]
+            scored = self.bundle.score(X, detector)
+            elapsed[detector] = time.perf_counter() - t0
+            self._collect(scored, readings, idx, out, zscores)
+        judged = [j for j in out if j is not None]
+        anomalies: dict[str, int] = dict.fromkeys(groups, 0)
+        for j, row, z in zip(judged, observed, zscores, strict=True):
+            a = self.devices.assess(j.reading.device_id, row, j.is_anomaly)
+            j.warming_up = a.warming_up
+            center, scale = None, None
+            if a.active:
+                j.baseline = {"score": a.score, "threshold": a.threshold,
+                              "is_anomaly": a.is_anomaly}
+                j.is_anomaly = j.is_anomaly and a.is_anomaly
+                z, center, scale = a.z, a.center, a.scale  # explain against the baseline
+            if j.is_anomaly:
+                anomalies[j.detector] += 1
+                assert z is not None
+                exp = self.bundle.explain(row, z, center=center, scale=scale)
+                j.explanation = _as_dict(exp)
+        for detector, idx in groups.items():
+            stats.by_detector[detector] = (len(idx), anomalies[detector], elapsed[detector])
+        return judged
 
     def _collect(
         self,
         s: BatchScores,
         readings: Sequence[Reading],
-        observed: Sequence[Observation],
         idx: list[int],
         out: list[Judgement | None],
-    ) -> int:
+        zscores: list[np.ndarray | None],
+    ) -> None:
         threshold = float(self.bundle.manifest["detectors"][s.detector]["threshold"])
         scores = s.scores.tolist()
         flags = s.is_anomaly.tolist()
@@ -158,13 +183,12 @@ class Pipeline:
         members = (
             {k: v.tolist() for k, v in s.members.items()} if s.members is not None else None
         )
-        n_anom = 0
         for row, i in enumerate(idx):
             score = scores[row]
             if not math.isfinite(score):
                 # A non-finite score would leave as JSON null; treat it as the worst case.
                 score, flags[row], conf[row], margins[row] = 1e300, True, 1.0, 1e300
-            j = Judgement(
+            out[i] = Judgement(
                 reading=readings[i],
                 detector=s.detector,
                 score=score,
@@ -173,16 +197,8 @@ class Pipeline:
                 confidence=conf[row],
                 margin=margins[row],
                 members={k: v[row] for k, v in members.items()} if members else None,
-                warming_up=observed[i].warming_up,
             )
-            if j.is_anomaly:
-                n_anom += 1
-                o = observed[i]
-                # deviations from the device's own baseline once it has one
-                exp = self.bundle.explain(o.row, s.zscores[row], center=o.center, scale=o.scale)
-                j.explanation = _as_dict(exp)
-            out[i] = j
-        return n_anom
+            zscores[i] = s.zscores[row]
 
     # -- per-device state --------------------------------------------------------------
 
@@ -301,6 +317,8 @@ class Pipeline:
             v["contributions"] = j.explanation["contributions"]
         if j.members is not None:
             v["detector_scores"] = j.members
+        if j.baseline is not None:
+            v["baseline"] = j.baseline
         return v
 
     def _alert(self, j: Judgement, event: AlertEvent, scored_at: str) -> Outbound:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from daemon.cli import main
-from daemon.evaluate import ALERT_ROW
+from daemon.evaluate import ALERT_ROW, BASELINE_ROW
 
 FEATURES = ("Flow Rate", "Motor Current", "temperature")
 WARMUP = 300
@@ -85,20 +85,22 @@ def test_windowed_detectors_find_a_sustained_shift_with_few_false_alarms(
     table, _ = evaluated
     got = figures(table)
     assert "Scored points: 350 normal, 250 anomalous." in table
-    # Measured: per-device ensemble recall 0.58 / FAR 2 %, global 0.90 / 10.6 %. A model fit
-    # on 240 rows and calibrated on 60 gets a conservative threshold; the bounds leave room
-    # for noise but fail if windows, baselines or thresholds stop working.
+    # Measured: ensemble recall 0.44 / FAR 0 % per-device, 0.45 / 2.6 % global. With
+    # baselines a reading must also exceed its device's threshold (1.5x the largest
+    # deviation of the held-back warm-up), so a 1.5σ shift is found about half the time;
+    # the bounds fail if windows, baselines or thresholds stop working.
     per_device, global_ = got[("per-device", "ensemble")], got[("global", "ensemble")]
-    assert per_device["recall"] >= 0.45 and per_device["far"] <= 6.0, per_device
-    assert global_["recall"] >= 0.8 and global_["far"] <= 15.0, global_
-    assert got[("per-device", "lof")]["recall"] >= 0.6, got
+    assert per_device["recall"] >= 0.35 and per_device["far"] <= 6.0, per_device
+    assert global_["recall"] >= 0.35 and global_["far"] <= 6.0, global_
+    assert got[("per-device", "lof")]["recall"] >= 0.35, got
+    assert got[("per-device", BASELINE_ROW)]["recall"] >= 0.35, got
     assert got[("per-device", ALERT_ROW)]["far"] <= 6.0, got
 
 
 def test_evaluate_reports_every_detector_and_its_progress(evaluated: tuple[str, str]) -> None:
     table, progress = evaluated
     got = figures(table)
-    names = {"isolation_forest", "lof", "autoencoder", "ensemble", ALERT_ROW}
+    names = {"isolation_forest", "lof", "autoencoder", "ensemble", ALERT_ROW, BASELINE_ROW}
     assert {d for v, d in got if v == "per-device"} == names
     assert "[1/2] 0.csv" in progress and "[2/2] 1.csv" in progress
     assert "training once on free.csv" in progress
