@@ -74,9 +74,9 @@ class Metrics:
             "anomalyd_callback_errors", "Exceptions caught at an I/O edge, by where",
             ["where"], registry=r,
         )
-        self.deferred = Counter(
-            "anomalyd_messages_deferred",
-            "Messages left unacknowledged for broker redelivery because the queue was full",
+        self.intake_waits = Counter(
+            "anomalyd_intake_waits",
+            "Times the intake stopped reading from the broker because the queue was full",
             registry=r,
         )
         self.model_info = Info(

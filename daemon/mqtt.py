@@ -1,36 +1,28 @@
-"""The MQTT edge: the only module that talks to paho-mqtt.
+"""The MQTT edge: with ``daemon.mqtt_link``, the only code that talks to paho-mqtt.
 
 A paho message becomes an ``Inbound`` here and nothing past this module sees paho. Received
 readings are acknowledged manually, in order, once their outputs are acknowledged by the
 broker (see ``daemon.acks``). Outgoing QoS 1 publishes are capped (paho keys them by a
-16-bit packet id and silently overwrites past 65,535 in flight). No callback blocks and no
-exception escapes a callback: one that did would kill paho's network thread while
-``is_connected()`` kept saying True.
+16-bit packet id and silently overwrites past 65,535 in flight).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.acks import AckSequencer, Inbound
 from daemon.config import MqttConfig
-from daemon.errors import BrokerError
 from daemon.metrics import Metrics
-from daemon.tls import client_context, describe_failure
+from daemon.mqtt_link import Link
 
 log = structlog.get_logger("anomalyd.mqtt")
 
@@ -40,8 +32,6 @@ _QUEUED = frozenset(
     {MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN,
      MQTTErrorCode.MQTT_ERR_CONN_LOST}
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class PublishWindow:
@@ -115,7 +105,17 @@ class PublishWindow:
 
 
 class MqttAdapter:
-    """Subscribe, hand each received message to ``deliver``, publish, acknowledge."""
+    """Subscribe, hand each received message to ``deliver``, publish, acknowledge.
+
+    Two connections: ``intake`` (the persistent session: subscription, manual acks, the
+    retained status and its Last Will) and ``output`` (verdicts, alerts, dead letters).
+    The broker's PUBACKs for our outputs arrive on ``output``, so ``deliver`` may block
+    the intake's network thread when the scorer falls behind: that stops reading from
+    the intake socket, and TCP carries the backpressure to the broker, which keeps the
+    readings. On one connection, blocking would also stop the PUBACKs the scorer waits
+    for; and Mosquitto 2.0.11 does not keep to a client's Receive Maximum once acks flow
+    (docs/reliability.md), so flow control alone would not bound the queue.
+    """
 
     def __init__(
         self,
@@ -131,191 +131,69 @@ class MqttAdapter:
         self.status_topic = status_topic
         self.metrics = metrics
         self._deliver = deliver
-        self.v5 = cfg.protocol == "5"
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or cfg.client_id,
-            clean_session=None if self.v5 else False,
-            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
-            manual_ack=True,
-        )
         self.window = PublishWindow(cfg.max_outstanding_publishes)
         self.acks = AckSequencer(self._send_ack, self._on_input_done)
         self._intake = True
-        self._connected = threading.Event()
-        self._connect_result: str | None = None
-        self._first_connect = threading.Event()
-        self._ever_connected = False
-        self._thread: threading.Thread | None = None
-        self._watchdog: threading.Thread | None = None
-        self._stopped = threading.Event()
-        self._last_inbound = time.monotonic()  # any packet from the broker (watchdog)
-        self.last_error: str | None = None
-        self.loop_crashed: str | None = None
-        self._configure()
-
-    # -- set-up ------------------------------------------------------------------------
-
-    def _configure(self) -> None:
-        c = self.client
-        cfg = self.cfg
-        if cfg.username:
-            c.username_pw_set(cfg.username, cfg.secret())
-        if cfg.tls.enabled:
-            c.tls_set_context(client_context(cfg.tls))
-        c.will_set(self.status_topic, b"offline", qos=1, retain=True)
-        c.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]  # paho accepts float seconds
-        # 0 = paho sends at once and never rescans its queue; PublishWindow is the cap.
-        c.max_inflight_messages_set(0)
-        c.on_socket_open = self._guard("on_socket_open", self._on_socket_open)
-        c.on_connect = self._guard("on_connect", self._on_connect)
-        c.on_connect_fail = self._guard("on_connect_fail", self._on_connect_fail)
-        c.on_disconnect = self._guard("on_disconnect", self._on_disconnect)
-        c.on_message = self._guard("on_message", self._on_message)
-        c.on_publish = self._guard("on_publish", self._on_publish)
-
-    def _guard(self, where: str, fn: F) -> F:
-        """Wrap a paho callback so that no exception can escape it."""
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except Exception:
-                self.metrics.callback_errors.labels(where).inc()
-                log.exception("callback_failed", where=where)
-                return None
-
-        return wrapper  # type: ignore[return-value]
+        cid = client_id or cfg.client_id
+        self.intake = Link(
+            cfg, metrics, name="intake", client_id=cid, persistent=True, manual_ack=True,
+            will=(status_topic, b"offline"), on_up=self._intake_up, on_down=self._intake_down,
+            on_message=self._on_message,
+        )
+        self.output = Link(
+            cfg, metrics, name="output", client_id=f"{cid}-out", persistent=False,
+            on_up=self._output_up, on_publish=self._on_output_acked,
+        )
+        self.client = self.intake.client  # the session's client (tests reach into it)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect (retrying until ``connect_timeout_s``) and start the network thread.
+        """Connect both links (retrying until ``connect_timeout_s``), output first.
 
         Raises BrokerError when the broker cannot be reached in time or refuses us.
         """
-        cfg = self.cfg
-        deadline = time.monotonic() + cfg.connect_timeout_s
-        delay = cfg.reconnect_min_delay_s
-        while True:
-            try:
-                self._connect()
-                break
-            except ssl.SSLError as exc:
-                # Retrying cannot fix a certificate: say what is wrong and stop.
-                self.metrics.connection_errors.labels("tls").inc()
-                self.last_error = f"broker at {cfg.host}:{cfg.port}: {describe_failure(exc)}"
-                raise BrokerError(self.last_error) from exc
-            except OSError as exc:
-                self.last_error = f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}"
-                self.metrics.connection_errors.labels("unreachable").inc()
-                if cfg.connect_timeout_s and time.monotonic() + delay > deadline:
-                    raise BrokerError(self.last_error) from exc
-                log.warning("broker_unreachable", host=cfg.host, port=cfg.port, error=str(exc),
-                            retry_in_s=delay)
-                time.sleep(delay)
-                delay = min(delay * 2, cfg.reconnect_max_delay_s)
-        self._thread = threading.Thread(target=self._loop, name="mqtt-loop", daemon=True)
-        self._thread.start()
-        self._watchdog = threading.Thread(target=self._watch, name="mqtt-watchdog", daemon=True)
-        self._watchdog.start()
-        remaining = max(0.5, deadline - time.monotonic()) if cfg.connect_timeout_s else None
-        if not self._first_connect.wait(remaining):
-            raise BrokerError(
-                f"no answer to CONNECT from broker at {cfg.host}:{cfg.port} "
-                f"within {cfg.connect_timeout_s:.0f}s"
-            )
-        if self._connect_result is not None:
-            self.client.disconnect()
-            raise BrokerError(
-                f"broker at {cfg.host}:{cfg.port} refused the connection: {self._connect_result}"
-            )
-
-    def _connect(self) -> None:
-        cfg = self.cfg
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = cfg.session_expiry_s
-            props.ReceiveMaximum = cfg.receive_maximum
-            self.client.connect(
-                cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
-            )
-        else:
-            self.client.connect(cfg.host, cfg.port, cfg.keepalive_s)
-
-    def _loop(self) -> None:
+        timeout = self.cfg.connect_timeout_s
+        deadline = time.monotonic() + timeout if timeout else float("inf")
+        self.output.start(deadline)
         try:
-            self.client.loop_forever(retry_first_connection=True)
-        except Exception as exc:
-            self.loop_crashed = repr(exc)
-            log.exception("mqtt_loop_crashed")
+            self.intake.start(deadline)
+        except BaseException:
+            self.output.stop(1.0)
+            raise
 
-    def _watch(self) -> None:
-        """Notice a silent link within about one keepalive, and drop it.
+    @property
+    def last_error(self) -> str | None:
+        return self.intake.last_error or self.output.last_error
 
-        paho pings only after a whole keepalive without traffic and gives up one keepalive
-        later: a cut link (no FIN, no RST) goes unnoticed for up to 2 x keepalive (measured:
-        9 s at keepalive 5 s). Here: after half a keepalive without a packet from the
-        broker, ping; no answer within another half, shut the socket down so paho's loop
-        sees the loss and reconnects. paho's own ``_last_bytes_received`` cannot tell us
-        about silence (paho resets it whenever it thinks it should ping), so inbound
-        traffic is tracked by our callbacks and the ping's answer through paho's
-        ``_ping_t`` (0 once PINGRESP arrived). ``_ping_t`` and ``_send_pingreq`` are paho
-        2.x internals; tests/test_faults.py fails if they stop working.
-        """
-        client = self.client
-        half = self.cfg.keepalive_s / 2
-        pinged_at: float | None = None
-        while not self._stopped.wait(0.25):
-            if not self._connected.is_set():
-                pinged_at = None
-                continue
-            try:
-                now = time.monotonic()
-                heard = self._last_inbound
-                if pinged_at is not None and (heard > pinged_at or client._ping_t == 0):
-                    pinged_at = None  # answered, by the PINGRESP or any other packet
-                if pinged_at is None:
-                    if now - heard >= half:
-                        pinged_at = now
-                        client._send_pingreq()
-                elif now - pinged_at >= half:
-                    pinged_at = None
-                    self.metrics.connection_errors.labels("keepalive").inc()
-                    log.warning("broker_silent", silent_s=round(now - heard, 2),
-                                keepalive_s=self.cfg.keepalive_s, action="reconnect")
-                    sock = client.socket()
-                    if isinstance(sock, socket.socket):  # SSLSocket is one too
-                        with contextlib.suppress(OSError):  # already closed: fine
-                            sock.shutdown(socket.SHUT_RDWR)
-            except Exception:
-                self.metrics.callback_errors.labels("watchdog").inc()
-                log.exception("watchdog_failed")
+    @property
+    def loop_crashed(self) -> str | None:
+        """Which network thread died, if one did while not stopping."""
+        dead = [link.name for link in (self.intake, self.output)
+                if link.thread is not None and not link.alive]
+        return f"network thread of {', '.join(dead)} died" if dead else None
 
     @property
     def loop_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.intake.alive and self.output.alive
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set() and self.loop_alive
+        return self.intake.connected and self.output.connected
 
     def pause_intake(self) -> None:
         """Stop taking readings: later ones stay unacked at the broker for redelivery."""
         self._intake = False
 
     def stop(self, timeout: float) -> None:
-        """Publish ``offline``, disconnect cleanly and join the network thread."""
-        if self.connected:
-            info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
+        """Publish ``offline`` on the session's link, disconnect both, join their threads."""
+        if self.intake.connected:
+            info = self.intake.client.publish(self.status_topic, b"offline", qos=1, retain=True)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(timeout=min(timeout, 2.0))
-        self._stopped.set()
-        self.client.disconnect()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.intake.stop(timeout)
+        self.output.stop(timeout)
 
     # -- publishing (worker thread) -----------------------------------------------------
 
@@ -330,6 +208,7 @@ class MqttAdapter:
         (``owner`` then stays unacknowledged: the broker redelivers it).
         """
         window = self.window
+        client = self.output.client
         if owner is not None:
             self.acks.hold(owner)
         while True:
@@ -337,7 +216,7 @@ class MqttAdapter:
                 if should_stop is not None and should_stop():
                     return self._gave_up(owner)
             try:
-                info = self.client.publish(topic, payload, qos=1, retain=retain)
+                info = client.publish(topic, payload, qos=1, retain=retain)
             except Exception:
                 window.give_back()
                 if owner is not None:
@@ -362,64 +241,30 @@ class MqttAdapter:
             self.acks.forget(owner)
         return False
 
-    # -- paho callbacks (network thread; never block, never raise) ---------------------
+    # -- link callbacks (network threads) ----------------------------------------------
 
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self.cfg.tcp_nodelay:
-            # paho never sets TCP_NODELAY: small messages would wait for Nagle (~25 ms).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _intake_up(self, client: paho.Client, session_present: bool, props: Any) -> None:
+        if self.intake.v5:
+            client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
+        else:
+            client.subscribe(self.subscription, qos=1)
+        client.publish(self.status_topic, b"online", qos=1, retain=True)
+        self.metrics.connected.set(1 if self.output.connected else 0)
+        log.info("subscribed", subscription=self.subscription, session_present=session_present)
 
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
-    ) -> None:
-        if reason.is_failure:
-            self._connect_result = str(reason)
-            self.last_error = f"broker refused the connection: {reason}"
-            self.metrics.connection_errors.labels("refused").inc()
-            log.error("broker_refused", reason=str(reason), host=self.cfg.host,
-                      port=self.cfg.port)
-            self._first_connect.set()
-            return
-        self._connect_result = None
-        self.last_error = None
-        self._last_inbound = time.monotonic()
-        if self._ever_connected:
-            self.metrics.reconnects.inc()
-        self._ever_connected = True
+    def _intake_down(self) -> None:
+        self.metrics.connected.set(0)
+        self.acks.new_session()
+        self.metrics.unacked_inputs.set(0)
+
+    def _output_up(self, client: paho.Client, session_present: bool, props: Any) -> None:
         # Honour the broker's Receive Maximum (MQTT v5): never more unacknowledged
         # publishes to it than it says it accepts.
         receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
         self.window.set_limit(receive_max or self.cfg.max_outstanding_publishes)
-        if self.v5:
-            client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
-        else:
-            client.subscribe(self.subscription, qos=1)
-        info = client.publish(self.status_topic, b"online", qos=1, retain=True)
-        # On the network thread nothing can acknowledge it before it is recorded.
-        self.window.record(info.mid, None, counted=False)
-        self._connected.set()
-        self.metrics.connected.set(1)
-        log.info("broker_connected", host=self.cfg.host, port=self.cfg.port,
-                 session_present=bool(flags.session_present), subscription=self.subscription)
-        self._first_connect.set()
-
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self.metrics.connection_errors.labels("unreachable").inc()
-        self.last_error = f"cannot reach broker at {self.cfg.host}:{self.cfg.port}"
-
-    def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
-    ) -> None:
-        was = self._connected.is_set()
-        self._connected.clear()
-        self.metrics.connected.set(0)
-        self.acks.new_session()
-        self.metrics.unacked_inputs.set(0)
-        if was:
-            log.warning("broker_disconnected", reason=str(reason))
+        self.metrics.connected.set(1 if self.intake.connected else 0)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._last_inbound = time.monotonic()
         if not self._intake:
             return  # not acked: the broker keeps it for our next session
         try:
@@ -439,10 +284,7 @@ class MqttAdapter:
             self.acks.forget(inbound)
             raise
 
-    def _on_publish(
-        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
-    ) -> None:
-        self._last_inbound = time.monotonic()
+    def _on_output_acked(self, mid: int) -> None:
         _, owner = self.window.acked(mid)
         if owner is not None:
             self.acks.release(owner)
@@ -450,7 +292,7 @@ class MqttAdapter:
     # -- acknowledgements --------------------------------------------------------------
 
     def _send_ack(self, mid: int) -> None:
-        self.client.ack(mid, 1)
+        self.intake.client.ack(mid, 1)
 
     def _on_input_done(self, msg: Inbound) -> None:
         self.metrics.end_to_end_seconds.observe(time.monotonic() - msg.received_at)

@@ -33,6 +33,13 @@ from daemon.readings import Decoder
 log = structlog.get_logger("anomalyd")
 
 
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """A thread died of an exception (e.g. paho's network thread): log it as an event;
+    /health reports the dead thread."""
+    log.error("thread_crashed", thread=args.thread.name if args.thread else None,
+              exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
 def shared_subscription(subscription: str, group: str, workers: int) -> str:
     """With several workers the subscription is shared: each reading goes to one of them."""
     if workers > 1 and not subscription.startswith("$share/"):
@@ -75,21 +82,18 @@ class Service:
         )
         self.state_path = state.state_file(s.state.dir, worker_index)
         self._state_saved_at = time.monotonic()
-        # The network thread must never block (it also carries the PUBACKs we wait for) nor
-        # drop (a dropped reading comes back only on the next connection: measured, that
-        # stalled the daemon), so the queue takes whatever the broker sends. Its bound is
-        # the broker's flow control (Receive Maximum / max_inflight_messages), which
-        # Mosquitto 2.0.11 overshoots once acks flow: see docs/reliability.md.
-        # SimpleQueue: a C queue, ~20x cheaper per message than queue.Queue on this path.
+        # Bounded by batch.queue_size: when full, the intake's network thread waits (the
+        # PUBACKs our publishes need arrive on the other connection), so the broker keeps
+        # the readings. SimpleQueue: a C queue, ~20x cheaper per message than queue.Queue.
         self.queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self.queue_bound = s.batch.queue_size
         client_id = s.mqtt.client_id
         port = s.http.port
         if worker_index is not None:
             client_id = f"{client_id}-{worker_index}"
             port = port + worker_index if port else 0
         self.mqtt = MqttAdapter(
-            s.mqtt, self.subscription, s.topics.status, self.metrics, self.queue.put_nowait,
-            client_id,
+            s.mqtt, self.subscription, s.topics.status, self.metrics, self._deliver, client_id,
         )
         self.http = HttpServer(
             s.http.host, port, self, self.metrics.registry, s.http.secret()
@@ -103,6 +107,17 @@ class Service:
             {"version": bundle.version, "features": ",".join(bundle.features),
              "default_detector": self.pipeline.default_detector}
         )
+
+    # -- intake (the intake connection's network thread) -------------------------------
+
+    def _deliver(self, msg: Inbound) -> None:
+        """Queue a received message; wait while the queue is full (backpressure)."""
+        q = self.queue
+        if q.qsize() >= self.queue_bound:
+            self.metrics.intake_waits.inc()
+            while q.qsize() >= self.queue_bound and not self._forced.is_set():
+                time.sleep(0.001)
+        q.put(msg)
 
     # -- scoring worker ----------------------------------------------------------------
 
@@ -225,6 +240,7 @@ class Service:
 
     def run(self) -> int:
         """Start, serve until a signal, shut down. Returns the process exit code."""
+        threading.excepthook = _log_thread_crash
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.start()

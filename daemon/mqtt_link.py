@@ -1,0 +1,301 @@
+"""One connection to the broker: a paho client with anomalyd's conventions.
+
+Credentials, TLS, TCP_NODELAY, reconnect backoff, a start-up that retries until a deadline
+and says clearly why it failed, paho's own network thread (``loop_start``: only that
+thread writes to the socket; paho's writer is not safe for two), a watchdog that notices a
+silent link within about one keepalive, and guarded callbacks: an exception escaping a paho
+callback would kill the network thread while ``is_connected()`` kept saying True.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from daemon.config import MqttConfig
+from daemon.errors import BrokerError
+from daemon.metrics import Metrics
+from daemon.tls import client_context, describe_failure
+
+log = structlog.get_logger("anomalyd.mqtt")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guard(metrics: Metrics, where: str, fn: F) -> F:
+    """Wrap a paho callback so that no exception can escape it: log, count, carry on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            metrics.callback_errors.labels(where).inc()
+            log.exception("callback_failed", where=where)
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Link:
+    """A paho client, connected and kept connected.
+
+    ``persistent`` links keep a broker session across reconnects and restarts (fixed
+    client id, v5 ``clean_start=False`` with a session expiry, 3.1.1
+    ``clean_session=False``) and announce ``receive_maximum``; others start clean.
+    ``on_up(client, session_present, connack_properties)`` runs on each connection,
+    ``on_down()`` on each loss.
+    """
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        metrics: Metrics,
+        *,
+        name: str,
+        client_id: str,
+        persistent: bool,
+        manual_ack: bool = False,
+        will: tuple[str, bytes] | None = None,
+        on_up: Callable[[paho.Client, bool, Any], None] | None = None,
+        on_down: Callable[[], None] | None = None,
+        on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None] | None = None,
+        on_publish: Callable[[int], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.name = name
+        self.persistent = persistent
+        self.v5 = cfg.protocol == "5"
+        self._on_up = on_up
+        self._on_down = on_down
+        self._on_publish_mid = on_publish
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=None if self.v5 else not persistent,
+            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
+            manual_ack=manual_ack,
+        )
+        self._connected = threading.Event()
+        self._first_connect = threading.Event()
+        self._connect_result: str | None = None
+        self._ever_connected = False
+        self._stopped = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.last_heard = time.monotonic()  # any packet from the broker (watchdog)
+        self.last_error: str | None = None
+        c = self.client
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.secret())
+        if cfg.tls.enabled:
+            c.tls_set_context(client_context(cfg.tls))
+        if will is not None:
+            c.will_set(will[0], will[1], qos=1, retain=True)
+        c.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]  # paho accepts float seconds
+        # 0: paho sends at once and never rescans its queue on a PUBACK (measured: a
+        # quarter of the daemon's CPU under load); the caller caps what is in flight.
+        c.max_inflight_messages_set(0)
+        c.on_socket_open = guard(metrics, f"{name}.on_socket_open", self._socket_open)
+        c.on_connect = guard(metrics, f"{name}.on_connect", self._connect_cb)
+        c.on_connect_fail = guard(metrics, f"{name}.on_connect_fail", self._connect_fail)
+        c.on_disconnect = guard(metrics, f"{name}.on_disconnect", self._disconnect_cb)
+        if on_message is not None:
+            c.on_message = guard(metrics, "on_message", self._heard_then(on_message))
+        c.on_publish = guard(metrics, f"{name}.on_publish", self._publish_cb)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, deadline: float) -> None:
+        """Connect, retrying until ``deadline`` (monotonic; inf: forever); start the loop.
+
+        Raises BrokerError when the broker cannot be reached in time or refuses us.
+        """
+        cfg = self.cfg
+        delay = cfg.reconnect_min_delay_s
+        while True:
+            try:
+                self._connect()
+                break
+            except ssl.SSLError as exc:
+                # Retrying cannot fix a certificate: say what is wrong and stop.
+                self.metrics.connection_errors.labels("tls").inc()
+                self.last_error = f"broker at {cfg.host}:{cfg.port}: {describe_failure(exc)}"
+                raise BrokerError(self.last_error) from exc
+            except OSError as exc:
+                self.last_error = f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}"
+                self.metrics.connection_errors.labels("unreachable").inc()
+                if time.monotonic() + delay > deadline:
+                    raise BrokerError(self.last_error) from exc
+                log.warning("broker_unreachable", host=cfg.host, port=cfg.port,
+                            error=str(exc), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, cfg.reconnect_max_delay_s)
+        self.client.loop_start()
+        self._watchdog = threading.Thread(
+            target=self._watch, name=f"mqtt-{self.name}-watchdog", daemon=True
+        )
+        self._watchdog.start()
+        remaining = deadline - time.monotonic()
+        if not self._first_connect.wait(None if remaining == float("inf") else max(0.5, remaining)):
+            raise BrokerError(
+                f"no answer to CONNECT from broker at {cfg.host}:{cfg.port} "
+                f"within {cfg.connect_timeout_s:.0f}s"
+            )
+        if self._connect_result is not None:
+            self.stop(1.0)
+            raise BrokerError(
+                f"broker at {cfg.host}:{cfg.port} refused the connection: {self._connect_result}"
+            )
+
+    def _connect(self) -> None:
+        cfg = self.cfg
+        if not self.v5:
+            self.client.connect(cfg.host, cfg.port, cfg.keepalive_s)
+            return
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if self.persistent:
+            props.SessionExpiryInterval = cfg.session_expiry_s
+            props.ReceiveMaximum = cfg.receive_maximum
+        self.client.connect(cfg.host, cfg.port, cfg.keepalive_s,
+                            clean_start=not self.persistent, properties=props)
+
+    def stop(self, timeout: float) -> None:
+        """Disconnect cleanly and join the network thread."""
+        self._stopped.set()
+        self.client.disconnect()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        # paho's own network thread, started by loop_start(); paho has no public accessor.
+        t: threading.Thread | None = getattr(self.client, "_thread", None)
+        return t
+
+    @property
+    def alive(self) -> bool:
+        thread = self.thread
+        return thread is not None and thread.is_alive()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set() and self.alive
+
+    # -- watchdog ----------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Notice a silent link within about one keepalive, and drop it.
+
+        paho pings only after a whole keepalive without traffic and gives up one keepalive
+        later: a cut link (no FIN, no RST) goes unnoticed for up to 2 x keepalive (measured:
+        9 s at keepalive 5 s). Here: after half a keepalive without a packet from the
+        broker, ping; no answer within another half, shut the socket down so paho's loop
+        sees the loss and reconnects. paho's own ``_last_bytes_received`` cannot tell us
+        about silence (paho resets it whenever it thinks it should ping), so inbound
+        traffic is tracked by our callbacks and the ping's answer through paho's
+        ``_ping_t`` (0 once PINGRESP arrived). ``_ping_t`` and ``_send_pingreq`` are paho
+        2.x internals; tests/test_faults.py fails if they stop working.
+        """
+        client = self.client
+        half = self.cfg.keepalive_s / 2
+        pinged_at: float | None = None
+        while not self._stopped.wait(0.25):
+            if not self._connected.is_set():
+                pinged_at = None
+                continue
+            try:
+                now = time.monotonic()
+                heard = self.last_heard
+                if pinged_at is not None and (heard > pinged_at or client._ping_t == 0):
+                    pinged_at = None  # answered, by the PINGRESP or any other packet
+                if pinged_at is None:
+                    if now - heard >= half:
+                        pinged_at = now
+                        client._send_pingreq()
+                elif now - pinged_at >= half:
+                    pinged_at = None
+                    self.metrics.connection_errors.labels("keepalive").inc()
+                    log.warning("broker_silent", link=self.name, silent_s=round(now - heard, 2),
+                                keepalive_s=self.cfg.keepalive_s, action="reconnect")
+                    sock = client.socket()
+                    if isinstance(sock, socket.socket):  # SSLSocket is one too
+                        with contextlib.suppress(OSError):  # already closed: fine
+                            sock.shutdown(socket.SHUT_RDWR)
+            except Exception:
+                self.metrics.callback_errors.labels("watchdog").inc()
+                log.exception("watchdog_failed", link=self.name)
+
+    # -- paho callbacks (network thread; guarded) --------------------------------------
+
+    def _heard_then(
+        self, fn: Callable[[paho.Client, Any, paho.MQTTMessage], None]
+    ) -> Callable[[paho.Client, Any, paho.MQTTMessage], None]:
+        def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+            self.last_heard = time.monotonic()
+            fn(client, userdata, msg)
+
+        return on_message
+
+    def _socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self.cfg.tcp_nodelay:
+            # paho never sets TCP_NODELAY: small messages would wait for Nagle (~25 ms).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _connect_cb(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._connect_result = str(reason)
+            self.last_error = f"broker refused the connection: {reason}"
+            self.metrics.connection_errors.labels("refused").inc()
+            log.error("broker_refused", link=self.name, reason=str(reason),
+                      host=self.cfg.host, port=self.cfg.port)
+            self._first_connect.set()
+            return
+        self._connect_result = None
+        self.last_error = None
+        self.last_heard = time.monotonic()
+        if self._ever_connected:
+            self.metrics.reconnects.inc()
+        self._ever_connected = True
+        if self._on_up is not None:
+            self._on_up(client, bool(flags.session_present), props)
+        self._connected.set()
+        log.info("broker_connected", link=self.name, host=self.cfg.host, port=self.cfg.port,
+                 session_present=bool(flags.session_present))
+        self._first_connect.set()
+
+    def _connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self.metrics.connection_errors.labels("unreachable").inc()
+        self.last_error = f"cannot reach broker at {self.cfg.host}:{self.cfg.port}"
+
+    def _disconnect_cb(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if self._on_down is not None:
+            self._on_down()
+        if was:
+            log.warning("broker_disconnected", link=self.name, reason=str(reason))
+
+    def _publish_cb(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        self.last_heard = time.monotonic()
+        if self._on_publish_mid is not None:
+            self._on_publish_mid(mid)
