@@ -176,6 +176,7 @@ class StateConfig(_Strict):
 
 class ServiceConfig(_Strict):
     shutdown_timeout_s: float = Field(10.0, gt=0)
+    gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
     workers: int = Field(1, ge=1, le=64)
     share_group: str = "anomalyd"
 

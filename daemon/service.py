@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -241,6 +242,9 @@ class Service:
     def run(self) -> int:
         """Start, serve until a signal, shut down. Returns the process exit code."""
         threading.excepthook = _log_thread_crash
+        # Three busy threads (two network loops and the scorer) share the GIL; Python's
+        # default 5 ms switch interval makes each wait up to 5 ms for it. See BENCHMARKS.md.
+        sys.setswitchinterval(self.settings.service.gil_switch_interval_ms / 1000.0)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.start()
