@@ -120,9 +120,12 @@ class Assessment:
     is_anomaly: bool = False
     score: float = 0.0  # the largest conditional deviation
     threshold: float = 0.0
-    z: Matrix | None = None  # signed conditional deviations (D,), for explanations
-    center: Matrix | None = None  # each input's value as the other inputs predict it
-    scale: Matrix | None = None  # and its conditional spread
+    # For explanations: (row - center) / scale against the device's own (adapted) normal.
+    # Plain deviations, not the conditional ones: those spread a moved input's blame over
+    # the inputs correlated with it, and with a short warm-up over spurious correlations.
+    z: Matrix | None = None
+    center: Matrix | None = None
+    scale: Matrix | None = None
 
 
 _OFF = Assessment(warming_up=False, active=False)
@@ -193,7 +196,7 @@ class DeviceTracker:
                 st.threshold = max(MIN_THRESHOLD, THRESHOLD_MARGIN * st.held_back_max)
             return _WARMING
         thr = st.threshold
-        out = Assessment(False, True, score > thr, score, thr, dev, *self._expected(st, diff, dev))
+        out = Assessment(False, True, score > thr, score, thr, diff / s, c.copy(), s)
         if global_anomaly:
             c += np.where(np.abs(dev) <= thr, _ALPHA, 0.0) * diff
         else:
@@ -210,13 +213,6 @@ class DeviceTracker:
         st.cond = precision / np.sqrt(np.diag(precision))[:, None]
         st.center, st.scale = mean, scale
         st.mean = st.m2 = None
-
-    @staticmethod
-    def _expected(st: DeviceState, diff: Matrix, dev: Matrix) -> tuple[Matrix, Matrix]:
-        """Each input's value as the other inputs predict it, and the conditional spread."""
-        assert st.center is not None and st.scale is not None and st.cond is not None
-        spread = st.scale / np.diag(st.cond)  # 1 / sqrt(P_jj) in input units
-        return st.center + diff - dev * spread, spread
 
     def progress(self, device_id: str) -> int:
         st = self.devices.get(device_id)

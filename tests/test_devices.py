@@ -107,10 +107,9 @@ def test_slow_drift_is_followed_but_a_step_is_flagged_for_as_long_as_it_lasts() 
     assert frozen_far > 0.5
 
 
-def test_an_input_that_breaks_its_relation_to_the_others_is_flagged_and_explained() -> None:
+def test_an_input_that_breaks_its_relation_to_the_others_is_flagged() -> None:
     """Two inputs that move together (flow and current of a pump changing duty): both
-    moving is normal, one moving alone is not, and the expected value is the one the other
-    input predicts."""
+    moving is normal, one moving alone is not, although each is within its own range."""
     rng = np.random.default_rng(5)
     duty = rng.uniform(-3.0, 3.0, 1000)
     x = np.column_stack([duty, duty]) + rng.normal(0, 0.1, (1000, 2))
@@ -119,8 +118,7 @@ def test_an_input_that_breaks_its_relation_to_the_others_is_flagged_and_explaine
     together = t.assess("d", t.observe("d", [2.5, 2.5]), True)
     alone = t.assess("d", t.observe("d", [0.0, 2.5]), True)
     assert not together.is_anomaly and alone.is_anomaly
-    assert alone.center is not None and alone.z is not None
-    assert alone.center[0] == pytest.approx(2.5, abs=0.5) and alone.z[0] < 0  # low for 2.5
+    assert alone.z is not None and np.abs(alone.z).max() < 2.0  # no input out of range
 
 
 def test_a_regime_the_global_model_knows_is_learnt_not_flagged_forever() -> None:
