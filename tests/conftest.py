@@ -13,7 +13,7 @@ import pytest
 
 from daemon.config import HttpConfig, ModelConfig, MqttConfig, Settings, StateConfig
 from daemon.metrics import Metrics
-from daemon.models import load_bundle
+from daemon.models import ModelBundle, load_bundle
 from daemon.service import Service
 from tests.broker import Broker
 from tests.mqtt_client import Collector, Publisher
@@ -74,11 +74,16 @@ def start_daemon(
     started: list[Service] = []
     bundle = load_bundle(trained_model_dir)
 
-    def start(b: Broker | None = None, settings: Settings | None = None, **mqtt: Any) -> Service:
+    def start(
+        b: Broker | None = None,
+        settings: Settings | None = None,
+        model: ModelBundle | None = None,
+        **mqtt: Any,
+    ) -> Service:
         if settings is None:
             assert b is not None, "give a broker or complete settings"
             settings = make_settings(b, trained_model_dir, **mqtt)
-        svc = Service(settings, bundle, Metrics())
+        svc = Service(settings, model or bundle, Metrics())
         svc.start()
         started.append(svc)
         return svc

@@ -30,15 +30,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.broker import REPO, free_port
+from tests.conftest_models import NORMAL_READING as NORMAL
 
-NORMAL = {
-    "temperature": 45.3,
-    "vibration": 2.8,
-    "pressure": 6.5,
-    "flow_rate": 152.0,
-    "current": 87.5,
-    "duty_cycle": 0.75,
-}
 DATA = REPO / "tests" / "data"
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 

@@ -5,7 +5,7 @@ capitals), windowed features, warm-up that survives a restart, retained alert st
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import orjson
 import pytest
 
 from daemon.config import BaselineConfig, Settings
-from daemon.metrics import Metrics
 from daemon.models import load_bundle
 from daemon.offline import score_file
 from daemon.service import Service
@@ -48,21 +47,10 @@ def skab_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def start_skab(skab_model: Path) -> Iterator[Callable[[Settings], Service]]:
+def start_skab(skab_model: Path, start_daemon: Any) -> Callable[[Settings], Service]:
     """In-process daemons serving the SKAB-like model; shut down at teardown."""
-    started: list[Service] = []
     bundle = load_bundle(skab_model)
-
-    def start(settings: Settings) -> Service:
-        svc = Service(settings, bundle, Metrics())
-        svc.start()
-        started.append(svc)
-        return svc
-
-    yield start
-    for svc in started:
-        if svc.mqtt.loop_alive:
-            svc.shutdown()
+    return lambda settings: start_daemon(settings=settings, model=bundle)
 
 
 @pytest.fixture
