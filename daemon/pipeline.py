@@ -162,7 +162,7 @@ class Pipeline:
                 anomalies[j.detector] += 1
                 assert z is not None
                 exp = self.bundle.explain(row, z, center=center, scale=scale)
-                j.explanation = _as_dict(exp)
+                j.explanation = exp.to_dict()
         for detector, idx in groups.items():
             stats.by_detector[detector] = (len(idx), anomalies[detector], elapsed[detector])
         return judged
@@ -424,15 +424,3 @@ class Pipeline:
             body["payload_encoding"] = "base64"
         return Outbound("dead_letter", self.topics.dead_letter, orjson.dumps(body))
 
-
-def _as_dict(exp: Any) -> dict[str, Any]:
-    """An explanation object as {"text": str, "contributions": [...]}."""
-    if isinstance(exp, dict):
-        return exp
-    to_dict = getattr(exp, "to_dict", None)
-    if callable(to_dict):
-        result: dict[str, Any] = to_dict()
-        return result
-    return {"text": str(getattr(exp, "text", exp)), "contributions": list(
-        getattr(exp, "contributions", [])
-    )}
