@@ -8,10 +8,17 @@ ensure_venv() {
   local extras=$1
   local stamp="$VENV/.anomalyd-$(echo "$extras" | tr ',' '-')-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-12)"
   if [ ! -x "$VENV/bin/python" ]; then
-    local py
-    py=$(command -v python3.12 || command -v python3.11 || command -v python3)
-    "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-      || { echo "anomalyd needs Python 3.11 or newer" >&2; exit 1; }
+    local py="" cand
+    # The first interpreter that actually runs and is new enough (a pyenv shim can exist
+    # for a version that is not selected, and then fails).
+    for cand in python3.11 python3.12 python3.13 python3; do
+      if command -v "$cand" >/dev/null 2>&1 \
+         && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+        py=$cand
+        break
+      fi
+    done
+    [ -n "$py" ] || { echo "anomalyd needs Python 3.11 or newer" >&2; exit 1; }
     echo "creating virtual environment in $VENV" >&2
     "$py" -m venv "$VENV"
   fi
