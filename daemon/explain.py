@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -29,6 +29,12 @@ class Contribution:
     deviation_sigma: float
     direction: Literal["high", "low"]
 
+    def to_dict(self) -> dict[str, Any]:
+        # Spelled out: dataclasses.asdict deep-copies and was a visible share of batch time.
+        return {"feature": self.feature, "value": self.value, "expected": self.expected,
+                "spread": self.spread, "deviation_sigma": self.deviation_sigma,
+                "direction": self.direction}
+
     def describe(self) -> str:
         decimals = _decimals(self.expected)
         side = "above" if self.direction == "high" else "below"
@@ -44,7 +50,7 @@ class Explanation:
     text: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "contributions": [asdict(c) for c in self.contributions]}
+        return {"text": self.text, "contributions": [c.to_dict() for c in self.contributions]}
 
 
 def explain_reading(

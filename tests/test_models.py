@@ -222,3 +222,12 @@ def test_model_files_writable_by_others_are_refused(model_copy: Path, target: st
     path.chmod(path.stat().st_mode | 0o002)
     with pytest.raises(ModelLoadError, match="writable by every user"):
         load_bundle(model_copy)
+
+
+def test_contribution_to_dict_carries_every_field() -> None:
+    from dataclasses import asdict
+
+    from daemon.explain import Contribution
+
+    c = Contribution("Volume Flow RateRMS", 21.5, 32.0, 0.4, -26.2, "low")
+    assert c.to_dict() == asdict(c)
