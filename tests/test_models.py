@@ -171,12 +171,14 @@ def test_not_a_model_directory(tmp_path: Path) -> None:
         load_bundle(tmp_path)
 
 
-def test_serving_does_not_import_tensorflow(trained_model_dir: Path) -> None:
+def test_serving_imports_neither_tensorflow_nor_scikit_learn(trained_model_dir: Path) -> None:
+    """Both are for training: importing them would cost seconds of start-up and memory."""
     code = (
-        "import sys, pathlib, numpy as np, daemon.models as m\n"
+        "import sys, pathlib, numpy as np, daemon.models as m, daemon.service\n"
         f"b = m.load_bundle(pathlib.Path({str(trained_model_dir)!r}))\n"
         "b.score(np.array([b.mean]), 'ensemble')\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+        "assert 'sklearn' not in sys.modules, 'scikit-learn was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

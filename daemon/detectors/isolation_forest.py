@@ -11,13 +11,15 @@ themselves so rows that arrive early just stay put. Each leaf stores its full pa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
-from sklearn.ensemble import IsolationForest
 
 from daemon.detectors.base import Matrix, Vector
 from daemon.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import IsolationForest
 
 _EULER_GAMMA = 0.5772156649015329
 _CHUNK = 512
@@ -45,6 +47,9 @@ class IsolationForestDetector:
         self._arrays: dict[str, np.ndarray] | None = None
 
     def fit(self, x: Matrix) -> None:
+        # Imported here: serving never fits, and scikit-learn's import costs ~1 s of start-up.
+        from sklearn.ensemble import IsolationForest
+
         forest = IsolationForest(
             n_estimators=self.n_estimators,
             max_samples=min(self.max_samples, x.shape[0]),

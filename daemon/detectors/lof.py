@@ -18,7 +18,6 @@ from typing import ClassVar, Self
 
 import numpy as np
 from scipy.spatial import cKDTree
-from sklearn.neighbors import LocalOutlierFactor
 
 from daemon.detectors.base import Matrix, Vector
 from daemon.errors import ModelLoadError
@@ -43,6 +42,9 @@ class LofDetector:
             rng = np.random.default_rng(self.seed)
             x = x[np.sort(rng.choice(x.shape[0], self.max_rows, replace=False))]
         neighbours = min(self.n_neighbors, x.shape[0] - 1)
+        # Imported here: serving never fits, and scikit-learn's import costs ~1 s of start-up.
+        from sklearn.neighbors import LocalOutlierFactor
+
         model = LocalOutlierFactor(n_neighbors=neighbours, novelty=True).fit(x)
         k = int(model.n_neighbors_)
         self._set(
