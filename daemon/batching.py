@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -21,24 +22,32 @@ def next_batch(
     max_size: int,
     max_wait_s: float,
     poll_s: float = 0.1,
+    weight: Callable[[T], int] | None = None,
+    max_weight: int = 0,
 ) -> list[T]:
     """Block up to ``poll_s`` for a first item, then drain what is already queued.
 
-    Returns an empty list when nothing arrived within ``poll_s`` (so the caller can
-    check for shutdown).
+    With ``weight``, the batch is also cut once the items' total weight reaches
+    ``max_weight`` (the daemon weighs messages by payload bytes, so a burst of large batch
+    messages cannot make one enormous scoring call). Returns an empty list when nothing
+    arrived within ``poll_s`` (so the caller can check for shutdown).
     """
     try:
         first = source.get(timeout=poll_s)
     except queue.Empty:
         return []
     batch = [first]
+    total = weight(first) if weight is not None else 0
     deadline = time.monotonic() + max_wait_s
     get = source.get_nowait
-    while len(batch) < max_size:
+    while len(batch) < max_size and (weight is None or total < max_weight):
         try:
-            batch.append(get())
+            item = get()
         except queue.Empty:
             break
+        batch.append(item)
+        if weight is not None:
+            total += weight(item)
         if len(batch) % 64 == 0 and time.monotonic() >= deadline:
             break
     return batch

@@ -102,6 +102,7 @@ class TopicsConfig(_Strict):
 class BatchConfig(_Strict):
     max_batch_size: int = Field(256, ge=1, le=100_000)
     max_wait_ms: float = Field(10.0, ge=0)
+    max_batch_bytes: int = Field(1_048_576, ge=1024)
     queue_size: int = Field(2000, ge=1)
 
 

@@ -41,6 +41,10 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
               exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
+def _payload_size(msg: Inbound) -> int:
+    return len(msg.payload)
+
+
 def shared_subscription(subscription: str, group: str, workers: int) -> str:
     """With several workers the subscription is shared: each reading goes to one of them."""
     if workers > 1 and not subscription.startswith("$share/"):
@@ -127,7 +131,8 @@ class Service:
         max_wait = b.max_wait_ms / 1000.0
         try:
             while True:
-                batch = next_batch(self.queue, b.max_batch_size, max_wait)
+                batch = next_batch(self.queue, b.max_batch_size, max_wait,
+                                   weight=_payload_size, max_weight=b.max_batch_bytes)
                 self.metrics.queue_depth.set(self.queue.qsize())
                 if batch:
                     self._handle(batch)

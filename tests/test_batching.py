@@ -45,3 +45,14 @@ def test_simple_queue_drains_the_same_way() -> None:
     assert next_batch(q, max_size=3, max_wait_s=1.0) == [0, 1, 2]
     assert next_batch(q, max_size=3, max_wait_s=1.0) == [3, 4]
     assert next_batch(q, max_size=3, max_wait_s=1.0, poll_s=0.01) == []
+
+
+def test_weight_bound_cuts_the_batch_but_always_takes_one() -> None:
+    q: queue.Queue[bytes] = queue.Queue()
+    for size in (600, 600, 600, 10):
+        q.put(b"x" * size)
+    batch = next_batch(q, max_size=100, max_wait_s=1.0, weight=len, max_weight=1000)
+    assert [len(b) for b in batch] == [600, 600]  # cut once 1,000 bytes were reached
+    q2: queue.Queue[bytes] = queue.Queue()
+    q2.put(b"x" * 5000)
+    assert len(next_batch(q2, max_size=100, max_wait_s=1.0, weight=len, max_weight=1000)) == 1
