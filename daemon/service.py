@@ -8,6 +8,7 @@ is logged, and the broker still holds every reading that was not acknowledged.
 
 from __future__ import annotations
 
+import gc
 import queue
 import signal
 import sys
@@ -250,6 +251,11 @@ class Service:
         # Three busy threads (two network loops and the scorer) share the GIL; Python's
         # default 5 ms switch interval makes each wait up to 5 ms for it. See BENCHMARKS.md.
         sys.setswitchinterval(self.settings.service.gil_switch_interval_ms / 1000.0)
+        # Everything allocated so far (modules, models, configuration) lives as long as the
+        # process: keep it out of the collector's full passes, which otherwise walk it all
+        # and show up as latency spikes.
+        gc.collect()
+        gc.freeze()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.start()
