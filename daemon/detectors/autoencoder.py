@@ -13,7 +13,7 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from daemon.detectors.base import Matrix, Vector
+from daemon.detectors.base import Matrix, Vector, load_arrays, save_arrays
 from daemon.errors import ModelLoadError
 
 Layer = tuple[Matrix, Matrix]
@@ -69,20 +69,17 @@ class AutoencoderDetector:
         for i, (w, b) in enumerate(self._layers):
             arrays[f"kernel_{i}"] = w
             arrays[f"bias_{i}"] = b
-        path = directory / self.artifact_names[0]
-        with path.open("wb") as fh:
-            np.savez(fh, allow_pickle=False, **arrays)
-        return [path]
+        return [save_arrays(directory / self.artifact_names[0], arrays)]
 
     @classmethod
     def load(cls, directory: Path) -> Self:
         path = directory / cls.artifact_names[0]
+        npz = load_arrays(path)
+        count = len(npz) // 2
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                count = len(npz.files) // 2
-                layers = [(npz[f"kernel_{i}"], npz[f"bias_{i}"]) for i in range(count)]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"{path.name}: cannot read autoencoder weights: {exc}") from exc
+            layers = [(npz[f"kernel_{i}"], npz[f"bias_{i}"]) for i in range(count)]
+        except KeyError as exc:
+            raise ModelLoadError(f"{path.name}: missing autoencoder layer {exc}") from exc
         for (w, b), (w_next, _) in itertools.pairwise(layers):
             if w.shape[1] != b.shape[0] or w.shape[1] != w_next.shape[0]:
                 raise ModelLoadError(f"{path.name}: layer shapes do not chain")

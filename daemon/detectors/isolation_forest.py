@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
 
-from daemon.detectors.base import Matrix, Vector
-from daemon.errors import ModelLoadError
+from daemon.detectors.base import Matrix, Vector, load_arrays, save_arrays
 
 if TYPE_CHECKING:
     from sklearn.ensemble import IsolationForest
@@ -82,23 +81,12 @@ class IsolationForestDetector:
         return np.asarray(a["path_length"].ravel()[node].mean(axis=0), dtype=np.float64)
 
     def save(self, directory: Path) -> list[Path]:
-        path = directory / self.artifact_names[0]
-        with path.open("wb") as fh:
-            stored = {k: v for k, v in self._require().items() if k in _KEYS}
-            np.savez(fh, allow_pickle=False, **stored)
-        return [path]
+        stored = {k: v for k, v in self._require().items() if k in _KEYS}
+        return [save_arrays(directory / self.artifact_names[0], stored)]
 
     @classmethod
     def load(cls, directory: Path) -> Self:
-        path = directory / cls.artifact_names[0]
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path.name}: cannot read forest: {exc}") from exc
-        missing = set(_KEYS) - arrays.keys()
-        if missing:
-            raise ModelLoadError(f"{path.name}: missing arrays {sorted(missing)}")
+        arrays = load_arrays(directory / cls.artifact_names[0], _KEYS)
         det = cls()
         det._arrays = _with_children(arrays)
         return det

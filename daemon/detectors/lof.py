@@ -19,7 +19,7 @@ from typing import ClassVar, Self
 import numpy as np
 from scipy.spatial import cKDTree
 
-from daemon.detectors.base import Matrix, Vector
+from daemon.detectors.base import Matrix, Vector, load_arrays, save_arrays
 from daemon.errors import ModelLoadError
 
 
@@ -71,19 +71,15 @@ class LofDetector:
     def save(self, directory: Path) -> list[Path]:
         if self._rows is None or self._kth_distance is None or self._lrd is None:
             raise RuntimeError("LofDetector saved before fit()")
-        path = directory / self.artifact_names[0]
-        np.savez(path, rows=self._rows, kth_distance=self._kth_distance, lrd=self._lrd,
-                 k=np.int64(self._k))
-        return [path]
+        arrays = {"rows": self._rows, "kth_distance": self._kth_distance, "lrd": self._lrd,
+                  "k": np.array(self._k, dtype=np.int64)}
+        return [save_arrays(directory / self.artifact_names[0], arrays)]
 
     @classmethod
     def load(cls, directory: Path) -> Self:
         path = directory / cls.artifact_names[0]
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                rows, kth, lrd, k = data["rows"], data["kth_distance"], data["lrd"], int(data["k"])
-        except (OSError, KeyError, ValueError) as exc:
-            raise ModelLoadError(f"{path.name}: cannot load LOF model: {exc}") from exc
+        a = load_arrays(path, ("rows", "kth_distance", "lrd", "k"))
+        rows, kth, lrd, k = a["rows"], a["kth_distance"], a["lrd"], int(a["k"])
         n = rows.shape[0]
         if rows.ndim != 2 or kth.shape != (n,) or lrd.shape != (n,) or not 1 <= k < max(n, 2):
             raise ModelLoadError(f"{path.name}: inconsistent LOF arrays")
