@@ -209,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ModelLoadError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if isinstance(exc, ModelLoadError):
-            print("hint: train a model set with `anomalyd train`", file=sys.stderr)
+            print("hint: train a model set with `anomalyd train` "
+                  "(add --force to replace an unusable one)", file=sys.stderr)
         return EXIT_USAGE
     except AnomalydError as exc:
         print(f"error: {exc}", file=sys.stderr)

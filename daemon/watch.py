@@ -24,7 +24,8 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
     if topic == settings.topics.dead_letter:
         return f"DEAD-LETTER {device}: {body.get('reason')}: {body.get('detail')}"
     if "severity" in body:
-        return f"ALERT   {device} [{body['severity']}] {body.get('explanation')}"
+        state = body.get("state", "raised")
+        return f"ALERT   {device} {state} [{body['severity']}] {body.get('explanation')}"
     if "total_samples" in body:
         return (f"batch   {device} {body['anomalies_detected']}/{body['total_samples']} "
                 "anomalous")

@@ -16,7 +16,9 @@ trap 'exit 130' INT TERM
 
 if [ ! -f "${MODEL_DIR:-models}/manifest.json" ]; then
   echo "== no trained models in ${MODEL_DIR:-models}/: training the default set" >&2
-  "$ANOMALYD" train
+  # TensorFlow's C++ start-up chatter (lines like I0000/E0000) hides the progress lines.
+  # (pipefail is on: a failed training still stops this script.)
+  "$ANOMALYD" train 2>&1 | { grep -v -e '^[IWE]0000 ' -e '^WARNING: All log messages before absl' >&2 || true; }
 fi
 
 if [ -z "${MQTT_HOST:-}" ]; then

@@ -1,0 +1,33 @@
+"""`anomalyd watch`: one readable line per verdict, alert state and dead letter."""
+
+from __future__ import annotations
+
+import orjson
+
+from daemon.config import Settings
+from daemon.watch import describe
+
+S = Settings()
+
+
+def test_alert_line_names_the_state_and_severity() -> None:
+    body = {"device_id": "p1", "state": "resolved", "severity": "major",
+            "explanation": "within normal parameters"}
+    line = describe("anomaly/p1/alert", orjson.dumps(body), S)
+    assert line == "ALERT   p1 resolved [major] within normal parameters"
+
+
+def test_verdict_and_dead_letter_lines() -> None:
+    verdict = {"device_id": "p2", "seq": 7, "is_anomaly": True, "anomaly_score": 4.5,
+               "confidence": 0.97, "explanation": "vibration 12.4 is 24.0σ above normal"}
+    assert describe("anomaly/p2/verdict", orjson.dumps(verdict), S).startswith(
+        "ANOMALY p2 seq=7 score=4.500 conf=0.97 vibration"
+    )
+    dead = {"device_id": "p3", "reason": "not_json", "detail": "line 1"}
+    assert describe("anomaly/dead-letter", orjson.dumps(dead), S) == (
+        "DEAD-LETTER p3: not_json: line 1"
+    )
+
+
+def test_garbage_is_shown_not_raised() -> None:
+    assert describe("anomaly/x/verdict", b"\xff\xfe", S).startswith("anomaly/x/verdict ")
