@@ -274,10 +274,16 @@ class Service:
         self.mqtt.pause_intake()
         self._stopping.set()
         self._worker.join(max(0.0, deadline - time.monotonic()))
+        redeliver = self._abandon_queued() if not self._worker.is_alive() else 0
         while (len(self.mqtt.window) or len(self.mqtt.acks)) and time.monotonic() < deadline:
             if self._forced.is_set() or not self.mqtt.connected:
                 break
             time.sleep(0.01)
+        if not self._worker.is_alive():
+            redeliver += self._abandon_queued()
+        if redeliver:
+            log.info("left_for_redelivery", readings=redeliver,
+                     note="received while stopping; unacknowledged, so the broker resends them")
         left = {"queued": self.queue.qsize(), "awaiting_broker": len(self.mqtt.window),
                 "unacked_inputs": len(self.mqtt.acks)}
         clean = not self._worker.is_alive() and not any(left.values())
@@ -291,6 +297,18 @@ class Service:
             log.warning("stopped_with_work_left", **left,
                         note="unacknowledged readings stay at the broker for redelivery")
         return clean
+
+    def _abandon_queued(self) -> int:
+        """Readings that arrived while the scorer was finishing: leave them unacknowledged
+        (the broker redelivers them to the next session) without holding up the acks."""
+        n = 0
+        while True:
+            try:
+                msg = self.queue.get_nowait()
+            except queue.Empty:
+                return n
+            self.mqtt.acks.forget(msg)
+            n += 1
 
     # -- status (HTTP threads) ---------------------------------------------------------
 
