@@ -393,6 +393,9 @@ class Probe:
     def __init__(self, daemon: DaemonProcess) -> None:
         self.daemon = daemon
         self.changes: list[tuple[float, int | None, int | None]] = []
+        # Every poll, by the time it started: a poll that began before a fault may still
+        # answer from before it, and one blocked across a fast restart sees no change.
+        self.polls: list[tuple[float, int | None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -400,17 +403,19 @@ class Probe:
     def _run(self) -> None:
         last: tuple[int | None, int | None] | None = None
         while not self._stop.is_set():
+            started = time.monotonic()
             now = (self.daemon.status("/ready"), self.daemon.status("/health"))
+            self.polls.append((started, now[0]))
             if now != last:
                 self.changes.append((time.monotonic(), *now))
                 last = now
             self._stop.wait(0.05)
 
     def first(self, after: float, ready: int | None = 200, timeout: float = 30.0) -> float:
-        """Seconds from ``after`` until /ready first answered ``ready``."""
+        """Seconds from ``after`` until a poll begun after it first saw /ready = ``ready``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for t, r, _ in list(self.changes):
+            for t, r in list(self.polls):
                 if t >= after and r == ready:
                     return t - after
             time.sleep(0.02)

@@ -183,10 +183,10 @@ def test_daemon_sigkill_mid_batch_loses_nothing(rig: Callable[..., Rig], protoco
         if info["unacked_inputs"] or info["awaiting_broker"] or info["queue_depth"]:
             break
         assert time.monotonic() < deadline, "never caught the daemon with work in hand"
-    t_fault = time.monotonic()
     r.daemon.kill()
+    t_dead = time.monotonic()  # polls begun from here cannot reach the killed process
     r.daemon.start(wait=False)
-    recover = r.probe.first(t_fault, ready=200, timeout=60)
+    recover = r.probe.first(t_dead, ready=200, timeout=60)
     r.steady()
     t = r.finish(f"daemon SIGKILL mid-batch (MQTT {protocol})", recover_s=recover,
                  in_hand_at_kill={k: info[k] for k in
