@@ -49,6 +49,21 @@ def guard(metrics: Metrics, where: str, fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def set_credentials(client: paho.Client, cfg: MqttConfig) -> None:
+    """Username/password and TLS from the configuration (before connecting)."""
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.secret())
+    if cfg.tls.enabled:
+        client.tls_set_context(client_context(cfg.tls))
+
+
+def connect_failure(cfg: MqttConfig, exc: OSError) -> str:
+    """What a failed connection attempt means, for a person."""
+    if isinstance(exc, ssl.SSLError):
+        return f"broker at {cfg.host}:{cfg.port}: {describe_failure(exc)}"
+    return f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}"
+
+
 class Link:
     """A paho client, connected and kept connected.
 
@@ -98,10 +113,7 @@ class Link:
         self.last_heard = time.monotonic()  # any packet from the broker (watchdog)
         self.last_error: str | None = None
         c = self.client
-        if cfg.username:
-            c.username_pw_set(cfg.username, cfg.secret())
-        if cfg.tls.enabled:
-            c.tls_set_context(client_context(cfg.tls))
+        set_credentials(c, cfg)
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]  # paho accepts float seconds
@@ -132,10 +144,10 @@ class Link:
             except ssl.SSLError as exc:
                 # Retrying cannot fix a certificate: say what is wrong and stop.
                 self.metrics.connection_errors.labels("tls").inc()
-                self.last_error = f"broker at {cfg.host}:{cfg.port}: {describe_failure(exc)}"
+                self.last_error = connect_failure(cfg, exc)
                 raise BrokerError(self.last_error) from exc
             except OSError as exc:
-                self.last_error = f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}"
+                self.last_error = connect_failure(cfg, exc)
                 self.metrics.connection_errors.labels("unreachable").inc()
                 if time.monotonic() + delay > deadline:
                     raise BrokerError(self.last_error) from exc
