@@ -65,6 +65,11 @@ def secure_broker(certs: Path) -> Broker:
     ).start()
 
 
+def daemon_settings(b: Broker, certs: Path, model_dir: Path) -> Settings:
+    """The daemon logged in as ``anomalyd`` over TLS."""
+    return settings(tls_mqtt(b, certs, "anomalyd", password(certs, "anomalyd")), model_dir)
+
+
 @pytest.fixture(scope="module")
 def certs() -> Iterator[Path]:
     out = make_certs()
@@ -206,11 +211,7 @@ def test_expired_broker_certificate_is_refused_with_a_clear_error(
 def test_daemon_runs_over_tls_and_devices_are_confined_to_their_own_topic(
     sbroker: Broker, certs: Path, start_daemon: Any, trained_model_dir: Path, client: Any
 ) -> None:
-    start_daemon(
-        settings=settings(
-            tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd")), trained_model_dir
-        )
-    )
+    start_daemon(settings=daemon_settings(sbroker, certs, trained_model_dir))
     alerts = client("alerts")
     alerts.c.subscribe("anomaly/#", qos=1)
     pump1 = client("pump-001")
@@ -225,11 +226,7 @@ def test_daemon_runs_over_tls_and_devices_are_confined_to_their_own_topic(
 def test_device_cannot_read_other_topics(
     sbroker: Broker, certs: Path, start_daemon: Any, trained_model_dir: Path, client: Any
 ) -> None:
-    start_daemon(
-        settings=settings(
-            tls_mqtt(sbroker, certs, "anomalyd", password(certs, "anomalyd")), trained_model_dir
-        )
-    )
+    start_daemon(settings=daemon_settings(sbroker, certs, trained_model_dir))
     spy = client("pump-001")
     spy.c.subscribe("#", qos=1)
     alerts = client("alerts")
