@@ -20,19 +20,22 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
+from operator import itemgetter
 from types import MappingProxyType
+from typing import Any
 
-import orjson
+import numpy as np
 
+from daemon import json_guard
 from daemon.errors import ConfigError
+from daemon.json_guard import MAX_DEPTH
 
-MAX_DEPTH = 8  # a batch of nested readings needs 4 levels; orjson alone would allow 1,024
 MAX_ABS_VALUE = 1e15
 _MIN_EPOCH = 946_684_800.0  # 2000-01-01T00:00:00Z
 _MAX_EPOCH = 7_258_118_400.0  # 2200-01-01T00:00:00Z
@@ -43,7 +46,6 @@ _MAX_TOPIC_LEN = 65_535  # the MQTT limit; longer strings cannot be real topics
 _NESTED = "sensor_data"
 _BATCH = "readings"
 _META = ("timestamp", "seq", "operational_state", "model_name")
-_TOO_DEEP = f"JSON nesting is deeper than {MAX_DEPTH} levels"
 _TOPIC_CACHE_SIZE = 4096
 _MAX_CACHED_TOPIC_LEN = 256
 
@@ -68,14 +70,15 @@ REASONS: Mapping[str, str] = MappingProxyType({
     "unknown_model": "model_name is not one of the loaded models",
 })  # fmt: skip
 
-# A JSON string literal, written so that an unterminated one cannot backtrack exponentially.
-_STRING_LITERAL = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NUMBER_TYPES = frozenset((float, int))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reading:
+    """One validated reading. Treat as immutable: not frozen only because a frozen
+    dataclass costs ~5x more to construct (``object.__setattr__`` per field), and a batch
+    message makes thousands per second."""
+
     device_id: str
     values: tuple[float, ...]  # in the schema's feature order
     model_name: str | None  # from the payload (None = default detector)
@@ -133,6 +136,13 @@ class Decoder:
         except re.error as exc:
             raise ConfigError(f"device_id_pattern does not compile: {exc}") from exc
         self._keyset = frozenset((*self._features, *_META, _NESTED, _BATCH))
+        # itemgetter of one name returns the value itself, not a 1-tuple
+        get_all = (
+            itemgetter(*self._features)
+            if len(self._features) > 1
+            else _one_feature(self._features[0])
+        )
+        self._get_features: Callable[[Mapping[str, object]], tuple[Any, ...]] = get_all
         # Devices publish on the same few topics over and over; remembering the answer saves
         # most of the per-message topic cost. Bounded: cleared when full, short topics only.
         self._topic_cache: dict[str, str | None] = {}
@@ -176,22 +186,11 @@ class Decoder:
             detail = f"payload is {size} bytes; the limit is {self._max_payload}"
             return _message_fails(device_id, "payload_too_large", detail)
         try:
-            doc = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            return _message_fails(device_id, *_why_unparseable(payload, exc))
-        strings, depth = _shape(doc, MAX_DEPTH)
-        if depth > MAX_DEPTH:
-            return _message_fails(device_id, "too_deep", _TOO_DEEP)
+            doc, dups = json_guard.parse(payload, self._keyset)
+        except json_guard.RefusedError as refused:
+            return _message_fails(device_id, refused.reason, refused.detail)
         if type(doc) is not dict:
             return _message_fails(device_id, "not_object", f"top level is {_show(doc)}")
-
-        # orjson silently keeps the last of duplicate keys. Without a backslash in the
-        # payload every '"' in it delimits a string, so 2 quotes per key or string value
-        # found in the parsed document means nothing was dropped. Otherwise the slow parser
-        # settles it; valid readings never get there.
-        dups: dict[int, tuple[str, ...]] = {}
-        if payload.count(b'"') != 2 * strings or b"\\" in payload:
-            doc, dups = self._parse_tracking_duplicates(payload)
         if _BATCH in doc:
             return self._decode_batch(device_id, doc, payload, received_at, dups)
         result = self._decode_entry(device_id, doc, None, None, payload, None, received_at, dups)
@@ -225,6 +224,7 @@ class Decoder:
             return _message_fails(device_id, "unknown_model", detail, True)
 
         digest = hashlib.sha256(payload).hexdigest()[:16]
+        checked = None if dups else self._batch_features(entries)
         readings: list[Reading] = []
         rejections: list[Rejection] = []
         for index, entry in enumerate(entries):
@@ -233,13 +233,44 @@ class Decoder:
                 rejections.append(Rejection("not_object", detail, index))
                 continue
             result = self._decode_entry(
-                device_id, entry, index, batch_model, payload, digest, received_at, dups
+                device_id,
+                entry,
+                index,
+                batch_model,
+                payload,
+                digest,
+                received_at,
+                dups,
+                None if checked is None else checked[index],
             )
             if isinstance(result, Reading):
                 readings.append(result)
             else:
                 rejections.append(result)
         return Decoded(device_id, tuple(readings), tuple(rejections), True, batch_model)
+
+    def _batch_features(self, entries: list[object]) -> list[tuple[float, ...]] | None:
+        """Every entry's feature values, checked for the whole batch at once, or None.
+
+        The usual batch (flat objects, every feature a number within range) is checked in
+        a few C-level passes instead of per value. None for anything else: each entry is
+        then checked on its own, which finds and words its first problem.
+        """
+        try:
+            if any(_NESTED in e for e in entries):  # type: ignore[operator]
+                return None
+            rows = list(map(self._get_features, entries))  # type: ignore[arg-type]
+        except (KeyError, TypeError):  # a feature missing, an entry that is not an object
+            return None
+        kinds = set(map(type, chain.from_iterable(rows)))
+        if not kinds <= _NUMBER_TYPES:
+            return None
+        matrix = np.array(rows, dtype=np.float64)
+        if not np.all(np.abs(matrix) <= MAX_ABS_VALUE):
+            return None
+        if int in kinds:
+            return list(map(tuple, matrix.tolist()))
+        return rows
 
     def _decode_entry(
         self,
@@ -251,7 +282,9 @@ class Decoder:
         digest: str | None,
         received_at: float,
         dups: dict[int, tuple[str, ...]],
+        values: tuple[float, ...] | None = None,
     ) -> Reading | Rejection:
+        """One reading; ``values`` if its features were already checked (a batch)."""
         source = outer
         inner = outer.get(_NESTED)
         if inner is not None or _NESTED in outer:
@@ -264,17 +297,22 @@ class Decoder:
             if duplicated:
                 return _entry_fails("duplicate_key", _dup_detail(duplicated[0]), index)
 
-        values: list[float] = []
+        if values is None:
+            # The usual case in C-level steps: every feature present, a number, in range.
+            # Anything else takes the loop that finds and words the first problem.
+            try:
+                found = self._get_features(source)
+            except KeyError:
+                return self._feature_rejection(source, index)
+            kinds = set(map(type, found))
+            if (
+                not kinds <= _NUMBER_TYPES
+                or min(found) < -MAX_ABS_VALUE
+                or max(found) > MAX_ABS_VALUE
+            ):
+                return self._feature_rejection(source, index)
+            values = tuple(map(float, found)) if int in kinds else found
         get = source.get
-        limit = MAX_ABS_VALUE
-        for name in self._features:
-            value = get(name)
-            if (type(value) is float or type(value) is int) and -limit <= value <= limit:
-                values.append(float(value))
-                continue
-            reason, problem = _feature_problem(value, name in source)
-            return _entry_fails(reason, f"feature {name!r} {problem}", index)
-
         timestamp = get("timestamp")
         if timestamp is None:
             timestamp = received_at
@@ -310,34 +348,26 @@ class Decoder:
             key = f"{device_id}:{hashlib.sha256(payload).hexdigest()[:16]}"
         else:
             key = f"{device_id}:{digest}#{index}"
-        return Reading(device_id, tuple(values), model, seq, timestamp, state, key, index)
+        return Reading(device_id, values, model, seq, timestamp, state, key, index)
 
-    def _parse_tracking_duplicates(
-        self, payload: bytes
-    ) -> tuple[dict[str, object], dict[int, tuple[str, ...]]]:
-        """Re-parse with the json module, recording which objects repeat a key we read.
+    def _feature_rejection(self, source: dict[str, object], index: int | None) -> Rejection:
+        """The first feature (schema order) that is missing, not a number or out of range."""
+        for name in self._features:
+            value = source.get(name)
+            if not (
+                (type(value) is float or type(value) is int)
+                and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE
+            ):
+                reason, problem = _feature_problem(value, name in source)
+                return _entry_fails(reason, f"feature {name!r} {problem}", index)
+        raise AssertionError("_feature_rejection called for valid features")
 
-        Only reached after orjson accepted the payload, so the input is strict JSON of
-        bounded depth and json.loads cannot hit its recursion or NaN quirks.
-        """
-        keyset = self._keyset
-        dups: dict[int, tuple[str, ...]] = {}
 
-        def build(pairs: list[tuple[str, object]]) -> dict[str, object]:
-            obj = dict(pairs)
-            if len(obj) != len(pairs):
-                seen: set[str] = set()
-                repeated = []
-                for key, _ in pairs:
-                    if key in seen and key in keyset:
-                        repeated.append(key)
-                    seen.add(key)
-                if repeated:
-                    dups[id(obj)] = tuple(repeated)
-            return obj
+def _one_feature(name: str) -> Callable[[Mapping[str, object]], tuple[Any, ...]]:
+    def get(source: Mapping[str, object]) -> tuple[Any, ...]:
+        return (source[name],)
 
-        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=build)
-        return doc, dups
+    return get
 
 
 def _parse_filter(subscription: str) -> tuple[tuple[str, ...], int, bool]:
@@ -366,66 +396,6 @@ def _message_fails(device_id: str, reason: str, detail: str, is_batch: bool = Fa
 
 def _entry_fails(reason: str, detail: str, index: int | None) -> Rejection:
     return Rejection(reason, detail if index is None else f"readings[{index}]: {detail}", index)
-
-
-def _nesting_exceeds(payload: bytes, limit: int) -> bool:
-    """True if the JSON text nests deeper than `limit`, checked without recursion.
-
-    Drop string literals, keep only brackets, then peel innermost pairs: each pass lowers
-    the depth of every balanced group by exactly one, all in C-level bytes operations.
-    """
-    brackets = _STRING_LITERAL.sub(b"", payload).translate(_TO_PARENS, _NOT_BRACKETS)
-    for _ in range(limit):
-        brackets = brackets.replace(b"()", b"")
-        if not brackets:
-            return False
-    # Leftover pairs are nesting beyond the limit; lone brackets are for orjson to reject.
-    return b"()" in brackets
-
-
-def _shape(root: object, limit: int) -> tuple[int, int]:
-    """(keys + string values, nesting depth) of a parsed document, level by level.
-
-    Iterative, so hostile nesting costs no recursion; stops once `limit` is exceeded.
-    """
-    if type(root) is dict:  # the usual flat reading: no containers inside
-        kinds = list(map(type, root.values()))
-        if dict not in kinds and list not in kinds:
-            return len(root) + kinds.count(str), 1
-    strings = 0
-    depth = 0
-    level = [root]
-    while level and depth <= limit:
-        depth += 1
-        below: list[object] = []
-        for node in level:
-            values: Iterable[object]
-            if type(node) is dict:
-                strings += len(node)
-                values = node.values()
-            elif type(node) is list:
-                values = node
-            else:
-                continue
-            kinds = list(map(type, values))
-            strings += kinds.count(str)
-            if dict in kinds or list in kinds:
-                below.extend(v for v in values if type(v) is dict or type(v) is list)
-        level = below
-    return strings, depth
-
-
-def _why_unparseable(payload: bytes, exc: orjson.JSONDecodeError) -> tuple[str, str]:
-    # orjson gives up at depth 1,024 with a generic error; name the real problem.
-    if payload.count(b"{") + payload.count(b"[") > MAX_DEPTH and _nesting_exceeds(
-        payload, MAX_DEPTH
-    ):
-        return "too_deep", _TOO_DEEP
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return "not_utf8", f"payload is not UTF-8 (invalid byte at offset {err.start})"
-    return "not_json", f"payload is not valid JSON: {_clip(str(exc), 80)}"
 
 
 def _feature_problem(value: object, present: bool) -> tuple[str, str]:

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import readings
+from daemon import json_guard, readings
 from daemon.errors import ConfigError
 from daemon.readings import REASONS, Decoded, Decoder, Reading, Rejection
 
@@ -275,8 +275,8 @@ def test_brackets_inside_strings_do_not_count_as_nesting(decoder: Decoder) -> No
 def test_byte_level_depth_check_agrees_with_the_parsed_one(depth: int) -> None:
     """The pre-parse scan (used when orjson gives up) and the post-parse walk agree."""
     payload = b'["]]]",' * (depth - 1) + b'{"a":"[[[["}' + b"]" * (depth - 1)
-    assert readings._nesting_exceeds(payload, 8) == (depth > 8)
-    assert (readings._shape(orjson.loads(payload), 8)[1] > 8) == (depth > 8)
+    assert json_guard.nesting_exceeds(payload, 8) == (depth > 8)
+    assert (json_guard.shape(orjson.loads(payload), 8)[1] > 8) == (depth > 8)
 
 
 @pytest.mark.parametrize("doc", [[features()], "text", 3, None])

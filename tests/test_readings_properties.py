@@ -137,3 +137,41 @@ def test_a_repeated_key_we_read_is_always_caught(
     )
     result = DECODER.decode(TOPIC, payload, NOW)
     assert [r.reason for r in result.rejections] == ["duplicate_key"]
+
+
+entry_values = st.one_of(valid_numbers, json_scalars)
+batch_entries = st.lists(
+    st.one_of(
+        st.fixed_dictionaries({f: valid_numbers for f in FEATURES}),
+        st.fixed_dictionaries(
+            {f: entry_values for f in FEATURES},
+            optional={"seq": st.integers(min_value=-2, max_value=2**64), "extra": json_scalars},
+        ),
+        st.fixed_dictionaries(
+            {"sensor_data": st.fixed_dictionaries({f: valid_numbers for f in FEATURES})}
+        ),
+        # not "readings": an entry holding it would be a batch when sent alone
+        st.dictionaries(keys_we_read.filter(lambda k: k != "readings"), json_scalars, max_size=3),
+        json_scalars,
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@quick
+@given(entries=batch_entries)
+def test_a_batch_judges_each_entry_as_if_it_came_alone(entries: list[Any]) -> None:
+    """The batch path checks features for the whole batch at once; this pins that it
+    accepts and refuses exactly what the per-reading path does, with the same values."""
+    batch = DECODER.decode(TOPIC, encode({"readings": entries}), NOW)
+    check_invariants(batch)
+    accepted = {r.index: r.values for r in batch.readings}
+    refused = {r.index: r.reason for r in batch.rejections}
+    assert sorted([*accepted, *refused]) == list(range(len(entries)))
+    for i, entry in enumerate(entries):
+        alone = DECODER.decode(TOPIC, encode(entry), NOW)
+        if alone.readings:
+            assert accepted[i] == alone.readings[0].values
+        else:
+            assert refused[i] == alone.rejections[0].reason
