@@ -92,6 +92,25 @@ class AlertTracker:
         st = self.devices.get(device_id)
         return st is not None and st.active
 
+    def summary(self, device_id: str) -> dict[str, Any] | None:
+        """The device's alert state as plain values; None if unknown."""
+        st = self.devices.get(device_id)
+        if st is None:
+            return None
+        return {
+            "active": st.active,
+            "severity": st.severity,
+            "raised_at": st.raised_at,
+            "anomalous_in_window": sum(st.recent),
+            "window": self.window,
+            "peak_margin": st.peak_margin if st.active else None,
+        }
+
+    def forget(self, device_id: str) -> AlertState | None:
+        """Drop the device's alert state (the next alert again needs k fresh anomalous
+        verdicts); returns what was dropped, None if the device was unknown."""
+        return self.devices.pop(device_id, None)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,

@@ -1,7 +1,9 @@
-"""Command line: ``anomalyd run | train | simulate | score | evaluate | watch | check-config``.
+"""Command line: ``anomalyd run | train | simulate | score | evaluate | watch | devices |
+rewarm | check-config``.
 
-Exit codes: 0 success; 1 a runtime failure; 2 bad arguments, configuration or models;
-3 the broker could not be reached or refused the connection.
+Exit codes: 0 success; 1 a runtime failure (including: the daemon's HTTP port did not
+answer, or answered an error); 2 bad arguments, configuration or models; 3 the broker
+could not be reached or refused the connection.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import orjson
 
@@ -125,6 +128,45 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return watch(_settings(args), anomalies_only=args.anomalies)
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    from daemon.control import ask_workers, device_table
+
+    settings = _settings(args)
+    if args.id is None:
+        devices = [
+            {**d, **({"worker": w["worker"]} if "worker" in w else {})}
+            for w in ask_workers(settings, "GET", "/devices")
+            for d in w["devices"]
+        ]
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps(devices, option=orjson.OPT_INDENT_2) + b"\n")
+        else:
+            print(device_table(devices))
+        return EXIT_OK
+    found = ask_workers(settings, "GET", f"/devices/{quote(args.id, safe='')}")
+    if not found:
+        print(f"error: the daemon does not know device {args.id!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    for d in found:
+        sys.stdout.buffer.write(orjson.dumps(d, option=orjson.OPT_INDENT_2) + b"\n")
+    return EXIT_OK
+
+
+def cmd_rewarm(args: argparse.Namespace) -> int:
+    from daemon.control import ask_workers
+
+    done = ask_workers(_settings(args), "POST", f"/devices/{quote(args.id, safe='')}/rewarm")
+    if not done:
+        print(f"error: the daemon does not know device {args.id!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    for d in done:
+        where = f" on worker {d['worker']}" if "worker" in d else ""
+        cleared = "; its active alert was cleared" if d["alert_cleared"] else ""
+        print(f"{d['device_id']}{where}: window, baseline and alert state forgotten, its next "
+              f"{d['warmup_readings']} readings warm up again{cleared}")
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
@@ -192,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", help="print verdicts, alerts and dead letters as they arrive")
     w.add_argument("--anomalies", action="store_true", help="hide normal verdicts")
     w.set_defaults(func=cmd_watch)
+
+    dev = sub.add_parser("devices", help="show the running daemon's devices (warm-up, alert)")
+    dev.add_argument("id", nargs="?", help="one device, in full (JSON)")
+    dev.add_argument("--json", action="store_true", help="print the list as JSON")
+    dev.set_defaults(func=cmd_devices)
+
+    rewarm = sub.add_parser("rewarm", help="make a device of the running daemon warm up again")
+    rewarm.add_argument("id", help="the device id")
+    rewarm.set_defaults(func=cmd_rewarm)
 
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
     check.set_defaults(func=cmd_check_config)

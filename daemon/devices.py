@@ -218,6 +218,27 @@ class DeviceTracker:
         st = self.devices.get(device_id)
         return 0 if st is None else st.count
 
+    # -- operator view and control (``daemon.control``) ---------------------------------
+
+    def summary(self, device_id: str) -> dict[str, Any] | None:
+        """What an operator needs to see of a device, without its arrays; None if unknown."""
+        st = self.devices.get(device_id)
+        if st is None:
+            return None
+        return {
+            "warming_up": self.warmup > 0 and st.threshold is None,
+            "warmup_seen": st.count,
+            "warmup_readings": self.warmup,
+            "baseline_threshold": st.threshold,
+            "window_filled": len(st.recent),
+            "window": self.window,
+        }
+
+    def forget(self, device_id: str) -> DeviceState | None:
+        """Drop the device's window and baseline: its next reading starts a new warm-up.
+        Returns what was dropped (None if the device was unknown)."""
+        return self.devices.pop(device_id, None)
+
     # -- persistence (plain data; the caller writes it atomically) --------------------
 
     def to_json(self) -> dict[str, Any]:

@@ -1,18 +1,46 @@
-"""The HTTP edge: health, readiness, metrics, models and info on one port."""
+"""The HTTP edge: health, readiness, metrics, models and info, and the operators' device
+commands (``GET /devices``, ``GET /devices/{id}``, ``POST /devices/{id}/rewarm``), on one port.
+
+A bearer token, when configured, guards every path but ``/health``. Requests that change
+state (POST) need that token, or, when none is configured, a server bound to a loopback
+address: otherwise anyone who can reach the port could reset devices' baselines. Device
+commands run on the scorer thread through ``daemon.control``; errors are JSON.
+"""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import re
 import threading
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from daemon.control import (
+    COMMAND_TIMEOUT_S,
+    Command,
+    ControlFailedError,
+    ControlQueue,
+    ControlUnavailableError,
+    UnknownDeviceError,
+)
+
 log = structlog.get_logger("anomalyd.http")
+
+JSON = "application/json"
+MAX_BODY = 65536  # POST bodies are ignored; a larger one is refused, not read
+POST_REFUSED = (
+    "changing device state over HTTP needs a bearer token when the server is not bound to "
+    "a loopback address: set http.token or http.token_file (HEALTH_TOKEN, HEALTH_TOKEN_FILE)"
+)
+Response = tuple[int, str, bytes]
 
 
 class StatusSource(Protocol):
@@ -22,6 +50,62 @@ class StatusSource(Protocol):
     def ready(self) -> tuple[bool, dict[str, Any]]: ...
     def models(self) -> dict[str, Any]: ...
     def info(self) -> dict[str, Any]: ...
+
+
+class Router:
+    """Method and path to a response; no sockets (the handler below does the I/O)."""
+
+    def __init__(
+        self,
+        source: StatusSource,
+        registry: CollectorRegistry,
+        control: ControlQueue,
+        device_id_pattern: str,
+        timeout: float = COMMAND_TIMEOUT_S,
+    ) -> None:
+        self.gets: dict[str, Callable[[], Response]] = {
+            "/health": lambda: _status(*source.health()),
+            "/ready": lambda: _status(*source.ready()),
+            "/models": lambda: (200, JSON, orjson.dumps(source.models())),
+            "/info": lambda: (200, JSON, orjson.dumps(source.info())),
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
+        }
+        self.control = control
+        self.device_id = re.compile(device_id_pattern)
+        self.timeout = timeout
+
+    def route(self, method: str, path: str) -> tuple[Response, str | None]:
+        """The response, and for a 405 the methods the path allows."""
+        if path in self.gets:
+            return (self.gets[path](), None) if method == "GET" else _not_allowed("GET")
+        parts = path.split("/")  # "/devices/pump-1/rewarm" -> ["", "devices", "pump-1", "rewarm"]
+        if parts[:2] != ["", "devices"] or len(parts) > 4 or (len(parts) > 2 and not parts[2]):
+            return _error(404, "not found"), None
+        if len(parts) == 2:
+            return (self._run(Command("list")), None) if method == "GET" else _not_allowed("GET")
+        if len(parts) == 4 and parts[3] != "rewarm":
+            return _error(404, "not found"), None
+        device = unquote(parts[2])
+        if not self.device_id.fullmatch(device):
+            return _error(400, f"device id {device[:80]!r} does not match "
+                               "limits.device_id_pattern"), None
+        if len(parts) == 3:
+            if method != "GET":
+                return _not_allowed("GET")
+            return self._run(Command("show", device)), None
+        if method != "POST":
+            return _not_allowed("POST")
+        return self._run(Command("rewarm", device)), None
+
+    def _run(self, command: Command) -> Response:
+        try:
+            return 200, JSON, orjson.dumps(self.control.call(command, self.timeout))
+        except UnknownDeviceError as exc:
+            return _error(404, str(exc), device_id=exc.device_id)
+        except ControlUnavailableError as exc:
+            return _error(503, str(exc))
+        except ControlFailedError as exc:
+            return _error(500, str(exc))
 
 
 class HttpServer:
@@ -34,53 +118,93 @@ class HttpServer:
         source: StatusSource,
         registry: CollectorRegistry,
         token: str | None = None,
+        *,
+        control: ControlQueue,
+        device_id_pattern: str,
+        control_timeout_s: float = COMMAND_TIMEOUT_S,
     ) -> None:
         expected = f"Bearer {token}".encode() if token else None
-        routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
-            "/health": lambda: _json(*source.health()),
-            "/ready": lambda: _json(*source.ready()),
-            "/models": lambda: (200, "application/json", orjson.dumps(source.models())),
-            "/info": lambda: (200, "application/json", orjson.dumps(source.info())),
-            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
-        }
+        router = Router(source, registry, control, device_id_pattern, control_timeout_s)
+        outer = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "anomalyd"
             sys_version = ""
 
-            def do_GET(self) -> None:
+            def _handle(self) -> None:
+                if not self._discard_body():
+                    return
                 path = self.path.split("?", 1)[0]
-                route = routes.get(path)
                 if expected is not None and path != "/health" and not _authorized(
                     self.headers.get("Authorization"), expected
                 ):
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Bearer realm="anomalyd"')
-                    self.send_header("Content-Type", "application/json")
-                    body = b'{"error":"a bearer token is required"}'
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    self._send(_error(401, "a bearer token is required"),
+                               {"WWW-Authenticate": 'Bearer realm="anomalyd"'})
                     return
-                if route is None:
-                    status, ctype, body = 404, "application/json", b'{"error":"not found"}'
-                else:
-                    try:
-                        status, ctype, body = route()
-                    except Exception:
-                        log.exception("http_handler_failed", path=self.path)
-                        status, ctype, body = 500, "application/json", b'{"error":"internal"}'
+                if self.command == "POST" and expected is None and not outer.loopback:
+                    self._send(_error(403, POST_REFUSED))
+                    return
+                try:
+                    response, allow = router.route(self.command, path)
+                except Exception:
+                    log.exception("http_handler_failed", path=self.path)
+                    response, allow = _error(500, "internal"), None
+                self._send(response, {"Allow": allow} if allow else None)
+
+            def do_GET(self) -> None:
+                self._handle()
+
+            def do_POST(self) -> None:
+                self._handle()
+
+            def do_PUT(self) -> None:  # 405 with the allowed method, not the stdlib's 501
+                self._handle()
+
+            def do_DELETE(self) -> None:
+                self._handle()
+
+            def do_PATCH(self) -> None:
+                self._handle()
+
+            def _discard_body(self) -> bool:
+                """Read (and ignore) a small body, so the client sees our answer."""
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_BODY:
+                    self.close_connection = True
+                    self._send(_error(400 if length < 0 else 413, "bad or too large body"))
+                    return False
+                if length:
+                    self.rfile.read(length)
+                return True
+
+            def _send(self, response: Response, headers: dict[str, str] | None = None) -> None:
+                status, ctype, body = response
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def send_error(
+                self, code: int, message: str | None = None, explain: str | None = None
+            ) -> None:
+                # The standard library's own refusals (malformed request, unknown method)
+                # in the same JSON shape as ours.
+                self.close_connection = True
+                self._send(_error(code, message or HTTPStatus(code).phrase))
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # requests are not logged: /metrics is scraped every few seconds
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
+        #: bound to a loopback address: POST without a token is then allowed
+        self.loopback = _is_loopback(str(self._server.server_address[0]))
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="http", daemon=True
         )
@@ -101,5 +225,20 @@ def _authorized(header: str | None, expected: bytes) -> bool:
     return header is not None and hmac.compare_digest(header.encode(), expected)
 
 
-def _json(ok: bool, body: dict[str, Any]) -> tuple[int, str, bytes]:
-    return (200 if ok else 503), "application/json", orjson.dumps(body)
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _status(ok: bool, body: dict[str, Any]) -> Response:
+    return (200 if ok else 503), JSON, orjson.dumps(body)
+
+
+def _error(status: int, message: str, **extra: Any) -> Response:
+    return status, JSON, orjson.dumps({"error": message, **extra})
+
+
+def _not_allowed(allow: str) -> tuple[Response, str]:
+    return _error(405, f"method not allowed; this path allows {allow}"), allow

@@ -79,6 +79,11 @@ class Metrics:
             "Times the intake stopped reading from the broker because the queue was full",
             registry=r,
         )
+        self.rewarms = Counter(
+            "anomalyd_device_rewarms",
+            "Devices whose window, baseline and alert state an operator reset (POST rewarm)",
+            registry=r,
+        )
         self.model_info = Info(
             "anomalyd_model", "The loaded model set", registry=r,
         )

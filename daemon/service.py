@@ -24,10 +24,12 @@ from daemon import __version__, state
 from daemon.acks import Inbound
 from daemon.batching import next_batch
 from daemon.config import Settings
+from daemon.control import ControlQueue, DeviceControl
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.mqtt import MqttAdapter
+from daemon.payloads import Outbound
 from daemon.pipeline import BatchStats, Pipeline, RawMessage
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoder
@@ -101,8 +103,14 @@ class Service:
         self.mqtt = MqttAdapter(
             s.mqtt, self.subscription, s.topics.status, self.metrics, self._deliver, client_id,
         )
+        # Operators' device commands, run by the scorer between batches (daemon.control).
+        self.control = ControlQueue(self.metrics)
+        self.device_control = DeviceControl(
+            self.pipeline, self.metrics, self._publish_now, self.save_state
+        )
         self.http = HttpServer(
-            s.http.host, port, self, self.metrics.registry, s.http.secret()
+            s.http.host, port, self, self.metrics.registry, s.http.secret(),
+            control=self.control, device_id_pattern=s.limits.device_id_pattern,
         )
         self._worker = threading.Thread(target=self._work, name="scorer", daemon=True)
         self._stopping = threading.Event()
@@ -140,9 +148,12 @@ class Service:
                     self._save_state_every(self.settings.state.save_interval_s)
                 elif self._stopping.is_set():
                     return
+                self.control.drain(self.device_control.execute)
         except Exception as exc:
             self.worker_crashed = repr(exc)
             log.exception("worker_crashed")
+        finally:
+            self.control.close("the scorer has stopped (the daemon is stopping or failed)")
 
     def _handle(self, batch: list[Inbound]) -> None:
         t0 = time.perf_counter()
@@ -164,6 +175,11 @@ class Service:
                     return
             self.mqtt.acks.release(msg)
         self._record(stats, time.perf_counter() - t0)
+
+    def _publish_now(self, out: Outbound) -> bool:
+        """Publish a message no reading caused (an operator's command; scorer thread)."""
+        return self.mqtt.publish(out.topic, out.payload, None, retain=out.retain,
+                                 should_stop=self._forced.is_set)
 
     def _record(self, stats: BatchStats, elapsed: float) -> None:
         m = self.metrics

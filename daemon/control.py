@@ -1,0 +1,372 @@
+"""Operator commands on per-device state: list devices, show one, restart its warm-up.
+
+The scorer thread owns the pipeline's per-device state (``Pipeline.devices`` and
+``Pipeline.alert_states``, objects that ``Pipeline.restore`` replaces); HTTP threads never
+touch it. They put a :class:`Command` on a :class:`ControlQueue` and wait, bounded, for its
+result; the scorer drains the queue between micro-batches (an idle scorer wakes at least
+every 0.1 s: ``daemon.batching.next_batch``'s poll) and runs each command with
+:class:`DeviceControl`.
+
+Reads go through the queue too, not through a shared snapshot: the scorer inserts devices
+into those dicts and updates baselines' arrays in place, so a read from another thread
+could fail mid-iteration or see a half-fitted baseline; a snapshot kept fresh for readers
+would cost every batch on the hot path for a request an operator makes now and then.
+
+The client side of ``anomalyd devices`` / ``anomalyd rewarm`` is at the end.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+import structlog
+
+from daemon.errors import AnomalydError, ConfigError
+from daemon.payloads import Outbound, Payloads, iso
+
+if TYPE_CHECKING:
+    from daemon.alerts import AlertState
+    from daemon.config import Settings
+    from daemon.metrics import Metrics
+    from daemon.pipeline import Pipeline
+
+log = structlog.get_logger("anomalyd.control")
+
+#: How long an HTTP request waits for the scorer to take and run its command.
+COMMAND_TIMEOUT_S = 5.0
+CLEARED_TEXT = (
+    "cleared by an operator's re-warm-up: the device's baseline and alert state were reset"
+)
+
+
+class ControlError(AnomalydError):
+    """A device command could not be carried out (the message says why)."""
+
+
+class UnknownDeviceError(ControlError):
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"unknown device {device_id!r}")
+        self.device_id = device_id
+
+
+class ControlUnavailableError(ControlError):
+    """The scorer did not run the command: stopped, or busy past the time bound."""
+
+
+class ControlFailedError(ControlError):
+    """The command raised inside anomalyd (a bug; logged with its traceback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    action: Literal["list", "show", "rewarm"]
+    device_id: str = ""
+
+
+class _Pending:
+    """One submitted command; whoever claims it first (scorer or a timed-out caller) wins."""
+
+    __slots__ = ("_claimed", "_lock", "command", "done", "error", "result")
+
+    def __init__(self, command: Command) -> None:
+        self.command = command
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: ControlError | None = None
+        self._lock = threading.Lock()
+        self._claimed = False
+
+    def claim(self) -> bool:
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+            return not claimed
+
+    def finish(self, result: Any = None, error: ControlError | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class ControlQueue:
+    """Commands from HTTP threads to the scorer thread, each answered once."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed: str | None = None
+        self._metrics = metrics
+
+    def call(self, command: Command, timeout: float = COMMAND_TIMEOUT_S) -> Any:
+        """Run ``command`` on the scorer thread and return its result (any thread).
+
+        Raises the ControlError the command raised (e.g. UnknownDeviceError), or
+        ControlUnavailableError if the scorer has stopped or did not take the command within
+        ``timeout`` (it is then never run).
+        """
+        pending = _Pending(command)
+        with self._lock:  # so close() cannot miss a command put after it drained
+            if self._closed is not None:
+                raise ControlUnavailableError(self._closed)
+            self._queue.put(pending)
+        if not pending.done.wait(timeout):
+            if pending.claim():
+                raise ControlUnavailableError(
+                    f"the scorer did not take the command within {timeout:g} s (busy, or "
+                    "held up by the broker); nothing was changed"
+                )
+            # The scorer took it just now: it changes memory at once, only publishing can
+            # take long (a full publish window), so wait once more, then say so.
+            if not pending.done.wait(timeout):
+                raise ControlUnavailableError(
+                    "the command started but did not finish in time (publishing to the "
+                    "broker is held up); see the daemon's log"
+                )
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def drain(self, execute: Callable[[Command], Any]) -> int:
+        """Run every queued command with ``execute`` (scorer thread); how many ran."""
+        ran = 0
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()  # the scorer is the only consumer
+            if not pending.claim():
+                continue  # its caller gave up waiting
+            try:
+                pending.finish(result=execute(pending.command))
+            except ControlError as exc:
+                pending.finish(error=exc)
+            except Exception:
+                # A bug in a command must not stop the scorer: log, count, answer 500.
+                log.exception(
+                    "control_command_failed",
+                    action=pending.command.action,
+                    device_id=pending.command.device_id,
+                )
+                if self._metrics is not None:
+                    self._metrics.callback_errors.labels("control").inc()
+                pending.finish(
+                    error=ControlFailedError("the command failed inside anomalyd; see its log")
+                )
+            ran += 1
+        return ran
+
+    def close(self, reason: str) -> None:
+        """Refuse further commands and answer the queued ones (the scorer has stopped)."""
+        with self._lock:
+            self._closed = reason
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if pending.claim():
+                pending.finish(error=ControlUnavailableError(reason))
+
+
+class DeviceControl:
+    """Runs commands against the pipeline's per-device state (the scorer thread only)."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        publish: Callable[[Outbound], bool],
+        save: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.publish = publish
+        self.save = save
+        self.clock = clock
+
+    def execute(self, command: Command) -> dict[str, Any]:
+        if command.action == "list":
+            p = self.pipeline  # its trackers are looked up per call: restore replaces them
+            known = sorted(p.devices.devices.keys() | p.alert_states.devices.keys())
+            return {"devices": [self.show(d) for d in known]}
+        if command.action == "show":
+            return self.show(command.device_id)
+        return self.rewarm(command.device_id)
+
+    def show(self, device_id: str) -> dict[str, Any]:
+        """Warm-up progress, baseline threshold and alert state; no arrays."""
+        p = self.pipeline
+        device = p.devices.summary(device_id)
+        alert = p.alert_states.summary(device_id)
+        if device is None and alert is None:
+            raise UnknownDeviceError(device_id)
+        if alert is None:
+            alert = {"active": False}
+        elif alert["raised_at"] is not None:
+            alert["raised_at"] = iso(alert["raised_at"])
+        return {"device_id": device_id, **(device or {}), "alert": alert}
+
+    def rewarm(self, device_id: str) -> dict[str, Any]:
+        """Forget the device's window, baseline and alert state; its next reading starts a
+        new warm-up. An active alert is replaced at the broker by a retained "cleared"
+        state, so subscribers do not keep a raised alert nothing will resolve. The state
+        file is written at once."""
+        before = self.show(device_id)
+        p = self.pipeline
+        p.devices.forget(device_id)
+        old_alert = p.alert_states.forget(device_id)
+        cleared = False
+        if old_alert is not None and old_alert.active:
+            out = cleared_alert(
+                p.payloads, device_id, old_alert, self.clock(), warming_up=p.devices.warmup > 0
+            )
+            cleared = self.publish(out)
+            if not cleared:
+                log.warning(
+                    "rewarm_alert_not_cleared",
+                    device_id=device_id,
+                    note="stopping before the broker took the cleared alert state",
+                )
+        self.save()
+        self.metrics.rewarms.inc()
+        log.info(
+            "device_rewarmed",
+            device_id=device_id,
+            warmup_seen=before.get("warmup_seen"),
+            baseline_threshold=before.get("baseline_threshold"),
+            alert_was_active=before["alert"]["active"],
+            alert_cleared=cleared,
+        )
+        return {
+            "device_id": device_id,
+            "rewarmed": True,
+            "warmup_readings": p.devices.warmup,
+            "alert_cleared": cleared,
+            "before": before,
+        }
+
+
+def cleared_alert(
+    payloads: Payloads, device_id: str, previous: AlertState, now: float, warming_up: bool
+) -> Outbound:
+    """The retained alert state saying a re-warm-up cleared the device's alert.
+
+    ``Payloads.alert``'s shape where it applies, with ``state: "cleared"`` and
+    ``reason: "rewarm"``; no verdict caused it, so the verdict's own fields (key, seq,
+    scores, model) are absent.
+    """
+    at = iso(now)
+    body: dict[str, Any] = {
+        "device_id": device_id,
+        "state": "cleared",
+        "active": False,
+        "severity": previous.severity,
+        "reason": "rewarm",
+        "timestamp": at,
+        "raised_at": None if previous.raised_at is None else iso(previous.raised_at),
+        "resolved_at": at,
+        "published_at": at,
+        "anomalous_in_window": 0,
+        "window": payloads.alert_window,
+        "peak_margin": previous.peak_margin,
+        "warming_up": warming_up,
+        "explanation": CLEARED_TEXT,
+        "contributions": [],
+    }
+    return Outbound("alert", payloads.alert_topic(device_id), orjson.dumps(body), retain=True)
+
+
+# -- client side: the command line talking to a running daemon's HTTP port --------------
+
+
+class DaemonUnreachableError(ControlError):
+    """Nothing answered on the daemon's HTTP port."""
+
+
+def worker_urls(settings: Settings) -> list[str]:
+    """The base URL of the daemon's HTTP port, or of each worker's with WORKERS=N."""
+    http = settings.http
+    if http.port == 0:
+        raise ConfigError(
+            "http.port is 0 (a random port): set http.port or HEALTH_PORT to "
+            "the port the daemon listens on"
+        )
+    host = http.host
+    if host in ("", "0.0.0.0"):  # noqa: S104 (bound to all interfaces: loopback reaches it)
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    n = settings.service.workers
+    return [f"http://{host}:{http.port + i}" for i in range(n)]
+
+
+# Never through an http_proxy from the environment: the daemon is local, the token private.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def ask(
+    base: str, method: str, path: str, token: str | None, timeout: float = COMMAND_TIMEOUT_S + 5
+) -> tuple[int, Any]:
+    """One request to a running daemon: (status, JSON body). DaemonUnreachableError if no answer."""
+    req = urllib.request.Request(  # noqa: S310 (an http:// URL from worker_urls)
+        base + path, method=method, data=b"" if method == "POST" else None
+    )
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with _opener.open(req, timeout=timeout) as resp:
+            status, raw = int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except OSError as exc:  # URLError, refused, timed out
+        reason = getattr(exc, "reason", exc)
+        raise DaemonUnreachableError(
+            f"cannot reach the daemon at {base} ({reason}); is it running, and do "
+            "http.host/http.port (HEALTH_HOST/HEALTH_PORT) match its configuration?"
+        ) from exc
+    try:
+        return status, orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return status, {"error": raw[:200].decode("utf-8", "replace")}
+
+
+def ask_workers(settings: Settings, method: str, path: str) -> list[dict[str, Any]]:
+    """Send the request to the daemon (every worker with WORKERS=N); the 200 answers.
+
+    An unknown-device 404 means that worker does not hold the device (it is left out);
+    any other error answer raises ControlError with the daemon's message.
+    """
+    urls = worker_urls(settings)
+    token = settings.http.secret()
+    answers = []
+    for i, base in enumerate(urls):
+        status, body = ask(base, method, path, token)
+        if status == 200:
+            if len(urls) > 1:
+                body["worker"] = i
+            answers.append(body)
+        elif not (status == 404 and isinstance(body, dict) and "device_id" in body):
+            error = body.get("error") if isinstance(body, dict) else body
+            raise ControlError(f"{base}{path} answered {status}: {error}")
+    return answers
+
+
+def device_table(devices: list[dict[str, Any]]) -> str:
+    """One line per device for ``anomalyd devices``."""
+    lines = [f"{'DEVICE':<24} {'WARM-UP':<12} {'THRESHOLD':<10} ALERT"]
+    for d in devices:
+        if not d.get("warmup_readings"):
+            warm = "off"
+        else:
+            warm = f"{d.get('warmup_seen', 0)}/{d['warmup_readings']}"
+            warm += " warming" if d.get("warming_up") else ""
+        thr = d.get("baseline_threshold")
+        a = d["alert"]
+        alert = f"{a['severity']} since {a['raised_at']}" if a["active"] else "-"
+        name = d["device_id"] + (f" (worker {d['worker']})" if "worker" in d else "")
+        lines.append(f"{name:<24} {warm:<12} {'-' if thr is None else f'{thr:.3g}':<10} {alert}")
+    return "\n".join(lines)
