@@ -44,12 +44,25 @@ class Judgement:
     is_anomaly: bool
     confidence: float
     margin: float
-    members: dict[str, float] | None
+    scored: BatchScores  # the detector call this reading was part of, at position ``row``
+    row: int
     explanation: dict[str, Any] | None = None
     warming_up: bool = False
     #: the device baseline's score, threshold and flag, once its warm-up is complete
     baseline: dict[str, Any] | None = None
     alert: AlertEvent | None = None  # the alert transition this verdict caused
+
+    @property
+    def members(self) -> dict[str, float] | None:
+        """Each ensemble member's raw score (None for a single detector). Built on demand:
+        only single-reading verdicts carry them, and a batch makes thousands."""
+        m = self.scored.members
+        return None if m is None else {k: float(v[self.row]) for k, v in m.items()}
+
+    @property
+    def zscores(self) -> np.ndarray:
+        z: np.ndarray = self.scored.zscores[self.row]
+        return z
 
 
 @dataclass(slots=True)
@@ -108,29 +121,34 @@ class Pipeline:
         for i, r in enumerate(readings):
             groups.setdefault(r.model_name or default, []).append(i)
         out: list[Judgement | None] = [None] * len(readings)
-        zscores: list[np.ndarray | None] = [None] * len(readings)
         elapsed: dict[str, float] = {}
         for detector, idx in groups.items():
             X = np.array([observed[i] for i in idx], dtype=np.float64)
             t0 = time.perf_counter()
             scored = self.bundle.score(X, detector)
             elapsed[detector] = time.perf_counter() - t0
-            self._collect(scored, readings, idx, out, zscores)
+            self._collect(scored, readings, idx, out)
         judged = [j for j in out if j is not None]
         anomalies: dict[str, int] = dict.fromkeys(groups, 0)
-        for j, row, z in zip(judged, observed, zscores, strict=True):
-            a = self.devices.assess(j.reading.device_id, row, j.is_anomaly)
-            j.warming_up = a.warming_up
-            center, scale = None, None
-            if a.active:
-                j.baseline = {"score": a.score, "threshold": a.threshold,
-                              "is_anomaly": a.is_anomaly}
-                j.is_anomaly = j.is_anomaly and a.is_anomaly
-                z, center, scale = a.z, a.center, a.scale  # explain against the baseline
+        warmup = self.devices.warmup > 0
+        for j, row in zip(judged, observed, strict=True):
+            center, scale, z = None, None, None
+            if warmup:
+                a = self.devices.assess(j.reading.device_id, row, j.is_anomaly)
+                j.warming_up = a.warming_up
+                if a.active:
+                    j.baseline = {
+                        "score": a.score,
+                        "threshold": a.threshold,
+                        "is_anomaly": a.is_anomaly,
+                    }
+                    j.is_anomaly = j.is_anomaly and a.is_anomaly
+                    z, center, scale = a.z, a.center, a.scale  # explain against the baseline
             if j.is_anomaly:
                 anomalies[j.detector] += 1
-                assert z is not None
-                exp = self.bundle.explain(row, z, center=center, scale=scale)
+                exp = self.bundle.explain(
+                    row, j.zscores if z is None else z, center=center, scale=scale
+                )
                 j.explanation = exp.to_dict()
         for detector, idx in groups.items():
             stats.by_detector[detector] = (len(idx), anomalies[detector], elapsed[detector])
@@ -142,32 +160,29 @@ class Pipeline:
         readings: Sequence[Reading],
         idx: list[int],
         out: list[Judgement | None],
-        zscores: list[np.ndarray | None],
     ) -> None:
         threshold = float(self.bundle.manifest["detectors"][s.detector]["threshold"])
         scores = s.scores.tolist()
         flags = s.is_anomaly.tolist()
         conf = s.confidence.tolist()
         margins = s.margin.tolist()
-        members = (
-            {k: v.tolist() for k, v in s.members.items()} if s.members is not None else None
-        )
+        detector = s.detector
         for row, i in enumerate(idx):
             score = scores[row]
             if not math.isfinite(score):
                 # A non-finite score would leave as JSON null; treat it as the worst case.
                 score, flags[row], conf[row], margins[row] = 1e300, True, 1.0, 1e300
             out[i] = Judgement(
-                reading=readings[i],
-                detector=s.detector,
-                score=score,
-                threshold=threshold,
-                is_anomaly=bool(flags[row]),
-                confidence=conf[row],
-                margin=margins[row],
-                members={k: v[row] for k, v in members.items()} if members else None,
+                readings[i],
+                detector,
+                score,
+                threshold,
+                flags[row],
+                conf[row],
+                margins[row],
+                s,
+                row,
             )
-            zscores[i] = s.zscores[row]
 
     # -- per-device state --------------------------------------------------------------
 
@@ -182,11 +197,15 @@ class Pipeline:
     def restore(self, snapshot: dict[str, Any]) -> int:
         """Reload a snapshot; returns the number of devices. ValueError/KeyError if bad."""
         devices = DeviceTracker(
-            self.devices.n_features, self.devices.window, self.devices.warmup,
-            self.devices.global_center, self.devices.global_scale,
+            self.devices.n_features,
+            self.devices.window,
+            self.devices.warmup,
+            self.devices.global_center,
+            self.devices.global_scale,
         )
         alerts = AlertTracker(
-            self.alert_states.raise_after, self.alert_states.window,
+            self.alert_states.raise_after,
+            self.alert_states.window,
             self.alert_states.resolve_after,
         )
         n = devices.restore(snapshot["devices"])

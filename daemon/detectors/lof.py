@@ -56,7 +56,9 @@ class LofDetector:
 
     def _set(self, rows: Matrix, kth: Vector, lrd: Vector, k: int) -> None:
         self._rows, self._kth_distance, self._lrd, self._k = rows, kth, lrd, k
-        self._tree = cKDTree(rows)
+        # Leaves of 32 rows instead of scipy's 16: the same neighbours, ~12 % faster
+        # queries for k=20 in 6 dimensions (BENCHMARKS.md).
+        self._tree = cKDTree(rows, leafsize=32)
 
     def score(self, x: Matrix) -> Vector:
         if self._tree is None or self._kth_distance is None or self._lrd is None:
