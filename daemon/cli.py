@@ -129,7 +129,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from daemon.control import ask_workers, device_table
+    from daemon.device_client import ask_workers, device_table
 
     settings = _settings(args)
     if args.id is None:
@@ -153,7 +153,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_rewarm(args: argparse.Namespace) -> int:
-    from daemon.control import ask_workers
+    from daemon.device_client import ask_workers
 
     done = ask_workers(_settings(args), "POST", f"/devices/{quote(args.id, safe='')}/rewarm")
     if not done:

@@ -12,7 +12,8 @@ into those dicts and updates baselines' arrays in place, so a read from another 
 could fail mid-iteration or see a half-fitted baseline; a snapshot kept fresh for readers
 would cost every batch on the hot path for a request an operator makes now and then.
 
-The client side of ``anomalyd devices`` / ``anomalyd rewarm`` is at the end.
+The command line's side (``anomalyd devices`` / ``anomalyd rewarm``) is
+``daemon.device_client``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,12 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 import structlog
 
-from daemon.errors import AnomalydError, ConfigError
+from daemon.errors import AnomalydError
 from daemon.payloads import Outbound, Payloads, iso
 
 if TYPE_CHECKING:
     from daemon.alerts import AlertState
-    from daemon.config import Settings
     from daemon.metrics import Metrics
     from daemon.pipeline import Pipeline
 
@@ -278,95 +276,3 @@ def cleared_alert(
         "contributions": [],
     }
     return Outbound("alert", payloads.alert_topic(device_id), orjson.dumps(body), retain=True)
-
-
-# -- client side: the command line talking to a running daemon's HTTP port --------------
-
-
-class DaemonUnreachableError(ControlError):
-    """Nothing answered on the daemon's HTTP port."""
-
-
-def worker_urls(settings: Settings) -> list[str]:
-    """The base URL of the daemon's HTTP port, or of each worker's with WORKERS=N."""
-    http = settings.http
-    if http.port == 0:
-        raise ConfigError(
-            "http.port is 0 (a random port): set http.port or HEALTH_PORT to "
-            "the port the daemon listens on"
-        )
-    host = http.host
-    if host in ("", "0.0.0.0"):  # noqa: S104 (bound to all interfaces: loopback reaches it)
-        host = "127.0.0.1"
-    elif ":" in host:
-        host = f"[{host}]"
-    n = settings.service.workers
-    return [f"http://{host}:{http.port + i}" for i in range(n)]
-
-
-# Never through an http_proxy from the environment: the daemon is local, the token private.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def ask(
-    base: str, method: str, path: str, token: str | None, timeout: float = COMMAND_TIMEOUT_S + 5
-) -> tuple[int, Any]:
-    """One request to a running daemon: (status, JSON body). DaemonUnreachableError if no answer."""
-    req = urllib.request.Request(  # noqa: S310 (an http:// URL from worker_urls)
-        base + path, method=method, data=b"" if method == "POST" else None
-    )
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with _opener.open(req, timeout=timeout) as resp:
-            status, raw = int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except OSError as exc:  # URLError, refused, timed out
-        reason = getattr(exc, "reason", exc)
-        raise DaemonUnreachableError(
-            f"cannot reach the daemon at {base} ({reason}); is it running, and do "
-            "http.host/http.port (HEALTH_HOST/HEALTH_PORT) match its configuration?"
-        ) from exc
-    try:
-        return status, orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return status, {"error": raw[:200].decode("utf-8", "replace")}
-
-
-def ask_workers(settings: Settings, method: str, path: str) -> list[dict[str, Any]]:
-    """Send the request to the daemon (every worker with WORKERS=N); the 200 answers.
-
-    An unknown-device 404 means that worker does not hold the device (it is left out);
-    any other error answer raises ControlError with the daemon's message.
-    """
-    urls = worker_urls(settings)
-    token = settings.http.secret()
-    answers = []
-    for i, base in enumerate(urls):
-        status, body = ask(base, method, path, token)
-        if status == 200:
-            if len(urls) > 1:
-                body["worker"] = i
-            answers.append(body)
-        elif not (status == 404 and isinstance(body, dict) and "device_id" in body):
-            error = body.get("error") if isinstance(body, dict) else body
-            raise ControlError(f"{base}{path} answered {status}: {error}")
-    return answers
-
-
-def device_table(devices: list[dict[str, Any]]) -> str:
-    """One line per device for ``anomalyd devices``."""
-    lines = [f"{'DEVICE':<24} {'WARM-UP':<12} {'THRESHOLD':<10} ALERT"]
-    for d in devices:
-        if not d.get("warmup_readings"):
-            warm = "off"
-        else:
-            warm = f"{d.get('warmup_seen', 0)}/{d['warmup_readings']}"
-            warm += " warming" if d.get("warming_up") else ""
-        thr = d.get("baseline_threshold")
-        a = d["alert"]
-        alert = f"{a['severity']} since {a['raised_at']}" if a["active"] else "-"
-        name = d["device_id"] + (f" (worker {d['worker']})" if "worker" in d else "")
-        lines.append(f"{name:<24} {warm:<12} {'-' if thr is None else f'{thr:.3g}':<10} {alert}")
-    return "\n".join(lines)
