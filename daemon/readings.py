@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ import numpy as np
 from daemon import json_guard
 from daemon.errors import ConfigError
 from daemon.json_guard import MAX_DEPTH
+from daemon.topics import TopicMatcher
 
 MAX_ABS_VALUE = 1e15
 _MIN_EPOCH = 946_684_800.0  # 2000-01-01T00:00:00Z
@@ -42,12 +42,9 @@ _MAX_EPOCH = 7_258_118_400.0  # 2200-01-01T00:00:00Z
 _MAX_SEQ = 2**63
 _MAX_STATE_LEN = 64
 _MAX_TIMESTAMP_LEN = 64
-_MAX_TOPIC_LEN = 65_535  # the MQTT limit; longer strings cannot be real topics
 _NESTED = "sensor_data"
 _BATCH = "readings"
 _META = ("timestamp", "seq", "operational_state", "model_name")
-_TOPIC_CACHE_SIZE = 4096
-_MAX_CACHED_TOPIC_LEN = 256
 
 # Every reason code a Rejection can carry, with its meaning (the README lists these).
 REASONS: Mapping[str, str] = MappingProxyType({
@@ -130,11 +127,7 @@ class Decoder:
         self._max_payload = max_payload_bytes
         self._max_batch = max_batch_readings
         self._subscription = subscription
-        self._levels, self._id_level, self._multi = _parse_filter(subscription)
-        try:
-            self._id_pattern = re.compile(device_id_pattern)
-        except re.error as exc:
-            raise ConfigError(f"device_id_pattern does not compile: {exc}") from exc
+        self.topics = TopicMatcher(subscription, device_id_pattern)
         self._keyset = frozenset((*self._features, *_META, _NESTED, _BATCH))
         # itemgetter of one name returns the value itself, not a 1-tuple
         get_all = (
@@ -143,37 +136,10 @@ class Decoder:
             else _one_feature(self._features[0])
         )
         self._get_features: Callable[[Mapping[str, object]], tuple[Any, ...]] = get_all
-        # Devices publish on the same few topics over and over; remembering the answer saves
-        # most of the per-message topic cost. Bounded: cleared when full, short topics only.
-        self._topic_cache: dict[str, str | None] = {}
 
     def device_id(self, topic: str) -> str | None:
         """The device id in `topic`, or None if the topic does not fit the subscription."""
-        cache = self._topic_cache
-        if topic in cache:
-            return cache[topic]
-        device_id = self._parse_topic(topic)
-        if len(topic) <= _MAX_CACHED_TOPIC_LEN:
-            if len(cache) >= _TOPIC_CACHE_SIZE:
-                cache.clear()
-            cache[topic] = device_id
-        return device_id
-
-    def _parse_topic(self, topic: str) -> str | None:
-        if len(topic) > _MAX_TOPIC_LEN or "+" in topic or "#" in topic:
-            return None
-        levels = topic.split("/")
-        pattern = self._levels
-        if len(levels) != len(pattern) and not (self._multi and len(levels) >= len(pattern)):
-            return None
-        # MQTT: a filter starting with a wildcard does not match topics starting with "$".
-        if pattern[0] == "+" and topic.startswith("$"):
-            return None
-        for want, got in zip(pattern, levels, strict=False):
-            if want != "+" and want != got:
-                return None
-        candidate = levels[self._id_level]
-        return candidate if self._id_pattern.fullmatch(candidate) else None
+        return self.topics.device_id(topic)
 
     def decode(self, topic: str, payload: bytes, received_at: float) -> Decoded:
         """Turn one MQTT message into readings and rejections. Never raises."""
@@ -368,26 +334,6 @@ def _one_feature(name: str) -> Callable[[Mapping[str, object]], tuple[Any, ...]]
         return (source[name],)
 
     return get
-
-
-def _parse_filter(subscription: str) -> tuple[tuple[str, ...], int, bool]:
-    """Split an MQTT filter into levels: (levels without '#', id level index, has '#')."""
-    text = subscription
-    if text.startswith("$share/"):
-        parts = text.split("/", 2)
-        if len(parts) < 3 or not parts[1]:
-            raise ConfigError(f"subscription {subscription!r}: '$share/' needs a group name")
-        text = parts[2]
-    levels = text.split("/")
-    multi = levels[-1] == "#"
-    if multi:
-        levels.pop()
-    for level in levels:
-        if level != "+" and ("+" in level or "#" in level):
-            raise ConfigError(f"subscription {subscription!r}: misplaced wildcard")
-    if "+" not in levels:
-        raise ConfigError(f"subscription {subscription!r} needs a '+' level for the device id")
-    return tuple(levels), levels.index("+"), multi
 
 
 def _message_fails(device_id: str, reason: str, detail: str, is_batch: bool = False) -> Decoded:

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import json_guard, readings
+from daemon import json_guard, readings, topics
 from daemon.errors import ConfigError
 from daemon.readings import REASONS, Decoded, Decoder, Reading, Rejection
 
@@ -506,9 +506,9 @@ def test_filter_starting_with_plus_does_not_match_dollar_topics() -> None:
 
 
 def test_topic_cache_stays_bounded(decoder: Decoder) -> None:
-    for i in range(readings._TOPIC_CACHE_SIZE + 10):
+    for i in range(topics.TOPIC_CACHE_SIZE + 10):
         decoder.device_id(f"sensors/d{i}/readings")
-    assert len(decoder._topic_cache) <= readings._TOPIC_CACHE_SIZE
+    assert len(decoder.topics._cache) <= topics.TOPIC_CACHE_SIZE
     assert decoder.device_id("sensors/d1/readings") == "d1"
 
 

@@ -1,0 +1,76 @@
+"""Which device a topic belongs to, under the daemon's MQTT subscription filter.
+
+The device id is the topic level under the filter's ``+``; a shared subscription's
+``$share/<group>/`` prefix is not part of the topics that arrive. Ids must also match the
+configured pattern. Pure, and cached: devices publish on the same few topics again and
+again.
+"""
+
+from __future__ import annotations
+
+import re
+
+from daemon.errors import ConfigError
+
+MAX_TOPIC_LEN = 65_535  # the MQTT limit; longer strings cannot be real topics
+TOPIC_CACHE_SIZE = 4096
+MAX_CACHED_TOPIC_LEN = 256
+
+
+class TopicMatcher:
+    def __init__(self, subscription: str, device_id_pattern: str) -> None:
+        self._levels, self._id_level, self._multi = parse_filter(subscription)
+        try:
+            self._id_pattern = re.compile(device_id_pattern)
+        except re.error as exc:
+            raise ConfigError(f"device_id_pattern does not compile: {exc}") from exc
+        # Bounded: cleared when full, short topics only.
+        self._cache: dict[str, str | None] = {}
+
+    def device_id(self, topic: str) -> str | None:
+        """The device id in `topic`, or None if the topic does not fit the subscription."""
+        cache = self._cache
+        if topic in cache:
+            return cache[topic]
+        device_id = self._parse_topic(topic)
+        if len(topic) <= MAX_CACHED_TOPIC_LEN:
+            if len(cache) >= TOPIC_CACHE_SIZE:
+                cache.clear()
+            cache[topic] = device_id
+        return device_id
+
+    def _parse_topic(self, topic: str) -> str | None:
+        if len(topic) > MAX_TOPIC_LEN or "+" in topic or "#" in topic:
+            return None
+        levels = topic.split("/")
+        pattern = self._levels
+        if len(levels) != len(pattern) and not (self._multi and len(levels) >= len(pattern)):
+            return None
+        # MQTT: a filter starting with a wildcard does not match topics starting with "$".
+        if pattern[0] == "+" and topic.startswith("$"):
+            return None
+        for want, got in zip(pattern, levels, strict=False):
+            if want != "+" and want != got:
+                return None
+        candidate = levels[self._id_level]
+        return candidate if self._id_pattern.fullmatch(candidate) else None
+
+
+def parse_filter(subscription: str) -> tuple[tuple[str, ...], int, bool]:
+    """Split an MQTT filter into levels: (levels without '#', id level index, has '#')."""
+    text = subscription
+    if text.startswith("$share/"):
+        parts = text.split("/", 2)
+        if len(parts) < 3 or not parts[1]:
+            raise ConfigError(f"subscription {subscription!r}: '$share/' needs a group name")
+        text = parts[2]
+    levels = text.split("/")
+    multi = levels[-1] == "#"
+    if multi:
+        levels.pop()
+    for level in levels:
+        if level != "+" and ("+" in level or "#" in level):
+            raise ConfigError(f"subscription {subscription!r}: misplaced wildcard")
+    if "+" not in levels:
+        raise ConfigError(f"subscription {subscription!r} needs a '+' level for the device id")
+    return tuple(levels), levels.index("+"), multi
