@@ -1,0 +1,89 @@
+"""In-process cost of the daemon's core per reading: ``Pipeline.process`` without MQTT.
+
+Decoding, scoring, per-device state, alerts and payload building for the bench's own
+readings (``bench.run``'s 40 synthetic pumps), in batch-100 messages handed over ~6,000
+readings at a time (the batch size the live daemon reaches in the batch-100 phase), or in
+single-reading messages. Prints microseconds per reading (median of repeats) and, with
+``--profile``, the top of a cProfile listing: the figure to look at before and after a
+change to the per-reading path, without the noise of a broker and load generators.
+
+    .venv/bin/python -m bench.pipeline --models /tmp/bench-models [--single] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.loadgen import payloads
+from bench.run import write_rows
+from daemon.config import load_settings
+from daemon.models import load_bundle
+from daemon.pipeline import Pipeline, RawMessage
+from daemon.readings import Decoder
+
+READINGS = 6000
+DEVICES = 40
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=Path, required=True)
+    p.add_argument("--single", action="store_true", help="single-reading messages")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+
+    settings = load_settings(Path(__file__).resolve().parent.parent / "config" / "anomalyd.toml")
+    bundle = load_bundle(args.models)
+    lim = settings.limits
+    decoder = Decoder(bundle.features, bundle.detector_names, subscription="sensors/+/readings",
+                      max_payload_bytes=lim.max_payload_bytes,
+                      max_batch_readings=lim.max_batch_readings,
+                      device_id_pattern=lim.device_id_pattern)
+    pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
+                        settings.model.default_detector, lim.max_payload_bytes,
+                        warmup=settings.baseline.warmup_readings)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_rows(Path(tmp) / "rows.json", DEVICES)
+        spec = json.loads((Path(tmp) / "rows.json").read_text())
+    per_msg = 1 if args.single else 100
+    now = time.time()
+    messages = [
+        RawMessage(f"sensors/p-{i % DEVICES:03d}/readings",
+                   payloads(spec["streams"][i % DEVICES], spec["features"], i * per_msg,
+                            per_msg, (i // DEVICES) * per_msg), now)
+        for i in range(READINGS // per_msg)
+    ]
+    # one hand-over per ~6,000 readings, like the live daemon's batches in that phase
+    chunk = len(messages)
+
+    def run() -> None:
+        for k in range(0, len(messages), chunk):
+            pipeline.process(messages[k : k + chunk], time.time())
+
+    run()  # warm caches and per-device state
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    us = float(np.median(times)) / READINGS * 1e6
+    kind = "single-reading" if args.single else "batch-100"
+    print(f"{kind} messages: {us:.2f} µs per reading in-process "
+          f"({1e6 / us:,.0f} readings/s on one core; median of {args.reps})")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.runcall(run)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()
