@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+if TYPE_CHECKING:
+    from daemon.pipeline import BatchStats
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -87,3 +92,22 @@ class Metrics:
         self.model_info = Info(
             "anomalyd_model", "The loaded model set", registry=r,
         )
+
+    def record_batch(self, stats: BatchStats) -> None:
+        """Count what one micro-batch did (``Pipeline.process``'s statistics)."""
+        for reason in stats.rejections:
+            self.dead_letters.labels(reason).inc()
+        if stats.rejected:
+            self.readings.labels("rejected").inc(stats.rejected)
+        for detector, (n, n_anom, secs) in stats.by_detector.items():
+            self.batch_size.labels(detector).observe(n)
+            self.scoring_seconds.labels(detector).observe(secs)
+            if n_anom:
+                self.anomalies.labels(detector).inc(n_anom)
+        normal = stats.readings - stats.anomalies
+        if normal:
+            self.readings.labels("normal").inc(normal)
+        if stats.anomalies:
+            self.readings.labels("anomaly").inc(stats.anomalies)
+        for sev in stats.alert_severities:
+            self.alerts.labels(sev).inc()

@@ -116,6 +116,22 @@ class ModelBundle:
             is_anomaly=is_anomaly,
         )
 
+    def describe(self, default_detector: str) -> dict[str, Any]:
+        """What ``/models`` shows: version, features, each detector's threshold and scores."""
+        man = self.manifest
+        return {
+            "version": self.version,
+            "features": list(self.features),
+            "default_detector": default_detector,
+            "trained_at": man.get("created_at"),
+            "training": man.get("training"),
+            "models": [
+                {"name": name, "version": self.version,
+                 "threshold": d.get("threshold"), "validation": d.get("validation")}
+                for name, d in man.get("detectors", {}).items()
+            ],
+        }
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

@@ -182,24 +182,8 @@ class Service:
                                  should_stop=self._forced.is_set)
 
     def _record(self, stats: BatchStats, elapsed: float) -> None:
-        m = self.metrics
-        for reason in stats.rejections:
-            m.dead_letters.labels(reason).inc()
-        if stats.rejected:
-            m.readings.labels("rejected").inc(stats.rejected)
-        for detector, (n, n_anom, secs) in stats.by_detector.items():
-            m.batch_size.labels(detector).observe(n)
-            m.scoring_seconds.labels(detector).observe(secs)
-            if n_anom:
-                m.anomalies.labels(detector).inc(n_anom)
-        normal = stats.readings - stats.anomalies
-        if normal:
-            m.readings.labels("normal").inc(normal)
-        if stats.anomalies:
-            m.readings.labels("anomaly").inc(stats.anomalies)
-        for sev in stats.alert_severities:
-            m.alerts.labels(sev).inc()
-        m.unacked_inputs.set(len(self.mqtt.acks))
+        self.metrics.record_batch(stats)
+        self.metrics.unacked_inputs.set(len(self.mqtt.acks))
         log.info(
             "batch",
             messages=stats.messages,
@@ -354,19 +338,7 @@ class Service:
         return ok, body
 
     def models(self) -> dict[str, Any]:
-        man = self.bundle.manifest
-        return {
-            "version": self.bundle.version,
-            "features": list(self.bundle.features),
-            "default_detector": self.pipeline.default_detector,
-            "trained_at": man.get("created_at"),
-            "training": man.get("training"),
-            "models": [
-                {"name": name, "version": self.bundle.version,
-                 "threshold": d.get("threshold"), "validation": d.get("validation")}
-                for name, d in man.get("detectors", {}).items()
-            ],
-        }
+        return self.bundle.describe(self.pipeline.default_detector)
 
     def info(self) -> dict[str, Any]:
         s = self.settings
