@@ -162,8 +162,11 @@ def cmd_rewarm(args: argparse.Namespace) -> int:
     for d in done:
         where = f" on worker {d['worker']}" if "worker" in d else ""
         cleared = "; its active alert was cleared" if d["alert_cleared"] else ""
-        print(f"{d['device_id']}{where}: window, baseline and alert state forgotten, its next "
-              f"{d['warmup_readings']} readings warm up again{cleared}")
+        n = d["warmup_readings"]
+        then = (f"its next {n} readings warm up again" if n else
+                "baselines are off (baseline.warmup_readings = 0), so there is no warm-up")
+        print(f"{d['device_id']}{where}: window, baseline and alert state forgotten; "
+              f"{then}{cleared}")
     return EXIT_OK
 
 

@@ -68,9 +68,12 @@ def make_settings(b: Broker, model_dir: Path, **mqtt: Any) -> Settings:
 
 @pytest.fixture
 def start_daemon(
-    trained_model_dir: Path,
+    trained_model_dir: Path, tmp_path: Path
 ) -> Iterator[Callable[..., Service]]:
-    """Start in-process daemons against a broker; all are shut down at teardown."""
+    """Start in-process daemons against a broker; all are shut down at teardown.
+
+    Settings left with the default state directory (``state/`` under the working
+    directory, i.e. the repository) get a temporary one instead."""
     started: list[Service] = []
     bundle = load_bundle(trained_model_dir)
 
@@ -83,6 +86,9 @@ def start_daemon(
         if settings is None:
             assert b is not None, "give a broker or complete settings"
             settings = make_settings(b, trained_model_dir, **mqtt)
+        if settings.state.dir == StateConfig().dir:
+            state = settings.state.model_copy(update={"dir": tmp_path / f"state-{len(started)}"})
+            settings = settings.model_copy(update={"state": state})
         svc = Service(settings, model or bundle, Metrics())
         svc.start()
         started.append(svc)
@@ -120,3 +126,13 @@ def publisher_for() -> Iterator[Callable[[Broker], Publisher]]:
     yield make
     for p in made:
         p.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repository_state_left_alone() -> Iterator[None]:
+    """No test may write device state into the repository's own ``state/`` directory."""
+    repo_state = Path(__file__).resolve().parent.parent / "state"
+    existed = repo_state.exists()
+    yield
+    if not existed and repo_state.exists():
+        pytest.fail(f"a test wrote daemon state into {repo_state}: give it a temporary STATE_DIR")

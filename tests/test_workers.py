@@ -29,12 +29,14 @@ def _ready(port: int) -> bool:
 
 
 def test_two_workers_share_the_readings_and_judge_each_once(
-    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
+    tmp_path: Path,
 ) -> None:
     base = free_port()  # worker i listens on base + i
     env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port),
                MODEL_DIR=str(trained_model_dir), HEALTH_PORT=str(base), WORKERS="2",
-               MQTT_CLIENT_ID=f"anomalyd-w-{base}")
+               MQTT_CLIENT_ID=f"anomalyd-w-{base}",
+               STATE_DIR=str(tmp_path / "state"))  # not the repository's state/
     proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
