@@ -3,7 +3,9 @@ commands (``GET /devices``, ``GET /devices/{id}``, ``POST /devices/{id}/rewarm``
 
 A bearer token, when configured, guards every path but ``/health``. Requests that change
 state (POST) need that token, or, when none is configured, a server bound to a loopback
-address: otherwise anyone who can reach the port could reset devices' baselines. Device
+address: otherwise anyone who can reach the port could reset devices' baselines. A POST
+carrying an ``Origin`` header (sent by browsers, not by the command line or curl) is
+refused, so a web page cannot reach a token-less loopback port either. Device
 commands run on the scorer thread through ``daemon.control``; errors are JSON.
 """
 
@@ -39,6 +41,10 @@ MAX_BODY = 65536  # POST bodies are ignored; a larger one is refused, not read
 POST_REFUSED = (
     "changing device state over HTTP needs a bearer token when the server is not bound to "
     "a loopback address: set http.token or http.token_file (HEALTH_TOKEN, HEALTH_TOKEN_FILE)"
+)
+FROM_BROWSER = (
+    "requests from a web page (with an Origin header) may not change device state: use "
+    "anomalyd rewarm, curl or another client that is not a browser"
 )
 Response = tuple[int, str, bytes]
 
@@ -143,6 +149,11 @@ class HttpServer:
                     return
                 if self.command == "POST" and expected is None and not outer.loopback:
                     self._send(_error(403, POST_REFUSED))
+                    return
+                if self.command == "POST" and self.headers.get("Origin") is not None:
+                    # A page in a browser on this host could otherwise send a "simple"
+                    # cross-origin POST to a token-less loopback port.
+                    self._send(_error(403, FROM_BROWSER))
                     return
                 try:
                     response, allow = router.route(self.command, path)

@@ -268,10 +268,11 @@ def bare_server(host: str, token: str | None = None) -> Iterator[HttpServer]:
 
 
 def request(
-    port: int, method: str, path: str, token: str | None = None
+    port: int, method: str, path: str, token: str | None = None, **more: str
 ) -> tuple[int, Any, http.client.HTTPResponse]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers.update(more)
     conn.request(method, path, body=b"" if method == "POST" else None, headers=headers)
     resp = conn.getresponse()
     raw = resp.read()
@@ -288,6 +289,10 @@ def test_post_without_a_token_is_refused_unless_bound_to_loopback() -> None:
         status, body, _ = request(server.port, "POST", "/devices/p-1/rewarm")
         # accepted, handed to the queue; nobody drains it here, hence 503
         assert status == 503 and "nothing was changed" in body["error"]
+        # ... but not from a web page: a browser adds Origin to a cross-origin POST
+        status, body, _ = request(server.port, "POST", "/devices/p-1/rewarm",
+                                  Origin="http://evil.example")
+        assert status == 403 and "Origin" in body["error"]
 
 
 def test_wrong_methods_paths_and_device_ids_get_json_errors() -> None:
