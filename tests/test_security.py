@@ -313,6 +313,7 @@ def test_no_secret_in_info_metrics_or_logs_and_token_guards_http(
         HEALTH_TOKEN_FILE=str(token_file),
         MQTT_CLIENT_ID=f"sec-logs-{http_port}",
         LOG_LEVEL="DEBUG",
+        STATE_DIR=str(tmp_path / "state"),  # not the repository's state/
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "run"],
