@@ -36,6 +36,24 @@ deviation is within the threshold, or while the global model judged the reading 
 move to an operating regime the fleet knows). An input that deviates during a fault is
 therefore frozen at its pre-fault normal for as long as the fault lasts; the others keep
 tracking.
+
+*Faults during warm-up* would otherwise be learnt as normal: they widen the spread and raise
+the threshold, and later faults are missed. The global model's verdict on each warm-up
+reading is a judge independent of the device (it was trained on the fleet), so the fit
+leaves out the readings it flagged, unless it flagged more than ``MAX_FLAGGED_SHARE`` of
+the fitting part: then it is evidently not informative for this device (a device unlike
+the fleet, flagged throughout), and the fit uses every reading, as before. It also uses
+every reading if no more readings than inputs would remain (a singular covariance). The
+decision is made once, when the fitting part ends, and holds for the held-back part too:
+if the flagged readings were left out of the fit, a flagged held-back reading neither
+raises the threshold nor moves the centre (if all are flagged, the threshold is
+``MIN_THRESHOLD``). The fitting part keeps two running accumulators, for the readings the
+global model judged normal and for those it flagged, merged when every reading is used:
+no rows are stored, and a warm-up reading costs one accumulator update, as before. The
+device's own deviations are not used to trim the warm-up further: they come from the fit
+being made, so trimming by them narrows the spread of every clean device (more false
+alarms) while many faulty readings mask themselves. A device unlike the fleet therefore
+still learns its warm-up faults.
 """
 
 from __future__ import annotations
@@ -51,7 +69,7 @@ from numpy.typing import NDArray
 from daemon.preprocess import MIN_STD
 
 Matrix = NDArray[np.float64]
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 #: A channel is taken to vary by at least this fraction of its level, so a sensor that sat
 #: still (or was quantised to one value) through warm-up does not turn noise into 100σ.
 RELATIVE_SCALE_FLOOR = 1e-3
@@ -65,6 +83,9 @@ THRESHOLD_MARGIN = 1.5
 MIN_THRESHOLD = 3.0
 #: Weight of the identity in the shrunk correlation matrix.
 SHRINKAGE = 0.01
+#: If the global model flags more than this share of a device's fitting part, its verdicts
+#: are taken to say nothing about the device, and the warm-up learns from every reading.
+MAX_FLAGGED_SHARE = 0.5
 #: Time constant, in readings, of the adapting centre.
 ADAPT_READINGS = 100.0
 _ALPHA = 1.0 / ADAPT_READINGS
@@ -99,11 +120,43 @@ def baseline_scale(center: Matrix, std: Matrix, n_raw: int, global_scale: Matrix
 
 
 @dataclass(slots=True)
+class Moments:
+    """Running count, mean and co-moment matrix of rows (Welford); two merge exactly."""
+
+    n: int
+    mean: Matrix
+    m2: Matrix
+
+    @classmethod
+    def of(cls, row: Matrix) -> Moments:
+        return cls(1, row.copy(), np.zeros((row.size, row.size)))
+
+    def add(self, row: Matrix) -> None:
+        self.n += 1
+        delta = row - self.mean
+        self.mean += delta / self.n
+        self.m2 += np.outer(delta, row - self.mean)
+
+    def merged(self, other: Moments) -> Moments:
+        """The moments of both sets of rows together (Chan, Golub and LeVeque)."""
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        return Moments(
+            n,
+            self.mean + delta * (other.n / n),
+            self.m2 + other.m2 + np.outer(delta, delta) * (self.n * other.n / n),
+        )
+
+
+@dataclass(slots=True)
 class DeviceState:
     recent: deque[tuple[float, ...]]
     count: int = 0  # readings the baseline has seen (warm-up progress)
-    mean: Matrix | None = None  # running mean and co-moment matrix while fitting (Welford)
-    m2: Matrix | None = None
+    # While fitting: the readings the global model judged normal, and those it flagged.
+    normal: Moments | None = None
+    flagged: Moments | None = None
+    # Whether the fit left out the flagged readings (then the held-back part does too).
+    trusts_global: bool = False
     center: Matrix | None = None  # adapting centre, once fitted
     scale: Matrix | None = None
     cond: Matrix | None = None  # z -> conditional deviations (D, D), once fitted
@@ -174,14 +227,15 @@ class DeviceTracker:
         c, s, w = st.center, st.scale, st.cond
         if c is None or s is None or w is None:  # fitting part of the warm-up
             st.count += 1
-            if st.mean is None or st.m2 is None:
-                st.mean, st.m2 = row.copy(), np.zeros((row.size, row.size))
+            acc = st.flagged if global_anomaly else st.normal
+            if acc is not None:
+                acc.add(row)
+            elif global_anomaly:
+                st.flagged = Moments.of(row)
             else:
-                delta = row - st.mean
-                st.mean += delta / st.count
-                st.m2 += np.outer(delta, row - st.mean)
+                st.normal = Moments.of(row)
             if st.count >= self.n_fit:
-                self._fit(st, st.mean, st.m2 / st.count)
+                self._fit(st)
                 if st.count >= self.warmup:  # nothing held back (a tiny warm-up)
                     st.threshold = MIN_THRESHOLD
             return _WARMING
@@ -190,8 +244,9 @@ class DeviceTracker:
         score = float(np.max(np.abs(dev)))
         if st.threshold is None:  # held-back part of the warm-up: sets the threshold
             st.count += 1
-            st.held_back_max = max(st.held_back_max, score)
-            c += _ALPHA * diff
+            if not (global_anomaly and st.trusts_global):
+                st.held_back_max = max(st.held_back_max, score)
+                c += _ALPHA * diff
             if st.count >= self.warmup:
                 st.threshold = max(MIN_THRESHOLD, THRESHOLD_MARGIN * st.held_back_max)
             return _WARMING
@@ -203,7 +258,20 @@ class DeviceTracker:
             c += _ALPHA * diff
         return out
 
-    def _fit(self, st: DeviceState, mean: Matrix, cov: Matrix) -> None:
+    def _fit(self, st: DeviceState) -> None:
+        normal, flagged = st.normal, st.flagged
+        n_flagged = 0 if flagged is None else flagged.n
+        st.trusts_global = (
+            normal is not None
+            and n_flagged <= MAX_FLAGGED_SHARE * st.count
+            and normal.n > normal.mean.size  # else the covariance would be singular
+        )
+        if st.trusts_global or flagged is None:
+            moments = normal
+        else:
+            moments = flagged if normal is None else normal.merged(flagged)
+        assert moments is not None  # the fitting part has at least one reading
+        mean, cov = moments.mean, moments.m2 / moments.n
         std = np.sqrt(np.maximum(np.diag(cov), 0.0))
         scale = baseline_scale(mean, std, self.n_features, self.global_scale)
         corr = cov / np.outer(scale, scale)
@@ -212,7 +280,7 @@ class DeviceTracker:
         # (P z)_j / sqrt(P_jj): input j's distance from its prediction by the others
         st.cond = precision / np.sqrt(np.diag(precision))[:, None]
         st.center, st.scale = mean, scale
-        st.mean = st.m2 = None
+        st.normal = st.flagged = None
 
     def progress(self, device_id: str) -> int:
         st = self.devices.get(device_id)
@@ -245,6 +313,9 @@ class DeviceTracker:
         def arr(a: Matrix | None) -> list[Any] | None:
             return None if a is None else a.tolist()
 
+        def moments(m: Moments | None) -> dict[str, Any] | None:
+            return None if m is None else {"n": m.n, "mean": m.mean.tolist(), "m2": m.m2.tolist()}
+
         return {
             "format": STATE_FORMAT,
             "window": self.window,
@@ -254,8 +325,9 @@ class DeviceTracker:
                 dev: {
                     "recent": [list(r) for r in st.recent],
                     "count": st.count,
-                    "mean": arr(st.mean),
-                    "m2": arr(st.m2),
+                    "normal": moments(st.normal),
+                    "flagged": moments(st.flagged),
+                    "trusts_global": st.trusts_global,
                     "center": arr(st.center),
                     "scale": arr(st.scale),
                     "cond": arr(st.cond),
@@ -285,6 +357,14 @@ class DeviceTracker:
                 raise ValueError("device state array has the wrong shape or is not finite")
             return a
 
+        def moments(v: Any) -> Moments | None:
+            if v is None:
+                return None
+            mean, m2 = arr(v["mean"]), arr(v["m2"], (width, width))
+            if mean is None or m2 is None or int(v["n"]) < 1:
+                raise ValueError("device state has incomplete warm-up moments")
+            return Moments(int(v["n"]), mean, m2)
+
         devices: dict[str, DeviceState] = {}
         for dev, raw in data["devices"].items():
             recent: deque[tuple[float, ...]] = deque(maxlen=self.window)
@@ -296,8 +376,9 @@ class DeviceTracker:
             devices[str(dev)] = DeviceState(
                 recent,
                 int(raw["count"]),
-                arr(raw["mean"]),
-                arr(raw["m2"], (width, width)),
+                moments(raw["normal"]),
+                moments(raw["flagged"]),
+                bool(raw["trusts_global"]),
                 arr(raw["center"]),
                 arr(raw["scale"]),
                 arr(raw["cond"], (width, width)),

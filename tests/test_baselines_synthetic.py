@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from daemon.config import AlertConfig, TopicsConfig
+from daemon.devices import DeviceTracker, windowed_matrix
 from daemon.models import ModelBundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
@@ -35,12 +36,15 @@ def stream(
     return np.array(flags)
 
 
-def pump(seed: int, fault_rate: float, bundle: ModelBundle) -> tuple[np.ndarray, np.ndarray]:
-    """One pump's readings and fault labels; faults start only after the warm-up."""
+def pump(
+    seed: int, fault_rate: float, bundle: ModelBundle, faults_from: int = WARMUP
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pump's readings and fault labels; faults start at reading ``faults_from`` (by
+    default only after the warm-up)."""
     s = PumpStream(f"pump-{seed}", seed=seed, fault_rate=0.0)
     rows, faults = [], []
     for i in range(READINGS):
-        if i == WARMUP:
+        if i == faults_from:
             s.fault_rate = fault_rate
         r, _, f = s.next()
         rows.append([r[k] for k in bundle.features])
@@ -93,3 +97,43 @@ def test_a_device_unlike_the_fleet_that_drifts_is_judged_against_its_own_normal(
     assert without[before].mean() >= 0.5  # what baselines are for
     assert with_baseline[before].mean() <= 0.05
     assert with_baseline[fault].mean() >= 0.8
+
+
+def verdicts_with_warm_up_verdicts_hidden(
+    bundle: ModelBundle, x: np.ndarray, hidden: bool
+) -> np.ndarray:
+    """The pipeline's verdicts, computed with the tracker directly; with ``hidden`` the
+    baseline is told every warm-up reading was normal, so it learns every one (the
+    behaviour before warm-up readings were left out)."""
+    detector = bundle.default_detector
+    global_flags = bundle.score(windowed_matrix(x, bundle.window), detector).is_anomaly
+    t = DeviceTracker(len(bundle.features), bundle.window, WARMUP, bundle.mean, bundle.std)
+    out = []
+    for i, (r, g) in enumerate(zip(x.tolist(), global_flags.tolist(), strict=True)):
+        a = t.assess("pump", t.observe("pump", r), g and not (hidden and i < WARMUP))
+        out.append(g and a.is_anomaly if a.active else g)
+    return np.array(out)
+
+
+def test_faults_during_warm_up_are_not_learnt_as_normal(model_bundle: ModelBundle) -> None:
+    """Pumps faulty from their first reading (about a quarter of the warm-up): the warm-up
+    leaves out what the global model flags, so later faults are still found; a warm-up
+    that learns every reading misses clearly more of them."""
+    found, found_learning_all, normal_flags = [], [], []
+    for seed in range(3):
+        x, faults = pump(seed, 0.01, model_bundle, faults_from=0)
+        assert faults[:WARMUP].mean() >= 0.1  # the scenario: faults during the warm-up
+        flags = stream(model_bundle, x, WARMUP)
+        # the direct computation is the pipeline's, so the comparison below is fair
+        assert np.array_equal(verdicts_with_warm_up_verdicts_hidden(model_bundle, x, False), flags)
+        learning_all = verdicts_with_warm_up_verdicts_hidden(model_bundle, x, True)
+        faults = faults[WARMUP:]
+        found.append(flags[WARMUP:][faults])
+        found_learning_all.append(learning_all[WARMUP:][faults])
+        normal_flags.append(flags[WARMUP:][~faults])
+    # Measured: 100 % found, against 23 % (3-64 % per pump) when the warm-up learns every
+    # reading; normal readings flagged 0.2 %.
+    recall = np.concatenate(found).mean()
+    assert recall >= 0.9
+    assert recall >= np.concatenate(found_learning_all).mean() + 0.3
+    assert np.concatenate(normal_flags).mean() <= 0.02

@@ -10,6 +10,7 @@ import pytest
 
 from daemon.devices import (
     ADAPT_READINGS,
+    MAX_FLAGGED_SHARE,
     MIN_THRESHOLD,
     Assessment,
     DeviceTracker,
@@ -28,10 +29,12 @@ def tracker(warmup: int = 8, window: int = 2, n: int = 2) -> DeviceTracker:
 
 
 def feed(
-    t: DeviceTracker, dev: str, x: np.ndarray, global_anomaly: bool = True
+    t: DeviceTracker, dev: str, x: np.ndarray, global_anomaly: bool | np.ndarray = True
 ) -> list[Assessment]:
-    """Stream rows of one device; the global model's verdict is the same for every row."""
-    return [t.assess(dev, t.observe(dev, r.tolist()), global_anomaly) for r in x]
+    """Stream rows of one device with the global model's verdict on each (one for all, or
+    one per row)."""
+    verdicts = np.broadcast_to(global_anomaly, len(x)).tolist()
+    return [t.assess(dev, t.observe(dev, r.tolist()), g) for r, g in zip(x, verdicts, strict=True)]
 
 
 def test_window_names_keep_the_raw_names_with_spaces_and_capitals() -> None:
@@ -134,6 +137,77 @@ def test_a_regime_the_global_model_knows_is_learnt_not_flagged_forever() -> None
     assert not any(k[settle:]) and all(u[600:])
 
 
+def faulty_warm_up() -> tuple[np.ndarray, np.ndarray]:
+    """40 readings (a warm-up of 40: 30 fitted, 10 held back) with a fault, channel 0 up by
+    15σ, in 7 fitted and 2 held-back readings, which the global model flags."""
+    x = np.random.default_rng(6).normal([100.0, 5.0], [2.0, 0.5], size=(40, 2))
+    faulty = np.zeros(40, dtype=bool)
+    faulty[[3, 7, 11, 15, 19, 23, 27, 32, 36]] = True
+    x[faulty, 0] += 30.0
+    return x, faulty
+
+
+def test_warm_up_leaves_out_the_readings_the_global_model_flagged() -> None:
+    x, faulty = faulty_warm_up()
+    t, learns_all = tracker(warmup=40, window=1), tracker(warmup=40, window=1)
+    feed(t, "d", x, faulty)
+    feed(learns_all, "d", x, False)  # what a warm-up that learns every reading does
+    st = t.devices["d"]
+    assert st.trusts_global
+    assert st.scale is not None and np.allclose(st.scale, x[:30][~faulty[:30]].std(axis=0))
+    # the held-back faults (15σ) would have set a threshold above 20
+    assert st.threshold is not None and st.threshold < 10.0
+    fault = np.array([[130.0, 5.0]])
+    assert feed(t, "d", fault)[0].is_anomaly
+    assert not feed(learns_all, "d", fault)[0].is_anomaly  # the fault was learnt as normal
+
+
+@pytest.mark.parametrize("n_flagged", [15, 16])
+def test_a_global_model_flagging_most_of_the_warm_up_is_not_listened_to(n_flagged: int) -> None:
+    """Flagging more than half of the fitted readings marks a device unlike the fleet: the
+    baseline then learns from every reading; up to half, the flagged ones are left out."""
+    x = np.random.default_rng(7).normal([100.0, 5.0], [2.0, 0.5], size=(40, 2))
+    flagged = np.arange(40) < n_flagged
+    t = tracker(warmup=40, window=1)
+    feed(t, "d", x, flagged)
+    st = t.devices["d"]
+    trusted = n_flagged <= MAX_FLAGGED_SHARE * 30
+    assert st.trusts_global is trusted
+    fitted = x[n_flagged:30] if trusted else x[:30]
+    assert st.scale is not None and np.allclose(st.scale, fitted.std(axis=0))
+
+
+def test_too_few_unflagged_readings_for_the_inputs_fall_back_to_all() -> None:
+    """Four inputs (window 2) and six fitted readings: two flagged would leave four, not
+    enough for a covariance of four inputs, so all six are used."""
+    x = np.random.default_rng(8).normal([100.0, 5.0], [2.0, 0.5], size=(8, 2))
+    t = tracker(warmup=8, window=2)
+    feed(t, "d", x, np.arange(8) < 2)
+    st = t.devices["d"]
+    assert not st.trusts_global
+    assert st.scale is not None and np.allclose(st.scale, windowed_matrix(x, 2)[:6].std(axis=0))
+
+
+@pytest.mark.parametrize("cut", [12, 35])  # in the fitted part, in the held-back part
+def test_a_restart_mid_warm_up_continues_as_if_uninterrupted(cut: int) -> None:
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(70, 2))
+    flagged = rng.random(70) < 0.3
+    x[flagged] += 6.0
+    whole = tracker(warmup=40, window=3)
+    expected = feed(whole, "d", x, flagged)
+    before = tracker(warmup=40, window=3)
+    feed(before, "d", x[:cut], flagged[:cut])
+    after = tracker(warmup=40, window=3)
+    assert after.restore(json.loads(json.dumps(before.to_json()))) == 1
+    got = feed(after, "d", x[cut:], flagged[cut:])
+    assert [(a.warming_up, a.is_anomaly, a.score, a.threshold) for a in got] == [
+        (a.warming_up, a.is_anomaly, a.score, a.threshold) for a in expected[cut:]
+    ]
+    assert after.devices["d"].trusts_global and whole.devices["d"].trusts_global
+    assert any(a.active for a in got)
+
+
 def test_state_round_trips_through_json_and_continues_identically() -> None:
     rng = np.random.default_rng(2)
     a = tracker(warmup=4, window=3)
@@ -153,8 +227,10 @@ def test_state_round_trips_through_json_and_continues_identically() -> None:
     assert np.array_equal(a.devices["done"].center, b.devices["done"].center)  # type: ignore[arg-type]
 
 
-def test_state_for_another_window_or_warm_up_is_refused() -> None:
+def test_state_of_another_format_window_or_warm_up_is_refused() -> None:
     saved = tracker(window=2).to_json()
+    with pytest.raises(ValueError, match="format"):  # format 2: one accumulator, no verdicts
+        tracker(window=2).restore({**saved, "format": 2})
     with pytest.raises(ValueError, match="window"):
         tracker(window=3).restore(saved)
     with pytest.raises(ValueError, match="warm-up"):
