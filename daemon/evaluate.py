@@ -10,7 +10,10 @@ label column; see ``daemon.training.datasets``). Two variants:
 * **global**: one model set trained on a separate anomaly-free file, then each file is
   streamed the same way; its first ``warmup`` rows set that device's own baseline.
 
-Only the rows after the warm-up are counted. Every point of every file is pooled before the
+Only the rows after the warm-up are counted. Each detector is reported twice: as the
+daemon judges (the detector and the device's baseline must both flag a reading) and, as
+``<detector>, no baseline``, on its own verdicts, which is what SKAB's published results
+measure. Every point of every file is pooled before the
 figures are computed (not averaged per file). Besides the point verdicts of each detector,
 the ``alert`` rows count a point as flagged while the ensemble's alert for that device is
 active (between "raised" and "resolved"): that is what an operator would be paged for.
@@ -38,6 +41,7 @@ Progress = Callable[[str], None]
 CHUNK = 256
 ALERT_ROW = "ensemble, alert active"
 BASELINE_ROW = "device baseline alone"
+ALONE = ", no baseline"  # the detector's own verdicts, no per-device baseline (warm-up 0)
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,10 @@ def _score_file(
         flags, active, baseline = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
         pooled.setdefault(detector, ([], []))[0].append(flags[warmup:])
         pooled[detector][1].append(y)
+        # SKAB's own protocol has no per-device baseline: the detector's verdicts alone
+        alone, _, _ = stream(bundle, d.X, detector, warmup=0, alerts=alerts)
+        pooled.setdefault(detector + ALONE, ([], []))[0].append(alone[warmup:])
+        pooled[detector + ALONE][1].append(y)
         if detector == ENSEMBLE:
             pooled.setdefault(ALERT_ROW, ([], []))[0].append(active[warmup:])
             pooled[ALERT_ROW][1].append(y)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from daemon.cli import main
-from daemon.evaluate import ALERT_ROW, BASELINE_ROW
+from daemon.evaluate import ALERT_ROW, ALONE, BASELINE_ROW
 
 FEATURES = ("Flow Rate", "Motor Current", "temperature")
 WARMUP = 300
@@ -100,7 +100,18 @@ def test_windowed_detectors_find_a_sustained_shift_with_few_false_alarms(
 def test_evaluate_reports_every_detector_and_its_progress(evaluated: tuple[str, str]) -> None:
     table, progress = evaluated
     got = figures(table)
-    names = {"isolation_forest", "lof", "autoencoder", "ensemble", ALERT_ROW, BASELINE_ROW}
+    detectors = {"isolation_forest", "lof", "autoencoder", "ensemble"}
+    names = {*detectors, *(d + ALONE for d in detectors), ALERT_ROW, BASELINE_ROW}
     assert {d for v, d in got if v == "per-device"} == names
     assert "[1/2] 0.csv" in progress and "[2/2] 1.csv" in progress
     assert "training once on free.csv" in progress
+
+
+def test_a_baseline_can_only_veto_a_detectors_verdicts(evaluated: tuple[str, str]) -> None:
+    """The daemon flags a reading only if the detector and the baseline both do, so each
+    detector alone flags at least as many points, normal and anomalous."""
+    got = figures(evaluated[0])
+    for variant in ("per-device", "global"):
+        for d in ("isolation_forest", "lof", "autoencoder", "ensemble"):
+            both, alone = got[(variant, d)], got[(variant, d + ALONE)]
+            assert alone["recall"] >= both["recall"] and alone["far"] >= both["far"], (d, got)
