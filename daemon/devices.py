@@ -293,10 +293,19 @@ class DeviceTracker:
         st = self.devices.get(device_id)
         if st is None:
             return None
+        fitted = st.center is not None
         return {
             "warming_up": self.warmup > 0 and st.threshold is None,
             "warmup_seen": st.count,
             "warmup_readings": self.warmup,
+            # while fitting: warm-up readings the global model flagged so far; once fitted,
+            # whether the fit left them out or (global model uninformative) learnt them all
+            "warmup_flagged": None if fitted or self.warmup <= 0 else (
+                0 if st.flagged is None else st.flagged.n
+            ),
+            "warmup_fit": None if not fitted else (
+                "left_out_flagged" if st.trusts_global else "all_readings"
+            ),
             "baseline_threshold": st.threshold,
             "window_filled": len(st.recent),
             "window": self.window,

@@ -169,10 +169,17 @@ def test_a_global_model_flagging_most_of_the_warm_up_is_not_listened_to(n_flagge
     x = np.random.default_rng(7).normal([100.0, 5.0], [2.0, 0.5], size=(40, 2))
     flagged = np.arange(40) < n_flagged
     t = tracker(warmup=40, window=1)
-    feed(t, "d", x, flagged)
+    feed(t, "d", x[:20], flagged[:20])
+    during = t.summary("d")
+    assert during is not None and during["warmup_fit"] is None
+    assert during["warmup_flagged"] == min(n_flagged, 20)
+    feed(t, "d", x[20:], flagged[20:])
     st = t.devices["d"]
     trusted = n_flagged <= MAX_FLAGGED_SHARE * 30
     assert st.trusts_global is trusted
+    summary = t.summary("d")  # what an operator sees (GET /devices/d)
+    assert summary is not None and summary["warmup_flagged"] is None
+    assert summary["warmup_fit"] == ("left_out_flagged" if trusted else "all_readings")
     fitted = x[n_flagged:30] if trusted else x[:30]
     assert st.scale is not None and np.allclose(st.scale, fitted.std(axis=0))
 
