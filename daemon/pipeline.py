@@ -192,10 +192,29 @@ class Pipeline:
 
     def snapshot(self) -> dict[str, Any]:
         """Windows, baselines and alert states as plain data (``daemon.state`` saves it)."""
-        return {"devices": self.devices.to_json(), "alerts": self.alert_states.to_json()}
+        return {"schema": self.state_schema(), "devices": self.devices.to_json(),
+                "alerts": self.alert_states.to_json()}
 
-    def restore(self, snapshot: dict[str, Any]) -> int:
-        """Reload a snapshot; returns the number of devices. ValueError/KeyError if bad."""
+    def restore(self, snapshot: dict[str, Any]) -> tuple[int, int, list[str]]:
+        """Reload what of a snapshot still applies: (devices, alert states, what was not).
+
+        Alert states are kept whatever else changed: the broker still holds each device's
+        last retained alert, and only a tracker that knows the alert is raised will publish
+        its "resolved". Windows and baselines are kept only for the same schema, window and
+        warm-up length; otherwise those devices warm up again.
+        """
+        problems: list[str] = []
+        alerts = AlertTracker(
+            self.alert_states.raise_after,
+            self.alert_states.window,
+            self.alert_states.resolve_after,
+        )
+        n_alerts = 0
+        try:
+            n_alerts = alerts.restore(snapshot["alerts"])
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"alert states: {exc!s}")
+            alerts = AlertTracker(alerts.raise_after, alerts.window, alerts.resolve_after)
         devices = DeviceTracker(
             self.devices.n_features,
             self.devices.window,
@@ -203,15 +222,22 @@ class Pipeline:
             self.devices.global_center,
             self.devices.global_scale,
         )
-        alerts = AlertTracker(
-            self.alert_states.raise_after,
-            self.alert_states.window,
-            self.alert_states.resolve_after,
-        )
-        n = devices.restore(snapshot["devices"])
-        alerts.restore(snapshot["alerts"])
-        self.devices, self.alert_states = devices, alerts  # all or nothing
-        return n
+        n_devices = 0
+        schema = self.state_schema()
+        if snapshot.get("schema") != schema:
+            problems.append(f"device state was saved for {snapshot.get('schema')}, "
+                            f"the model is {schema}")
+        else:
+            try:
+                n_devices = devices.restore(snapshot["devices"])
+            except (ValueError, KeyError, TypeError) as exc:
+                problems.append(f"device state: {exc!s}")
+                devices = DeviceTracker(
+                    devices.n_features, devices.window, devices.warmup,
+                    devices.global_center, devices.global_scale,
+                )
+        self.devices, self.alert_states = devices, alerts
+        return n_devices, n_alerts, problems
 
     # -- whole micro-batch -------------------------------------------------------------
 

@@ -198,19 +198,25 @@ class Service:
 
     def _restore_state(self) -> None:
         try:
-            snapshot = state.load(self.state_path, self.pipeline.state_schema())
-            devices = 0 if snapshot is None else self.pipeline.restore(snapshot)
-        except (state.StateError, ValueError, KeyError, TypeError) as exc:
+            snapshot = state.load(self.state_path)
+        except state.StateError as exc:
             # Starting fresh costs every device a new warm-up; refusing to start would
             # cost all verdicts. The old file is kept until the first save replaces it.
             log.warning("state_discarded", path=str(self.state_path), error=str(exc))
             return
-        log.info("state_restored", path=str(self.state_path), devices=devices)
+        if snapshot is None:
+            return
+        devices, alerts, problems = self.pipeline.restore(snapshot)
+        for problem in problems:
+            log.warning("state_partly_discarded", path=str(self.state_path), error=problem,
+                        note="those devices warm up again")
+        log.info("state_restored", path=str(self.state_path), devices=devices,
+                 alert_states=alerts)
 
     def save_state(self) -> None:
         """Write per-device state now (scorer thread, or after it stopped)."""
         try:
-            state.save(self.state_path, self.pipeline.state_schema(), self.pipeline.snapshot())
+            state.save(self.state_path, self.pipeline.snapshot())
         except OSError:
             log.exception("state_save_failed", path=str(self.state_path))
             self.metrics.callback_errors.labels("state").inc()

@@ -1,9 +1,9 @@
 """Reading and writing the daemon's per-device state file (JSON, never a pickle).
 
 The file is replaced atomically: written beside its final name, flushed to disk, then
-renamed over it, so a crash leaves the previous complete file or the new one. It records
-the model it belongs to: baselines and windows computed for one feature schema or window
-make no sense for another, so a mismatch is refused (the caller logs it and starts fresh).
+renamed over it, so a crash leaves the previous complete file or the new one. The snapshot
+records the model schema it belongs to; ``Pipeline.restore`` decides what of it still
+applies (alert states always do; baselines and windows only for the same schema).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ FORMAT = 1
 
 
 class StateError(AnomalydError):
-    """The state file is unreadable or belongs to another model schema."""
+    """The state file is unreadable or of an unknown format."""
 
 
 def state_file(directory: Path, worker_index: int | None) -> Path:
@@ -29,9 +29,9 @@ def state_file(directory: Path, worker_index: int | None) -> Path:
     return directory / name
 
 
-def save(path: Path, schema: dict[str, Any], snapshot: dict[str, Any]) -> None:
+def save(path: Path, snapshot: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"format": FORMAT, "schema": schema, **snapshot}, separators=(",", ":"))
+    body = json.dumps({"format": FORMAT, **snapshot}, separators=(",", ":"))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -44,7 +44,7 @@ def save(path: Path, schema: dict[str, Any], snapshot: dict[str, Any]) -> None:
         raise
 
 
-def load(path: Path, schema: dict[str, Any]) -> dict[str, Any] | None:
+def load(path: Path) -> dict[str, Any] | None:
     """The saved snapshot, or None if there is no file yet."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -54,6 +54,4 @@ def load(path: Path, schema: dict[str, Any]) -> dict[str, Any] | None:
         raise StateError(f"{path}: unreadable state: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise StateError(f"{path}: unknown state format")
-    if raw.get("schema") != schema:
-        raise StateError(f"{path}: saved for {raw.get('schema')}, the model is {schema}")
     return raw

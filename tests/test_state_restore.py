@@ -1,0 +1,90 @@
+"""What survives a restart when the saved state no longer fits the configuration.
+
+Alert states must survive any change (the broker keeps each device's last retained alert,
+and only a tracker that knows it is raised will publish "resolved"); windows and baselines
+only survive for the same model schema and warm-up length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from daemon import state
+from daemon.config import AlertConfig, TopicsConfig
+from daemon.models import ModelBundle
+from daemon.pipeline import Pipeline, RawMessage
+from daemon.readings import Decoder
+from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
+
+ALERTS = AlertConfig(raise_after=1, window=1, resolve_after=2)
+
+
+def normal(i: int) -> dict[str, Any]:
+    rng = np.random.default_rng(i)
+    return {k: v * (1 + 0.01 * float(rng.normal())) for k, v in NORMAL_READING.items()}
+
+
+def pipeline(bundle: ModelBundle, warmup: int) -> Pipeline:
+    decoder = Decoder(bundle.features, bundle.detector_names)
+    return Pipeline(bundle, decoder, TopicsConfig(), ALERTS, warmup=warmup)
+
+
+def feed(p: Pipeline, *readings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The alert messages the readings caused."""
+    msgs = [RawMessage("sensors/p-1/readings", orjson.dumps(r), 0.0) for r in readings]
+    outputs, _ = p.process(msgs, 1000.0)
+    return [orjson.loads(o.payload) for outs in outputs for o in outs if o.kind == "alert"]
+
+
+def saved_with_a_raised_alert(bundle: ModelBundle, tmp_path: Path) -> Path:
+    before = pipeline(bundle, warmup=4)
+    feed(before, *(normal(i) for i in range(4)))
+    (raised,) = feed(before, ANOMALOUS_READING)
+    assert raised["state"] == "raised"
+    path = tmp_path / "devices.json"
+    state.save(path, before.snapshot())
+    return path
+
+
+def test_the_same_configuration_restores_devices_and_alert_states(
+    model_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    snapshot = state.load(saved_with_a_raised_alert(model_bundle, tmp_path))
+    assert snapshot is not None
+    after = pipeline(model_bundle, warmup=4)
+    assert after.restore(snapshot) == (1, 1, [])
+    assert after.devices.summary("p-1") is not None
+    (resolved,) = feed(after, normal(10), normal(11))
+    assert resolved["state"] == "resolved"
+
+
+def test_another_warm_up_length_refits_baselines_but_keeps_the_raised_alert(
+    model_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    snapshot = state.load(saved_with_a_raised_alert(model_bundle, tmp_path))
+    assert snapshot is not None
+    after = pipeline(model_bundle, warmup=8)  # the operator changed warmup_readings
+    devices, alerts, problems = after.restore(snapshot)
+    assert (devices, alerts) == (0, 1)
+    assert len(problems) == 1 and "warm-up" in problems[0]
+    assert after.devices.summary("p-1") is None  # the device warms up again
+    # the alert the broker still holds as raised is resolved once the device is normal
+    (resolved,) = feed(after, normal(10), normal(11))
+    assert resolved["state"] == "resolved" and resolved["device_id"] == "p-1"
+
+
+def test_state_of_another_model_schema_keeps_only_the_alert_states(
+    model_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    snapshot = state.load(saved_with_a_raised_alert(model_bundle, tmp_path))
+    assert snapshot is not None
+    snapshot["schema"] = {"features": ["something", "else"], "window": 1}
+    after = pipeline(model_bundle, warmup=4)
+    devices, alerts, problems = after.restore(snapshot)
+    assert (devices, alerts) == (0, 1)
+    assert len(problems) == 1 and "['something', 'else']" in problems[0]
+    assert after.alert_states.is_active("p-1")
