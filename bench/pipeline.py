@@ -8,6 +8,7 @@ single-reading messages. Prints microseconds per reading (median of repeats) and
 change to the per-reading path, without the noise of a broker and load generators.
 
     .venv/bin/python -m bench.pipeline --models /tmp/bench-models [--single] [--profile]
+        [--warmup N]   # with per-device baselines (each device's first run warms up)
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main() -> None:
     p.add_argument("--single", action="store_true", help="single-reading messages")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="per-device baselines with this warm-up (default: the repository "
+                        "configuration's, 0 = off)")
     args = p.parse_args()
 
     settings = load_settings(Path(__file__).resolve().parent.parent / "config" / "anomalyd.toml")
@@ -50,7 +54,8 @@ def main() -> None:
                       device_id_pattern=lim.device_id_pattern)
     pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
                         settings.model.default_detector, lim.max_payload_bytes,
-                        warmup=settings.baseline.warmup_readings)
+                        warmup=settings.baseline.warmup_readings if args.warmup is None
+                        else args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
         write_rows(Path(tmp) / "rows.json", DEVICES)
         spec = json.loads((Path(tmp) / "rows.json").read_text())
