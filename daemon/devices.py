@@ -164,16 +164,18 @@ class DeviceState:
     threshold: float | None = None  # set when warm-up completes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Assessment:
-    """The device baseline's view of one reading."""
+    """The device baseline's view of one reading (treat as immutable: not frozen because
+    a frozen dataclass costs ~5x more to build, and every reading makes one)."""
 
     warming_up: bool
     active: bool  # the baseline is complete and had a say
     is_anomaly: bool = False
     score: float = 0.0  # the largest conditional deviation
     threshold: float = 0.0
-    # For explanations: (row - center) / scale against the device's own (adapted) normal.
+    # For explanations, set only when is_anomaly: (row - center) / scale against the
+    # device's own (adapted) normal.
     # Plain deviations, not the conditional ones: those spread a moved input's blame over
     # the inputs correlated with it, and with a short warm-up over spurious correlations.
     z: Matrix | None = None
@@ -240,8 +242,9 @@ class DeviceTracker:
                     st.threshold = MIN_THRESHOLD
             return _WARMING
         diff = row - c
-        dev = w @ (diff / s)
-        score = float(np.max(np.abs(dev)))
+        z = diff / s
+        dev = w @ z
+        score = float(np.abs(dev).max())
         if st.threshold is None:  # held-back part of the warm-up: sets the threshold
             st.count += 1
             if not (global_anomaly and st.trusts_global):
@@ -251,7 +254,11 @@ class DeviceTracker:
                 st.threshold = max(MIN_THRESHOLD, THRESHOLD_MARGIN * st.held_back_max)
             return _WARMING
         thr = st.threshold
-        out = Assessment(False, True, score > thr, score, thr, diff / s, c.copy(), s)
+        if score <= thr:  # the usual case: no input is beyond the threshold, none frozen
+            c += _ALPHA * diff
+            return Assessment(False, True, False, score, thr)
+        # anomalous: keep what the explanation needs (the centre before it adapts)
+        out = Assessment(False, True, True, score, thr, z, c.copy(), s)
         if global_anomaly:
             c += np.where(np.abs(dev) <= thr, _ALPHA, 0.0) * diff
         else:
