@@ -1,5 +1,5 @@
 """Command line: ``anomalyd run | train | simulate | score | evaluate | watch | devices |
-rewarm | check-config``.
+rewarm | reload | check-config``.
 
 Exit codes: 0 success; 1 a runtime failure (including: the daemon's HTTP port did not
 answer, or answered an error); 2 bad arguments, configuration or models; 3 the broker
@@ -170,6 +170,23 @@ def cmd_rewarm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from daemon.control import RELOAD_TIMEOUT_S
+    from daemon.device_client import ask_workers
+
+    errors: list[str] = []  # one worker's refusal must not hide what the others did
+    done = ask_workers(_settings(args), "POST", "/models/reload", RELOAD_TIMEOUT_S + 5, errors)
+    for d in done:
+        where = f"worker {d['worker']}: " if "worker" in d else ""
+        print(f"{where}model {d['old_version']} -> {d['new_version']}; "
+              f"{d['devices_kept']} devices and {d['alert_states_kept']} alert states kept")
+        for problem in d["problems"]:
+            print(f"  {where}discarded: {problem}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return EXIT_FAILURE if errors else EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
@@ -246,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     rewarm = sub.add_parser("rewarm", help="make a device of the running daemon warm up again")
     rewarm.add_argument("id", help="the device id")
     rewarm.set_defaults(func=cmd_rewarm)
+
+    reload = sub.add_parser(
+        "reload", help="make the running daemon load model.dir again (the old set stays if "
+                       "the new one fails)")
+    reload.set_defaults(func=cmd_reload)
 
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
     check.set_defaults(func=cmd_check_config)

@@ -1,4 +1,5 @@
-"""Operator commands on per-device state: list devices, show one, restart its warm-up.
+"""Operator commands on per-device state: list devices, show one, restart its warm-up;
+and the queue that also carries the model reload (run by ``daemon.reload``).
 
 The scorer thread owns the pipeline's per-device state (``Pipeline.devices`` and
 ``Pipeline.alert_states``, objects that ``Pipeline.restore`` replaces); HTTP threads never
@@ -40,6 +41,8 @@ log = structlog.get_logger("anomalyd.control")
 
 #: How long an HTTP request waits for the scorer to take and run its command.
 COMMAND_TIMEOUT_S = 5.0
+#: How long ``POST /models/reload`` waits: loading and verifying take ~0.5-1 s.
+RELOAD_TIMEOUT_S = 30.0
 CLEARED_TEXT = (
     "cleared by an operator's re-warm-up: the device's baseline and alert state were reset"
 )
@@ -63,9 +66,13 @@ class ControlFailedError(ControlError):
     """The command raised inside anomalyd (a bug; logged with its traceback)."""
 
 
+class ReloadFailedError(ControlError):
+    """The new model set was not taken; the old one keeps serving (the message says why)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
-    action: Literal["list", "show", "rewarm"]
+    action: Literal["list", "show", "rewarm", "reload"]
     device_id: str = ""
 
 
@@ -129,6 +136,18 @@ class ControlQueue:
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def submit(self, command: Command) -> bool:
+        """Queue ``command`` without waiting for it (a signal handler); False if refused.
+
+        Never blocks: no lock, so safe in a signal handler (``SimpleQueue.put`` is
+        reentrant). A command that slips in after ``close`` is simply never run, which is
+        harmless for a command nobody waits for; its executor logs the outcome.
+        """
+        if self._closed is not None:
+            return False
+        self._queue.put(_Pending(command))
+        return True
 
     def drain(self, execute: Callable[[Command], Any]) -> int:
         """Run every queued command with ``execute`` (scorer thread); how many ran."""

@@ -1,5 +1,6 @@
-"""The command line's side of device control: ``anomalyd devices`` and ``anomalyd rewarm``
-talking to a running daemon's HTTP port (the daemon's side is ``daemon.control``)."""
+"""The command line's side of device control and model reload: ``anomalyd devices``,
+``anomalyd rewarm`` and ``anomalyd reload`` talking to a running daemon's HTTP port (the
+daemon's side is ``daemon.control`` and ``daemon.reload``)."""
 
 from __future__ import annotations
 
@@ -67,24 +68,41 @@ def ask(
         return status, {"error": raw[:200].decode("utf-8", "replace")}
 
 
-def ask_workers(settings: Settings, method: str, path: str) -> list[dict[str, Any]]:
+def ask_workers(
+    settings: Settings,
+    method: str,
+    path: str,
+    timeout: float = COMMAND_TIMEOUT_S + 5,
+    errors: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Send the request to the daemon (every worker with WORKERS=N); the 200 answers.
 
     An unknown-device 404 means that worker does not hold the device (it is left out);
-    any other error answer raises ControlError with the daemon's message.
+    any other error answer raises ControlError with the daemon's message (or
+    DaemonUnreachableError); given an ``errors`` list, either is appended to it instead and
+    the other workers are still asked.
     """
     urls = worker_urls(settings)
     token = settings.http.secret()
     answers = []
     for i, base in enumerate(urls):
-        status, body = ask(base, method, path, token)
+        try:
+            status, body = ask(base, method, path, token, timeout)
+        except DaemonUnreachableError as exc:
+            if errors is None:
+                raise
+            errors.append(str(exc))
+            continue
         if status == 200:
             if len(urls) > 1:
                 body["worker"] = i
             answers.append(body)
         elif not (status == 404 and isinstance(body, dict) and "device_id" in body):
             error = body.get("error") if isinstance(body, dict) else body
-            raise ControlError(f"{base}{path} answered {status}: {error}")
+            message = f"{base}{path} answered {status}: {error}"
+            if errors is None:
+                raise ControlError(message)
+            errors.append(message)
     return answers
 
 

@@ -1,12 +1,13 @@
-"""The HTTP edge: health, readiness, metrics, models and info, and the operators' device
-commands (``GET /devices``, ``GET /devices/{id}``, ``POST /devices/{id}/rewarm``), on one port.
+"""The HTTP edge: health, readiness, metrics, models and info, the operators' device
+commands (``GET /devices``, ``GET /devices/{id}``, ``POST /devices/{id}/rewarm``) and the
+model reload (``POST /models/reload``), on one port.
 
 A bearer token, when configured, guards every path but ``/health``. Requests that change
 state (POST) need that token, or, when none is configured, a server bound to a loopback
 address: otherwise anyone who can reach the port could reset devices' baselines. A POST
 carrying an ``Origin`` header (sent by browsers, not by the command line or curl) is
 refused, so a web page cannot reach a token-less loopback port either. Device
-commands run on the scorer thread through ``daemon.control``; errors are JSON.
+commands and the reload run on the scorer thread through ``daemon.control``; errors are JSON.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from daemon.control import (
     COMMAND_TIMEOUT_S,
+    RELOAD_TIMEOUT_S,
     Command,
     ControlFailedError,
     ControlQueue,
     ControlUnavailableError,
+    ReloadFailedError,
     UnknownDeviceError,
 )
 
@@ -39,12 +42,13 @@ log = structlog.get_logger("anomalyd.http")
 JSON = "application/json"
 MAX_BODY = 65536  # POST bodies are ignored; a larger one is refused, not read
 POST_REFUSED = (
-    "changing device state over HTTP needs a bearer token when the server is not bound to "
-    "a loopback address: set http.token or http.token_file (HEALTH_TOKEN, HEALTH_TOKEN_FILE)"
+    "changing device state or the model set over HTTP needs a bearer token when the server "
+    "is not bound to a loopback address: set http.token or http.token_file (HEALTH_TOKEN, "
+    "HEALTH_TOKEN_FILE)"
 )
 FROM_BROWSER = (
-    "requests from a web page (with an Origin header) may not change device state: use "
-    "anomalyd rewarm, curl or another client that is not a browser"
+    "requests from a web page (with an Origin header) may not change device state or the "
+    "model set: use anomalyd rewarm / reload, curl or another client that is not a browser"
 )
 Response = tuple[int, str, bytes]
 
@@ -68,6 +72,7 @@ class Router:
         control: ControlQueue,
         device_id_pattern: str,
         timeout: float = COMMAND_TIMEOUT_S,
+        reload_timeout: float = RELOAD_TIMEOUT_S,
     ) -> None:
         self.gets: dict[str, Callable[[], Response]] = {
             "/health": lambda: _status(*source.health()),
@@ -79,11 +84,16 @@ class Router:
         self.control = control
         self.device_id = re.compile(device_id_pattern)
         self.timeout = timeout
+        self.reload_timeout = reload_timeout
 
     def route(self, method: str, path: str) -> tuple[Response, str | None]:
         """The response, and for a 405 the methods the path allows."""
         if path in self.gets:
             return (self.gets[path](), None) if method == "GET" else _not_allowed("GET")
+        if path == "/models/reload":
+            if method != "POST":
+                return _not_allowed("POST")
+            return self._run(Command("reload"), self.reload_timeout), None
         parts = path.split("/")  # "/devices/pump-1/rewarm" -> ["", "devices", "pump-1", "rewarm"]
         if parts[:2] != ["", "devices"] or len(parts) > 4 or (len(parts) > 2 and not parts[2]):
             return _error(404, "not found"), None
@@ -103,13 +113,16 @@ class Router:
             return _not_allowed("POST")
         return self._run(Command("rewarm", device)), None
 
-    def _run(self, command: Command) -> Response:
+    def _run(self, command: Command, timeout: float | None = None) -> Response:
         try:
-            return 200, JSON, orjson.dumps(self.control.call(command, self.timeout))
+            result = self.control.call(command, self.timeout if timeout is None else timeout)
+            return 200, JSON, orjson.dumps(result)
         except UnknownDeviceError as exc:
             return _error(404, str(exc), device_id=exc.device_id)
         except ControlUnavailableError as exc:
             return _error(503, str(exc))
+        except ReloadFailedError as exc:  # the model set on disk is at fault, not anomalyd
+            return _error(409, str(exc), reloaded=False)
         except ControlFailedError as exc:
             return _error(500, str(exc))
 
@@ -128,9 +141,11 @@ class HttpServer:
         control: ControlQueue,
         device_id_pattern: str,
         control_timeout_s: float = COMMAND_TIMEOUT_S,
+        reload_timeout_s: float = RELOAD_TIMEOUT_S,
     ) -> None:
         expected = f"Bearer {token}".encode() if token else None
-        router = Router(source, registry, control, device_id_pattern, control_timeout_s)
+        router = Router(source, registry, control, device_id_pattern, control_timeout_s,
+                        reload_timeout_s)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -89,6 +89,12 @@ class Metrics:
             "Devices whose window, baseline and alert state an operator reset (POST rewarm)",
             registry=r,
         )
+        self.model_reloads = Counter(
+            "anomalyd_model_reloads",
+            "Model set reloads without a restart, by outcome (ok; failed: the old set kept "
+            "serving)",
+            ["outcome"], registry=r,
+        )
         self.model_info = Info(
             "anomalyd_model", "The loaded model set", registry=r,
         )

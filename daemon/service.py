@@ -24,15 +24,14 @@ from daemon import __version__, state
 from daemon.acks import Inbound
 from daemon.batching import next_batch
 from daemon.config import Settings
-from daemon.control import ControlQueue, DeviceControl
+from daemon.control import Command, ControlQueue, DeviceControl
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.mqtt import MqttAdapter
 from daemon.payloads import Outbound
-from daemon.pipeline import BatchStats, Pipeline, RawMessage
-from daemon.ratelimit import DeviceRateLimiter
-from daemon.readings import Decoder
+from daemon.pipeline import BatchStats, RawMessage
+from daemon.reload import ModelReloader, build_scoring, publish_model_info, rate_limiter
 
 log = structlog.get_logger("anomalyd")
 
@@ -71,23 +70,7 @@ class Service:
         self.subscription = shared_subscription(
             s.mqtt.subscription, s.service.share_group, s.service.workers
         )
-        self.decoder = Decoder(
-            bundle.features,
-            bundle.detector_names,
-            subscription=self.subscription,
-            max_payload_bytes=s.limits.max_payload_bytes,
-            max_batch_readings=s.limits.max_batch_readings,
-            device_id_pattern=s.limits.device_id_pattern,
-        )
-        limiter = (
-            DeviceRateLimiter(s.limits.device_rate_per_s, s.limits.device_burst)
-            if s.limits.device_rate_per_s > 0
-            else None
-        )
-        self.pipeline = Pipeline(
-            bundle, self.decoder, s.topics, s.alerts, s.model.default_detector,
-            s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings,
-        )
+        self.decoder, self.pipeline = build_scoring(s, bundle, self.subscription, rate_limiter(s))
         self.state_path = state.state_file(s.state.dir, worker_index)
         self._state_saved_at = time.monotonic()
         # Bounded by batch.queue_size: when full, the intake's network thread waits (the
@@ -108,6 +91,7 @@ class Service:
         self.device_control = DeviceControl(
             self.pipeline, self.metrics, self._publish_now, self.save_state
         )
+        self.reloader = ModelReloader(self)  # swaps bundle, decoder and pipeline
         self.http = HttpServer(
             s.http.host, port, self, self.metrics.registry, s.http.secret(),
             control=self.control, device_id_pattern=s.limits.device_id_pattern,
@@ -117,10 +101,7 @@ class Service:
         self._forced = threading.Event()
         self._signalled = threading.Event()
         self.worker_crashed: str | None = None
-        self.metrics.model_info.info(
-            {"version": bundle.version, "features": ",".join(bundle.features),
-             "default_detector": self.pipeline.default_detector}
-        )
+        publish_model_info(self.metrics, bundle, self.pipeline.default_detector)
 
     # -- intake (the intake connection's network thread) -------------------------------
 
@@ -148,12 +129,17 @@ class Service:
                     self._save_state_every(self.settings.state.save_interval_s)
                 elif self._stopping.is_set():
                     return
-                self.control.drain(self.device_control.execute)
+                self.control.drain(self._execute)
         except Exception as exc:
             self.worker_crashed = repr(exc)
             log.exception("worker_crashed")
         finally:
             self.control.close("the scorer has stopped (the daemon is stopping or failed)")
+
+    def _execute(self, command: Command) -> dict[str, Any]:
+        if command.action == "reload":
+            return self.reloader.reload()
+        return self.device_control.execute(command)
 
     def _handle(self, batch: list[Inbound]) -> None:
         t0 = time.perf_counter()
@@ -251,6 +237,13 @@ class Service:
                     action="graceful stop" if first else "forced stop")
         self.request_stop(force=not first)
 
+    def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: queue a model reload for the scorer, which logs its outcome. Loads
+        nothing here: a signal handler must not block the main thread."""
+        queued = self.control.submit(Command("reload"))
+        log.info("signal", signal=signal.Signals(signum).name,
+                 action="reload the model set" if queued else "ignored: stopping")
+
     def run(self) -> int:
         """Start, serve until a signal, shut down. Returns the process exit code."""
         threading.excepthook = _log_thread_crash
@@ -264,6 +257,7 @@ class Service:
         gc.freeze()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
         self.start()
         while not self._signalled.wait(1.0):
             if self.worker_crashed or not self.mqtt.loop_alive:
@@ -344,7 +338,8 @@ class Service:
         return ok, body
 
     def models(self) -> dict[str, Any]:
-        return self.bundle.describe(self.pipeline.default_detector)
+        p = self.pipeline  # one reference: a reload may swap it meanwhile
+        return p.bundle.describe(p.default_detector)
 
     def info(self) -> dict[str, Any]:
         s = self.settings

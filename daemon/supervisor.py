@@ -2,8 +2,9 @@
 
 Each worker is a full daemon (``anomalyd run --worker-index i``) with its own client id,
 its own persistent session and its own HTTP port (``HEALTH_PORT + i``); the broker spreads
-readings over them through ``$share/<group>/<filter>``. Signals are forwarded; the
-supervisor exits with the worst exit code of its workers.
+readings over them through ``$share/<group>/<filter>``. SIGTERM, SIGINT and SIGHUP (reload
+the model set: ``systemctl reload``) are forwarded to every worker; the supervisor exits
+with the worst exit code of its workers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_workers(settings: Settings, config: Path | None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     while any(p.poll() is None for p in procs):
         time.sleep(0.2)
     codes = [p.returncode for p in procs]
