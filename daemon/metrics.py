@@ -1,10 +1,16 @@
-"""Every Prometheus metric anomalyd exposes, defined once; the registry is passed in."""
+"""Every Prometheus metric anomalyd exposes, defined once; the registry is passed in.
+
+The score-margin histogram and the input-shift gauges are accumulated per batch with numpy
+and collected at scrape time: ``daemon.score_stats``, registered here."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from daemon.score_stats import ScoreStats
 
 if TYPE_CHECKING:
     from daemon.pipeline import BatchStats
@@ -98,6 +104,8 @@ class Metrics:
         self.model_info = Info(
             "anomalyd_model", "The loaded model set", registry=r,
         )
+        self.score_stats = ScoreStats()  # anomalyd_score_margin, anomalyd_input_shift_sigma
+        r.register(self.score_stats)
 
     def record_batch(self, stats: BatchStats) -> None:
         """Count what one micro-batch did (``Pipeline.process``'s statistics)."""
@@ -117,3 +125,8 @@ class Metrics:
             self.readings.labels("anomaly").inc(stats.anomalies)
         for sev in stats.alert_severities:
             self.alerts.labels(sev).inc()
+        for detector, margins in stats.margins.items():
+            self.score_stats.observe_margins(detector, margins)
+        if stats.zscores:
+            z = stats.zscores[0] if len(stats.zscores) == 1 else np.concatenate(stats.zscores)
+            self.score_stats.observe_inputs(stats.inputs, z)

@@ -76,6 +76,10 @@ class BatchStats:
     by_detector: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     rejections: list[str] = field(default_factory=list)
     alert_severities: list[str] = field(default_factory=list)
+    #: each detector group's margins, and the model inputs' z-scores (``daemon.score_stats``)
+    margins: dict[str, np.ndarray] = field(default_factory=dict)
+    zscores: list[np.ndarray] = field(default_factory=list)
+    inputs: tuple[str, ...] = ()
 
 
 class Pipeline:
@@ -128,6 +132,9 @@ class Pipeline:
             scored = self.bundle.score(X, detector)
             elapsed[detector] = time.perf_counter() - t0
             self._collect(scored, readings, idx, out)
+            stats.margins[detector] = scored.margin
+            stats.zscores.append(scored.zscores)
+        stats.inputs = self.bundle.model_features
         judged = [j for j in out if j is not None]
         anomalies: dict[str, int] = dict.fromkeys(groups, 0)
         warmup = self.devices.warmup > 0
