@@ -9,6 +9,7 @@ could not be reached or refused the connection.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.models import load_bundle
     from daemon.service import Service
 
+    # Until the running service installs its reload handler, a SIGHUP (systemctl reload)
+    # would end the process, SIGHUP's default: ignore it while starting, when the model set
+    # is being loaded anyway. (Inherited by workers, which install their own handler.)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format)
     bundle = load_bundle(settings.model.dir)

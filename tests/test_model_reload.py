@@ -235,3 +235,50 @@ def test_cli_reload_prints_old_and_new_version_and_fails_with_the_reason(
 def test_cli_reload_says_when_the_daemon_cannot_be_reached() -> None:
     res = anomalyd("reload", env={"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(free_port())})
     assert res.returncode == 1 and "cannot reach the daemon" in res.stderr
+
+
+def _ignores_sighup(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+def test_a_sighup_while_starting_does_not_end_the_daemon(
+    broker: Broker, trained_model_dir: Path, tmp_path: Path
+) -> None:
+    """SIGHUP's default action ends a process; until the service's reload handler is in
+    place the daemon ignores it (``systemctl reload`` right after a start)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.broker import REPO
+
+    port = free_port()
+    env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port),
+               MODEL_DIR=str(trained_model_dir), HEALTH_PORT=str(port),
+               MQTT_CLIENT_ID=f"hup-{port}", STATE_DIR=str(tmp_path / "state"))
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not _ignores_sighup(proc.pid):  # set first thing in `run`, before any loading
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGHUP)
+        while True:  # still starts, and becomes ready
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            assert time.monotonic() < deadline, "never became ready"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0
