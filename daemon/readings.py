@@ -2,7 +2,9 @@
 
 This is the one place where untrusted bytes enter the daemon. It is pure (no I/O, no clock,
 no logging; the receipt time is passed in) and `Decoder.decode` never raises: every problem
-becomes a `Rejection` with a stable snake_case `reason` (see `REASONS`) and a short `detail`.
+becomes a `Rejection` with a stable snake_case `reason` and a short `detail` (both from
+``daemon.rejections``). Strict JSON parsing is ``daemon.json_guard``'s, topic matching
+``daemon.topics``'s.
 
 Decisions worth knowing:
 - One problem is reported per reading: the first found, in this order: features (schema
@@ -20,52 +22,38 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
 from operator import itemgetter
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from daemon import json_guard
 from daemon.errors import ConfigError
-from daemon.json_guard import MAX_DEPTH
+from daemon.rejections import (
+    MAX_ABS_VALUE,
+    MAX_STATE_LEN,
+    REASONS,
+    Rejection,
+    dup_detail,
+    entry_fails,
+    feature_problem,
+    show,
+)
 from daemon.topics import TopicMatcher
 
-MAX_ABS_VALUE = 1e15
+__all__ = ["MAX_ABS_VALUE", "REASONS", "Decoded", "Decoder", "Reading", "Rejection"]
+
 _MIN_EPOCH = 946_684_800.0  # 2000-01-01T00:00:00Z
 _MAX_EPOCH = 7_258_118_400.0  # 2200-01-01T00:00:00Z
 _MAX_SEQ = 2**63
-_MAX_STATE_LEN = 64
 _MAX_TIMESTAMP_LEN = 64
 _NESTED = "sensor_data"
 _BATCH = "readings"
 _META = ("timestamp", "seq", "operational_state", "model_name")
-
-# Every reason code a Rejection can carry, with its meaning (the README lists these).
-REASONS: Mapping[str, str] = MappingProxyType({
-    "bad_device_id": "the topic does not fit the subscription, or its id fails the pattern",
-    "payload_too_large": "the payload exceeds max_payload_bytes (checked before parsing)",
-    "not_utf8": "the payload is not valid UTF-8",
-    "not_json": "not strict JSON: syntax error, NaN/Infinity, a number beyond a double, a BOM",
-    "too_deep": f"JSON nesting deeper than {MAX_DEPTH} levels (the top level counts as 1)",
-    "not_object": "the top level, sensor_data or a batch entry is not a JSON object",
-    "duplicate_key": "a key this decoder reads appears twice in the same object",
-    "bad_batch": "'readings' is not a non-empty array",
-    "batch_too_large": "the batch has more than max_batch_readings entries",
-    "missing_feature": "a schema feature is absent",
-    "non_numeric_feature": "a feature value is not a JSON number (string, bool, null, ...)",
-    "non_finite": "a feature value is NaN or infinite (JSON cannot carry these: see not_json)",
-    "out_of_range": f"a feature value's magnitude exceeds {MAX_ABS_VALUE:g}",
-    "bad_timestamp": "not ISO 8601 or epoch seconds within [2000-01-01, 2200-01-01) UTC",
-    "bad_seq": "seq is not an integer in [0, 2**63)",
-    "bad_operational_state": f"operational_state is not a string of <= {_MAX_STATE_LEN} chars",
-    "unknown_model": "model_name is not one of the loaded models",
-})  # fmt: skip
 
 _NUMBER_TYPES = frozenset((float, int))
 
@@ -84,13 +72,6 @@ class Reading:
     operational_state: str | None
     key: str  # idempotency key
     index: int | None  # position in a batch message, None for single
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    reason: str  # stable snake_case code, one of REASONS
-    detail: str  # human-readable; quotes at most ~60 characters of input
-    index: int | None = None  # the entry inside a batch message, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +126,7 @@ class Decoder:
         """Turn one MQTT message into readings and rejections. Never raises."""
         device_id = self.device_id(topic)
         if device_id is None:
-            detail = f"topic {_show(topic)} does not match {self._subscription!r} with a valid id"
+            detail = f"topic {show(topic)} does not match {self._subscription!r} with a valid id"
             return Decoded(None, (), (Rejection("bad_device_id", detail),), False, None)
         size = len(payload)
         if size > self._max_payload:
@@ -156,7 +137,7 @@ class Decoder:
         except json_guard.RefusedError as refused:
             return _message_fails(device_id, refused.reason, refused.detail)
         if type(doc) is not dict:
-            return _message_fails(device_id, "not_object", f"top level is {_show(doc)}")
+            return _message_fails(device_id, "not_object", f"top level is {show(doc)}")
         if _BATCH in doc:
             return self._decode_batch(device_id, doc, payload, received_at, dups)
         result = self._decode_entry(device_id, doc, None, None, payload, None, received_at, dups)
@@ -174,10 +155,10 @@ class Decoder:
     ) -> Decoded:
         duplicated = [k for k in dups.get(id(doc), ()) if k in (_BATCH, "model_name")]
         if duplicated:
-            return _message_fails(device_id, "duplicate_key", _dup_detail(duplicated[0]), True)
+            return _message_fails(device_id, "duplicate_key", dup_detail(duplicated[0]), True)
         entries = doc[_BATCH]
         if type(entries) is not list or not entries:
-            detail = f"'readings' must be a non-empty array, got {_show(entries)}"
+            detail = f"'readings' must be a non-empty array, got {show(entries)}"
             return _message_fails(device_id, "bad_batch", detail, True)
         if len(entries) > self._max_batch:
             detail = f"batch has {len(entries)} readings; the limit is {self._max_batch}"
@@ -186,7 +167,7 @@ class Decoder:
         if batch_model is not None and not (
             type(batch_model) is str and batch_model in self._models
         ):
-            detail = f"batch model_name {_show(batch_model)} is not a loaded model"
+            detail = f"batch model_name {show(batch_model)} is not a loaded model"
             return _message_fails(device_id, "unknown_model", detail, True)
 
         digest = hashlib.sha256(payload).hexdigest()[:16]
@@ -195,7 +176,7 @@ class Decoder:
         rejections: list[Rejection] = []
         for index, entry in enumerate(entries):
             if type(entry) is not dict:
-                detail = f"readings[{index}] is {_show(entry)}, not an object"
+                detail = f"readings[{index}] is {show(entry)}, not an object"
                 rejections.append(Rejection("not_object", detail, index))
                 continue
             result = self._decode_entry(
@@ -255,13 +236,13 @@ class Decoder:
         inner = outer.get(_NESTED)
         if inner is not None or _NESTED in outer:
             if type(inner) is not dict:
-                detail = f"'sensor_data' is {_show(inner)}, not an object"
-                return _entry_fails("not_object", detail, index)
+                detail = f"'sensor_data' is {show(inner)}, not an object"
+                return entry_fails("not_object", detail, index)
             source = outer | inner
         if dups:
             duplicated = dups.get(id(outer), ()) + dups.get(id(inner), ())
             if duplicated:
-                return _entry_fails("duplicate_key", _dup_detail(duplicated[0]), index)
+                return entry_fails("duplicate_key", dup_detail(duplicated[0]), index)
 
         if values is None:
             # The usual case in C-level steps: every feature present, a number, in range.
@@ -285,28 +266,28 @@ class Decoder:
         elif not (type(timestamp) is float and _MIN_EPOCH <= timestamp < _MAX_EPOCH):
             parsed = _parse_timestamp(timestamp)
             if isinstance(parsed, str):
-                return _entry_fails("bad_timestamp", f"timestamp {parsed}", index)
+                return entry_fails("bad_timestamp", f"timestamp {parsed}", index)
             timestamp = parsed
 
         seq = get("seq")
         if seq is not None and not (type(seq) is int and 0 <= seq < _MAX_SEQ):
-            detail = f"seq must be an integer in [0, 2**63), got {_show(seq)}"
-            return _entry_fails("bad_seq", detail, index)
+            detail = f"seq must be an integer in [0, 2**63), got {show(seq)}"
+            return entry_fails("bad_seq", detail, index)
 
         state = get("operational_state")
-        if state is not None and not (type(state) is str and len(state) <= _MAX_STATE_LEN):
+        if state is not None and not (type(state) is str and len(state) <= MAX_STATE_LEN):
             detail = (
-                f"operational_state must be a string of at most {_MAX_STATE_LEN}"
-                f" characters, got {_show(state)}"
+                f"operational_state must be a string of at most {MAX_STATE_LEN}"
+                f" characters, got {show(state)}"
             )
-            return _entry_fails("bad_operational_state", detail, index)
+            return entry_fails("bad_operational_state", detail, index)
 
         model = get("model_name")
         if model is None:
             model = default_model
         elif not (type(model) is str and model in self._models):
-            detail = f"model_name {_show(model)} is not a loaded model"
-            return _entry_fails("unknown_model", detail, index)
+            detail = f"model_name {show(model)} is not a loaded model"
+            return entry_fails("unknown_model", detail, index)
 
         if seq is not None:
             key = f"{device_id}:{seq}"
@@ -324,8 +305,8 @@ class Decoder:
                 (type(value) is float or type(value) is int)
                 and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE
             ):
-                reason, problem = _feature_problem(value, name in source)
-                return _entry_fails(reason, f"feature {name!r} {problem}", index)
+                reason, problem = feature_problem(value, name in source)
+                return entry_fails(reason, f"feature {name!r} {problem}", index)
         raise AssertionError("_feature_rejection called for valid features")
 
 
@@ -340,23 +321,6 @@ def _message_fails(device_id: str, reason: str, detail: str, is_batch: bool = Fa
     return Decoded(device_id, (), (Rejection(reason, detail),), is_batch, None)
 
 
-def _entry_fails(reason: str, detail: str, index: int | None) -> Rejection:
-    return Rejection(reason, detail if index is None else f"readings[{index}]: {detail}", index)
-
-
-def _feature_problem(value: object, present: bool) -> tuple[str, str]:
-    """The reason code and wording for a feature value the fast check refused."""
-    if not present:
-        return "missing_feature", "is missing"
-    if type(value) is not float and type(value) is not int:
-        return "non_numeric_feature", f"must be a number, got {_show(value)}"
-    # JSON cannot spell NaN/Infinity (orjson refuses the tokens and overflowing literals
-    # as not_json), so this only guards against a future change of parser.
-    if isinstance(value, float) and not math.isfinite(value):
-        return "non_finite", f"is not finite ({value!r})"
-    return "out_of_range", f"is {_show(value)}, beyond ±{MAX_ABS_VALUE:g}"
-
-
 def _parse_timestamp(raw: object) -> float | str:
     """Epoch seconds, or a description of what is wrong (no exceptions on bad input)."""
     if type(raw) is str:
@@ -368,41 +332,15 @@ def _parse_timestamp(raw: object) -> float | str:
                 moment = moment.replace(tzinfo=UTC)
             seconds = moment.timestamp()
         except (ValueError, OverflowError):
-            return f"{_show(raw)} is not an ISO 8601 date-time"
+            return f"{show(raw)} is not an ISO 8601 date-time"
     elif type(raw) is int or type(raw) is float:
         seconds = raw
     else:
-        return f"must be an ISO 8601 string or epoch seconds, got {_show(raw)}"
+        return f"must be an ISO 8601 string or epoch seconds, got {show(raw)}"
     if _MIN_EPOCH <= seconds < _MAX_EPOCH:
         return float(seconds)
     if _MIN_EPOCH * 1000 <= seconds < _MAX_EPOCH * 1000:
-        return f"{_show(raw)} looks like milliseconds; send epoch seconds"
-    return f"{_show(raw)} is outside 2000-01-01..2200-01-01 UTC"
+        return f"{show(raw)} looks like milliseconds; send epoch seconds"
+    return f"{show(raw)} is outside 2000-01-01..2200-01-01 UTC"
 
 
-def _dup_detail(key: str) -> str:
-    return f"key {key!r} appears more than once in the same object"
-
-
-def _show(value: object) -> str:
-    """Describe a JSON value for a detail message, quoting at most ~60 characters of it."""
-    if isinstance(value, str):
-        # repr of 60 characters can run to 600 (escapes), hence the second clip.
-        return _clip(repr(value[:60]) + ("..." if len(value) > 60 else ""), 80)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, int):
-        return repr(value) if -(10**30) < value < 10**30 else "an integer of 30+ digits"
-    if isinstance(value, list):
-        return f"an array of {len(value)} items"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."

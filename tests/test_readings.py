@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import json_guard, readings, topics
+from daemon import json_guard, rejections, topics
 from daemon.errors import ConfigError
 from daemon.readings import REASONS, Decoded, Decoder, Reading, Rejection
 
@@ -370,8 +370,8 @@ def test_non_numeric_feature(decoder: Decoder, value: object) -> None:
 def test_non_finite_feature_is_classified() -> None:
     # JSON cannot carry NaN/Infinity to the validator (those payloads are not_json), so the
     # classification is checked directly.
-    assert readings._feature_problem(float("nan"), True)[0] == "non_finite"
-    assert readings._feature_problem(float("-inf"), True)[0] == "non_finite"
+    assert rejections.feature_problem(float("nan"), True)[0] == "non_finite"
+    assert rejections.feature_problem(float("-inf"), True)[0] == "non_finite"
 
 
 @pytest.mark.parametrize("raw", [b"1e16", b"-1.5e15", b"18446744073709551616", b"1e300"])
