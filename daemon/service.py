@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -32,6 +31,7 @@ from daemon.mqtt import MqttAdapter
 from daemon.payloads import Outbound
 from daemon.pipeline import BatchStats, RawMessage
 from daemon.reload import ModelReloader, build_scoring, publish_model_info, rate_limiter
+from daemon.status import ServiceStatus
 
 log = structlog.get_logger("anomalyd")
 
@@ -93,7 +93,7 @@ class Service:
         )
         self.reloader = ModelReloader(self)  # swaps bundle, decoder and pipeline
         self.http = HttpServer(
-            s.http.host, port, self, self.metrics.registry, s.http.secret(),
+            s.http.host, port, ServiceStatus(self), self.metrics.registry, s.http.secret(),
             control=self.control, device_id_pattern=s.limits.device_id_pattern,
         )
         self._worker = threading.Thread(target=self._work, name="scorer", daemon=True)
@@ -310,49 +310,12 @@ class Service:
             self.mqtt.acks.forget(msg)
             n += 1
 
-    # -- status (HTTP threads) ---------------------------------------------------------
+    # -- read by daemon.status (HTTP threads) ------------------------------------------
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        checks = {
-            "mqtt_loop": self.mqtt.loop_alive and self.mqtt.loop_crashed is None,
-            "worker": self._worker.is_alive() and self.worker_crashed is None,
-        }
-        ok = all(checks.values())
-        return ok, {
-            "status": "ok" if ok else "unhealthy",
-            "models_loaded": len(self.bundle.detector_names),
-            "preprocessor_loaded": True,
-            "broker_connected": self.mqtt.connected,
-            "checks": checks,
-            "timestamp": datetime.now(UTC).isoformat(),
-        }
+    @property
+    def scorer_alive(self) -> bool:
+        return self._worker.is_alive() and self.worker_crashed is None
 
-    def ready(self) -> tuple[bool, dict[str, Any]]:
-        connected = self.mqtt.connected
-        ok = connected and not self._stopping.is_set() and self.health()[0]
-        body: dict[str, Any] = {"ready": ok, "broker_connected": connected,
-                                "models_loaded": len(self.bundle.detector_names),
-                                "stopping": self._stopping.is_set()}
-        if self.mqtt.last_error:
-            body["broker_error"] = self.mqtt.last_error
-        return ok, body
-
-    def models(self) -> dict[str, Any]:
-        p = self.pipeline  # one reference: a reload may swap it meanwhile
-        return p.bundle.describe(p.default_detector)
-
-    def info(self) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "broker": {"host": s.mqtt.host, "port": s.mqtt.port,
-                       "connected": self.mqtt.connected, "protocol": s.mqtt.protocol},
-            "subscription": self.subscription,
-            "topics": s.topics.model_dump(),
-            "model_version": self.bundle.version,
-            "queue_depth": self.queue.qsize(),
-            "awaiting_broker": len(self.mqtt.window),
-            "unacked_inputs": len(self.mqtt.acks),
-            "config": s.masked(),
-        }
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
