@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from daemon.training.train import train_csv, train_default
+    from daemon.training.train import member_names, train_csv, train_default
 
     settings = _settings(args)
     out = Path(args.out) if args.out else settings.model.dir
@@ -61,16 +61,23 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     features = [f.strip() for f in args.features.split(",")] if args.features else None
+    detectors = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
+    try:
+        member_names(detectors)
+    except ValueError as exc:
+        print(f"error: --detectors: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"training into {out}", file=sys.stderr)
     if args.data:
         manifest = train_csv(Path(args.data), out, features=features, seed=args.seed,
-                             quantile=args.quantile, progress=_progress, window=args.window)
+                             quantile=args.quantile, progress=_progress, window=args.window,
+                             detectors=detectors)
     else:
         if features:
             print("error: --features applies to --data only", file=sys.stderr)
             return EXIT_USAGE
         manifest = train_default(out, rows=args.rows, seed=args.seed, quantile=args.quantile,
-                                 progress=_progress)
+                                 progress=_progress, detectors=detectors)
     print(f"model set {manifest['model_version']} written to {out}", file=sys.stderr)
     for name, det in manifest["detectors"].items():
         v = det.get("validation") or {}
@@ -219,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quantile", type=float, default=0.99,
                        help="threshold quantile of held-back normal scores (default 0.99)")
     train.add_argument("--force", action="store_true", help="replace an existing model set")
+    train.add_argument("--detectors",
+                       help="comma-separated members to fit and fuse (default: "
+                            "isolation_forest,lof,autoencoder); fewer score faster")
     train.add_argument("--window", type=int, default=1,
                        help="with --data: model inputs are the mean and std of each device's "
                             "last N readings (default 1: raw readings)")

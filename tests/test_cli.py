@@ -62,6 +62,13 @@ def test_train_refuses_to_replace_a_model_set_without_force(trained_model_dir: P
     assert "--force" in res.stderr
 
 
+def test_train_refuses_an_unknown_detector_before_any_work(tmp_path: Path) -> None:
+    res = anomalyd("train", "--detectors", "lof,svm", "--out", str(tmp_path / "m"))
+    assert res.returncode == 2
+    assert "--detectors" in res.stderr and "svm" in res.stderr
+    assert "training into" not in res.stderr and not (tmp_path / "m").exists()
+
+
 def test_train_on_a_broken_csv_names_the_problem(tmp_path: Path) -> None:
     data = tmp_path / "broken.csv"
     data.write_text("temperature;vibration\n45.1;2.8\n45.2;oops\n")

@@ -191,3 +191,26 @@ def test_retraining_replaces_the_model_set_in_place_and_leaves_other_files(
     assert (out / "README.md").read_text() == "keep me"
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
     assert load_bundle(out).version == second["model_version"]
+
+
+def test_a_model_set_of_chosen_detectors_fuses_only_those(tmp_path: Path) -> None:
+    """--detectors: fewer members score faster; the ensemble is fitted and served from
+    exactly the members named, and an unknown name is refused before any work."""
+    x, _, _ = generate_dataset(1500, 3, fault_fraction=0.0)
+    x_val, y_val, _ = generate_dataset(600, 4, fault_fraction=0.5)
+    from daemon.training.synthetic import FEATURES
+
+    manifest = train(x, FEATURES, tmp_path / "m", source="test", validation=(x_val, y_val),
+                     detectors=["lof", "isolation_forest"])
+    assert sorted(manifest["detectors"]) == ["ensemble", "isolation_forest", "lof"]
+    assert not (tmp_path / "m" / AutoencoderDetector.artifact_names[0]).exists()
+    bundle = load_bundle(tmp_path / "m")
+    assert bundle.detector_names == ("isolation_forest", "lof", "ensemble")
+    scored = bundle.score(x_val[:50], "ensemble")
+    assert scored.members is not None and sorted(scored.members) == ["isolation_forest", "lof"]
+    # real detection from the two members: most injected faults found, few false alarms
+    assert manifest["detectors"]["ensemble"]["validation"]["recall"] >= 0.8
+    assert manifest["detectors"]["ensemble"]["validation"]["far"] <= 0.05
+    with pytest.raises(ValueError, match="detectors must be some of"):
+        train(x, FEATURES, tmp_path / "n", source="test", detectors=["lof", "svm"])
+    assert not (tmp_path / "n").exists()

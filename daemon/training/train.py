@@ -58,8 +58,10 @@ def train(
     progress: Progress | None = None,
     window: int = 1,
     windowed: bool = False,
+    detectors: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Fit every detector on normal rows ``x``, write a model directory, return its manifest.
+    """Fit every detector (or those named in ``detectors``) on normal rows ``x``, write a
+    model directory, return its manifest. The ensemble fuses the detectors fitted.
 
     With ``window > 1`` the model's inputs are windowed statistics (``daemon.devices``):
     ``x`` (and the validation rows) are consecutive readings of one device, windowed here,
@@ -80,13 +82,14 @@ def train(
 
     scaler = StandardScaler.fit(fitted)
     z_fit, z_held = scaler.transform(fitted), scaler.transform(held)
-    detectors: list[Detector] = [
-        IsolationForestDetector(seed=seed),
-        LofDetector(seed=seed),
-        AutoencoderDetector(seed=seed),
+    chosen = member_names(detectors)
+    fitting: list[Detector] = [
+        kind(seed=seed)
+        for kind in (IsolationForestDetector, LofDetector, AutoencoderDetector)
+        if kind.name in chosen
     ]
     members: dict[str, tuple[Detector, Calibration]] = {}
-    for det in detectors:
+    for det in fitting:
         started = time.perf_counter()
         say(f"fitting {det.name}")
         det.fit(z_fit)
@@ -126,9 +129,20 @@ def train(
         "preprocessor": PREPROCESSOR,
         "detectors": report,
     }
-    _write_atomically(out_dir, scaler, detectors, manifest)
+    _write_atomically(out_dir, scaler, fitting, manifest)
     say(f"wrote model {manifest['model_version']} to {out_dir}")
     return manifest
+
+
+def member_names(detectors: Sequence[str] | None) -> tuple[str, ...]:
+    """The member detectors to fit: all by default; ValueError for an unknown or no name."""
+    known = tuple(k.name for k in (IsolationForestDetector, LofDetector, AutoencoderDetector))
+    if detectors is None:
+        return known
+    unknown = sorted(set(detectors) - set(known))
+    if unknown or not detectors:
+        raise ValueError(f"detectors must be some of {', '.join(known)}; got {list(detectors)}")
+    return tuple(d for d in known if d in detectors)
 
 
 def train_default(
@@ -138,6 +152,7 @@ def train_default(
     *,
     quantile: float = 0.99,
     progress: Progress | None = None,
+    detectors: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train on synthetic pump data; validate on fresh readings, half with injected faults."""
     x, _, _ = generate_dataset(rows, seed, fault_fraction=0.0)
@@ -151,6 +166,7 @@ def train_default(
         quantile=quantile,
         validation=(x_val, y_val),
         progress=progress,
+        detectors=detectors,
     )
 
 
@@ -163,6 +179,7 @@ def train_csv(
     quantile: float = 0.99,
     progress: Progress | None = None,
     window: int = 1,
+    detectors: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train on a CSV's rows; labelled anomalous rows are kept out of fitting and validate.
 
@@ -189,6 +206,7 @@ def train_csv(
         progress=progress,
         window=window,
         windowed=True,
+        detectors=detectors,
     )
 
 
