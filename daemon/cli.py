@@ -124,8 +124,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     free = Path(args.anomaly_free) if args.anomaly_free else None
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
+    detectors = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
     results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
-                       quantile=args.quantile, alerts=settings.alerts, progress=_progress)
+                       quantile=args.quantile, alerts=settings.alerts, progress=_progress,
+                       detectors=detectors)
     table = markdown(results)
     sys.stdout.write(table)
     if args.out:
@@ -217,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
-    train = sub.add_parser("train", help="train the preprocessor and all detectors")
+    train = sub.add_parser("train", help="train the preprocessor, the detectors and the ensemble")
     train.add_argument("--data", help="CSV of normal operation (default: synthetic pump data)")
     train.add_argument("--features", help="comma-separated feature columns (default: all numeric)")
     train.add_argument("--out", help="model directory (default: model.dir / MODEL_DIR)")
@@ -227,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threshold quantile of held-back normal scores (default 0.99)")
     train.add_argument("--force", action="store_true", help="replace an existing model set")
     train.add_argument("--detectors",
-                       help="comma-separated members to fit and fuse (default: "
-                            "isolation_forest,lof,autoencoder); fewer score faster")
+                       help="comma-separated members to fit and fuse, of isolation_forest, "
+                            "lof, autoencoder (default: isolation_forest,autoencoder; lof "
+                            "adds a neighbour search that doubles the scoring time)")
     train.add_argument("--window", type=int, default=1,
                        help="with --data: model inputs are the mean and std of each device's "
                             "last N readings (default 1: raw readings)")
@@ -264,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quantile", type=float, default=0.99,
                     help="threshold quantile of held-back normal scores (default 0.99)")
     ev.add_argument("--out", help="also write the markdown table to this file")
+    ev.add_argument("--detectors",
+                    help="the ensemble's members, as for train (default: train's default)")
     ev.set_defaults(func=cmd_evaluate)
 
     w = sub.add_parser("watch", help="print verdicts, alerts and dead letters as they arrive")

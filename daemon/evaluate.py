@@ -130,6 +130,7 @@ def evaluate(
     alerts: AlertConfig | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    detectors: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Figures]]:
     """{variant: {row name: figures}} over all scored points of all files."""
     say = progress or (lambda _m: None)
@@ -154,6 +155,7 @@ def evaluate(
                 seed=seed,
                 quantile=quantile,
                 window=window,
+                detectors=detectors,
             )
             _score_file(load_bundle(out), d, warmup, alerts, pooled)
         results["per-device"] = _figures(pooled)
@@ -167,6 +169,7 @@ def evaluate(
                 seed=seed,
                 quantile=quantile,
                 window=window,
+                detectors=detectors,
             )
             bundle = load_bundle(out)
             pooled = {}

@@ -71,6 +71,9 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
                 str(WARMUP),
                 "--out",
                 str(out),
+                # every detector, LOF too (the default ensemble leaves it out)
+                "--detectors",
+                "isolation_forest,lof,autoencoder",
             ]
         )
     finally:

@@ -188,6 +188,8 @@ def test_retraining_replaces_the_model_set_in_place_and_leaves_other_files(
     first = train_default(out, rows=600, seed=1)
     second = train_default(out, rows=600, seed=2)
     assert first["model_version"] != second["model_version"]
+    # the default ensemble: Isolation Forest and the autoencoder (LOF only when asked for)
+    assert sorted(first["detectors"]) == ["autoencoder", "ensemble", "isolation_forest"]
     assert (out / "README.md").read_text() == "keep me"
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
     assert load_bundle(out).version == second["model_version"]
