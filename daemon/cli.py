@@ -32,6 +32,23 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option (--features, --detectors) as a list; None when not given."""
+    return [name.strip() for name in text.split(",")] if text else None
+
+
+def _detectors(args: argparse.Namespace) -> list[str] | None:
+    """--detectors, checked before any work: ConfigError names what is wrong."""
+    from daemon.training.train import member_names
+
+    detectors = _names(args.detectors)
+    try:
+        member_names(detectors)
+    except ValueError as exc:
+        raise ConfigError(f"--detectors: {exc}") from exc
+    return detectors
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon import logs
     from daemon.models import load_bundle
@@ -52,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from daemon.training.train import member_names, train_csv, train_default
+    from daemon.training.train import train_csv, train_default
 
     settings = _settings(args)
     out = Path(args.out) if args.out else settings.model.dir
@@ -60,13 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {out} already holds a trained model set; pass --force to replace it",
               file=sys.stderr)
         return EXIT_USAGE
-    features = [f.strip() for f in args.features.split(",")] if args.features else None
-    detectors = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
-    try:
-        member_names(detectors)
-    except ValueError as exc:
-        print(f"error: --detectors: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    features = _names(args.features)
+    detectors = _detectors(args)
     print(f"training into {out}", file=sys.stderr)
     if args.data:
         manifest = train_csv(Path(args.data), out, features=features, seed=args.seed,
@@ -123,8 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"error: no CSV files in {args.folder}", file=sys.stderr)
         return EXIT_USAGE
     free = Path(args.anomaly_free) if args.anomaly_free else None
+    detectors = _detectors(args)
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
-    detectors = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
     results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
                        detectors=detectors)

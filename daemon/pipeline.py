@@ -95,14 +95,12 @@ class Pipeline:
         warmup: int = 0,
     ) -> None:
         self.bundle = bundle
+        self.alerts = alerts
+        self.warmup = warmup
         # Per-device state: feature windows and warm-up baselines, then alert states. Both
         # are fed in arrival order, so micro-batch boundaries never change a verdict.
-        self.devices = DeviceTracker(
-            len(bundle.features), bundle.window, warmup, bundle.mean, bundle.std
-        )
-        self.alert_states = AlertTracker(alerts.raise_after, alerts.window, alerts.resolve_after)
+        self.devices, self.alert_states = self._empty_trackers()
         self.decoder = decoder
-        self.alerts = alerts
         self.payloads = Payloads(topics, alerts, bundle.version, max_payload_bytes)
         self.limiter = limiter
         self.default_detector = default_detector or bundle.default_detector
@@ -197,6 +195,13 @@ class Pipeline:
         """What saved device state must match to be reused with this model."""
         return {"features": list(self.bundle.features), "window": self.bundle.window}
 
+    def _empty_trackers(self) -> tuple[DeviceTracker, AlertTracker]:
+        b, a = self.bundle, self.alerts
+        return (
+            DeviceTracker(len(b.features), b.window, self.warmup, b.mean, b.std),
+            AlertTracker(a.raise_after, a.window, a.resolve_after),
+        )
+
     def snapshot(self) -> dict[str, Any]:
         """Windows, baselines and alert states as plain data (``daemon.state`` saves it)."""
         return {"schema": self.state_schema(), "devices": self.devices.to_json(),
@@ -211,24 +216,13 @@ class Pipeline:
         warm-up length; otherwise those devices warm up again.
         """
         problems: list[str] = []
-        alerts = AlertTracker(
-            self.alert_states.raise_after,
-            self.alert_states.window,
-            self.alert_states.resolve_after,
-        )
+        devices, alerts = self._empty_trackers()
         n_alerts = 0
         try:
             n_alerts = alerts.restore(snapshot["alerts"])
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(f"alert states: {exc!s}")
-            alerts = AlertTracker(alerts.raise_after, alerts.window, alerts.resolve_after)
-        devices = DeviceTracker(
-            self.devices.n_features,
-            self.devices.window,
-            self.devices.warmup,
-            self.devices.global_center,
-            self.devices.global_scale,
-        )
+            alerts = self._empty_trackers()[1]
         n_devices = 0
         schema = self.state_schema()
         if snapshot.get("schema") != schema:
@@ -239,10 +233,7 @@ class Pipeline:
                 n_devices = devices.restore(snapshot["devices"])
             except (ValueError, KeyError, TypeError) as exc:
                 problems.append(f"device state: {exc!s}")
-                devices = DeviceTracker(
-                    devices.n_features, devices.window, devices.warmup,
-                    devices.global_center, devices.global_scale,
-                )
+                devices = self._empty_trackers()[0]
         self.devices, self.alert_states = devices, alerts
         return n_devices, n_alerts, problems
 
