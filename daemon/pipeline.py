@@ -226,8 +226,8 @@ class Pipeline:
         n_devices = 0
         schema = self.state_schema()
         if snapshot.get("schema") != schema:
-            problems.append(f"device state was saved for {snapshot.get('schema')}, "
-                            f"the model is {schema}")
+            problems.append(f"device state was saved for {_inputs(snapshot.get('schema'))}; "
+                            f"the model reads {_inputs(schema)}")
         else:
             try:
                 n_devices = devices.restore(snapshot["devices"])
@@ -302,3 +302,10 @@ class Pipeline:
             outputs.append([self.payloads.dead_letter(msg, d, (rej,), now)])
             stats.rejections.append(rej.reason)
         return outputs, stats
+
+
+def _inputs(schema: object) -> str:
+    """A state schema in words: "features ['a', 'b'] (window 10)"."""
+    if isinstance(schema, dict):
+        return f"features {schema.get('features')} (window {schema.get('window')})"
+    return f"an unknown schema ({schema!r})"

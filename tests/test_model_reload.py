@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import SecretStr
 
@@ -18,6 +19,7 @@ from daemon.config import HttpConfig, ModelConfig, Settings
 from daemon.control import Command
 from daemon.models import MANIFEST
 from daemon.service import Service
+from daemon.training.train import train
 from tests.broker import Broker, free_port
 from tests.conftest import make_settings
 from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
@@ -27,6 +29,7 @@ from tests.test_device_control import bare_server, request
 
 TOKEN = "tok-model-reload"
 NEW_VERSION = "reloaded-test-v2"
+NEW_FEATURES = ("Bearing Temp", "Flow")
 
 
 @pytest.fixture
@@ -170,6 +173,50 @@ def test_a_failed_reload_names_the_problem_and_the_old_model_keeps_serving(
     assert after["seq"] == 2 and after["model_version"] == old_version
     assert request(svc.http.port, "GET", "/models", TOKEN)[1]["version"] == old_version
     assert reloads(svc, "failed") == 1 and reloads(svc, "ok") == 0
+
+
+@pytest.mark.integration
+def test_reload_into_another_schema_reads_the_new_features_and_keeps_the_raised_alert(
+    broker: Broker,
+    reload_settings: Settings,
+    model_copy: Path,
+    start_daemon: Any,
+    collector_for: Any,
+    publisher_for: Any,
+) -> None:
+    dev = "reload-pump-4"
+    col = collector_for(broker, [f"anomaly/{dev}/#", "anomaly/dead-letter"])
+    pub = publisher_for(broker)
+    svc = start_daemon(settings=reload_settings)
+    for i in range(3):
+        pub.send(f"sensors/{dev}/readings", {**ANOMALOUS, "seq": i})
+    (raised,) = col.json_on(f"anomaly/{dev}/alert", count=1)
+    assert raised["state"] == "raised"
+
+    # The plant re-instruments the pump: a new model set over two other sensors, trained
+    # by the real training code into the configured directory (Isolation Forest: fast).
+    rng = np.random.default_rng(4)
+    rows = np.column_stack([rng.normal(60.0, 1.0, 800), rng.normal(30.0, 0.5, 800)])
+    manifest = train(rows, NEW_FEATURES, model_copy, source="re-instrumented",
+                     detectors=("isolation_forest",))
+    status, done, _ = request(svc.http.port, "POST", "/models/reload", TOKEN)
+    assert status == 200, done
+    assert done["new_version"] == manifest["model_version"]
+    assert done["features"] == list(NEW_FEATURES)
+    # windows and baselines of the old inputs mean nothing now; the alert state does
+    assert done["devices_kept"] == 0 and done["alert_states_kept"] == 1
+    assert len(done["problems"]) == 1 and "['temperature'," in done["problems"][0]
+    assert "the model reads features ['Bearing Temp', 'Flow'] (window 1)" in done["problems"][0]
+
+    pub.send(f"sensors/{dev}/readings", {**NORMAL, "seq": 10})  # the old schema
+    new_reading = {"Bearing Temp": 60.2, "Flow": 30.1, "seq": 11}
+    after = verdict_after(pub, col, dev, new_reading, seen=4)
+    assert after["seq"] == 11 and after["model_version"] == manifest["model_version"]
+    assert after["is_anomaly"] is False
+    dead = [d for d in col.json_on("anomaly/dead-letter", count=1) if d["device_id"] == dev]
+    assert dead[0]["reason"] == "missing_feature" and "Bearing Temp" in dead[0]["detail"]
+    status, shown, _ = request(svc.http.port, "GET", f"/devices/{dev}", TOKEN)
+    assert status == 200 and shown["alert"]["active"] is True
 
 
 @pytest.mark.integration
