@@ -53,9 +53,14 @@ class Figures:
     mar: float  # % of anomalous points missed
     n_normal: int
     n_anomalous: int
+    #: Median over files of the ROC AUC of the detector's own score (threshold-free: how
+    #: well it ranks anomalous points above normal ones); None where there is no score.
+    auc: float | None = None
 
     @classmethod
-    def of(cls, flagged: NDArray[np.bool_], y: NDArray[np.bool_]) -> Figures:
+    def of(
+        cls, flagged: NDArray[np.bool_], y: NDArray[np.bool_], aucs: Sequence[float] = ()
+    ) -> Figures:
         tp = int(np.sum(flagged & y))
         fp = int(np.sum(flagged & ~y))
         fn = int(np.sum(~flagged & y))
@@ -68,7 +73,20 @@ class Figures:
             mar=100.0 * fn / n_anom if n_anom else 0.0,
             n_normal=n_norm,
             n_anomalous=n_anom,
+            auc=float(np.median(aucs)) if len(aucs) else None,
         )
+
+
+def roc_auc(scores: NDArray[np.float64], y: NDArray[np.bool_]) -> float | None:
+    """Probability that a random anomalous point scores above a random normal one (ties
+    count half); None unless both classes are present."""
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return None
+    from scipy.stats import rankdata  # scipy comes with scikit-learn (training extra)
+
+    ranks = rankdata(scores)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def stream(
@@ -79,17 +97,18 @@ def stream(
     warmup: int,
     alerts: AlertConfig,
     device: str = "eval",
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]]:
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.float64]]:
     """Send one device's readings through a fresh pipeline, as payloads, in order.
 
-    Returns (is_anomaly, alert active after this reading, the device baseline's own flag)
-    for every row.
+    Returns (is_anomaly, alert active after this reading, the device baseline's own flag,
+    the detector's anomaly score) for every row.
     """
     decoder = Decoder(bundle.features, bundle.detector_names, subscription="eval/+")
     pipeline = Pipeline(bundle, decoder, TopicsConfig(), alerts, detector, warmup=warmup)
     n = x.shape[0]
     flags = np.zeros(n, dtype=bool)
     baseline = np.zeros(n, dtype=bool)
+    scores = np.zeros(n, dtype=np.float64)
     changes: dict[int, bool] = {}
     names = bundle.features
     for start in range(0, n, CHUNK):
@@ -107,6 +126,7 @@ def stream(
                 body = orjson.loads(out.payload)
                 if out.kind == "verdict":
                     flags[body["seq"]] = body["is_anomaly"]
+                    scores[body["seq"]] = body["anomaly_score"]
                     baseline[body["seq"]] = body.get("baseline", {}).get("is_anomaly", False)
                 elif out.kind == "alert":
                     changes[body["seq"]] = body["active"]
@@ -117,7 +137,7 @@ def stream(
     for i in range(n):
         state = changes.get(i, state)
         active[i] = state
-    return flags, active, baseline
+    return flags, active, baseline, scores
 
 
 def evaluate(
@@ -143,7 +163,7 @@ def evaluate(
         if d.X.shape[0] <= warmup:
             raise ValueError(f"{f}: {d.X.shape[0]} rows, not more than the warm-up {warmup}")
     with tempfile.TemporaryDirectory(prefix="anomalyd-eval-") as tmp:
-        pooled: dict[str, tuple[list[NDArray[np.bool_]], list[NDArray[np.bool_]]]] = {}
+        pooled = Pooled()
         for i, (d, f) in enumerate(zip(data, files, strict=True)):
             say(f"per-device [{i + 1}/{len(files)}] {f.name}: training on {warmup} rows")
             out = Path(tmp) / f"per-device-{i}"
@@ -158,7 +178,7 @@ def evaluate(
                 detectors=detectors,
             )
             _score_file(load_bundle(out), d, warmup, alerts, pooled)
-        results["per-device"] = _figures(pooled)
+        results["per-device"] = pooled.figures()
         if anomaly_free is not None:
             say(f"global: training once on {anomaly_free.name}")
             out = Path(tmp) / "global"
@@ -172,62 +192,76 @@ def evaluate(
                 detectors=detectors,
             )
             bundle = load_bundle(out)
-            pooled = {}
+            pooled = Pooled()
             for i, (d, f) in enumerate(zip(data, files, strict=True)):
                 say(f"global [{i + 1}/{len(files)}] {f.name}: streaming")
                 _score_file(bundle, d, warmup, alerts, pooled)
-            results["global"] = _figures(pooled)
+            results["global"] = pooled.figures()
     return results
 
 
+class Pooled:
+    """Each row's flags and labels over all files, and its per-file AUCs."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[list[NDArray[np.bool_]], list[NDArray[np.bool_]]]] = {}
+        self.aucs: dict[str, list[float]] = {}
+
+    def add(
+        self,
+        name: str,
+        flags: NDArray[np.bool_],
+        y: NDArray[np.bool_],
+        scores: NDArray[np.float64] | None = None,
+    ) -> None:
+        flagged, labels = self.rows.setdefault(name, ([], []))
+        flagged.append(flags)
+        labels.append(y)
+        auc = roc_auc(scores, y) if scores is not None else None
+        if auc is not None:
+            self.aucs.setdefault(name, []).append(auc)
+
+    def figures(self) -> dict[str, Figures]:
+        return {
+            name: Figures.of(np.concatenate(flags), np.concatenate(ys), self.aucs.get(name, ()))
+            for name, (flags, ys) in self.rows.items()
+        }
+
+
 def _score_file(
-    bundle: ModelBundle,
-    d: TrainingData,
-    warmup: int,
-    alerts: AlertConfig,
-    pooled: dict[str, tuple[list[NDArray[np.bool_]], list[NDArray[np.bool_]]]],
+    bundle: ModelBundle, d: TrainingData, warmup: int, alerts: AlertConfig, pooled: Pooled
 ) -> None:
     assert d.labels is not None
     y = d.labels[warmup:]
     for detector in bundle.detector_names:
-        flags, active, baseline = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
-        pooled.setdefault(detector, ([], []))[0].append(flags[warmup:])
-        pooled[detector][1].append(y)
-        # SKAB's own protocol has no per-device baseline: the detector's verdicts alone
-        alone, _, _ = stream(bundle, d.X, detector, warmup=0, alerts=alerts)
-        pooled.setdefault(detector + ALONE, ([], []))[0].append(alone[warmup:])
-        pooled[detector + ALONE][1].append(y)
+        flags, active, baseline, _ = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
+        pooled.add(detector, flags[warmup:], y)
+        # SKAB's own protocol has no per-device baseline: the detector's verdicts alone.
+        # The score does not depend on the baseline, so its AUC is given here only.
+        alone, _, _, scores = stream(bundle, d.X, detector, warmup=0, alerts=alerts)
+        pooled.add(detector + ALONE, alone[warmup:], y, scores[warmup:])
         if detector == ENSEMBLE:
-            pooled.setdefault(ALERT_ROW, ([], []))[0].append(active[warmup:])
-            pooled[ALERT_ROW][1].append(y)
-            pooled.setdefault(BASELINE_ROW, ([], []))[0].append(baseline[warmup:])
-            pooled[BASELINE_ROW][1].append(y)
-
-
-def _figures(
-    pooled: dict[str, tuple[list[NDArray[np.bool_]], list[NDArray[np.bool_]]]],
-) -> dict[str, Figures]:
-    return {
-        name: Figures.of(np.concatenate(flags), np.concatenate(ys))
-        for name, (flags, ys) in pooled.items()
-    }
+            pooled.add(ALERT_ROW, active[warmup:], y)
+            pooled.add(BASELINE_ROW, baseline[warmup:], y)
 
 
 def markdown(results: dict[str, dict[str, Figures]]) -> str:
     lines = [
-        "| variant | detector | precision | recall | F1 | FAR % | MAR % |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | detector | precision | recall | F1 | FAR % | MAR % | AUC |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant, rows in results.items():
         for name, f in rows.items():
             lines.append(
                 f"| {variant} | {name} | {f.precision:.2f} | {f.recall:.2f} | {f.f1:.2f} "
-                f"| {f.far:.2f} | {f.mar:.2f} |"
+                f"| {f.far:.2f} | {f.mar:.2f} | {'—' if f.auc is None else f'{f.auc:.2f}'} |"
             )
     any_rows = next(iter(results.values()))
     f = next(iter(any_rows.values()))
     lines.append("")
     lines.append(f"Scored points: {f.n_normal} normal, {f.n_anomalous} anomalous.")
+    lines.append("AUC: the median over files of the ROC AUC of the detector's own score "
+                 "(threshold-free; 0.5 is chance).")
     return "\n".join(lines) + "\n"
 
 
