@@ -20,10 +20,10 @@ import numpy as np
 
 from daemon.calibration import Calibration
 from daemon.detectors import MEMBER_TYPES, Detector, Ensemble
-from daemon.devices import derived_names
 from daemon.errors import ModelLoadError
 from daemon.explain import Explanation, explain_reading
 from daemon.preprocess import StandardScaler
+from daemon.windows import derived_names
 
 FORMAT_VERSION = 2  # 2: LOF stored as arrays (lof.npz) instead of a pickle
 MANIFEST = "manifest.json"
@@ -53,7 +53,7 @@ class ModelBundle:
     ) -> None:
         self.manifest = manifest
         self.features: tuple[str, ...] = tuple(manifest["features"])
-        #: Readings per feature window (``daemon.devices``); 1 = the model sees raw readings.
+        #: Readings per feature window (``daemon.windows``); 1 = the model sees raw readings.
         self.window: int = int(manifest.get("window", 1))
         #: The model's inputs: ``features`` themselves, or their windowed statistics.
         self.model_features: tuple[str, ...] = derived_names(self.features, self.window)

@@ -8,11 +8,12 @@ import orjson
 import pytest
 
 from daemon.config import AlertConfig, TopicsConfig
-from daemon.devices import DeviceTracker, windowed_matrix
+from daemon.devices import DeviceTracker
 from daemon.models import ModelBundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
 from daemon.training.synthetic import PumpStream
+from daemon.windows import windowed_matrix
 
 WARMUP = 300
 READINGS = 1500

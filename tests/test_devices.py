@@ -8,15 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from daemon.devices import (
-    ADAPT_READINGS,
-    MAX_FLAGGED_SHARE,
-    MIN_THRESHOLD,
-    Assessment,
-    DeviceTracker,
-    derived_names,
-    windowed_matrix,
-)
+from daemon.baseline import ADAPT_READINGS, MAX_FLAGGED_SHARE, MIN_THRESHOLD
+from daemon.devices import Assessment, DeviceTracker
+from daemon.windows import derived_names, windowed_matrix
 
 G_CENTER = np.array([0.0, 0.0, 0.0, 0.0])
 G_SCALE = np.array([1.0, 1.0, 1.0, 1.0])

@@ -32,12 +32,12 @@ from daemon.detectors import (
     IsolationForestDetector,
     LofDetector,
 )
-from daemon.devices import derived_names, windowed_matrix
 from daemon.errors import TrainingError
 from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, sha256_file
 from daemon.preprocess import StandardScaler
 from daemon.training.datasets import load_csv
 from daemon.training.synthetic import FEATURES, generate_dataset
+from daemon.windows import derived_names, windowed_matrix
 
 HOLDOUT_FRACTION = 0.2
 MIN_ROWS = 50
@@ -63,7 +63,7 @@ def train(
     """Fit the default member detectors (or those named in ``detectors``) on normal rows
     ``x``, write a model directory, return its manifest. The ensemble fuses those fitted.
 
-    With ``window > 1`` the model's inputs are windowed statistics (``daemon.devices``):
+    With ``window > 1`` the model's inputs are windowed statistics (``daemon.windows``):
     ``x`` (and the validation rows) are consecutive readings of one device, windowed here,
     unless ``windowed`` says they already are model inputs.
     """
