@@ -89,6 +89,26 @@ def roc_auc(scores: NDArray[np.float64], y: NDArray[np.bool_]) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """One device's run through the pipeline, per row."""
+
+    flags: NDArray[np.bool_]  # the verdict's is_anomaly
+    active: NDArray[np.bool_]  # the device's alert is raised after this reading
+    baseline: NDArray[np.bool_]  # the device baseline's own flag
+    scores: NDArray[np.float64]  # the detector's anomaly score
+    leads: dict[int, str]  # row -> the input its explanation names first (anomalies only)
+
+
+@dataclass
+class Evaluation:
+    """{variant: {row name: figures}}, and for each variant the inputs that the ensemble's
+    false alarms name first: {variant: {input: (false alarms, files)}}."""
+
+    figures: dict[str, dict[str, Figures]]
+    false_alarm_leads: dict[str, dict[str, tuple[int, int]]]
+
+
 def stream(
     bundle: ModelBundle,
     x: NDArray[np.float64],
@@ -97,18 +117,15 @@ def stream(
     warmup: int,
     alerts: AlertConfig,
     device: str = "eval",
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.float64]]:
-    """Send one device's readings through a fresh pipeline, as payloads, in order.
-
-    Returns (is_anomaly, alert active after this reading, the device baseline's own flag,
-    the detector's anomaly score) for every row.
-    """
+) -> Streamed:
+    """Send one device's readings through a fresh pipeline, as payloads, in order."""
     decoder = Decoder(bundle.features, bundle.detector_names, subscription="eval/+")
     pipeline = Pipeline(bundle, decoder, TopicsConfig(), alerts, detector, warmup=warmup)
     n = x.shape[0]
     flags = np.zeros(n, dtype=bool)
     baseline = np.zeros(n, dtype=bool)
     scores = np.zeros(n, dtype=np.float64)
+    leads: dict[int, str] = {}
     changes: dict[int, bool] = {}
     names = bundle.features
     for start in range(0, n, CHUNK):
@@ -127,6 +144,8 @@ def stream(
                 if out.kind == "verdict":
                     flags[body["seq"]] = body["is_anomaly"]
                     scores[body["seq"]] = body["anomaly_score"]
+                    if body["is_anomaly"] and body.get("contributions"):
+                        leads[body["seq"]] = body["contributions"][0]["feature"]
                     baseline[body["seq"]] = body.get("baseline", {}).get("is_anomaly", False)
                 elif out.kind == "alert":
                     changes[body["seq"]] = body["active"]
@@ -137,7 +156,7 @@ def stream(
     for i in range(n):
         state = changes.get(i, state)
         active[i] = state
-    return flags, active, baseline, scores
+    return Streamed(flags, active, baseline, scores, leads)
 
 
 def evaluate(
@@ -151,11 +170,11 @@ def evaluate(
     seed: int = 0,
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
-) -> dict[str, dict[str, Figures]]:
-    """{variant: {row name: figures}} over all scored points of all files."""
+) -> Evaluation:
+    """Figures over all scored points of all files, per variant and row."""
     say = progress or (lambda _m: None)
     alerts = alerts or AlertConfig()
-    results: dict[str, dict[str, Figures]] = {}
+    results = Evaluation({}, {})
     data = [load_csv(f) for f in files]
     for d, f in zip(data, files, strict=True):
         if d.labels is None:
@@ -178,7 +197,7 @@ def evaluate(
                 detectors=detectors,
             )
             _score_file(load_bundle(out), d, warmup, alerts, pooled)
-        results["per-device"] = pooled.figures()
+        pooled.into(results, "per-device")
         if anomaly_free is not None:
             say(f"global: training once on {anomaly_free.name}")
             out = Path(tmp) / "global"
@@ -196,7 +215,7 @@ def evaluate(
             for i, (d, f) in enumerate(zip(data, files, strict=True)):
                 say(f"global [{i + 1}/{len(files)}] {f.name}: streaming")
                 _score_file(bundle, d, warmup, alerts, pooled)
-            results["global"] = pooled.figures()
+            pooled.into(results, "global")
     return results
 
 
@@ -206,6 +225,7 @@ class Pooled:
     def __init__(self) -> None:
         self.rows: dict[str, tuple[list[NDArray[np.bool_]], list[NDArray[np.bool_]]]] = {}
         self.aucs: dict[str, list[float]] = {}
+        self.leads: dict[str, list[int]] = {}  # input -> false alarms it leads, per file
 
     def add(
         self,
@@ -221,11 +241,24 @@ class Pooled:
         if auc is not None:
             self.aucs.setdefault(name, []).append(auc)
 
-    def figures(self) -> dict[str, Figures]:
-        return {
+    def add_false_alarm_leads(
+        self, leads: dict[int, str], y: NDArray[np.bool_], first: int
+    ) -> None:
+        """Count the false alarms among rows ``first`` onwards by the input they name first."""
+        counts: dict[str, int] = {}
+        for row, name in leads.items():
+            if row >= first and not y[row - first]:
+                counts[name] = counts.get(name, 0) + 1
+        for name, n in counts.items():
+            self.leads.setdefault(name, []).append(n)
+
+    def into(self, results: Evaluation, variant: str) -> None:
+        results.figures[variant] = {
             name: Figures.of(np.concatenate(flags), np.concatenate(ys), self.aucs.get(name, ()))
             for name, (flags, ys) in self.rows.items()
         }
+        ranked = sorted(self.leads.items(), key=lambda kv: -sum(kv[1]))
+        results.false_alarm_leads[variant] = {k: (sum(v), len(v)) for k, v in ranked}
 
 
 def _score_file(
@@ -234,34 +267,48 @@ def _score_file(
     assert d.labels is not None
     y = d.labels[warmup:]
     for detector in bundle.detector_names:
-        flags, active, baseline, _ = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
-        pooled.add(detector, flags[warmup:], y)
+        run = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
+        pooled.add(detector, run.flags[warmup:], y)
         # SKAB's own protocol has no per-device baseline: the detector's verdicts alone.
         # The score does not depend on the baseline, so its AUC is given here only.
-        alone, _, _, scores = stream(bundle, d.X, detector, warmup=0, alerts=alerts)
-        pooled.add(detector + ALONE, alone[warmup:], y, scores[warmup:])
+        alone = stream(bundle, d.X, detector, warmup=0, alerts=alerts)
+        pooled.add(detector + ALONE, alone.flags[warmup:], y, alone.scores[warmup:])
         if detector == ENSEMBLE:
-            pooled.add(ALERT_ROW, active[warmup:], y)
-            pooled.add(BASELINE_ROW, baseline[warmup:], y)
+            pooled.add(ALERT_ROW, run.active[warmup:], y)
+            pooled.add(BASELINE_ROW, run.baseline[warmup:], y)
+            pooled.add_false_alarm_leads(run.leads, y, warmup)
 
 
-def markdown(results: dict[str, dict[str, Figures]]) -> str:
+def markdown(results: Evaluation) -> str:
     lines = [
         "| variant | detector | precision | recall | F1 | FAR % | MAR % | AUC |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for variant, rows in results.items():
+    for variant, rows in results.figures.items():
         for name, f in rows.items():
             lines.append(
                 f"| {variant} | {name} | {f.precision:.2f} | {f.recall:.2f} | {f.f1:.2f} "
                 f"| {f.far:.2f} | {f.mar:.2f} | {'—' if f.auc is None else f'{f.auc:.2f}'} |"
             )
-    any_rows = next(iter(results.values()))
+    any_rows = next(iter(results.figures.values()))
     f = next(iter(any_rows.values()))
     lines.append("")
     lines.append(f"Scored points: {f.n_normal} normal, {f.n_anomalous} anomalous.")
     lines.append("AUC: the median over files of the ROC AUC of the detector's own score "
                  "(threshold-free; 0.5 is chance).")
+    lines += [
+        "",
+        "The ensemble's false alarms by the input their explanation names first:",
+        "",
+        "| variant | leading input | false alarms | share | files |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, leads in results.false_alarm_leads.items():
+        total = sum(n for n, _ in leads.values())
+        for name, (n, files) in leads.items():
+            lines.append(f"| {variant} | {name} | {n} | {100.0 * n / total:.0f} % | {files} |")
+        if not leads:
+            lines.append(f"| {variant} | (no false alarms) | 0 | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -134,3 +134,28 @@ def test_each_detector_alone_ranks_faults_above_normal_points(
             assert got[(variant, d)]["auc"] is None
         assert got[(variant, ALERT_ROW)]["auc"] is None
     assert got[("per-device", "ensemble" + ALONE)]["auc"] >= 0.8, got  # type: ignore[operator]
+
+
+def test_every_false_alarm_of_the_ensemble_is_attributed_to_an_input(
+    evaluated: tuple[str, str],
+) -> None:
+    """The second table counts the ensemble's false alarms by the input their explanation
+    names first: its counts add up to the FAR of the ensemble row, input names are the
+    model's (windowed) inputs."""
+    table, _ = evaluated
+    got = figures(table)
+    leads: dict[str, dict[str, int]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in {"per-device", "global"} and cells[2].isdigit():
+            leads.setdefault(cells[0], {})[cells[1]] = int(cells[2])
+    for variant in ("per-device", "global"):
+        far = got[(variant, "ensemble")]["far"]
+        assert far is not None
+        false_alarms = round(far * 350 / 100)  # 350 normal points are scored
+        assert sum(leads[variant].values()) == false_alarms, (variant, leads)
+        if false_alarms == 0:  # measured: none per-device, 9 global
+            assert leads[variant] == {"(no false alarms)": 0}
+            continue
+        for name in leads[variant]:
+            assert name.startswith(FEATURES) and name.endswith("]"), name
