@@ -27,6 +27,9 @@ from daemon.baseline import (
 from daemon.windows import Matrix, window_stats
 
 STATE_FORMAT = 3
+#: How many sequence numbers below a device's highest one are remembered as judged.
+REPEAT_SPAN = 64
+_SPAN_MASK = (1 << REPEAT_SPAN) - 1
 _ALPHA = 1.0 / ADAPT_READINGS
 
 
@@ -44,6 +47,10 @@ class DeviceState:
     cond: Matrix | None = None  # z -> conditional deviations (D, D), once fitted
     held_back_max: float = 0.0  # largest max |z| in the held-back part of the warm-up
     threshold: float | None = None  # set when warm-up completes
+    # The highest ``seq`` judged, and which of the REPEAT_SPAN below it were (bit k: seq
+    # last_seq - k), to know a redelivered reading (``repeat``).
+    last_seq: int | None = None
+    seq_mask: int = 0
 
 
 @dataclass(slots=True)
@@ -93,22 +100,62 @@ class DeviceTracker:
         self.global_scale = np.asarray(global_scale, dtype=np.float64)
         self.devices: dict[str, DeviceState] = {}
 
-    def observe(self, device_id: str, values: Sequence[float]) -> Matrix:
-        """The model inputs for this reading: the raw values or the window's statistics."""
+    def repeat(self, device_id: str, seq: int | None) -> bool:
+        """Whether this device's reading ``seq`` was judged already (a redelivery), and if
+        not, remember that it now is. Readings without a ``seq`` are never repeats.
+
+        A sliding window over the last ``REPEAT_SPAN`` sequence numbers (as in replay
+        protection): a late reading inside it that was never judged is new; a ``seq`` far
+        below the window (the device restarted and counts from 0 again) starts it anew.
+        """
+        if seq is None:
+            return False
         st = self.devices.get(device_id)
         if st is None:
             st = self.devices[device_id] = DeviceState(deque(maxlen=self.window))
-        st.recent.append(tuple(values))
+        last = st.last_seq
+        if last is None or seq > last or last - seq >= REPEAT_SPAN:
+            shift = 0 if last is None or seq < last else seq - last
+            # shift only inside the window: seq may jump by up to 2**63 (a bigger shift
+            # would build an integer of that many bits)
+            if 0 < shift < REPEAT_SPAN:
+                st.seq_mask = ((st.seq_mask << shift) | 1) & _SPAN_MASK
+            else:
+                st.seq_mask = 1
+            st.last_seq = seq
+            return False
+        bit = 1 << (last - seq)
+        if st.seq_mask & bit:
+            return True
+        st.seq_mask |= bit
+        return False
+
+    def observe(self, device_id: str, values: Sequence[float], *, learn: bool = True) -> Matrix:
+        """The model inputs for this reading: the raw values or the window's statistics.
+
+        ``learn=False`` (a repeat) leaves the window as it is: the inputs are those of the
+        window as it stands, which already holds the reading if it was recent.
+        """
+        st = self.devices.get(device_id)
+        if st is None:
+            st = self.devices[device_id] = DeviceState(deque(maxlen=self.window))
+        if learn or not st.recent:
+            st.recent.append(tuple(values))
         if self.window == 1:
             return np.array(values, dtype=np.float64)
         return window_stats(np.array(st.recent, dtype=np.float64))
 
-    def assess(self, device_id: str, row: Matrix, global_anomaly: bool) -> Assessment:
-        """Judge ``row`` against the device's baseline, then let the baseline learn from it."""
+    def assess(
+        self, device_id: str, row: Matrix, global_anomaly: bool, *, learn: bool = True
+    ) -> Assessment:
+        """Judge ``row`` against the device's baseline, then let the baseline learn from it
+        (unless ``learn`` is False: a repeat is judged but teaches nothing)."""
         if self.warmup <= 0:
             return _OFF
         st = self.devices[device_id]
         c, s, w = st.center, st.scale, st.cond
+        if not learn:
+            return self._judge_only(st, row)
         if c is None or s is None or w is None:  # fitting part of the warm-up
             st.count += 1
             acc = st.flagged if global_anomaly else st.normal
@@ -146,6 +193,17 @@ class DeviceTracker:
         else:
             c += _ALPHA * diff
         return out
+
+    @staticmethod
+    def _judge_only(st: DeviceState, row: Matrix) -> Assessment:
+        c, s, w, thr = st.center, st.scale, st.cond, st.threshold
+        if c is None or s is None or w is None or thr is None:
+            return _WARMING
+        z = (row - c) / s
+        score = float(np.abs(w @ z).max())
+        if score <= thr:
+            return Assessment(False, True, False, score, thr)
+        return Assessment(False, True, True, score, thr, z, c.copy(), s)
 
     def _fit(self, st: DeviceState) -> None:
         f = fit(st.normal, st.flagged, st.count, self.n_features, self.global_scale)
@@ -212,6 +270,8 @@ class DeviceTracker:
                     "cond": arr(st.cond),
                     "held_back_max": st.held_back_max,
                     "threshold": st.threshold,
+                    "last_seq": st.last_seq,
+                    "seq_mask": st.seq_mask,
                 }
                 for dev, st in self.devices.items()
             },
@@ -263,6 +323,17 @@ class DeviceTracker:
                 arr(raw["cond"], (width, width)),
                 float(raw["held_back_max"]),
                 None if threshold is None else float(threshold),
+                *_seq_window(raw),
             )
         self.devices = devices
         return len(devices)
+
+
+def _seq_window(raw: dict[str, Any]) -> tuple[int | None, int]:
+    """A saved device's (last_seq, seq_mask); state saved before they existed has none."""
+    last, mask = raw.get("last_seq"), raw.get("seq_mask", 0)
+    if last is None:
+        return None, 0
+    if type(last) is not int or type(mask) is not int or not 0 <= mask <= _SPAN_MASK:
+        raise ValueError("device state has an invalid seq window")
+    return last, mask

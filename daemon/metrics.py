@@ -43,6 +43,11 @@ class Metrics:
             "anomalyd_anomalies", "Readings judged anomalous, by detector", ["detector"],
             registry=r,
         )
+        self.repeats = Counter(
+            "anomalyd_repeated_readings",
+            "Readings whose seq the device had sent before (redeliveries): judged again, "
+            "no state changed", registry=r,
+        )
         self.alerts = Counter(
             "anomalyd_alerts", "Alerts published, by severity", ["severity"], registry=r,
         )
@@ -123,6 +128,8 @@ class Metrics:
             self.readings.labels("normal").inc(normal)
         if stats.anomalies:
             self.readings.labels("anomaly").inc(stats.anomalies)
+        if stats.repeats:
+            self.repeats.inc(stats.repeats)
         for sev in stats.alert_severities:
             self.alerts.labels(sev).inc()
         for detector, margins in stats.margins.items():

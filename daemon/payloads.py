@@ -101,6 +101,8 @@ class Payloads:
             v["operational_state"] = r.operational_state
         if j.explanation:
             v["contributions"] = j.explanation["contributions"]
+        if j.repeat:
+            v["repeat"] = True
         if j.members is not None:
             v["detector_scores"] = j.members
         if j.baseline is not None:
@@ -164,6 +166,8 @@ class Payloads:
                 p["seq"] = j.reading.seq
             if j.explanation:
                 p["explanation"] = j.explanation["text"]
+            if j.repeat:
+                p["repeat"] = True
             preds.append(p)
         n_anom = sum(1 for j in judged if j.is_anomaly)
         models = sorted({j.detector for j in judged})

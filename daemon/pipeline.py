@@ -51,6 +51,9 @@ class Judgement:
     #: the device baseline's score, threshold and flag, once its warm-up is complete
     baseline: dict[str, Any] | None = None
     alert: AlertEvent | None = None  # the alert transition this verdict caused
+    #: the device's reading with this ``seq`` was judged before (a redelivery): judged
+    #: again, but it changes no window, baseline or alert state
+    repeat: bool = False
 
     @property
     def members(self) -> dict[str, float] | None:
@@ -73,6 +76,7 @@ class BatchStats:
     readings: int = 0
     anomalies: int = 0
     rejected: int = 0
+    repeats: int = 0
     by_detector: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     rejections: list[str] = field(default_factory=list)
     alert_severities: list[str] = field(default_factory=list)
@@ -119,7 +123,12 @@ class Pipeline:
         """
         groups: dict[str, list[int]] = {}
         default = self.default_detector
-        observed = [self.devices.observe(r.device_id, r.values) for r in readings]
+        devices = self.devices
+        repeats = [devices.repeat(r.device_id, r.seq) for r in readings]
+        observed = [
+            devices.observe(r.device_id, r.values, learn=not rep)
+            for r, rep in zip(readings, repeats, strict=True)
+        ]
         for i, r in enumerate(readings):
             groups.setdefault(r.model_name or default, []).append(i)
         out: list[Judgement | None] = [None] * len(readings)
@@ -134,12 +143,16 @@ class Pipeline:
             stats.zscores.append(scored.zscores)
         stats.inputs = self.bundle.model_features
         judged = [j for j in out if j is not None]
+        if any(repeats):
+            for j, rep in zip(judged, repeats, strict=True):
+                j.repeat = rep
+            stats.repeats = sum(repeats)
         anomalies: dict[str, int] = dict.fromkeys(groups, 0)
-        warmup = self.devices.warmup > 0
+        warmup = devices.warmup > 0
         for j, row in zip(judged, observed, strict=True):
             center, scale, z = None, None, None
             if warmup:
-                a = self.devices.assess(j.reading.device_id, row, j.is_anomaly)
+                a = devices.assess(j.reading.device_id, row, j.is_anomaly, learn=not j.repeat)
                 j.warming_up = a.warming_up
                 if a.active:
                     j.baseline = {
@@ -252,6 +265,8 @@ class Pipeline:
         stats.readings = len(judged)
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
         for j in judged:
+            if j.repeat:  # its first verdict already counted towards the alert state
+                continue
             sev = severity(j.margin, self.alerts)
             j.alert = self.alert_states.observe(
                 j.reading.device_id, j.is_anomaly, sev, j.margin, j.reading.timestamp

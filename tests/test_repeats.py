@@ -1,0 +1,138 @@
+"""Redelivered readings: a reading whose ``seq`` its device sent before is judged again (its
+verdict goes out, with ``"repeat": true``) but changes no window, baseline or alert state,
+so a broker's redelivery after a fault cannot raise an alert or teach the baseline twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+from prometheus_client import CollectorRegistry
+
+from daemon import state
+from daemon.config import AlertConfig, TopicsConfig
+from daemon.devices import REPEAT_SPAN, DeviceTracker
+from daemon.metrics import Metrics
+from daemon.models import ModelBundle
+from daemon.pipeline import Pipeline, RawMessage
+from daemon.readings import Decoder
+from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
+
+DEV = "sensors/p-7/readings"
+
+
+def tracker(warmup: int = 0, window: int = 3) -> DeviceTracker:
+    return DeviceTracker(2, window, warmup, np.zeros(2 * window), np.ones(2 * window))
+
+
+def test_a_seq_is_a_repeat_only_once_judged_and_inside_the_window() -> None:
+    t = tracker()
+    seen = [t.repeat("d", s) for s in (5, 6, 7, 6, 5, 7, 8)]
+    assert seen == [False, False, False, True, True, True, False]
+    # a late reading never judged is new, once
+    assert [t.repeat("d", 3), t.repeat("d", 3)] == [False, True]
+    # readings without seq are never repeats; other devices have their own window
+    assert not t.repeat("d", None) and not t.repeat("other", 8)
+
+
+def test_the_window_slides_and_a_restarted_counter_starts_it_anew() -> None:
+    t = tracker()
+    assert not t.repeat("d", 1000)
+    assert not t.repeat("d", 1000 + 3 * REPEAT_SPAN)  # a jump: older bits slide out
+    assert not t.repeat("d", 1000)  # far below the window: a restarted device counts again
+    assert t.repeat("d", 1000)
+    assert not t.repeat("d", 1001)
+    last = 1001 + REPEAT_SPAN - 1
+    assert not t.repeat("d", last)
+    assert t.repeat("d", 1001)  # REPEAT_SPAN - 1 below the highest: still remembered
+
+
+def test_the_largest_seq_jump_costs_no_memory() -> None:
+    """seq may be anything below 2**63: a jump that large must not shift the window by
+    2**63 bits (it once built an integer of that size and the process ran out of memory)."""
+    t = tracker()
+    assert not t.repeat("d", 0)
+    assert not t.repeat("d", 2**63 - 1)
+    assert t.devices["d"].seq_mask == 1
+    assert t.repeat("d", 2**63 - 1) and not t.repeat("d", 0)
+
+
+def test_a_repeat_leaves_the_window_and_the_warm_up_as_they_were() -> None:
+    t = tracker(warmup=8, window=3)
+    rows = [t.observe("d", (float(i), 2.0 * i)) for i in range(4)]
+    for i, row in enumerate(rows):
+        t.assess("d", row, False)
+        assert t.progress("d") == i + 1
+    window = list(t.devices["d"].recent)
+    again = t.observe("d", (1.0, 2.0), learn=False)
+    t.assess("d", again, False, learn=False)
+    assert list(t.devices["d"].recent) == window and t.progress("d") == 4
+    np.testing.assert_array_equal(again, rows[-1])  # the window as it stands
+
+
+def pipeline(bundle: ModelBundle, warmup: int = 0) -> Pipeline:
+    decoder = Decoder(bundle.features, bundle.detector_names)
+    alerts = AlertConfig(raise_after=3, window=5, resolve_after=2)
+    return Pipeline(bundle, decoder, TopicsConfig(), alerts, warmup=warmup)
+
+
+def send(p: Pipeline, *readings: dict[str, Any]) -> tuple[list[dict[str, Any]], Any]:
+    outputs, stats = p.process([RawMessage(DEV, orjson.dumps(r), 0.0) for r in readings], 1.0)
+    return [orjson.loads(o.payload) | {"kind": o.kind} for outs in outputs for o in outs], stats
+
+
+def test_a_redelivered_anomaly_does_not_count_towards_the_alert(
+    model_bundle: ModelBundle,
+) -> None:
+    p = pipeline(model_bundle)
+    metrics = Metrics(CollectorRegistry())
+    out, stats = send(p, {**ANOMALOUS_READING, "seq": 1}, {**ANOMALOUS_READING, "seq": 2})
+    metrics.record_batch(stats)
+    assert [o["is_anomaly"] for o in out] == [True, True]
+    # the broker redelivers seq 2 (its ack was lost with the connection): 3 of the last 5
+    # verdicts would be anomalous, but the reading is the same one
+    out, stats = send(p, {**ANOMALOUS_READING, "seq": 2})
+    metrics.record_batch(stats)
+    (verdict,) = out
+    assert verdict["kind"] == "verdict" and verdict["repeat"] is True
+    assert verdict["is_anomaly"] is True and verdict["key"] == "p-7:2"  # same key as before
+    assert stats.repeats == 1
+    assert metrics.registry.get_sample_value("anomalyd_repeated_readings_total") == 1.0
+    out, _ = send(p, {**ANOMALOUS_READING, "seq": 3})  # a third anomalous reading raises
+    assert [o["kind"] for o in out] == ["verdict", "alert"] and "repeat" not in out[0]
+    assert out[1]["state"] == "raised"
+
+
+def test_repeats_inside_one_batch_message_are_marked_per_entry(
+    model_bundle: ModelBundle,
+) -> None:
+    p = pipeline(model_bundle)
+    entries = [{**NORMAL_READING, "seq": s} for s in (10, 11, 10)]
+    out, stats = send(p, {"readings": entries})
+    (verdict,) = out
+    assert [pred.get("repeat", False) for pred in verdict["predictions"]] == [False, False, True]
+    assert stats.repeats == 1 and stats.readings == 3
+
+
+def test_the_seq_window_survives_a_restart_and_old_state_still_loads(
+    model_bundle: ModelBundle, tmp_path: Any
+) -> None:
+    before = pipeline(model_bundle, warmup=4)
+    send(before, *({**NORMAL_READING, "seq": s} for s in range(6)))
+    path = tmp_path / "devices.json"
+    state.save(path, before.snapshot())
+    snapshot = state.load(path)
+    assert snapshot is not None
+    after = pipeline(model_bundle, warmup=4)
+    assert after.restore(snapshot)[0] == 1
+    out, _ = send(after, {**NORMAL_READING, "seq": 5}, {**NORMAL_READING, "seq": 6})
+    assert [o.get("repeat", False) for o in out] == [True, False]
+
+    for dev in snapshot["devices"]["devices"].values():  # saved before the seq window
+        del dev["last_seq"], dev["seq_mask"]
+    older = pipeline(model_bundle, warmup=4)
+    devices, _, problems = older.restore(snapshot)
+    assert devices == 1 and problems == []
+    out, _ = send(older, {**NORMAL_READING, "seq": 5})
+    assert "repeat" not in out[0]
