@@ -31,10 +31,11 @@ import orjson
 from numpy.typing import NDArray
 
 from daemon.config import AlertConfig, TopicsConfig
+from daemon.errors import TrainingError
 from daemon.models import ENSEMBLE, ModelBundle, load_bundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
-from daemon.training.datasets import TrainingData, load_csv
+from daemon.training.datasets import LABEL_COLUMNS, TrainingData, load_csv
 from daemon.training.train import train, train_csv
 
 Progress = Callable[[str], None]
@@ -178,9 +179,16 @@ def evaluate(
     data = [load_csv(f) for f in files]
     for d, f in zip(data, files, strict=True):
         if d.labels is None:
-            raise ValueError(f"{f}: no label column")
+            names = ", ".join(LABEL_COLUMNS)
+            raise TrainingError(f"{f}: no label column (one of {names}): nothing to "
+                                "measure against")
         if d.X.shape[0] <= warmup:
-            raise ValueError(f"{f}: {d.X.shape[0]} rows, not more than the warm-up {warmup}")
+            raise TrainingError(f"{f}: {d.X.shape[0]} rows, not more than the warm-up "
+                                f"({warmup}): nothing would be scored")
+        if anomaly_free is not None and d.features != data[0].features:
+            # one model set judges every file in the global variant
+            raise TrainingError(f"{f}: features {list(d.features)} differ from "
+                                f"{files[0].name}'s {list(data[0].features)}")
     with tempfile.TemporaryDirectory(prefix="anomalyd-eval-") as tmp:
         pooled = Pooled()
         for i, (d, f) in enumerate(zip(data, files, strict=True)):

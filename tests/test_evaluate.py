@@ -159,3 +159,35 @@ def test_every_false_alarm_of_the_ensemble_is_attributed_to_an_input(
             continue
         for name in leads[variant]:
             assert name.startswith(FEATURES) and name.endswith("]"), name
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"0.csv": "datetime;x;y\n2020-03-09 10:00:00;1;2\n"}, "no label column (one of anomaly"),
+        ({"0.csv": "datetime;x;anomaly\n2020-03-09 10:00:00;1;0\n"},
+         "1 rows, not more than the warm-up (300): nothing would be scored"),
+    ],
+)
+def test_unusable_labelled_files_are_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], files: dict[str, str], message: str
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert main(["evaluate", str(tmp_path), "--warmup", str(WARMUP)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_global_variant_needs_one_schema_across_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_run(tmp_path / "0.csv", 400, seed=1, fault=(350, 380))
+    other = (tmp_path / "0.csv").read_text().replace("Motor Current", "Motor Amps", 1)
+    (tmp_path / "1.csv").write_text(other)
+    free = tmp_path / "free.csv.txt"  # not a .csv: not one of the labelled files
+    write_run(free, 400, seed=2, fault=None)
+    code = main(["evaluate", str(tmp_path), "--anomaly-free", str(free),
+                 "--warmup", str(WARMUP)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "1.csv: features ['Flow Rate', 'Motor Amps', 'temperature'] differ from 0.csv's" in err
