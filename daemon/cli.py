@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,6 +20,7 @@ import orjson
 from daemon import __version__
 from daemon.config import Settings, load_settings
 from daemon.errors import AnomalydError, BrokerError, ConfigError, ModelLoadError, TrainingError
+from daemon.training import MIN_ROWS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
@@ -220,6 +221,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _quantile(text: str) -> float:
+    """An argparse type: a threshold quantile in [0.5, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.5 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0.5, 1), got {value}")
+    return value
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomalyd", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"anomalyd {__version__}")
@@ -235,16 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="CSV of normal operation (default: synthetic pump data)")
     train.add_argument("--features", help="comma-separated feature columns (default: all numeric)")
     train.add_argument("--out", help="model directory (default: model.dir / MODEL_DIR)")
-    train.add_argument("--rows", type=int, default=20000, help="synthetic rows (default 20000)")
+    train.add_argument("--rows", type=_at_least(MIN_ROWS), default=20000,
+                       help="synthetic rows (default 20000)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--quantile", type=float, default=0.99,
+    train.add_argument("--quantile", type=_quantile, default=0.99,
                        help="threshold quantile of held-back normal scores (default 0.99)")
     train.add_argument("--force", action="store_true", help="replace an existing model set")
     train.add_argument("--detectors",
                        help="comma-separated members to fit and fuse, of isolation_forest, "
                             "lof, autoencoder (default: isolation_forest,autoencoder; lof "
                             "adds a neighbour search that doubles the scoring time)")
-    train.add_argument("--window", type=int, default=1,
+    train.add_argument("--window", type=_at_least(1), default=1,
                        help="with --data: model inputs are the mean and std of each device's "
                             "last N readings (default 1: raw readings)")
     train.set_defaults(func=cmd_train)
@@ -273,10 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="SKAB protocol on a folder of labelled CSV files")
     ev.add_argument("folder", help="folder of labelled CSVs (an 'anomaly' column, one run each)")
     ev.add_argument("--anomaly-free", help="also train once on this normal CSV and score all")
-    ev.add_argument("--warmup", type=int, default=400,
+    ev.add_argument("--warmup", type=_at_least(MIN_ROWS), default=400,
                     help="rows per file that train/warm up the device (default 400)")
-    ev.add_argument("--window", type=int, default=10, help="feature window (default 10)")
-    ev.add_argument("--quantile", type=float, default=0.99,
+    ev.add_argument("--window", type=_at_least(1), default=10,
+                    help="feature window (default 10)")
+    ev.add_argument("--quantile", type=_quantile, default=0.99,
                     help="threshold quantile of held-back normal scores (default 0.99)")
     ev.add_argument("--out", help="also write the markdown table to this file")
     ev.add_argument("--detectors",

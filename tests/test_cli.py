@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon.cli import main
 from tests.broker import REPO, Broker
 from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
 from tests.conftest_models import NORMAL_READING as NORMAL
@@ -53,7 +54,27 @@ def test_check_config_rejects_a_typo_with_exit_2(tmp_path: Path) -> None:
 def test_bad_arguments_exit_2() -> None:
     res = anomalyd("train", "--rows", "many")
     assert res.returncode == 2
-    assert "invalid int value" in res.stderr
+    assert "argument --rows: not an integer: 'many'" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--rows", "3"], "--rows: must be at least 50, got 3"),
+        (["train", "--window", "0"], "--window: must be at least 1, got 0"),
+        (["train", "--quantile", "2"], "--quantile: must be in [0.5, 1), got 2.0"),
+        (["evaluate", "runs", "--warmup", "-5"], "--warmup: must be at least 50, got -5"),
+        (["evaluate", "runs", "--window", "0"], "--window: must be at least 1, got 0"),
+        (["evaluate", "runs", "--quantile", "0.2"], "--quantile: must be in [0.5, 1)"),
+    ],
+)
+def test_nonsense_numbers_are_refused_before_any_work(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_train_refuses_to_replace_a_model_set_without_force(trained_model_dir: Path) -> None:

@@ -2,3 +2,6 @@
 
 Importing this package does not import TensorFlow; only ``keras_autoencoder`` does.
 """
+
+#: The fewest rows a model set is fitted on (a fifth is held back to set thresholds).
+MIN_ROWS = 50

@@ -35,12 +35,12 @@ from daemon.detectors import (
 from daemon.errors import TrainingError
 from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, sha256_file
 from daemon.preprocess import StandardScaler
+from daemon.training import MIN_ROWS
 from daemon.training.datasets import load_csv
 from daemon.training.synthetic import FEATURES, generate_dataset
 from daemon.windows import derived_names, windowed_matrix
 
 HOLDOUT_FRACTION = 0.2
-MIN_ROWS = 50
 PREPROCESSOR = "preprocessor.json"
 
 Progress = Callable[[str], None]
