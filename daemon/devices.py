@@ -4,7 +4,9 @@ Pure: readings in, model inputs and the device's verdict out; no clock, no I/O
 (``to_json``/``restore`` give plain data, the caller writes it). ``daemon.windows`` makes
 the windowed inputs; ``daemon.baseline`` describes the baseline model and fits it; this
 module applies it to each reading in arrival order: warm-up (fitting part, held-back part
-and threshold), the verdict, and the adapting centre.
+and threshold), the verdict, and the adapting centre. It also remembers which ``seq``
+values each device's readings carried (``repeat``), so that a reading the broker
+redelivers is judged again without being counted twice in the window or the baseline.
 """
 
 from __future__ import annotations
