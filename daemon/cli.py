@@ -141,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
                        detectors=detectors)
-    table = markdown(results)
+    table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
         Path(args.out).write_text(table, encoding="utf-8")
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quantile", type=_quantile, default=0.99,
                     help="threshold quantile of held-back normal scores (default 0.99)")
     ev.add_argument("--out", help="also write the markdown table to this file")
+    ev.add_argument("--per-file", action="store_true",
+                    help="also a table of the ensemble's figures on each file alone")
     ev.add_argument("--detectors",
                     help="the ensemble's members, as for train (default: train's default)")
     ev.set_defaults(func=cmd_evaluate)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +108,8 @@ class Evaluation:
 
     figures: dict[str, dict[str, Figures]]
     false_alarm_leads: dict[str, dict[str, tuple[int, int]]]
+    #: {variant: [(file name, the ensemble's figures on that file alone)]}
+    per_file: dict[str, list[tuple[str, Figures]]] = field(default_factory=dict)
 
 
 def stream(
@@ -204,7 +206,7 @@ def evaluate(
                 window=window,
                 detectors=detectors,
             )
-            _score_file(load_bundle(out), d, warmup, alerts, pooled)
+            _score_file(load_bundle(out), d, f.name, warmup, alerts, pooled)
         pooled.into(results, "per-device")
         if anomaly_free is not None:
             say(f"global: training once on {anomaly_free.name}")
@@ -222,7 +224,7 @@ def evaluate(
             pooled = Pooled()
             for i, (d, f) in enumerate(zip(data, files, strict=True)):
                 say(f"global [{i + 1}/{len(files)}] {f.name}: streaming")
-                _score_file(bundle, d, warmup, alerts, pooled)
+                _score_file(bundle, d, f.name, warmup, alerts, pooled)
             pooled.into(results, "global")
     return results
 
@@ -231,6 +233,7 @@ class Pooled:
     """Each row's flags and labels over all files, and its per-file AUCs."""
 
     def __init__(self) -> None:
+        self.files: list[str] = []  # in the order they were added
         self.rows: dict[str, tuple[list[NDArray[np.bool_]], list[NDArray[np.bool_]]]] = {}
         self.aucs: dict[str, list[float]] = {}
         self.leads: dict[str, list[int]] = {}  # input -> false alarms it leads, per file
@@ -267,13 +270,23 @@ class Pooled:
         }
         ranked = sorted(self.leads.items(), key=lambda kv: -sum(kv[1]))
         results.false_alarm_leads[variant] = {k: (sum(v), len(v)) for k, v in ranked}
+        flags, ys = self.rows.get(ENSEMBLE, ([], []))
+        results.per_file[variant] = [
+            (name, Figures.of(f, y)) for name, f, y in zip(self.files, flags, ys, strict=True)
+        ]
 
 
 def _score_file(
-    bundle: ModelBundle, d: TrainingData, warmup: int, alerts: AlertConfig, pooled: Pooled
+    bundle: ModelBundle,
+    d: TrainingData,
+    name: str,
+    warmup: int,
+    alerts: AlertConfig,
+    pooled: Pooled,
 ) -> None:
     assert d.labels is not None
     y = d.labels[warmup:]
+    pooled.files.append(name)
     for detector in bundle.detector_names:
         run = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
         pooled.add(detector, run.flags[warmup:], y)
@@ -287,7 +300,7 @@ def _score_file(
             pooled.add_false_alarm_leads(run.leads, y, warmup)
 
 
-def markdown(results: Evaluation) -> str:
+def markdown(results: Evaluation, per_file: bool = False) -> str:
     lines = [
         "| variant | detector | precision | recall | F1 | FAR % | MAR % | AUC |",
         "|---|---|---|---|---|---|---|---|",
@@ -317,6 +330,21 @@ def markdown(results: Evaluation) -> str:
             lines.append(f"| {variant} | {name} | {n} | {100.0 * n / total:.0f} % | {files} |")
         if not leads:
             lines.append(f"| {variant} | (no false alarms) | 0 | | |")
+    if per_file:
+        lines += [
+            "",
+            "The ensemble on each file alone:",
+            "",
+            "| variant | file | normal | anomalous | F1 | FAR % | MAR % | false alarms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, each in results.per_file.items():
+            for name, f in each:
+                false_alarms = round(f.far * f.n_normal / 100)
+                lines.append(
+                    f"| {variant} | {name} | {f.n_normal} | {f.n_anomalous} | {f.f1:.2f} "
+                    f"| {f.far:.2f} | {f.mar:.2f} | {false_alarms} |"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,8 @@ def figures(table: str) -> dict[tuple[str, str], dict[str, float | None]]:
     names = ("precision", "recall", "f1", "far", "mar", "auc")
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 8 and cells[0] in {"per-device", "global"}:
+        is_file_row = cells[1].endswith(".csv") if len(cells) > 1 else False
+        if len(cells) == 8 and cells[0] in {"per-device", "global"} and not is_file_row:
             nums = [None if c == "—" else float(c) for c in cells[2:]]
             out[(cells[0], cells[1])] = dict(zip(names, nums, strict=True))
     return out
@@ -71,6 +72,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
                 str(WARMUP),
                 "--out",
                 str(out),
+                "--per-file",
                 # every detector, LOF too (the default ensemble leaves it out)
                 "--detectors",
                 "isolation_forest,lof,autoencoder",
@@ -191,3 +193,20 @@ def test_the_global_variant_needs_one_schema_across_files(
     assert code == 2
     err = capsys.readouterr().err
     assert "1.csv: features ['Flow Rate', 'Motor Amps', 'temperature'] differ from 0.csv's" in err
+
+
+def test_per_file_rows_add_up_to_the_pooled_ensemble_row(evaluated: tuple[str, str]) -> None:
+    table, _ = evaluated
+    got = figures(table)
+    rows: dict[str, list[list[str]]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[1].endswith(".csv"):
+            rows.setdefault(cells[0], []).append(cells)
+    for variant in ("per-device", "global"):
+        assert [r[1] for r in rows[variant]] == ["0.csv", "1.csv"]
+        assert sum(int(r[2]) for r in rows[variant]) == 350  # normal points
+        assert sum(int(r[3]) for r in rows[variant]) == 250  # anomalous points
+        far = got[(variant, "ensemble")]["far"]
+        assert far is not None
+        assert sum(int(r[7]) for r in rows[variant]) == round(far * 350 / 100)
