@@ -4,7 +4,7 @@
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin anomalyd \
- && mkdir -p /app/models && chown anomalyd /app/models
+ && mkdir -p /app/models /app/state && chown anomalyd /app/models /app/state
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY daemon ./daemon
@@ -19,7 +19,10 @@ CMD ["train"]
 FROM base AS runtime
 RUN pip install .
 USER anomalyd
-ENV HEALTH_HOST=0.0.0.0 HEALTH_PORT=8000 MODEL_DIR=/app/models
+# Per-device state (windows, baselines, alert states) must survive the container: mount a
+# volume on /app/state (docker-compose.yml does). The daemon refuses to start if it cannot
+# write there.
+ENV HEALTH_HOST=0.0.0.0 HEALTH_PORT=8000 MODEL_DIR=/app/models STATE_DIR=/app/state
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]

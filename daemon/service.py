@@ -183,6 +183,7 @@ class Service:
     # -- lifecycle ---------------------------------------------------------------------
 
     def _restore_state(self) -> None:
+        state.check_writable(self.state_path.parent)
         try:
             snapshot = state.load(self.state_path)
         except state.StateError as exc:

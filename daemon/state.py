@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import AnomalydError
+from daemon.errors import AnomalydError, ConfigError
 
 FORMAT = 1
 
@@ -27,6 +27,24 @@ def state_file(directory: Path, worker_index: int | None) -> Path:
     """One file per worker: with shared subscriptions each worker sees its own devices."""
     name = "devices.json" if worker_index is None else f"devices-{worker_index}.json"
     return directory / name
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if need be and prove a file can be written in it.
+
+    Run at start-up: a daemon that cannot save its per-device state would lose every
+    device's baseline and alert state at its next restart (and never resolve an alert the
+    broker holds as raised), which is worth refusing to start for.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"state.dir {directory} is not writable ({exc.strerror or exc}): set [state] dir "
+            "(or STATE_DIR) to a directory anomalyd may write, e.g. /var/lib/anomalyd/state"
+        ) from exc
 
 
 def save(path: Path, snapshot: dict[str, Any]) -> None:

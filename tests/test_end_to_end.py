@@ -281,12 +281,31 @@ def test_missing_models_exit_2_with_a_clear_message(tmp_path: Path) -> None:
     assert "anomalyd train" in res.stderr
 
 
-def test_unreachable_broker_exits_3_with_a_clear_message(trained_model_dir: Path) -> None:
+def test_an_unwritable_state_dir_exits_2_before_connecting(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    """Per-device state that cannot be saved would be lost at the next restart: refuse to
+    start, naming the setting. (A directory below a file: unwritable even for root.)"""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = dict(os.environ, MODEL_DIR=str(trained_model_dir), MQTT_PORT=str(free_port()),
+               HEALTH_PORT=str(free_port()), STATE_DIR=str(blocker / "state"))
+    res = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"state.dir {blocker / 'state'} is not writable" in res.stderr
+    assert "STATE_DIR" in res.stderr and "cannot reach broker" not in res.stderr
+
+
+def test_unreachable_broker_exits_3_with_a_clear_message(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
     env = dict(
         os.environ,
         MODEL_DIR=str(trained_model_dir),
         MQTT_PORT=str(free_port()),
         HEALTH_PORT=str(free_port()),
+        STATE_DIR=str(tmp_path / "state"),  # not the repository's state/
     )
     cfg = REPO / "tests" / "data" / "short-connect-timeout.toml"
     res = subprocess.run(
