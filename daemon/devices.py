@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,12 +26,10 @@ from daemon.baseline import (
     Moments,
     fit,
 )
+from daemon.repeats import SeqWindow
 from daemon.windows import Matrix, window_stats
 
 STATE_FORMAT = 3
-#: How many sequence numbers below a device's highest one are remembered as judged.
-REPEAT_SPAN = 64
-_SPAN_MASK = (1 << REPEAT_SPAN) - 1
 _ALPHA = 1.0 / ADAPT_READINGS
 
 
@@ -49,10 +47,7 @@ class DeviceState:
     cond: Matrix | None = None  # z -> conditional deviations (D, D), once fitted
     held_back_max: float = 0.0  # largest max |z| in the held-back part of the warm-up
     threshold: float | None = None  # set when warm-up completes
-    # The highest ``seq`` judged, and which of the REPEAT_SPAN below it were (bit k: seq
-    # last_seq - k), to know a redelivered reading (``repeat``).
-    last_seq: int | None = None
-    seq_mask: int = 0
+    seqs: SeqWindow = field(default_factory=SeqWindow)  # to know a redelivered reading
 
 
 @dataclass(slots=True)
@@ -104,33 +99,14 @@ class DeviceTracker:
 
     def repeat(self, device_id: str, seq: int | None) -> bool:
         """Whether this device's reading ``seq`` was judged already (a redelivery), and if
-        not, remember that it now is. Readings without a ``seq`` are never repeats.
-
-        A sliding window over the last ``REPEAT_SPAN`` sequence numbers (as in replay
-        protection): a late reading inside it that was never judged is new; a ``seq`` far
-        below the window (the device restarted and counts from 0 again) starts it anew.
-        """
+        not, remember that it now is (``daemon.repeats``). Readings without a ``seq`` are
+        never repeats."""
         if seq is None:
             return False
         st = self.devices.get(device_id)
         if st is None:
             st = self.devices[device_id] = DeviceState(deque(maxlen=self.window))
-        last = st.last_seq
-        if last is None or seq > last or last - seq >= REPEAT_SPAN:
-            shift = 0 if last is None or seq < last else seq - last
-            # shift only inside the window: seq may jump by up to 2**63 (a bigger shift
-            # would build an integer of that many bits)
-            if 0 < shift < REPEAT_SPAN:
-                st.seq_mask = ((st.seq_mask << shift) | 1) & _SPAN_MASK
-            else:
-                st.seq_mask = 1
-            st.last_seq = seq
-            return False
-        bit = 1 << (last - seq)
-        if st.seq_mask & bit:
-            return True
-        st.seq_mask |= bit
-        return False
+        return st.seqs.seen(seq)
 
     def observe(self, device_id: str, values: Sequence[float], *, learn: bool = True) -> Matrix:
         """The model inputs for this reading: the raw values or the window's statistics.
@@ -272,8 +248,7 @@ class DeviceTracker:
                     "cond": arr(st.cond),
                     "held_back_max": st.held_back_max,
                     "threshold": st.threshold,
-                    "last_seq": st.last_seq,
-                    "seq_mask": st.seq_mask,
+                    **st.seqs.to_json(),
                 }
                 for dev, st in self.devices.items()
             },
@@ -325,17 +300,8 @@ class DeviceTracker:
                 arr(raw["cond"], (width, width)),
                 float(raw["held_back_max"]),
                 None if threshold is None else float(threshold),
-                *_seq_window(raw),
+                SeqWindow.from_json(raw),
             )
         self.devices = devices
         return len(devices)
 
-
-def _seq_window(raw: dict[str, Any]) -> tuple[int | None, int]:
-    """A saved device's (last_seq, seq_mask); state saved before they existed has none."""
-    last, mask = raw.get("last_seq"), raw.get("seq_mask", 0)
-    if last is None:
-        return None, 0
-    if type(last) is not int or type(mask) is not int or not 0 <= mask <= _SPAN_MASK:
-        raise ValueError("device state has an invalid seq window")
-    return last, mask

@@ -12,11 +12,12 @@ from prometheus_client import CollectorRegistry
 
 from daemon import state
 from daemon.config import AlertConfig, TopicsConfig
-from daemon.devices import REPEAT_SPAN, DeviceTracker
+from daemon.devices import DeviceTracker
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
+from daemon.repeats import REPEAT_SPAN
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
 
 DEV = "sensors/p-7/readings"
@@ -54,7 +55,7 @@ def test_the_largest_seq_jump_costs_no_memory() -> None:
     t = tracker()
     assert not t.repeat("d", 0)
     assert not t.repeat("d", 2**63 - 1)
-    assert t.devices["d"].seq_mask == 1
+    assert t.devices["d"].seqs.mask == 1
     assert t.repeat("d", 2**63 - 1) and not t.repeat("d", 0)
 
 
