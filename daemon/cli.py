@@ -128,7 +128,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from daemon.evaluate import evaluate, labelled_files, markdown
+    from daemon.eval_report import markdown
+    from daemon.evaluate import evaluate, labelled_files
 
     settings = _settings(args)
     files = labelled_files(Path(args.folder))

@@ -13,17 +13,18 @@ label column; see ``daemon.training.datasets``). Two variants:
 Only the rows after the warm-up are counted. Each detector is reported twice: as the
 daemon judges (the detector and the device's baseline must both flag a reading) and, as
 ``<detector>, no baseline``, on its own verdicts, which is what SKAB's published results
-measure. Every point of every file is pooled before the
-figures are computed (not averaged per file). Besides the point verdicts of each detector,
-the ``alert`` rows count a point as flagged while the ensemble's alert for that device is
-active (between "raised" and "resolved"): that is what an operator would be paged for.
+measure. Every point of every file is pooled before the figures are computed (not
+averaged per file). Besides the point verdicts of each detector, the ``alert`` rows count a
+point as flagged while the ensemble's alert for that device is active (between "raised"
+and "resolved"): that is what an operator would be paged for. ``daemon.eval_report`` holds
+the figures and writes the tables.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from numpy.typing import NDArray
 
 from daemon.config import AlertConfig, TopicsConfig
 from daemon.errors import TrainingError
+from daemon.eval_report import Evaluation, Figures, roc_auc
 from daemon.models import ENSEMBLE, ModelBundle, load_bundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
@@ -46,51 +48,6 @@ ALONE = ", no baseline"  # the detector's own verdicts, no per-device baseline (
 
 
 @dataclass(frozen=True)
-class Figures:
-    precision: float
-    recall: float
-    f1: float
-    far: float  # % of normal points flagged
-    mar: float  # % of anomalous points missed
-    n_normal: int
-    n_anomalous: int
-    #: Median over files of the ROC AUC of the detector's own score (threshold-free: how
-    #: well it ranks anomalous points above normal ones); None where there is no score.
-    auc: float | None = None
-
-    @classmethod
-    def of(
-        cls, flagged: NDArray[np.bool_], y: NDArray[np.bool_], aucs: Sequence[float] = ()
-    ) -> Figures:
-        tp = int(np.sum(flagged & y))
-        fp = int(np.sum(flagged & ~y))
-        fn = int(np.sum(~flagged & y))
-        n_anom, n_norm = int(y.sum()), int((~y).sum())
-        return cls(
-            precision=tp / (tp + fp) if tp + fp else 0.0,
-            recall=tp / n_anom if n_anom else 0.0,
-            f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
-            far=100.0 * fp / n_norm if n_norm else 0.0,
-            mar=100.0 * fn / n_anom if n_anom else 0.0,
-            n_normal=n_norm,
-            n_anomalous=n_anom,
-            auc=float(np.median(aucs)) if len(aucs) else None,
-        )
-
-
-def roc_auc(scores: NDArray[np.float64], y: NDArray[np.bool_]) -> float | None:
-    """Probability that a random anomalous point scores above a random normal one (ties
-    count half); None unless both classes are present."""
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return None
-    from scipy.stats import rankdata  # scipy comes with scikit-learn (training extra)
-
-    ranks = rankdata(scores)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-@dataclass(frozen=True)
 class Streamed:
     """One device's run through the pipeline, per row."""
 
@@ -99,17 +56,6 @@ class Streamed:
     baseline: NDArray[np.bool_]  # the device baseline's own flag
     scores: NDArray[np.float64]  # the detector's anomaly score
     leads: dict[int, str]  # row -> the input its explanation names first (anomalies only)
-
-
-@dataclass
-class Evaluation:
-    """{variant: {row name: figures}}, and for each variant the inputs that the ensemble's
-    false alarms name first: {variant: {input: (false alarms, files)}}."""
-
-    figures: dict[str, dict[str, Figures]]
-    false_alarm_leads: dict[str, dict[str, tuple[int, int]]]
-    #: {variant: [(file name, the ensemble's figures on that file alone)]}
-    per_file: dict[str, list[tuple[str, Figures]]] = field(default_factory=dict)
 
 
 def stream(
@@ -298,54 +244,6 @@ def _score_file(
             pooled.add(ALERT_ROW, run.active[warmup:], y)
             pooled.add(BASELINE_ROW, run.baseline[warmup:], y)
             pooled.add_false_alarm_leads(run.leads, y, warmup)
-
-
-def markdown(results: Evaluation, per_file: bool = False) -> str:
-    lines = [
-        "| variant | detector | precision | recall | F1 | FAR % | MAR % | AUC |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for variant, rows in results.figures.items():
-        for name, f in rows.items():
-            lines.append(
-                f"| {variant} | {name} | {f.precision:.2f} | {f.recall:.2f} | {f.f1:.2f} "
-                f"| {f.far:.2f} | {f.mar:.2f} | {'—' if f.auc is None else f'{f.auc:.2f}'} |"
-            )
-    any_rows = next(iter(results.figures.values()))
-    f = next(iter(any_rows.values()))
-    lines.append("")
-    lines.append(f"Scored points: {f.n_normal} normal, {f.n_anomalous} anomalous.")
-    lines.append("AUC: the median over files of the ROC AUC of the detector's own score "
-                 "(threshold-free; 0.5 is chance).")
-    lines += [
-        "",
-        "The ensemble's false alarms by the input their explanation names first:",
-        "",
-        "| variant | leading input | false alarms | share | files |",
-        "|---|---|---|---|---|",
-    ]
-    for variant, leads in results.false_alarm_leads.items():
-        total = sum(n for n, _ in leads.values())
-        for name, (n, files) in leads.items():
-            lines.append(f"| {variant} | {name} | {n} | {100.0 * n / total:.0f} % | {files} |")
-        if not leads:
-            lines.append(f"| {variant} | (no false alarms) | 0 | | |")
-    if per_file:
-        lines += [
-            "",
-            "The ensemble on each file alone:",
-            "",
-            "| variant | file | normal | anomalous | F1 | FAR % | MAR % | false alarms |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for variant, each in results.per_file.items():
-            for name, f in each:
-                false_alarms = round(f.far * f.n_normal / 100)
-                lines.append(
-                    f"| {variant} | {name} | {f.n_normal} | {f.n_anomalous} | {f.f1:.2f} "
-                    f"| {f.far:.2f} | {f.mar:.2f} | {false_alarms} |"
-                )
-    return "\n".join(lines) + "\n"
 
 
 def labelled_files(folder: Path) -> list[Path]:
