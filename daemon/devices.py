@@ -215,6 +215,7 @@ class DeviceTracker:
             "baseline_threshold": st.threshold,
             "window_filled": len(st.recent),
             "window": self.window,
+            "last_seq": st.seqs.last,  # the highest seq judged (None: readings carry none)
         }
 
     def forget(self, device_id: str) -> DeviceState | None:

@@ -99,6 +99,8 @@ def test_a_redelivered_anomaly_does_not_count_towards_the_alert(
     assert verdict["kind"] == "verdict" and verdict["repeat"] is True
     assert verdict["is_anomaly"] is True and verdict["key"] == "p-7:2"  # same key as before
     assert stats.repeats == 1
+    summary = p.devices.summary("p-7")
+    assert summary is not None and summary["last_seq"] == 2  # what an operator sees
     assert metrics.registry.get_sample_value("anomalyd_repeated_readings_total") == 1.0
     out, _ = send(p, {**ANOMALOUS_READING, "seq": 3})  # a third anomalous reading raises
     assert [o["kind"] for o in out] == ["verdict", "alert"] and "repeat" not in out[0]
