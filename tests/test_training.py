@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,36 @@ def test_a_model_set_of_chosen_detectors_fuses_only_those(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="detectors must be some of"):
         train(x, FEATURES, tmp_path / "n", source="test", detectors=["lof", "svm"])
     assert not (tmp_path / "n").exists()
+
+
+def test_tensorflows_benign_native_notices_are_dropped_and_nothing_else(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """TensorFlow writes banner and tf.data notices straight to file descriptor 2; training
+    drops exactly those, and passes on any other native output, also when the block fails."""
+    from daemon.training.keras_autoencoder import native_notices_filtered
+
+    benign = [
+        b"WARNING: All log messages before absl::InitializeLog() is called are written to "
+        b"STDERR\n",
+        b"I0000 00:00:1795728368.762052    1918 port.cc:153] oneDNN custom operations are on."
+        b" You may see slightly different numerical results\n",
+        b"E0000 00:00:1795725008.217854   13734 node_def_util.cc:682] NodeDef mentions "
+        b"attribute use_unbounded_threadpool which is not in the op definition\n",
+    ]
+    with native_notices_filtered():
+        for line in benign:
+            os.write(2, line)
+        os.write(2, b"E0000 00:00:1.0 7 other.cc:1] a real native error\n")
+    err = capfd.readouterr().err
+    assert "a real native error" in err
+    assert "oneDNN" not in err and "NodeDef" not in err and "absl" not in err
+
+    def fails() -> None:
+        with native_notices_filtered():
+            os.write(2, b"F0000 fatal detail before the failure\n")
+            raise RuntimeError("training failed")
+
+    with pytest.raises(RuntimeError):
+        fails()
+    assert "fatal detail before the failure" in capfd.readouterr().err

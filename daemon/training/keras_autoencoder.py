@@ -2,14 +2,55 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+from numpy.typing import NDArray
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # silence oneDNN/CUDA banner lines
 
-import keras
-import numpy as np
-import tensorflow as tf
-from numpy.typing import NDArray
+#: Notices TensorFlow's C++ runtime writes straight to file descriptor 2 on every run, which
+#: TF_CPP_MIN_LOG_LEVEL no longer reaches (TensorFlow 2.21): the oneDNN and CPU-feature
+#: banners, and an "E" line about a tf.data attribute that Keras' own input pipeline causes.
+#: They look like errors in the middle of training's progress and mean nothing here.
+_BENIGN = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IWE]\d{4} [^\]]*\] (oneDNN custom operations are on"
+    r"|This TensorFlow binary is optimized"
+    r"|NodeDef mentions attribute use_unbounded_threadpool))"
+)
+
+
+@contextlib.contextmanager
+def native_notices_filtered() -> Iterator[None]:
+    """Capture what native code writes to stderr while the block runs, then pass every
+    line on except the benign notices above (an error's output is never dropped)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            text = buf.read().decode("utf-8", errors="replace")
+            kept = [ln for ln in text.splitlines(keepends=True) if not _BENIGN.match(ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+with native_notices_filtered():
+    import keras
+    import tensorflow as tf
 
 TF_VERSION: str = tf.__version__
 
@@ -45,16 +86,17 @@ def fit_autoencoder(
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=5, min_delta=1e-4, restore_best_weights=True
     )
-    model.fit(
-        x,
-        x,
-        epochs=max_epochs,
-        batch_size=batch_size,
-        validation_split=0.1,
-        shuffle=True,
-        callbacks=[stop],
-        verbose=0,
-    )
+    with native_notices_filtered():
+        model.fit(
+            x,
+            x,
+            epochs=max_epochs,
+            batch_size=batch_size,
+            validation_split=0.1,
+            shuffle=True,
+            callbacks=[stop],
+            verbose=0,
+        )
     return model
 
 
