@@ -210,3 +210,16 @@ def test_per_file_rows_add_up_to_the_pooled_ensemble_row(evaluated: tuple[str, s
         far = got[(variant, "ensemble")]["far"]
         assert far is not None
         assert sum(int(r[7]) for r in rows[variant]) == round(far * 350 / 100)
+
+
+def test_roc_auc_agrees_with_scikit_learn_ties_included() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from daemon.eval_report import roc_auc
+
+    rng = np.random.default_rng(3)
+    y = rng.random(500) < 0.3
+    scores = np.round(rng.normal(size=500) + 0.8 * y, 1)  # rounded: many ties
+    got = roc_auc(scores, y)
+    assert got is not None and abs(got - roc_auc_score(y, scores)) < 1e-12
+    assert roc_auc(scores, np.zeros(500, dtype=bool)) is None  # one class: undefined
