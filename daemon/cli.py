@@ -222,7 +222,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-
 def _at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer of at least ``low``."""
 
