@@ -60,6 +60,34 @@ def roc_auc(scores: NDArray[np.float64], y: NDArray[np.bool_]) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+@dataclass(frozen=True)
+class Events:
+    """Labelled fault events (each run of consecutive anomalous points in a file) and how
+    a row caught them: an event is caught if any of its points is flagged, after a delay
+    of the readings from its first point to the first flagged one."""
+
+    events: int
+    delays: tuple[int, ...]  # one per caught event
+
+    @classmethod
+    def of(cls, flags: Sequence[NDArray[np.bool_]], ys: Sequence[NDArray[np.bool_]]) -> Events:
+        n, delays = 0, []
+        for f, y in zip(flags, ys, strict=True):
+            for start, end in runs(y):
+                n += 1
+                hit = np.flatnonzero(f[start:end])
+                if hit.size:
+                    delays.append(int(hit[0]))
+        return cls(n, tuple(delays))
+
+
+def runs(y: NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """(start, end) of each run of True in ``y``, end exclusive."""
+    edges = np.diff(np.concatenate([[0], y.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(),
+                    strict=True))
+
+
 @dataclass
 class Evaluation:
     """{variant: {row name: figures}}, and for each variant the inputs that the ensemble's
@@ -69,6 +97,8 @@ class Evaluation:
     false_alarm_leads: dict[str, dict[str, tuple[int, int]]]
     #: {variant: [(file name, the ensemble's figures on that file alone)]}
     per_file: dict[str, list[tuple[str, Figures]]] = field(default_factory=dict)
+    #: {variant: {row name: fault events caught}} for the ensemble's rows
+    events: dict[str, dict[str, Events]] = field(default_factory=dict)
 
 
 def markdown(results: Evaluation, per_file: bool = False) -> str:
@@ -101,6 +131,20 @@ def markdown(results: Evaluation, per_file: bool = False) -> str:
             lines.append(f"| {variant} | {name} | {n} | {100.0 * n / total:.0f} % | {files} |")
         if not leads:
             lines.append(f"| {variant} | (no false alarms) | 0 | | |")
+    lines += [
+        "",
+        "Fault events (runs of labelled anomalous points): caught if any of their points is "
+        "flagged; delay in readings from an event's first point to its first flag:",
+        "",
+        "| variant | row | events | caught | median delay | longest delay |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, rows_events in results.events.items():
+        for name, e in rows_events.items():
+            median = f"{np.median(e.delays):.0f}" if e.delays else "—"
+            longest = str(max(e.delays)) if e.delays else "—"
+            lines.append(f"| {variant} | {name} | {e.events} | {len(e.delays)} | {median} "
+                         f"| {longest} |")
     if per_file:
         lines += [
             "",

@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from daemon.config import AlertConfig, TopicsConfig
 from daemon.errors import TrainingError
-from daemon.eval_report import Evaluation, Figures, roc_auc
+from daemon.eval_report import Evaluation, Events, Figures, roc_auc
 from daemon.models import ENSEMBLE, ModelBundle, load_bundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
@@ -216,6 +216,10 @@ class Pooled:
         }
         ranked = sorted(self.leads.items(), key=lambda kv: -sum(kv[1]))
         results.false_alarm_leads[variant] = {k: (sum(v), len(v)) for k, v in ranked}
+        results.events[variant] = {
+            name: Events.of(*self.rows[name]) for name in (ENSEMBLE, ALERT_ROW)
+            if name in self.rows
+        }
         flags, ys = self.rows.get(ENSEMBLE, ([], []))
         results.per_file[variant] = [
             (name, Figures.of(f, y)) for name, f, y in zip(self.files, flags, ys, strict=True)

@@ -223,3 +223,36 @@ def test_roc_auc_agrees_with_scikit_learn_ties_included() -> None:
     got = roc_auc(scores, y)
     assert got is not None and abs(got - roc_auc_score(y, scores)) < 1e-12
     assert roc_auc(scores, np.zeros(500, dtype=bool)) is None  # one class: undefined
+
+
+def test_fault_events_are_runs_of_labelled_points_caught_by_any_flag() -> None:
+    from daemon.eval_report import Events, runs
+
+    y = np.array([0, 1, 1, 0, 1, 0, 1, 1, 1], dtype=bool)
+    flags = np.array([1, 0, 1, 0, 0, 0, 0, 0, 1], dtype=bool)
+    assert runs(y) == [(1, 3), (4, 5), (6, 9)]
+    e = Events.of([flags, flags[:3]], [y, y[:3]])
+    # file 1: caught after 1 reading, missed, caught after 2; file 2: (1, 3) caught after 1
+    assert e.events == 4 and e.delays == (1, 2, 1)
+    assert runs(np.zeros(4, dtype=bool)) == [] and runs(np.ones(3, dtype=bool)) == [(0, 3)]
+
+
+def test_the_events_table_agrees_with_the_per_file_figures(evaluated: tuple[str, str]) -> None:
+    """One labelled fault per file: its event is caught exactly where the ensemble's
+    per-file MAR is below 100 %."""
+    table, _ = evaluated
+    events: dict[tuple[str, str], list[str]] = {}
+    per_file_mar: dict[str, list[float]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in {"per-device", "global"} and cells[2].isdigit():
+            events[(cells[0], cells[1])] = cells[2:]
+        if len(cells) == 8 and cells[1].endswith(".csv"):
+            per_file_mar.setdefault(cells[0], []).append(float(cells[6]))
+    for variant in ("per-device", "global"):
+        n, caught, median, longest = events[(variant, "ensemble")]
+        assert int(n) == 2
+        assert int(caught) == sum(1 for mar in per_file_mar[variant] if mar < 100.0)
+        if int(caught):
+            assert 0 <= float(median) <= int(longest)
+        assert int(events[(variant, ALERT_ROW)][0]) == 2
