@@ -101,12 +101,7 @@ class DeviceTracker:
         """Whether this device's reading ``seq`` was judged already (a redelivery), and if
         not, remember that it now is (``daemon.repeats``). Readings without a ``seq`` are
         never repeats."""
-        if seq is None:
-            return False
-        st = self.devices.get(device_id)
-        if st is None:
-            st = self.devices[device_id] = DeviceState(deque(maxlen=self.window))
-        return st.seqs.seen(seq)
+        return seq is not None and self._state(device_id).seqs.seen(seq)
 
     def observe(self, device_id: str, values: Sequence[float], *, learn: bool = True) -> Matrix:
         """The model inputs for this reading: the raw values or the window's statistics.
@@ -114,14 +109,19 @@ class DeviceTracker:
         ``learn=False`` (a repeat) leaves the window as it is: the inputs are those of the
         window as it stands, which already holds the reading if it was recent.
         """
-        st = self.devices.get(device_id)
-        if st is None:
-            st = self.devices[device_id] = DeviceState(deque(maxlen=self.window))
+        st = self._state(device_id)
         if learn or not st.recent:
             st.recent.append(tuple(values))
         if self.window == 1:
             return np.array(values, dtype=np.float64)
         return window_stats(np.array(st.recent, dtype=np.float64))
+
+    def _state(self, device_id: str) -> DeviceState:
+        """The device's state, created at its first reading."""
+        st = self.devices.get(device_id)
+        if st is None:
+            st = self.devices[device_id] = DeviceState(deque(maxlen=self.window))
+        return st
 
     def assess(
         self, device_id: str, row: Matrix, global_anomaly: bool, *, learn: bool = True
@@ -132,9 +132,9 @@ class DeviceTracker:
             return _OFF
         st = self.devices[device_id]
         c, s, w = st.center, st.scale, st.cond
-        if not learn:
-            return self._judge_only(st, row)
         if c is None or s is None or w is None:  # fitting part of the warm-up
+            if not learn:
+                return _WARMING
             st.count += 1
             acc = st.flagged if global_anomaly else st.normal
             if acc is not None:
@@ -153,6 +153,8 @@ class DeviceTracker:
         dev = w @ z
         score = float(np.abs(dev).max())
         if st.threshold is None:  # held-back part of the warm-up: sets the threshold
+            if not learn:
+                return _WARMING
             st.count += 1
             if not (global_anomaly and st.trusts_global):
                 st.held_back_max = max(st.held_back_max, score)
@@ -162,26 +164,14 @@ class DeviceTracker:
             return _WARMING
         thr = st.threshold
         if score <= thr:  # the usual case: no input is beyond the threshold, none frozen
-            c += _ALPHA * diff
+            if learn:
+                c += _ALPHA * diff
             return Assessment(False, True, False, score, thr)
         # anomalous: keep what the explanation needs (the centre before it adapts)
         out = Assessment(False, True, True, score, thr, z, c.copy(), s)
-        if global_anomaly:
-            c += np.where(np.abs(dev) <= thr, _ALPHA, 0.0) * diff
-        else:
-            c += _ALPHA * diff
+        if learn:  # an input beyond the threshold stays frozen while the detector agrees
+            c += (np.where(np.abs(dev) <= thr, _ALPHA, 0.0) if global_anomaly else _ALPHA) * diff
         return out
-
-    @staticmethod
-    def _judge_only(st: DeviceState, row: Matrix) -> Assessment:
-        c, s, w, thr = st.center, st.scale, st.cond, st.threshold
-        if c is None or s is None or w is None or thr is None:
-            return _WARMING
-        z = (row - c) / s
-        score = float(np.abs(w @ z).max())
-        if score <= thr:
-            return Assessment(False, True, False, score, thr)
-        return Assessment(False, True, True, score, thr, z, c.copy(), s)
 
     def _fit(self, st: DeviceState) -> None:
         f = fit(st.normal, st.flagged, st.count, self.n_features, self.global_scale)
