@@ -74,6 +74,16 @@ def reloads(svc: Service, outcome: str) -> float:
     return value or 0.0
 
 
+def raise_alert(pub: Any, col: Any, dev: str) -> Any:
+    """Three anomalous readings (warm-up is off: 3 anomalous of the last 5 raise the
+    alert); the raised alert."""
+    for i in range(3):
+        pub.send(f"sensors/{dev}/readings", {**ANOMALOUS, "seq": i})
+    (raised,) = col.json_on(f"anomaly/{dev}/alert", count=1)
+    assert raised["state"] == "raised"
+    return raised
+
+
 def verdict_after(pub: Any, col: Any, dev: str, reading: dict[str, Any], seen: int) -> Any:
     """Publish one reading and return its verdict (the ``seen``-th on the device's topic)."""
     pub.send(f"sensors/{dev}/readings", reading)
@@ -114,12 +124,9 @@ def test_reload_over_http_swaps_the_model_and_keeps_alert_states(
     svc = start_daemon(settings=reload_settings)
     port = svc.http.port
     old_version = svc.bundle.version
-    for i in range(3):  # warm-up is off: 3 anomalous of the last 5 raise the alert
-        pub.send(f"sensors/{dev}/readings", {**ANOMALOUS, "seq": i})
+    raised = raise_alert(pub, col, dev)
     before = col.json_on(f"anomaly/{dev}/verdict", count=3)
     assert {v["model_version"] for v in before} == {old_version}
-    (raised,) = col.json_on(f"anomaly/{dev}/alert", count=1)
-    assert raised["state"] == "raised"
 
     set_version(model_copy, NEW_VERSION)
     svc.state_path.unlink(missing_ok=True)
@@ -188,10 +195,7 @@ def test_reload_into_another_schema_reads_the_new_features_and_keeps_the_raised_
     col = collector_for(broker, [f"anomaly/{dev}/#", "anomaly/dead-letter"])
     pub = publisher_for(broker)
     svc = start_daemon(settings=reload_settings)
-    for i in range(3):
-        pub.send(f"sensors/{dev}/readings", {**ANOMALOUS, "seq": i})
-    (raised,) = col.json_on(f"anomaly/{dev}/alert", count=1)
-    assert raised["state"] == "raised"
+    raise_alert(pub, col, dev)
 
     # The plant re-instruments the pump: a new model set over two other sensors, trained
     # by the real training code into the configured directory (Isolation Forest: fast).
