@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from daemon.errors import ModelLoadError, TrainingError
+from daemon.training import QUANTILE_RANGE
 
 #: Keeps margins finite when every normal score is identical.
 MIN_SPREAD = 1e-9
@@ -46,8 +47,9 @@ class Calibration:
 
     @classmethod
     def from_scores(cls, normal_scores: Vector, quantile: float = 0.99) -> Calibration:
-        if not 0.5 <= quantile < 1.0:
-            raise TrainingError(f"quantile must be in [0.5, 1), got {quantile}")
+        low, high = QUANTILE_RANGE
+        if not low <= quantile < high:
+            raise TrainingError(f"quantile must be in [{low:g}, {high:g}), got {quantile}")
         scores = np.asarray(normal_scores, dtype=np.float64)
         if scores.ndim != 1 or scores.size < 10 or not np.all(np.isfinite(scores)):
             raise TrainingError("calibration needs at least 10 finite held-back scores")

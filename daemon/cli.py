@@ -20,7 +20,7 @@ import orjson
 from daemon import __version__
 from daemon.config import Settings, load_settings
 from daemon.errors import AnomalydError, BrokerError, ConfigError, ModelLoadError, TrainingError
-from daemon.training import MIN_ROWS
+from daemon.training import MIN_ROWS, QUANTILE_RANGE
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
@@ -238,13 +238,14 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def _quantile(text: str) -> float:
-    """An argparse type: a threshold quantile in [0.5, 1)."""
+    """An argparse type: a threshold quantile in ``QUANTILE_RANGE``."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.5 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0.5, 1), got {value}")
+    low, high = QUANTILE_RANGE
+    if not low <= value < high:
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}), got {value}")
     return value
 
 def build_parser() -> argparse.ArgumentParser:
