@@ -183,7 +183,6 @@ class Service:
     # -- lifecycle ---------------------------------------------------------------------
 
     def _restore_state(self) -> None:
-        state.check_writable(self.state_path.parent)
         try:
             snapshot = state.load(self.state_path)
         except state.StateError as exc:
@@ -214,6 +213,7 @@ class Service:
             self.save_state()
 
     def start(self) -> None:
+        state.check_writable(self.state_path.parent)  # before anything is judged
         self._restore_state()
         self.http.start()
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)
