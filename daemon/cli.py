@@ -132,16 +132,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon.evaluate import evaluate, labelled_files
 
     settings = _settings(args)
-    files = labelled_files(Path(args.folder))
+    folder = Path(args.folder)
+    files = labelled_files(folder)
     if not files:
-        print(f"error: no CSV files in {args.folder}", file=sys.stderr)
+        print(f"error: no CSV files in {args.folder} or its subfolders", file=sys.stderr)
         return EXIT_USAGE
     free = Path(args.anomaly_free) if args.anomaly_free else None
     detectors = _detectors(args)
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
     results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
-                       detectors=detectors)
+                       detectors=detectors, root=folder)
     table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
@@ -300,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=cmd_score)
 
     ev = sub.add_parser("evaluate", help="SKAB protocol on a folder of labelled CSV files")
-    ev.add_argument("folder", help="folder of labelled CSVs (an 'anomaly' column, one run each)")
+    ev.add_argument("folder", help="folder of labelled CSVs (an 'anomaly' column, one run "
+                    "each), subfolders included")
     ev.add_argument("--anomaly-free", help="also train once on this normal CSV and score all")
     ev.add_argument("--warmup", type=_at_least(MIN_ROWS), default=400,
                     help="rows per file that train/warm up the device (default 400)")

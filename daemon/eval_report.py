@@ -81,6 +81,30 @@ class Events:
         return cls(n, tuple(delays))
 
 
+@dataclass(frozen=True)
+class Pages:
+    """The alerts an operator is paged for: each raise of a device's alert (a rising edge
+    of its active state over the scored points; one already active at the first scored
+    point counts as raised there), where it was raised, and the faults it flapped on."""
+
+    raised: int
+    at_fault: int  # raised at a labelled anomalous point
+    false: int  # raised at a normal point
+    faults_paged_again: int  # fault events during which it was raised more than once
+
+    @classmethod
+    def of(cls, active: Sequence[NDArray[np.bool_]], ys: Sequence[NDArray[np.bool_]]) -> Pages:
+        raised = at_fault = again = 0
+        for a, y in zip(active, ys, strict=True):
+            rises = np.flatnonzero(np.diff(np.concatenate([[0], a.astype(np.int8)])) == 1)
+            raised += rises.size
+            at_fault += int(y[rises].sum())
+            again += sum(
+                1 for start, end in runs(y) if np.sum((rises >= start) & (rises < end)) > 1
+            )
+        return cls(raised, at_fault, raised - at_fault, again)
+
+
 def runs(y: NDArray[np.bool_]) -> list[tuple[int, int]]:
     """(start, end) of each run of True in ``y``, end exclusive."""
     edges = np.diff(np.concatenate([[0], y.astype(np.int8), [0]]))
@@ -99,6 +123,10 @@ class Evaluation:
     per_file: dict[str, list[tuple[str, Figures]]] = field(default_factory=dict)
     #: {variant: {row name: fault events caught}} for the ensemble's rows
     events: dict[str, dict[str, Events]] = field(default_factory=dict)
+    #: (file, why it was left out): of every variant, or of the global one if it says so
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: {variant: the ensemble alert's raises}
+    pages: dict[str, Pages] = field(default_factory=dict)
 
 
 def markdown(results: Evaluation, per_file: bool = False) -> str:
@@ -118,6 +146,8 @@ def markdown(results: Evaluation, per_file: bool = False) -> str:
     lines.append(f"Scored points: {f.n_normal} normal, {f.n_anomalous} anomalous.")
     lines.append("AUC: the median over files of the ROC AUC of the detector's own score "
                  "(threshold-free; 0.5 is chance).")
+    for name, why in results.skipped:
+        lines.append(f"Skipped {name}: {why}.")
     lines += [
         "",
         "The ensemble's false alarms by the input their explanation names first:",
@@ -145,6 +175,19 @@ def markdown(results: Evaluation, per_file: bool = False) -> str:
             longest = str(max(e.delays)) if e.delays else "—"
             lines.append(f"| {variant} | {name} | {e.events} | {len(e.delays)} | {median} "
                          f"| {longest} |")
+    if results.pages:
+        lines += [
+            "",
+            "Pages (each raise of a device's ensemble alert): where they were raised, and "
+            "the fault events raised more than once (an alert that resolved and came back "
+            "during one fault):",
+            "",
+            "| variant | raised | at a fault | at a normal point | faults paged more than once |",
+            "|---|---|---|---|---|",
+        ]
+        for variant, p in results.pages.items():
+            lines.append(f"| {variant} | {p.raised} | {p.at_fault} | {p.false} "
+                         f"| {p.faults_paged_again} |")
     if per_file:
         lines += [
             "",

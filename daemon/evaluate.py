@@ -22,6 +22,7 @@ the figures and writes the tables.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from numpy.typing import NDArray
 
 from daemon.config import AlertConfig, TopicsConfig
 from daemon.errors import TrainingError
-from daemon.eval_report import Evaluation, Events, Figures, roc_auc
+from daemon.eval_report import Evaluation, Events, Figures, Pages, roc_auc
 from daemon.models import ENSEMBLE, ModelBundle, load_bundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
@@ -119,48 +120,64 @@ def evaluate(
     seed: int = 0,
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
+    root: Path | None = None,
 ) -> Evaluation:
-    """Figures over all scored points of all files, per variant and row."""
+    """Figures over all scored points of all usable files, per variant and row.
+
+    Every file is read and checked before any training: one that cannot be read, has no
+    label column or no row after the warm-up is skipped (named in ``Evaluation.skipped``
+    with the reason, and in the progress), the others are evaluated; a file whose features
+    differ from the first usable file's is left out of the global variant only (one model
+    set judges every file there). ``TrainingError`` if no file is usable. Files are named
+    by their path under ``root`` (their file name without it).
+    """
     say = progress or (lambda _m: None)
     alerts = alerts or AlertConfig()
     results = Evaluation({}, {})
-    data = [load_csv(f) for f in files]
-    for d, f in zip(data, files, strict=True):
-        if d.labels is None:
-            names = ", ".join(LABEL_COLUMNS)
-            raise TrainingError(f"{f}: no label column (one of {names}): nothing to "
-                                "measure against")
-        if d.X.shape[0] <= warmup:
-            raise TrainingError(f"{f}: {d.X.shape[0]} rows, not more than the warm-up "
-                                f"({warmup}): nothing would be scored")
-        if anomaly_free is not None and d.features != data[0].features:
-            # one model set judges every file in the global variant
-            raise TrainingError(f"{f}: features {list(d.features)} differ from "
-                                f"{files[0].name}'s {list(data[0].features)}")
+    runs: list[tuple[str, TrainingData]] = []
+    for f in files:
+        name = f.relative_to(root).as_posix() if root is not None else f.name
+        problem, d = _usable(f, warmup)
+        if d is None:
+            results.skipped.append((name, problem))
+            say(f"skipped {name}: {problem}")
+        else:
+            runs.append((name, d))
+    if not runs:
+        reasons = "; ".join(f"{n}: {why}" for n, why in results.skipped)
+        raise TrainingError(f"no file could be evaluated ({reasons})")
+    schema = runs[0][1].features
+    for name, d in runs:
+        if anomaly_free is not None and d.features != schema:
+            why = (f"global variant only: features {list(d.features)} differ from "
+                   f"{runs[0][0]}'s {list(schema)}")
+            results.skipped.append((name, why))
+            say(f"skipped {name} in the {why}")
     with tempfile.TemporaryDirectory(prefix="anomalyd-eval-") as tmp:
         pooled = Pooled()
-        for i, (d, f) in enumerate(zip(data, files, strict=True)):
-            say(f"per-device [{i + 1}/{len(files)}] {f.name}: training on {warmup} rows")
+        for i, (name, d) in enumerate(runs):
+            say(f"per-device [{i + 1}/{len(runs)}] {name}: training on {warmup} rows")
             out = Path(tmp) / f"per-device-{i}"
             train(
                 d.X[:warmup],
                 d.features,
                 out,
-                source=f"evaluate {f.name}",
+                source=f"evaluate {name}",
                 seed=seed,
                 quantile=quantile,
                 window=window,
                 detectors=detectors,
             )
-            _score_file(load_bundle(out), d, f.name, warmup, alerts, pooled)
+            _score_file(load_bundle(out), d, name, warmup, alerts, pooled)
         pooled.into(results, "per-device")
         if anomaly_free is not None:
+            same = [(name, d) for name, d in runs if d.features == schema]
             say(f"global: training once on {anomaly_free.name}")
             out = Path(tmp) / "global"
             train_csv(
                 anomaly_free,
                 out,
-                list(data[0].features),
+                list(schema),
                 seed=seed,
                 quantile=quantile,
                 window=window,
@@ -168,11 +185,28 @@ def evaluate(
             )
             bundle = load_bundle(out)
             pooled = Pooled()
-            for i, (d, f) in enumerate(zip(data, files, strict=True)):
-                say(f"global [{i + 1}/{len(files)}] {f.name}: streaming")
-                _score_file(bundle, d, f.name, warmup, alerts, pooled)
+            for i, (name, d) in enumerate(same):
+                say(f"global [{i + 1}/{len(same)}] {name}: streaming")
+                _score_file(bundle, d, name, warmup, alerts, pooled)
             pooled.into(results, "global")
     return results
+
+
+def _usable(path: Path, warmup: int) -> tuple[str, TrainingData | None]:
+    """The file's data if it can be evaluated, else why not."""
+    try:
+        d = load_csv(path)
+    except TrainingError as exc:
+        # "<path>:<line>: what" -> "line <line>: what" (the caller names the file)
+        why = str(exc).removeprefix(str(path))
+        return re.sub(r"^:(\d+):", r"line \1:", why).lstrip(": ") or "unreadable", None
+    if d.labels is None:
+        return f"no label column (one of {', '.join(LABEL_COLUMNS)}): nothing to measure " \
+            "against", None
+    if d.X.shape[0] <= warmup:
+        return f"{d.X.shape[0]} rows, not more than the warm-up ({warmup}): nothing " \
+            "would be scored", None
+    return "", d
 
 
 class Pooled:
@@ -220,6 +254,8 @@ class Pooled:
             name: Events.of(*self.rows[name]) for name in (ENSEMBLE, ALERT_ROW)
             if name in self.rows
         }
+        if ALERT_ROW in self.rows:
+            results.pages[variant] = Pages.of(*self.rows[ALERT_ROW])
         flags, ys = self.rows.get(ENSEMBLE, ([], []))
         results.per_file[variant] = [
             (name, Figures.of(f, y)) for name, f, y in zip(self.files, flags, ys, strict=True)
@@ -251,6 +287,16 @@ def _score_file(
 
 
 def labelled_files(folder: Path) -> list[Path]:
-    """The folder's CSV files in natural order (2.csv before 10.csv)."""
-    files = [p for p in folder.iterdir() if p.suffix.lower() == ".csv"]
-    return sorted(files, key=lambda p: (len(p.stem), p.stem))
+    """The CSV files in ``folder`` and its subfolders (SKAB's ``valve1/``, ``valve2/``,
+    ``other/``), in natural order of their paths (``2.csv`` before ``10.csv``)."""
+    files = [p for p in folder.rglob("*") if p.suffix.lower() == ".csv" and p.is_file()]
+    return sorted(files, key=lambda p: _natural(p.relative_to(folder)))
+
+
+def _natural(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key: each path part split into numbers (compared as numbers) and text."""
+    key: list[tuple[int, int | str]] = []
+    for part in path.parts:
+        key += [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", part) if t]
+        key.append((2, ""))  # a folder's own files and subfolders keep together
+    return key

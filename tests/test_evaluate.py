@@ -149,7 +149,8 @@ def test_every_false_alarm_of_the_ensemble_is_attributed_to_an_input(
     leads: dict[str, dict[str, int]] = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 5 and cells[0] in {"per-device", "global"} and cells[2].isdigit():
+        is_leads_row = cells[2].isdigit() and not cells[1].isdigit() if len(cells) == 5 else False
+        if is_leads_row and cells[0] in {"per-device", "global"}:
             leads.setdefault(cells[0], {})[cells[1]] = int(cells[2])
     for variant in ("per-device", "global"):
         far = got[(variant, "ensemble")]["far"]
@@ -169,18 +170,44 @@ def test_every_false_alarm_of_the_ensemble_is_attributed_to_an_input(
         ({"0.csv": "datetime;x;y\n2020-03-09 10:00:00;1;2\n"}, "no label column (one of anomaly"),
         ({"0.csv": "datetime;x;anomaly\n2020-03-09 10:00:00;1;0\n"},
          "1 rows, not more than the warm-up (300): nothing would be scored"),
+        ({"0.csv": "datetime;x;anomaly\n2020-03-09 10:00:00;hot;0\n"},
+         "column 'x': not a number: 'hot'"),
     ],
 )
-def test_unusable_labelled_files_are_refused_before_any_work(
+def test_a_folder_with_no_usable_file_is_refused_with_each_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], files: dict[str, str], message: str
 ) -> None:
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     assert main(["evaluate", str(tmp_path), "--warmup", str(WARMUP)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no file could be evaluated" in err and message in err
 
 
-def test_the_global_variant_needs_one_schema_across_files(
+def test_unusable_files_are_skipped_and_named_the_rest_evaluated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad file costs only itself: files are found in subfolders too (SKAB's layout), an
+    unlabelled one and an unreadable one are skipped with their reasons, in the progress
+    and under the table, and the labelled run is evaluated."""
+    (tmp_path / "valve1").mkdir()
+    (tmp_path / "anomaly-free").mkdir()
+    write_run(tmp_path / "valve1" / "0.csv", 400, seed=1, fault=(350, 380))
+    (tmp_path / "valve1" / "1.csv").write_text("datetime;x;anomaly\n2020-03-09 10:00:00;;0\n")
+    (tmp_path / "anomaly-free" / "free.csv").write_text("datetime;x\n2020-03-09 10:00:00;1\n")
+    out = tmp_path / "table.md"
+    assert main(["evaluate", str(tmp_path), "--warmup", str(WARMUP), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    table = out.read_text()
+    for name, why in (("anomaly-free/free.csv", "no label column"),
+                      ("valve1/1.csv", "line 2: column 'x': not a number: ''")):
+        assert f"skipped {name}: {why}" in err
+        assert f"Skipped {name}: {why}" in table
+    assert "[1/1] valve1/0.csv: training on 300 rows" in err
+    assert "Scored points: 70 normal, 30 anomalous." in table
+
+
+def test_the_global_variant_leaves_out_a_file_of_another_schema(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_run(tmp_path / "0.csv", 400, seed=1, fault=(350, 380))
@@ -189,10 +216,28 @@ def test_the_global_variant_needs_one_schema_across_files(
     free = tmp_path / "free.csv.txt"  # not a .csv: not one of the labelled files
     write_run(free, 400, seed=2, fault=None)
     code = main(["evaluate", str(tmp_path), "--anomaly-free", str(free),
-                 "--warmup", str(WARMUP)])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "1.csv: features ['Flow Rate', 'Motor Amps', 'temperature'] differ from 0.csv's" in err
+                 "--warmup", str(WARMUP), "--per-file"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    why = "global variant only: features ['Flow Rate', 'Motor Amps', 'temperature'] differ"
+    assert f"skipped 1.csv in the {why} from 0.csv's" in err
+    assert f"Skipped 1.csv: {why}" in out
+    files = [line.split("|")[1:3] for line in out.splitlines() if ".csv |" in line]
+    assert [(v.strip(), f.strip()) for v, f in files] == [
+        ("per-device", "0.csv"), ("per-device", "1.csv"), ("global", "0.csv")
+    ]
+
+
+def test_labelled_files_are_found_in_subfolders_in_natural_order(tmp_path: Path) -> None:
+    from daemon.evaluate import labelled_files
+
+    for rel in ("valve2/10.csv", "valve2/2.csv", "valve10/1.csv", "other/b.CSV", "1.csv",
+                "notes.txt", "valve2/sub/0.csv"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    got = [p.relative_to(tmp_path).as_posix() for p in labelled_files(tmp_path)]
+    assert got == ["1.csv", "other/b.CSV", "valve2/2.csv", "valve2/10.csv", "valve2/sub/0.csv",
+                   "valve10/1.csv"]
 
 
 def test_per_file_rows_add_up_to_the_pooled_ensemble_row(evaluated: tuple[str, str]) -> None:
@@ -256,3 +301,33 @@ def test_the_events_table_agrees_with_the_per_file_figures(evaluated: tuple[str,
         if int(caught):
             assert 0 <= float(median) <= int(longest)
         assert int(events[(variant, ALERT_ROW)][0]) == 2
+
+
+def test_pages_are_raises_of_the_alert_split_by_where_they_happen() -> None:
+    from daemon.eval_report import Pages
+
+    y = np.array([0, 0, 1, 1, 1, 1, 0, 0, 1, 1], dtype=bool)
+    # raised at 1 (normal), resolved, raised at 3 (fault 1), resolved, raised at 5 (fault 1
+    # again), raised at 8 (fault 2)
+    active = np.array([0, 1, 0, 1, 0, 1, 0, 0, 1, 1], dtype=bool)
+    # a second file whose alert is already active at its first scored point
+    p = Pages.of([active, np.ones(3, dtype=bool)], [y, np.zeros(3, dtype=bool)])
+    assert (p.raised, p.at_fault, p.false, p.faults_paged_again) == (5, 3, 2, 1)
+    assert Pages.of([np.zeros(4, dtype=bool)], [y[:4]]) == Pages(0, 0, 0, 0)
+
+
+def test_the_pages_table_counts_the_alert_rows_raises(evaluated: tuple[str, str]) -> None:
+    """Each file's fault is caught by the alert (recall of the alert row above 0), so at
+    least one page per variant is raised at a fault; the split adds up."""
+    table, _ = evaluated
+    pages = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in {"per-device", "global"} and cells[1].isdigit():
+            pages[cells[0]] = [int(c) for c in cells[1:]]
+    rows = figures(table)
+    assert set(pages) == {"per-device", "global"}
+    for variant, (raised, at_fault, false, again) in pages.items():
+        assert raised == at_fault + false and 0 <= again <= 2
+        recall = rows[(variant, ALERT_ROW)]["recall"]
+        assert recall is not None and (at_fault >= 1) == (recall > 0)
