@@ -21,6 +21,7 @@ import numpy as np
 from daemon.baseline import (
     ADAPT_READINGS,
     HELD_BACK,
+    MAX_FLAGGED_SHARE,
     MIN_THRESHOLD,
     THRESHOLD_MARGIN,
     Moments,
@@ -67,10 +68,17 @@ class Assessment:
     z: Matrix | None = None
     center: Matrix | None = None
     scale: Matrix | None = None
+    #: Whether the global model's verdict may count towards the device's alert. False
+    #: only during warm-up, while the global model looks uninformative for the device (it
+    #: flagged more than ``MAX_FLAGGED_SHARE`` of the warm-up so far; in the held-back
+    #: part: the fit did not trust it): a device unlike the fleet would otherwise be paged
+    #: for from its first readings until its warm-up ends.
+    alerts: bool = True
 
 
 _OFF = Assessment(warming_up=False, active=False)
 _WARMING = Assessment(warming_up=True, active=False)
+_WARMING_UNTRUSTED = Assessment(warming_up=True, active=False, alerts=False)
 
 
 class DeviceTracker:
@@ -143,11 +151,13 @@ class DeviceTracker:
                 st.flagged = Moments.of(row)
             else:
                 st.normal = Moments.of(row)
+            n_flagged = 0 if st.flagged is None else st.flagged.n
+            trusted = n_flagged <= MAX_FLAGGED_SHARE * st.count
             if st.count >= self.n_fit:
                 self._fit(st)
                 if st.count >= self.warmup:  # nothing held back (a tiny warm-up)
                     st.threshold = MIN_THRESHOLD
-            return _WARMING
+            return _WARMING if trusted else _WARMING_UNTRUSTED
         diff = row - c
         z = diff / s
         dev = w @ z
@@ -161,7 +171,7 @@ class DeviceTracker:
                 c += _ALPHA * diff
             if st.count >= self.warmup:
                 st.threshold = max(MIN_THRESHOLD, THRESHOLD_MARGIN * st.held_back_max)
-            return _WARMING
+            return _WARMING if st.trusts_global else _WARMING_UNTRUSTED
         thr = st.threshold
         if score <= thr:  # the usual case: no input is beyond the threshold, none frozen
             if learn:

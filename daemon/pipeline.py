@@ -54,6 +54,9 @@ class Judgement:
     #: the device's reading with this ``seq`` was judged before (a redelivery): judged
     #: again, but it changes no window, baseline or alert state
     repeat: bool = False
+    #: whether the verdict counts towards the device's alert (not during a warm-up in
+    #: which the global model looks uninformative for the device; ``daemon.devices``)
+    alerts: bool = True
 
     @property
     def members(self) -> dict[str, float] | None:
@@ -153,7 +156,7 @@ class Pipeline:
             center, scale, z = None, None, None
             if warmup:
                 a = devices.assess(j.reading.device_id, row, j.is_anomaly, learn=not j.repeat)
-                j.warming_up = a.warming_up
+                j.warming_up, j.alerts = a.warming_up, a.alerts
                 if a.active:
                     j.baseline = {
                         "score": a.score,
@@ -265,7 +268,7 @@ class Pipeline:
         stats.readings = len(judged)
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
         for j in judged:
-            if j.repeat:  # its first verdict already counted towards the alert state
+            if j.repeat or not j.alerts:  # a repeat's first verdict already counted
                 continue
             sev = severity(j.margin, self.alerts)
             j.alert = self.alert_states.observe(

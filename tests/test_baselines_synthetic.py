@@ -23,18 +23,29 @@ def stream(
     bundle: ModelBundle, x: np.ndarray, warmup: int, device: str = "pump"
 ) -> np.ndarray:
     """Verdicts (is_anomaly) for one device's readings sent in batches of 100."""
+    return stream_with_alerts(bundle, x, warmup, device)[0]
+
+
+def stream_with_alerts(
+    bundle: ModelBundle, x: np.ndarray, warmup: int, device: str = "pump"
+) -> tuple[np.ndarray, list[int]]:
+    """Verdicts (is_anomaly), and the readings at which the device's alert was raised."""
     decoder = Decoder(bundle.features, bundle.detector_names, subscription="s/+")
     pipeline = Pipeline(bundle, decoder, TopicsConfig(), AlertConfig(), warmup=warmup)
     flags: list[bool] = []
+    raised: list[int] = []
     for start in range(0, len(x), 100):
         msgs = [
             RawMessage(f"s/{device}", orjson.dumps(dict(zip(bundle.features, r, strict=True))), 0.0)
             for r in x[start : start + 100].tolist()
         ]
         outputs, _ = pipeline.process(msgs, 0.0)
-        flags += [orjson.loads(o.payload)["is_anomaly"] for outs in outputs for o in outs
-                  if o.kind == "verdict"]
-    return np.array(flags)
+        for o in (o for outs in outputs for o in outs):
+            if o.kind == "verdict":
+                flags.append(orjson.loads(o.payload)["is_anomaly"])
+            elif o.kind == "alert" and orjson.loads(o.payload)["state"] == "raised":
+                raised.append(len(flags) - 1)  # the verdict before it caused it
+    return np.array(flags), raised
 
 
 def pump(
@@ -92,12 +103,18 @@ def test_a_device_unlike_the_fleet_that_drifts_is_judged_against_its_own_normal(
     x[:, t] += 8.0 + np.linspace(0.0, 6.0, len(x))
     fault = slice(1100, 1300)
     x[fault, f] *= 0.67
-    without = stream(model_bundle, x, 0)
-    with_baseline = stream(model_bundle, x, WARMUP)
+    without, paged_without = stream_with_alerts(model_bundle, x, 0)
+    with_baseline, paged = stream_with_alerts(model_bundle, x, WARMUP)
     before = slice(WARMUP, fault.start)
     assert without[before].mean() >= 0.5  # what baselines are for
     assert with_baseline[before].mean() <= 0.05
     assert with_baseline[fault].mean() >= 0.8
+    # Its warm-up verdicts are the global model's (flagged: it is unlike the fleet), but
+    # they page no one: the global model flagged more than half of the warm-up so far. The
+    # only alert is the fault's.
+    assert with_baseline[:WARMUP].mean() >= 0.5
+    assert paged_without and paged_without[0] < 10
+    assert len(paged) == 1 and fault.start <= paged[0] < fault.start + 20, paged
 
 
 def verdicts_with_warm_up_verdicts_hidden(
@@ -124,7 +141,9 @@ def test_faults_during_warm_up_are_not_learnt_as_normal(model_bundle: ModelBundl
     for seed in range(3):
         x, faults = pump(seed, 0.01, model_bundle, faults_from=0)
         assert faults[:WARMUP].mean() >= 0.1  # the scenario: faults during the warm-up
-        flags = stream(model_bundle, x, WARMUP)
+        flags, paged = stream_with_alerts(model_bundle, x, WARMUP)
+        # the global model is informative for these pumps: warm-up faults still page
+        assert any(i < WARMUP for i in paged), (seed, paged)
         # the direct computation is the pipeline's, so the comparison below is fair
         assert np.array_equal(verdicts_with_warm_up_verdicts_hidden(model_bundle, x, False), flags)
         learning_all = verdicts_with_warm_up_verdicts_hidden(model_bundle, x, True)

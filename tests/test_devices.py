@@ -178,6 +178,27 @@ def test_a_global_model_flagging_most_of_the_warm_up_is_not_listened_to(n_flagge
     assert st.scale is not None and np.allclose(st.scale, fitted.std(axis=0))
 
 
+def test_warm_up_verdicts_count_for_alerts_only_while_the_global_model_is_informative() -> None:
+    """During the fitting part a verdict may count towards the alert while the global
+    model has flagged at most half of the warm-up so far (the reading itself included);
+    in the held-back part, if the fit trusted it; after warm-up, always."""
+    x = np.random.default_rng(6).normal([100.0, 5.0], [2.0, 0.5], size=(50, 2))
+    # a device like the fleet: a first reading flagged, then normal, then a flagged run
+    flagged = np.zeros(50, dtype=bool)
+    flagged[[0, 10, 11, 12]] = True
+    got = feed(tracker(warmup=40, window=1), "d", x, flagged)
+    assert [a.alerts for a in got[:3]] == [False, True, True]  # 1 of 1, then 1 of 2
+    assert all(a.alerts for a in got[1:]), [i for i, a in enumerate(got) if not a.alerts]
+    # a device unlike the fleet: every reading flagged
+    unlike = feed(tracker(warmup=40, window=1), "d", x, True)
+    assert [a.alerts for a in unlike] == [False] * 40 + [True] * 10
+    assert [a.warming_up for a in unlike] == [True] * 40 + [False] * 10
+    # flagged from the 9th reading on: informative while at most half is flagged
+    late = feed(tracker(warmup=40, window=1), "d", x, np.arange(50) >= 8)
+    assert [a.alerts for a in late[:18]] == [True] * 16 + [False] * 2  # 8 of 16, 9 of 17
+    assert not any(a.alerts for a in late[16:40]) and all(a.alerts for a in late[40:])
+
+
 def test_too_few_unflagged_readings_for_the_inputs_fall_back_to_all() -> None:
     """Four inputs (window 2) and six fitted readings: two flagged would leave four, not
     enough for a covariance of four inputs, so all six are used."""
