@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data:
         manifest = train_csv(Path(args.data), out, features=features, seed=args.seed,
                              quantile=args.quantile, progress=_progress, window=args.window,
-                             detectors=detectors)
+                             detectors=detectors, skip_bad_rows=args.skip_bad_rows)
     else:
         if features:
             print("error: --features applies to --data only", file=sys.stderr)
@@ -142,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
     results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
-                       detectors=detectors, root=folder)
+                       detectors=detectors, root=folder, skip_bad_rows=args.skip_bad_rows)
     table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--window", type=_at_least(1), default=1,
                        help="with --data: model inputs are the mean and std of each device's "
                             "last N readings (default 1: raw readings)")
+    train.add_argument("--skip-bad-rows", action="store_true",
+                       help="with --data: leave out rows with an empty, non-numeric or "
+                            "non-finite cell (counted and named) instead of refusing the file")
     train.set_defaults(func=cmd_train)
 
     sim = sub.add_parser("simulate", help="publish realistic pump readings with injected faults")
@@ -313,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write the markdown table to this file")
     ev.add_argument("--per-file", action="store_true",
                     help="also a table of the ensemble's figures on each file alone")
+    ev.add_argument("--skip-bad-rows", action="store_true",
+                    help="leave out rows with an empty, non-numeric or non-finite cell "
+                         "(counted) instead of skipping their file")
     ev.add_argument("--detectors",
                     help="the ensemble's members, as for train (default: train's default)")
     ev.set_defaults(func=cmd_evaluate)

@@ -125,6 +125,8 @@ class Evaluation:
     events: dict[str, dict[str, Events]] = field(default_factory=dict)
     #: (file, why it was left out): of every variant, or of the global one if it says so
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: (file, how many of its rows were left out as not numbers) with ``--skip-bad-rows``
+    rows_left_out: list[tuple[str, int]] = field(default_factory=list)
     #: {variant: the ensemble alert's raises}
     pages: dict[str, Pages] = field(default_factory=dict)
 
@@ -148,6 +150,8 @@ def markdown(results: Evaluation, per_file: bool = False) -> str:
                  "(threshold-free; 0.5 is chance).")
     for name, why in results.skipped:
         lines.append(f"Skipped {name}: {why}.")
+    for name, n in results.rows_left_out:
+        lines.append(f"Rows of {name} left out as not all numbers: {n}.")
     lines += [
         "",
         "The ensemble's false alarms by the input their explanation names first:",

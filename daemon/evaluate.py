@@ -38,7 +38,7 @@ from daemon.eval_report import Evaluation, Events, Figures, Pages, roc_auc
 from daemon.models import ENSEMBLE, ModelBundle, load_bundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
-from daemon.training.datasets import LABEL_COLUMNS, TrainingData, load_csv
+from daemon.training.datasets import LABEL_COLUMNS, TrainingData, bad_rows, load_csv
 from daemon.training.train import train, train_csv
 
 Progress = Callable[[str], None]
@@ -121,6 +121,7 @@ def evaluate(
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
     root: Path | None = None,
+    skip_bad_rows: bool = False,
 ) -> Evaluation:
     """Figures over all scored points of all usable files, per variant and row.
 
@@ -129,7 +130,9 @@ def evaluate(
     with the reason, and in the progress), the others are evaluated; a file whose features
     differ from the first usable file's is left out of the global variant only (one model
     set judges every file there). ``TrainingError`` if no file is usable. Files are named
-    by their path under ``root`` (their file name without it).
+    by their path under ``root`` (their file name without it). With ``skip_bad_rows`` a
+    file's rows that are not all numbers are left out (``Evaluation.rows_left_out``) and
+    the rest of the file is evaluated.
     """
     say = progress or (lambda _m: None)
     alerts = alerts or AlertConfig()
@@ -137,12 +140,15 @@ def evaluate(
     runs: list[tuple[str, TrainingData]] = []
     for f in files:
         name = f.relative_to(root).as_posix() if root is not None else f.name
-        problem, d = _usable(f, warmup)
+        problem, d = _usable(f, warmup, skip_bad_rows)
         if d is None:
             results.skipped.append((name, problem))
             say(f"skipped {name}: {problem}")
-        else:
-            runs.append((name, d))
+            continue
+        runs.append((name, d))
+        if d.skipped:
+            results.rows_left_out.append((name, len(d.skipped)))
+            say(f"{name}: left out {len(d.skipped)} bad rows: {bad_rows(d.skipped)}")
     if not runs:
         reasons = "; ".join(f"{n}: {why}" for n, why in results.skipped)
         raise TrainingError(f"no file could be evaluated ({reasons})")
@@ -182,6 +188,7 @@ def evaluate(
                 quantile=quantile,
                 window=window,
                 detectors=detectors,
+                skip_bad_rows=skip_bad_rows,
             )
             bundle = load_bundle(out)
             pooled = Pooled()
@@ -192,14 +199,12 @@ def evaluate(
     return results
 
 
-def _usable(path: Path, warmup: int) -> tuple[str, TrainingData | None]:
+def _usable(path: Path, warmup: int, skip_bad_rows: bool) -> tuple[str, TrainingData | None]:
     """The file's data if it can be evaluated, else why not."""
     try:
-        d = load_csv(path)
-    except TrainingError as exc:
-        # "<path>:<line>: what" -> "line <line>: what" (the caller names the file)
-        why = str(exc).removeprefix(str(path))
-        return re.sub(r"^:(\d+):", r"line \1:", why).lstrip(": ") or "unreadable", None
+        d = load_csv(path, skip_bad_rows=skip_bad_rows)
+    except TrainingError as exc:  # "<path>: what" (the caller names the file)
+        return str(exc).removeprefix(str(path)).lstrip(": ") or "unreadable", None
     if d.labels is None:
         return f"no label column (one of {', '.join(LABEL_COLUMNS)}): nothing to measure " \
             "against", None

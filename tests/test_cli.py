@@ -99,6 +99,28 @@ def test_train_on_a_broken_csv_names_the_problem(tmp_path: Path) -> None:
     assert not (tmp_path / "m" / "manifest.json").exists()
 
 
+def test_train_skip_bad_rows_trains_on_the_rest_and_records_it(tmp_path: Path) -> None:
+    """Sensor dropouts in an export: refused with every bad row counted, then, with
+    --skip-bad-rows, trained on the others; the manifest says rows were left out."""
+    lines = ["temperature;vibration"] + [f"{45 + i % 7 * 0.1:.1f};{2.8 + i % 5 * 0.05:.2f}"
+                                         for i in range(120)]
+    lines[10], lines[50] = "45.0;", "nan;2.9"
+    data = tmp_path / "gaps.csv"
+    data.write_text("\n".join(lines) + "\n")
+    refused = anomalyd("train", "--data", str(data), "--out", str(tmp_path / "m"))
+    assert refused.returncode == 2
+    assert "2 of 120 rows cannot be used: line 11: column 'vibration'" in refused.stderr
+    res = anomalyd("train", "--data", str(data), "--out", str(tmp_path / "m"),
+                   "--skip-bad-rows", "--detectors", "isolation_forest")
+    assert res.returncode == 0, res.stderr
+    assert "gaps.csv: left out 2 bad rows: line 11: column 'vibration': not a number" in (
+        res.stderr
+    )
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["training"]["source"] == "csv gaps.csv (2 bad rows left out)"
+    assert manifest["training"]["rows"] == 118
+
+
 def test_score_a_csv_offline_writes_one_verdict_per_row(
     trained_model_dir: Path, tmp_path: Path
 ) -> None:

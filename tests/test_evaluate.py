@@ -199,12 +199,36 @@ def test_unusable_files_are_skipped_and_named_the_rest_evaluated(
     assert main(["evaluate", str(tmp_path), "--warmup", str(WARMUP), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     table = out.read_text()
+    unreadable = "1 of 1 rows cannot be used: line 2: column 'x': not a number: ''"
     for name, why in (("anomaly-free/free.csv", "no label column"),
-                      ("valve1/1.csv", "line 2: column 'x': not a number: ''")):
+                      ("valve1/1.csv", unreadable)):
         assert f"skipped {name}: {why}" in err
         assert f"Skipped {name}: {why}" in table
     assert "[1/1] valve1/0.csv: training on 300 rows" in err
     assert "Scored points: 70 normal, 30 anomalous." in table
+
+
+def test_skip_bad_rows_evaluates_a_file_with_gaps_and_says_how_many_rows_went(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_run(tmp_path / "0.csv", 400, seed=1, fault=(350, 380))
+    lines = (tmp_path / "0.csv").read_text().splitlines()
+    for i in (10, 360):  # a dropout during the warm-up and one in the fault
+        cells = lines[i].split(";")
+        cells[2] = ""
+        lines[i] = ";".join(cells)
+    (tmp_path / "0.csv").write_text("\n".join(lines) + "\n")
+    args = ["evaluate", str(tmp_path), "--warmup", str(WARMUP)]
+    assert main(args) == 2
+    assert "2 of 400 rows cannot be used: line 11: column 'Motor Current'" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--skip-bad-rows"]) == 0
+    out, err = capsys.readouterr()
+    assert "0.csv: left out 2 bad rows: line 11: column 'Motor Current': not a number" in err
+    assert "Rows of 0.csv left out as not all numbers: 2." in out
+    # 398 rows: the warm-up now ends at the original row 300, and one fault row is gone
+    assert "Scored points: 69 normal, 29 anomalous." in out
 
 
 def test_the_global_variant_leaves_out_a_file_of_another_schema(

@@ -66,10 +66,10 @@ def test_comma_csv_with_unnamed_date_column_and_selected_features(tmp_path: Path
     ("body", "message"),
     [
         ("t,v\n1,2\n", "header"),
-        ("v,w\n1,2\n3,oops\n", r":3: column 'w': not a number"),
-        ("v,w\n1,\n", r":2: column 'w': not a number"),
-        ("v,w\n1,nan\n", r":2: column 'w': not finite"),
-        ("v,w\n1,2,3\n", r":2: 3 cells"),
+        ("v,w\n1,2\n3,oops\n", r"1 of 2 rows cannot be used: line 3: column 'w': not a number"),
+        ("v,w\n1,\n", r"line 2: column 'w': not a number: ''; no row is usable"),
+        ("v,w\n1,nan\n", r"line 2: column 'w': not finite"),
+        ("v,w\n1,2,3\n", r"line 2: 3 cells, header has 2"),
     ],
 )
 def test_bad_csv_names_line_and_column(tmp_path: Path, body: str, message: str) -> None:
@@ -77,6 +77,29 @@ def test_bad_csv_names_line_and_column(tmp_path: Path, body: str, message: str) 
         body = "1,2\n3,4\n"
     with pytest.raises(TrainingError, match=message):
         load_csv(_write(tmp_path / "bad.csv", body))
+
+
+def test_every_bad_row_is_counted_the_first_named_or_with_skip_left_out(tmp_path: Path) -> None:
+    """A plant export with sensor dropouts: the error counts every bad row and names the
+    first five (not just the first, so one round of fixing is enough); with
+    ``skip_bad_rows`` the others are kept, labels still aligned to their rows."""
+    rows = ["v,w,anomaly"] + [f"{i},{i + 0.5},{i % 2}" for i in range(20)]
+    for i in (3, 5, 7, 9, 11, 13, 15):  # lines 5, 7, ... of the file
+        rows[i + 1] = f"{i},,{i % 2}"
+    path = _write(tmp_path / "gaps.csv", "\n".join(rows) + "\n")
+    with pytest.raises(TrainingError) as err:
+        load_csv(path)
+    message = str(err.value)
+    assert "7 of 20 rows cannot be used" in message
+    assert "line 5: column 'w': not a number: ''; line 7:" in message
+    assert "line 13:" in message and "line 15:" not in message and "and 2 more" in message
+    assert "--skip-bad-rows leaves them out" in message
+    data = load_csv(path, skip_bad_rows=True)
+    kept = [i for i in range(20) if i not in (3, 5, 7, 9, 11, 13, 15)]
+    np.testing.assert_array_equal(data.X[:, 0], kept)
+    assert data.labels is not None
+    np.testing.assert_array_equal(data.labels, [i % 2 == 1 for i in kept])
+    assert len(data.skipped) == 7 and data.skipped[0] == "line 5: column 'w': not a number: ''"
 
 
 def test_unknown_feature_is_refused(tmp_path: Path) -> None:

@@ -4,9 +4,12 @@ Rules: a header row is required; the delimiter (``,`` or ``;``) is taken from th
 line; a time column (``datetime``, ``timestamp``, ``time`` or any column whose first value
 parses as an ISO date) and label columns (``anomaly``, ``is_anomaly``, ``label``,
 ``changepoint``) are never features. The first label column present in that order is
-returned as the labels. Every feature cell must be a finite number: anything else raises
-:class:`TrainingError` naming the line and column, because silently dropping rows would
-change what "normal" means without anyone noticing.
+returned as the labels. Every feature cell must be a finite number. A row with anything
+else (an empty cell from a sensor dropout, ``NaN``, text, a missing cell) raises
+:class:`TrainingError` that counts every such row and names the first few by line and
+column, because silently dropping rows would change what "normal" means without anyone
+noticing; with ``skip_bad_rows`` those rows are left out instead and listed in
+``TrainingData.skipped``, for the caller to report.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from daemon.errors import TrainingError
 
 TIME_COLUMNS = frozenset({"datetime", "timestamp", "time"})
 LABEL_COLUMNS = ("anomaly", "is_anomaly", "label", "changepoint")
+#: How many bad rows a message names (all are counted).
+NAMED_ROWS = 5
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,24 @@ class TrainingData:
     X: NDArray[np.float64]
     features: tuple[str, ...]
     labels: NDArray[np.bool_] | None
+    #: Rows left out with ``skip_bad_rows``: "line N: why", in file order.
+    skipped: tuple[str, ...] = ()
 
 
-def load_csv(path: Path, features: Sequence[str] | None = None) -> TrainingData:
+class _BadRowError(ValueError):
+    pass
+
+
+def bad_rows(problems: Sequence[str]) -> str:
+    """``problems`` counted, the first ``NAMED_ROWS`` named."""
+    named = "; ".join(problems[:NAMED_ROWS])
+    more = len(problems) - NAMED_ROWS
+    return named + (f"; and {more} more" if more > 0 else "")
+
+
+def load_csv(
+    path: Path, features: Sequence[str] | None = None, *, skip_bad_rows: bool = False
+) -> TrainingData:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             header_line = fh.readline()
@@ -64,24 +84,38 @@ def load_csv(path: Path, features: Sequence[str] | None = None) -> TrainingData:
         raise TrainingError(f"{path}: no feature columns left after excluding time/labels")
     x = np.empty((len(body), len(columns)))
     labels = np.zeros(len(body), dtype=bool) if label_idx is not None else None
+    kept = 0
+    problems: list[str] = []
     for r, row in enumerate(body):
-        line = r + 2  # 1-based, after the header
-        if len(row) != len(header):
-            raise TrainingError(f"{path}:{line}: {len(row)} cells, header has {len(header)}")
-        for c, col in enumerate(columns):
-            x[r, c] = _number(row[col], path, line, header[col])
-        if labels is not None and label_idx is not None:
-            labels[r] = _number(row[label_idx], path, line, header[label_idx]) != 0
-    return TrainingData(X=x, features=tuple(header[c] for c in columns), labels=labels)
+        try:
+            if len(row) != len(header):
+                raise _BadRowError(f"{len(row)} cells, header has {len(header)}")
+            x[kept] = [_number(row[col], header[col]) for col in columns]
+            if labels is not None and label_idx is not None:
+                labels[kept] = _number(row[label_idx], header[label_idx]) != 0
+        except _BadRowError as exc:
+            problems.append(f"line {r + 2}: {exc}")  # 1-based, after the header
+            continue
+        kept += 1
+    if problems and (not skip_bad_rows or not kept):
+        what = "no row is usable" if not kept else "fix them, or --skip-bad-rows leaves them out"
+        raise TrainingError(f"{path}: {len(problems)} of {len(body)} rows cannot be used: "
+                            f"{bad_rows(problems)}; {what}")
+    return TrainingData(
+        X=x[:kept],
+        features=tuple(header[c] for c in columns),
+        labels=None if labels is None else labels[:kept],
+        skipped=tuple(problems),
+    )
 
 
-def _number(cell: str, path: Path, line: int, column: str) -> float:
+def _number(cell: str, column: str) -> float:
     try:
         value = float(cell)
     except ValueError:
-        raise TrainingError(f"{path}:{line}: column {column!r}: not a number: {cell!r}") from None
+        raise _BadRowError(f"column {column!r}: not a number: {cell!r}") from None
     if not math.isfinite(value):
-        raise TrainingError(f"{path}:{line}: column {column!r}: not finite: {cell!r}")
+        raise _BadRowError(f"column {column!r}: not finite: {cell!r}")
     return value
 
 

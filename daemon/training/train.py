@@ -36,7 +36,7 @@ from daemon.errors import TrainingError
 from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, sha256_file
 from daemon.preprocess import StandardScaler
 from daemon.training import MIN_ROWS
-from daemon.training.datasets import load_csv
+from daemon.training.datasets import bad_rows, load_csv
 from daemon.training.synthetic import FEATURES, generate_dataset
 from daemon.windows import derived_names, windowed_matrix
 
@@ -190,13 +190,22 @@ def train_csv(
     progress: Progress | None = None,
     window: int = 1,
     detectors: Sequence[str] | None = None,
+    skip_bad_rows: bool = False,
 ) -> dict[str, Any]:
     """Train on a CSV's rows; labelled anomalous rows are kept out of fitting and validate.
 
     The rows are taken as consecutive readings of one device, windowed before the labelled
-    rows are set aside, exactly as the daemon would have seen them.
+    rows are set aside, exactly as the daemon would have seen them. With ``skip_bad_rows``
+    rows that are not all finite numbers are left out (said in the progress and in the
+    manifest's ``training.source``) instead of refusing the file.
     """
-    data = load_csv(path, features)
+    data = load_csv(path, features, skip_bad_rows=skip_bad_rows)
+    source = f"csv {path.name}"
+    if data.skipped:
+        source += f" ({len(data.skipped)} bad rows left out)"
+        if progress:
+            progress(f"{path.name}: left out {len(data.skipped)} bad rows: "
+                     f"{bad_rows(data.skipped)}")
     inputs = windowed_matrix(_checked(data.X, data.features, min_rows=1), window)
     x, validation = inputs, None
     if data.labels is not None and data.labels.any():
@@ -209,7 +218,7 @@ def train_csv(
         x,
         data.features,
         out_dir,
-        source=f"csv {path.name}",
+        source=source,
         seed=seed,
         quantile=quantile,
         validation=validation,
