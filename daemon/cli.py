@@ -118,7 +118,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
     try:
         counts = score_file(Path(args.input), out, settings, bundle, device=args.device,
-                            detector=args.model)
+                            detector=args.model, progress=_progress)
     finally:
         if out is not sys.stdout.buffer:
             out.close()

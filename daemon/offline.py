@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,6 +23,8 @@ from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
 
 CHUNK = 512
+#: At most this often ``score_file`` reports its running counts.
+PROGRESS_SECONDS = 2.0
 
 
 def _rows(path: Path) -> Iterator[tuple[str | None, bytes]]:
@@ -66,8 +68,10 @@ def _cell(text: str) -> int | float | str:
 
 def score_file(
     path: Path, out: IO[bytes], settings: Settings, bundle: ModelBundle, *,
-    device: str, detector: str | None,
+    device: str, detector: str | None, progress: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
+    """Score the file's rows in chunks through the daemon's pipeline; ``progress`` hears
+    the running counts at most every ``PROGRESS_SECONDS``."""
     decoder = Decoder(
         bundle.features, bundle.detector_names, subscription="offline/+",
         max_payload_bytes=settings.limits.max_payload_bytes,
@@ -80,6 +84,7 @@ def score_file(
                         warmup=settings.baseline.warmup_readings)
     counts = {"readings": 0, "anomalies": 0, "rejected": 0}
     chunk: list[RawMessage] = []
+    last_said = time.monotonic()
 
     def flush() -> None:
         outputs, stats = pipeline.process(chunk, time.time())
@@ -91,6 +96,11 @@ def score_file(
                 if o.kind != "alert":
                     out.write(o.payload + b"\n")
         chunk.clear()
+        nonlocal last_said
+        if progress is not None and time.monotonic() - last_said >= PROGRESS_SECONDS:
+            last_said = time.monotonic()
+            progress(f"scored {counts['readings']} readings so far: {counts['anomalies']} "
+                     f"anomalies, {counts['rejected']} rejected")
 
     for dev, payload in _rows(path):
         chunk.append(RawMessage(f"offline/{dev or device}", payload, time.time()))

@@ -143,6 +143,34 @@ def test_score_a_csv_offline_writes_one_verdict_per_row(
     assert "3 readings: 1 anomalies, 0 rejected" in res.stderr
 
 
+def test_score_reports_its_running_counts_while_it_works(
+    trained_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long backtest shows progress: the running counts after each chunk once the
+    reporting interval has passed (set to 0 here, so every chunk reports)."""
+    import io
+
+    from daemon import offline
+    from daemon.config import Settings
+    from daemon.models import load_bundle
+
+    monkeypatch.setattr(offline, "PROGRESS_SECONDS", 0.0)
+    cols = list(NORMAL)
+    rows = [ANOMALOUS if i % 100 == 0 else NORMAL for i in range(offline.CHUNK * 2 + 10)]
+    data = tmp_path / "long.csv"
+    data.write_text(";".join(cols) + "\n"
+                    + "\n".join(";".join(str(r[c]) for c in cols) for r in rows) + "\n")
+    said: list[str] = []
+    counts = offline.score_file(data, io.BytesIO(), Settings(), load_bundle(trained_model_dir),
+                                device="p", detector=None, progress=said.append)
+    assert counts["readings"] == len(rows)
+    done = [int(m.split()[1]) for m in said]
+    assert done == [offline.CHUNK, offline.CHUNK * 2, len(rows)], said
+    assert said[-1] == (f"scored {len(rows)} readings so far: {counts['anomalies']} anomalies, "
+                        "0 rejected")
+    assert counts["anomalies"] >= 9  # the anomalous rows are found
+
+
 def test_score_json_lines_dead_letters_bad_lines_and_keeps_going(
     trained_model_dir: Path, tmp_path: Path
 ) -> None:
