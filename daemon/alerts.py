@@ -13,10 +13,16 @@ margin (the score's distance above the threshold, in normal spreads; see
 ``daemon.pipeline.severity``) of the verdict that caused the transition; it never goes down
 while active, so a fault that flickers between levels does not flap. After "resolved" the
 window starts empty, so a new alert again needs k fresh anomalous verdicts.
+
+An operator can *silence* a device until a given time (a maintenance window): its verdicts
+are then not fed to the state machine at all, so nothing is raised, escalated or resolved
+until the silence ends (an active alert stays active, retained, meanwhile); the caller
+asks ``silenced_until`` before feeding. Silences are kept and saved with the alert states.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,6 +57,7 @@ class AlertTracker:
     window: int  # n
     resolve_after: int  # m
     devices: dict[str, AlertState] = field(default_factory=dict)
+    silences: dict[str, float] = field(default_factory=dict)  # device -> until (epoch s)
 
     def __post_init__(self) -> None:
         if not 1 <= self.raise_after <= self.window:
@@ -87,6 +94,22 @@ class AlertTracker:
             self.devices[device_id] = AlertState(deque(maxlen=self.window))
             return event
         return None
+
+    def silence(self, device_id: str, until: float | None) -> None:
+        """Silence the device's alerts until ``until`` (epoch seconds); None lifts it."""
+        if until is None:
+            self.silences.pop(device_id, None)
+        else:
+            self.silences[device_id] = until
+
+    def silenced_until(self, device_id: str, now: float) -> float | None:
+        """When the device's silence ends, if it is silenced at ``now`` (an ended silence
+        is dropped here)."""
+        until = self.silences.get(device_id)
+        if until is not None and now >= until:
+            del self.silences[device_id]
+            return None
+        return until
 
     def is_active(self, device_id: str) -> bool:
         st = self.devices.get(device_id)
@@ -125,6 +148,7 @@ class AlertTracker:
                 }
                 for dev, st in self.devices.items()
             },
+            "silences": dict(self.silences),
         }
 
     def restore(self, data: dict[str, Any]) -> int:
@@ -143,7 +167,10 @@ class AlertTracker:
             if st.active and (st.severity is None or st.raised_at is None):
                 raise ValueError(f"alert state of {dev!r} is active without severity or time")
             devices[str(dev)] = st
-        self.devices = devices
+        silences = {str(dev): float(until) for dev, until in data.get("silences", {}).items()}
+        if not all(math.isfinite(until) for until in silences.values()):
+            raise ValueError("a saved silence does not end at a finite time")
+        self.devices, self.silences = devices, silences
         return len(devices)
 
 

@@ -1,5 +1,5 @@
 """Command line: ``anomalyd run | train | simulate | score | evaluate | watch | devices |
-rewarm | reload | check-config``.
+rewarm | silence | reload | check-config``.
 
 Exit codes: 0 success; 1 a runtime failure (including: the daemon's HTTP port did not
 answer, or answered an error); 2 bad arguments, configuration or models; 3 the broker
@@ -223,6 +223,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_silence(args: argparse.Namespace) -> int:
+    from daemon.device_client import ask_workers
+
+    seconds = 0.0 if args.off else args.duration
+    path = f"/devices/{quote(args.id, safe='')}/silence/{seconds!r}"
+    done = ask_workers(_settings(args), "POST", path)
+    if not any(d["known"] for d in done):
+        print(f"note: the daemon has not seen device {args.id!r} yet (a typo?); done anyway",
+              file=sys.stderr)
+    for d in done:
+        where = f" on worker {d['worker']}" if "worker" in d else ""
+        if d["silenced_until"] is None:
+            print(f"{d['device_id']}{where}: silence lifted; its verdicts count towards its "
+                  "alert again")
+        else:
+            active = "; its active alert stays raised" if d["alert_active"] else ""
+            print(f"{d['device_id']}{where}: alerts silenced until {d['silenced_until']} "
+                  f"(verdicts are still published){active}")
+    return EXIT_OK
+
+
+def _duration(text: str) -> float:
+    """An argparse type: a silence's length (``daemon.device_client.parse_duration``)."""
+    from daemon.device_client import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer of at least ``low``."""
 
@@ -335,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     rewarm = sub.add_parser("rewarm", help="make a device of the running daemon warm up again")
     rewarm.add_argument("id", help="the device id")
     rewarm.set_defaults(func=cmd_rewarm)
+
+    silence = sub.add_parser(
+        "silence", help="stop a device's verdicts from raising or resolving alerts for a "
+                        "while (maintenance); they are still published")
+    silence.add_argument("id", help="the device id")
+    how = silence.add_mutually_exclusive_group(required=True)
+    how.add_argument("--for", dest="duration", type=_duration,
+                     help="how long: 90s, 30m, 2h, 1d (at most 7 days)")
+    how.add_argument("--off", action="store_true", help="lift the device's silence now")
+    silence.set_defaults(func=cmd_silence)
 
     reload = sub.add_parser(
         "reload", help="make the running daemon load model.dir again (the old set stays if "

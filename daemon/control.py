@@ -1,5 +1,6 @@
-"""Operator commands on per-device state: list devices, show one, restart its warm-up;
-and the queue that also carries the model reload (run by ``daemon.reload``).
+"""Operator commands on per-device state: list devices, show one, restart its warm-up,
+silence its alerts for a while; and the queue that also carries the model reload (run by
+``daemon.reload``).
 
 The scorer thread owns the pipeline's per-device state (``Pipeline.devices`` and
 ``Pipeline.alert_states``, objects that ``Pipeline.restore`` replaces); HTTP threads never
@@ -13,7 +14,7 @@ into those dicts and updates baselines' arrays in place, so a read from another 
 could fail mid-iteration or see a half-fitted baseline; a snapshot kept fresh for readers
 would cost every batch on the hot path for a request an operator makes now and then.
 
-The command line's side (``anomalyd devices`` / ``anomalyd rewarm``) is
+The command line's side (``anomalyd devices`` / ``rewarm`` / ``silence``) is
 ``daemon.device_client``.
 """
 
@@ -43,6 +44,8 @@ log = structlog.get_logger("anomalyd.control")
 COMMAND_TIMEOUT_S = 5.0
 #: How long ``POST /models/reload`` waits: loading and verifying take ~0.5-1 s.
 RELOAD_TIMEOUT_S = 30.0
+#: The longest silence an operator may set (a forgotten one ends by itself).
+MAX_SILENCE_S = 7 * 24 * 3600.0
 CLEARED_TEXT = (
     "cleared by an operator's re-warm-up: the device's baseline and alert state were reset"
 )
@@ -72,8 +75,9 @@ class ReloadFailedError(ControlError):
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    action: Literal["list", "show", "rewarm", "reload"]
+    action: Literal["list", "show", "rewarm", "silence", "reload"]
     device_id: str = ""
+    seconds: float = 0.0  # "silence": for how long from now (0 lifts a silence)
 
 
 class _Pending:
@@ -208,10 +212,13 @@ class DeviceControl:
     def execute(self, command: Command) -> dict[str, Any]:
         if command.action == "list":
             p = self.pipeline  # its trackers are looked up per call: restore replaces them
-            known = sorted(p.devices.devices.keys() | p.alert_states.devices.keys())
+            known = sorted(p.devices.devices.keys() | p.alert_states.devices.keys()
+                           | p.alert_states.silences.keys())
             return {"devices": [self.show(d) for d in known]}
         if command.action == "show":
             return self.show(command.device_id)
+        if command.action == "silence":
+            return self.silence(command.device_id, command.seconds)
         return self.rewarm(command.device_id)
 
     def show(self, device_id: str) -> dict[str, Any]:
@@ -219,13 +226,45 @@ class DeviceControl:
         p = self.pipeline
         device = p.devices.summary(device_id)
         alert = p.alert_states.summary(device_id)
-        if device is None and alert is None:
+        until = p.alert_states.silenced_until(device_id, self.clock())
+        if device is None and alert is None and until is None:
             raise UnknownDeviceError(device_id)
         if alert is None:
             alert = {"active": False}
         elif alert["raised_at"] is not None:
             alert["raised_at"] = iso(alert["raised_at"])
+        alert["silenced_until"] = None if until is None else iso(until)
         return {"device_id": device_id, **(device or {}), "alert": alert}
+
+    def silence(self, device_id: str, seconds: float) -> dict[str, Any]:
+        """Silence the device's alerts for ``seconds`` from now (0: lift the silence):
+        its verdicts are still published, but raise, escalate and resolve nothing until
+        then. The state file is written at once.
+
+        A device this process has not seen yet may be silenced too (``known`` says
+        whether it has): a maintenance may start before the device reports, and with
+        ``WORKERS=N`` any worker may receive its next reading.
+        """
+        if not 0 <= seconds <= MAX_SILENCE_S:
+            raise ControlError(f"a silence lasts 0 (lift it) to {MAX_SILENCE_S:g} s, "
+                               f"not {seconds:g}")
+        alerts = self.pipeline.alert_states
+        now = self.clock()
+        was = alerts.silenced_until(device_id, now)
+        known = device_id in self.pipeline.devices.devices or device_id in alerts.devices
+        until = now + seconds if seconds else None
+        alerts.silence(device_id, until)
+        self.save()
+        self.metrics.silences.labels("set" if until else "lifted").inc()
+        result = {
+            "device_id": device_id,
+            "silenced_until": None if until is None else iso(until),
+            "was_silenced_until": None if was is None else iso(was),
+            "alert_active": alerts.is_active(device_id),
+            "known": known,
+        }
+        log.info("device_silenced" if until else "device_silence_lifted", **result)
+        return result
 
     def rewarm(self, device_id: str) -> dict[str, Any]:
         """Forget the device's window, baseline and alert state; its next reading starts a

@@ -1,5 +1,5 @@
 """The command line's side of device control and model reload: ``anomalyd devices``,
-``anomalyd rewarm`` and ``anomalyd reload`` talking to a running daemon's HTTP port (the
+``rewarm``, ``silence`` and ``reload`` talking to a running daemon's HTTP port (the
 daemon's side is ``daemon.control`` and ``daemon.reload``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from daemon.control import COMMAND_TIMEOUT_S, ControlError
+from daemon.control import COMMAND_TIMEOUT_S, MAX_SILENCE_S, ControlError
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -106,6 +106,24 @@ def ask_workers(
     return answers
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``2h`` or ``1d``; a silence's range is
+    checked (more than 0, at most ``MAX_SILENCE_S``). ValueError says what is wrong."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:])
+    try:
+        seconds = float(t[:-1] if unit else t) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration (e.g. 90s, 30m, 2h, 1d): {text!r}") from None
+    if not 0 < seconds <= MAX_SILENCE_S:  # NaN fails too
+        raise ValueError(f"must be more than 0 and at most {MAX_SILENCE_S / 86400:g} days, "
+                         f"got {text!r}")
+    return seconds
+
+
 def device_table(devices: list[dict[str, Any]]) -> str:
     """One line per device for ``anomalyd devices``."""
     lines = [f"{'DEVICE':<24} {'WARM-UP':<12} {'THRESHOLD':<10} ALERT"]
@@ -118,6 +136,8 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         thr = d.get("baseline_threshold")
         a = d["alert"]
         alert = f"{a['severity']} since {a['raised_at']}" if a["active"] else "-"
+        if a.get("silenced_until"):
+            alert += f" (silenced until {a['silenced_until']})"
         name = d["device_id"] + (f" (worker {d['worker']})" if "worker" in d else "")
         lines.append(f"{name:<24} {warm:<12} {'-' if thr is None else f'{thr:.3g}':<10} {alert}")
     return "\n".join(lines)

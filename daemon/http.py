@@ -1,6 +1,7 @@
 """The HTTP edge: health, readiness, metrics, models and info, the operators' device
-commands (``GET /devices``, ``GET /devices/{id}``, ``POST /devices/{id}/rewarm``) and the
-model reload (``POST /models/reload``), on one port.
+commands (``GET /devices``, ``GET /devices/{id}``, ``POST /devices/{id}/rewarm``,
+``POST /devices/{id}/silence/{seconds}``) and the model reload (``POST /models/reload``),
+on one port.
 
 A bearer token, when configured, guards every path but ``/health``. Requests that change
 state (POST) need that token, or, when none is configured, a server bound to a loopback
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -28,8 +30,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from daemon.control import (
     COMMAND_TIMEOUT_S,
+    MAX_SILENCE_S,
     RELOAD_TIMEOUT_S,
     Command,
+    ControlError,
     ControlFailedError,
     ControlQueue,
     ControlUnavailableError,
@@ -95,23 +99,33 @@ class Router:
                 return _not_allowed("POST")
             return self._run(Command("reload"), self.reload_timeout), None
         parts = path.split("/")  # "/devices/pump-1/rewarm" -> ["", "devices", "pump-1", "rewarm"]
-        if parts[:2] != ["", "devices"] or len(parts) > 4 or (len(parts) > 2 and not parts[2]):
+        if parts[:2] != ["", "devices"] or len(parts) > 5 or (len(parts) > 2 and not parts[2]):
             return _error(404, "not found"), None
         if len(parts) == 2:
             return (self._run(Command("list")), None) if method == "GET" else _not_allowed("GET")
-        if len(parts) == 4 and parts[3] != "rewarm":
+        action = parts[3] if len(parts) > 3 else "show"
+        # /devices/{id}, /devices/{id}/rewarm, /devices/{id}/silence/{seconds}
+        if action not in ("show", "rewarm", "silence") or (len(parts) == 5) != (
+            action == "silence"
+        ):
             return _error(404, "not found"), None
         device = unquote(parts[2])
         if not self.device_id.fullmatch(device):
             return _error(400, f"device id {device[:80]!r} does not match "
                                "limits.device_id_pattern"), None
-        if len(parts) == 3:
+        if action == "show":
             if method != "GET":
                 return _not_allowed("GET")
             return self._run(Command("show", device)), None
         if method != "POST":
             return _not_allowed("POST")
-        return self._run(Command("rewarm", device)), None
+        if action == "rewarm":
+            return self._run(Command("rewarm", device)), None
+        seconds = _seconds(parts[4])
+        if seconds is None:
+            return _error(400, f"a silence lasts 0 (lift it) to {MAX_SILENCE_S:g} seconds, "
+                               f"not {unquote(parts[4])[:40]!r}"), None
+        return self._run(Command("silence", device, seconds)), None
 
     def _run(self, command: Command, timeout: float | None = None) -> Response:
         try:
@@ -125,6 +139,8 @@ class Router:
             return _error(409, str(exc), reloaded=False)
         except ControlFailedError as exc:
             return _error(500, str(exc))
+        except ControlError as exc:  # the request asked for something the command refuses
+            return _error(400, str(exc))
 
 
 class HttpServer:
@@ -245,6 +261,15 @@ class HttpServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _seconds(text: str) -> float | None:
+    """A silence's length from the path: a finite number of seconds in range, else None."""
+    try:
+        seconds = float(unquote(text))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and 0 <= seconds <= MAX_SILENCE_S else None
 
 
 def _authorized(header: str | None, expected: bytes) -> bool:

@@ -100,6 +100,11 @@ class Metrics:
             "Devices whose window, baseline and alert state an operator reset (POST rewarm)",
             registry=r,
         )
+        self.silences = Counter(
+            "anomalyd_device_silences",
+            "Operator silences of a device's alerts (POST silence), set or lifted",
+            ["action"], registry=r,
+        )
         self.model_reloads = Counter(
             "anomalyd_model_reloads",
             "Model set reloads without a restart, by outcome (ok; failed: the old set kept "

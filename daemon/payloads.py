@@ -103,6 +103,8 @@ class Payloads:
             v["contributions"] = j.explanation["contributions"]
         if j.repeat:
             v["repeat"] = True
+        if j.silenced_until is not None:
+            v["silenced_until"] = iso(j.silenced_until)
         if j.members is not None:
             v["detector_scores"] = j.members
         if j.baseline is not None:
@@ -168,6 +170,8 @@ class Payloads:
                 p["explanation"] = j.explanation["text"]
             if j.repeat:
                 p["repeat"] = True
+            if j.silenced_until is not None:
+                p["silenced_until"] = iso(j.silenced_until)
             preds.append(p)
         n_anom = sum(1 for j in judged if j.is_anomaly)
         models = sorted({j.detector for j in judged})

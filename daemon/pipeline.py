@@ -57,6 +57,8 @@ class Judgement:
     #: whether the verdict counts towards the device's alert (not during a warm-up in
     #: which the global model looks uninformative for the device; ``daemon.devices``)
     alerts: bool = True
+    #: the device's alerts are silenced until then (epoch s): the verdict fed no alert
+    silenced_until: float | None = None
 
     @property
     def members(self) -> dict[str, float] | None:
@@ -267,11 +269,16 @@ class Pipeline:
         judged = self.judge(readings, stats) if readings else []
         stats.readings = len(judged)
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
+        alert_states = self.alert_states
         for j in judged:
             if j.repeat or not j.alerts:  # a repeat's first verdict already counted
                 continue
+            if alert_states.silences:
+                j.silenced_until = alert_states.silenced_until(j.reading.device_id, now)
+                if j.silenced_until is not None:
+                    continue
             sev = severity(j.margin, self.alerts)
-            j.alert = self.alert_states.observe(
+            j.alert = alert_states.observe(
                 j.reading.device_id, j.is_anomaly, sev, j.margin, j.reading.timestamp
             )
             if j.alert is not None and j.alert.transition != "resolved":

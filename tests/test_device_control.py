@@ -423,3 +423,144 @@ def test_cli_lists_shows_and_rewarms_devices_of_the_running_daemon(
     assert res.returncode == 1 and "answered 401" in res.stderr
     res = anomalyd("devices", env={**env, "HEALTH_PORT": str(free_port())})
     assert res.returncode == 1 and "cannot reach the daemon" in res.stderr
+
+
+# -- silences ---------------------------------------------------------------------------
+
+
+def test_alert_tracker_silence_ends_by_itself_and_survives_a_restart() -> None:
+    alerts = AlertTracker(raise_after=1, window=1, resolve_after=1)
+    alerts.silence("a", until=100.0)
+    assert alerts.silenced_until("a", 99.0) == 100.0
+    saved = alerts.to_json()
+    again = AlertTracker(raise_after=1, window=1, resolve_after=1)
+    again.restore(json.loads(json.dumps(saved)))
+    assert again.silenced_until("a", 50.0) == 100.0
+    assert alerts.silenced_until("a", 100.0) is None and alerts.silences == {}  # ended
+    again.silence("a", None)  # lifted
+    assert again.silenced_until("a", 50.0) is None
+    old = {k: v for k, v in saved.items() if k != "silences"}  # saved before silences
+    assert again.restore(old) == 0 and again.silences == {}
+    with pytest.raises(ValueError, match="finite"):
+        again.restore({**saved, "silences": {"a": "inf"}})
+
+
+def test_a_silenced_device_raises_nothing_until_the_silence_ends(
+    model_bundle: ModelBundle,
+) -> None:
+    """Its verdicts are published with ``silenced_until`` and feed no alert; an active
+    alert stays active; after the silence (or when lifted) alerts work as before."""
+    decoder = Decoder(model_bundle.features, model_bundle.detector_names)
+    pipeline = Pipeline(model_bundle, decoder, Settings().topics,
+                        AlertConfig(raise_after=2, window=3, resolve_after=2))
+    now = [1000.0]
+    control = DeviceControl(pipeline, Metrics(CollectorRegistry()), lambda _o: True,
+                            lambda: None, clock=lambda: now[0])
+
+    def feed(*readings: dict[str, Any]) -> list[dict[str, Any]]:
+        msgs = [RawMessage("sensors/p-1/readings", orjson.dumps(r), 0.0) for r in readings]
+        return [orjson.loads(o.payload) for outs in pipeline.process(msgs, now[0])[0]
+                for o in outs]
+
+    early = control.execute(Command("silence", "p-1", 30.0))  # before its first reading
+    assert early["known"] is False and early["silenced_until"] == "1970-01-01T00:17:10.000Z"
+    assert [d["device_id"] for d in control.execute(Command("list"))["devices"]] == ["p-1"]
+    feed(NORMAL)
+    done = control.execute(Command("silence", "p-1", 60.0))
+    assert done["silenced_until"] == "1970-01-01T00:17:40.000Z" and done["known"] is True
+    assert done["alert_active"] is False
+    assert done["was_silenced_until"] == "1970-01-01T00:17:10.000Z"
+    out = feed(ANOMALOUS, ANOMALOUS, ANOMALOUS)
+    assert [o["is_anomaly"] for o in out] == [True] * 3  # judged and published as usual
+    assert all(o["silenced_until"] == "1970-01-01T00:17:40.000Z" for o in out)
+    # no verdict reached the state machine while silenced (the first reading's neither)
+    assert pipeline.alert_states.summary("p-1") is None
+    assert control.show("p-1")["alert"] == {
+        "active": False, "silenced_until": "1970-01-01T00:17:40.000Z"
+    }
+    now[0] = 1060.0  # the silence is over: two anomalous verdicts of three raise
+    out = feed(ANOMALOUS, ANOMALOUS)
+    assert "silenced_until" not in out[0]
+    assert [o.get("state") for o in out] == [None, None, "raised"]
+    assert control.show("p-1")["alert"]["silenced_until"] is None
+
+    control.execute(Command("silence", "p-1", 3600.0))  # an active alert stays active
+    assert [o.get("state") for o in feed(NORMAL, NORMAL, NORMAL)] == [None] * 3
+    assert pipeline.alert_states.is_active("p-1")
+    lifted = control.execute(Command("silence", "p-1", 0.0))
+    assert lifted["silenced_until"] is None and lifted["alert_active"] is True
+    assert [o.get("state") for o in feed(NORMAL, NORMAL)] == [None, None, "resolved"]
+    metrics = control.metrics.registry
+    assert metrics.get_sample_value("anomalyd_device_silences_total", {"action": "set"}) == 3
+    assert metrics.get_sample_value("anomalyd_device_silences_total", {"action": "lifted"}) == 1
+
+
+def test_silence_paths_and_lengths_are_checked_before_the_scorer_is_asked() -> None:
+    with bare_server("127.0.0.1") as server:
+        port = server.port
+        for bad in ("-5", "nan", "1e9", "soon", "inf"):
+            status, body, _ = request(port, "POST", f"/devices/p-1/silence/{bad}")
+            assert status == 400 and "a silence lasts 0 (lift it) to 604800" in body["error"]
+        status, _, resp = request(port, "GET", "/devices/p-1/silence/60")
+        assert status == 405 and resp.getheader("Allow") == "POST"
+        assert request(port, "POST", "/devices/p-1/silence")[0] == 404  # no length
+        assert request(port, "POST", "/devices/p-1/rewarm/60")[0] == 404
+        # a good request reaches the queue (nobody drains it here: 503)
+        assert request(port, "POST", "/devices/p-1/silence/60")[0] == 503
+
+
+def test_silence_durations_on_the_command_line() -> None:
+    from daemon.device_client import parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "2h", "1d", " 1.5H ")] == [
+        90.0, 90.0, 1800.0, 7200.0, 86400.0, 5400.0
+    ]
+    for bad, message in (("0", "more than 0"), ("8d", "at most 7 days"), ("soon", "not a"),
+                         ("nan", "more than 0"), ("-1h", "more than 0")):
+        with pytest.raises(ValueError, match=message):
+            parse_duration(bad)
+    res = anomalyd("silence", "p-1", "--for", "8d")
+    assert res.returncode == 2 and "at most 7 days" in res.stderr
+    res = anomalyd("silence", "p-1")
+    assert res.returncode == 2 and "one of the arguments --for --off is required" in res.stderr
+
+
+@pytest.mark.integration
+def test_cli_silences_a_device_of_the_running_daemon_and_lifts_it(
+    broker: Broker,
+    warm_settings: Settings,
+    start_daemon: Any,
+    collector_for: Any,
+    publisher_for: Any,
+) -> None:
+    dev = "ctl-silent-1"
+    verdicts, alerts = f"anomaly/{dev}/verdict", f"anomaly/{dev}/alert"
+    col = collector_for(broker, [f"anomaly/{dev}/#"])
+    svc = start_daemon(settings=warm_settings.model_copy(
+        update={"baseline": BaselineConfig(warmup_readings=0)}))
+    pub = publisher_for(broker)
+    pub.send(f"sensors/{dev}/readings", normal(0))
+    col.json_on(verdicts, count=1)
+    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN}
+
+    res = anomalyd("silence", dev, "--for", "2h", env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"{dev}: alerts silenced until " in res.stdout
+    for i in range(3):  # the default rule would raise on these (3 of the last 5)
+        pub.send(f"sensors/{dev}/readings", {**ANOMALOUS, "seq": 10 + i})
+    silenced = col.json_on(verdicts, count=4)[1:]
+    assert all(v["is_anomaly"] and "silenced_until" in v for v in silenced)
+    res = anomalyd("devices", env=env)
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith(dev)]
+    assert "(silenced until " in line
+
+    res = anomalyd("silence", dev, "--off", env=env)
+    assert res.returncode == 0 and f"{dev}: silence lifted" in res.stdout
+    for i in range(3):
+        pub.send(f"sensors/{dev}/readings", {**ANOMALOUS, "seq": 20 + i})
+    (raised,) = col.json_on(alerts, count=1)
+    assert raised["state"] == "raised" and raised["seq"] == 22  # only after the silence
+    assert "silenced_until" not in col.json_on(verdicts, count=7)[-1]
+    res = anomalyd("silence", "nobody", "--for", "1h", env=env)  # e.g. not reporting yet
+    assert res.returncode == 0 and "has not seen device 'nobody' yet" in res.stderr
+    assert "nobody: alerts silenced until" in res.stdout
