@@ -118,6 +118,9 @@ class LimitsConfig(_Strict):
 class ModelConfig(_Strict):
     dir: Path = Path("models")
     default_detector: str | None = None
+    # A candidate model set that also judges every reading, compared only, never published
+    # (daemon.shadow); it must read the same features and window. None: no shadow.
+    shadow_dir: Path | None = None
 
 
 class HttpConfig(_Strict):
@@ -226,6 +229,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "HEALTH_HOST": ("http", "host"),
     "HEALTH_PORT": ("http", "port"),
     "MODEL_DIR": ("model", "dir"),
+    "MODEL_SHADOW_DIR": ("model", "shadow_dir"),
     "LOG_LEVEL": ("logging", "level"),
     "WORKERS": ("service", "workers"),
     "STATE_DIR": ("state", "dir"),

@@ -114,6 +114,16 @@ class Metrics:
         self.model_info = Info(
             "anomalyd_model", "The loaded model set", registry=r,
         )
+        self.shadow_verdicts = Counter(
+            "anomalyd_shadow_verdicts",
+            "Readings judged by the serving and the shadow (candidate) model set, by each "
+            "one's final verdict (model.shadow_dir)",
+            ["serving", "candidate"], registry=r,
+        )
+        self.shadow_scoring_seconds = Counter(
+            "anomalyd_shadow_scoring_seconds",
+            "Time spent scoring readings with the shadow model set", registry=r,
+        )
         self.score_stats = ScoreStats()  # anomalyd_score_margin, anomalyd_input_shift_sigma
         r.register(self.score_stats)
 
@@ -137,8 +147,15 @@ class Metrics:
             self.repeats.inc(stats.repeats)
         for sev in stats.alert_severities:
             self.alerts.labels(sev).inc()
+        if stats.shadow:
+            for (serving, candidate), n in stats.shadow.items():
+                self.shadow_verdicts.labels(_VERDICT[serving], _VERDICT[candidate]).inc(n)
+            self.shadow_scoring_seconds.inc(stats.shadow_seconds)
         for detector, margins in stats.margins.items():
             self.score_stats.observe_margins(detector, margins)
         if stats.zscores:
             z = stats.zscores[0] if len(stats.zscores) == 1 else np.concatenate(stats.zscores)
             self.score_stats.observe_inputs(stats.inputs, z)
+
+
+_VERDICT = {True: "anomaly", False: "normal"}

@@ -24,6 +24,8 @@ from daemon.models import BatchScores, ModelBundle
 from daemon.payloads import Outbound, Payloads, iso, severity
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoded, Decoder, Reading, Rejection
+from daemon.shadow import ShadowTally, incompatibility
+from daemon.windows import Matrix
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,10 @@ class BatchStats:
     margins: dict[str, np.ndarray] = field(default_factory=dict)
     zscores: list[np.ndarray] = field(default_factory=list)
     inputs: tuple[str, ...] = ()
+    #: with a shadow model set: (serving, candidate) final verdicts -> readings, and the
+    #: time its scoring took
+    shadow: dict[tuple[bool, bool], int] = field(default_factory=dict)
+    shadow_seconds: float = 0.0
 
 
 class Pipeline:
@@ -102,6 +108,7 @@ class Pipeline:
         max_payload_bytes: int = 65536,
         limiter: DeviceRateLimiter | None = None,
         warmup: int = 0,
+        shadow: ModelBundle | None = None,
     ) -> None:
         self.bundle = bundle
         self.alerts = alerts
@@ -115,6 +122,15 @@ class Pipeline:
         self.default_detector = default_detector or bundle.default_detector
         if self.default_detector not in bundle.detector_names:
             raise ValueError(f"default detector {self.default_detector!r} is not in the model set")
+        # A candidate model set judging the same readings, compared only (daemon.shadow).
+        self.shadow = shadow
+        self.shadow_tally: ShadowTally | None = None
+        if shadow is not None:
+            problem = incompatibility(bundle, shadow)
+            if problem is not None:
+                raise ValueError(f"model set {shadow.version} cannot shadow {bundle.version}: "
+                                 f"{problem}")
+            self.shadow_tally = ShadowTally(shadow.version, shadow.default_detector)
 
     # -- scoring -----------------------------------------------------------------------
 
@@ -154,8 +170,10 @@ class Pipeline:
             stats.repeats = sum(repeats)
         anomalies: dict[str, int] = dict.fromkeys(groups, 0)
         warmup = devices.warmup > 0
-        for j, row in zip(judged, observed, strict=True):
+        shadow = self._shadow_scores(observed, stats)
+        for k, (j, row) in enumerate(zip(judged, observed, strict=True)):
             center, scale, z = None, None, None
+            baseline_flag = True  # the baseline's say: none unless it is active
             if warmup:
                 a = devices.assess(j.reading.device_id, row, j.is_anomaly, learn=not j.repeat)
                 j.warming_up, j.alerts = a.warming_up, a.alerts
@@ -165,8 +183,12 @@ class Pipeline:
                         "threshold": a.threshold,
                         "is_anomaly": a.is_anomaly,
                     }
+                    baseline_flag = a.is_anomaly
                     j.is_anomaly = j.is_anomaly and a.is_anomaly
                     z, center, scale = a.z, a.center, a.scale  # explain against the baseline
+            if shadow is not None and not j.repeat:
+                self._compare(j, bool(shadow.is_anomaly[k]) and baseline_flag,
+                              float(shadow.scores[k]), stats)
             if j.is_anomaly:
                 anomalies[j.detector] += 1
                 exp = self.bundle.explain(
@@ -176,6 +198,30 @@ class Pipeline:
         for detector, idx in groups.items():
             stats.by_detector[detector] = (len(idx), anomalies[detector], elapsed[detector])
         return judged
+
+    def _shadow_scores(self, observed: list[Matrix], stats: BatchStats) -> BatchScores | None:
+        """The candidate model set's scores for every reading of the batch, if one is set."""
+        if self.shadow is None:
+            return None
+        t0 = time.perf_counter()
+        scored = self.shadow.score(np.array(observed, dtype=np.float64),
+                                   self.shadow.default_detector)
+        stats.shadow_seconds = time.perf_counter() - t0
+        return scored
+
+    def _compare(self, j: Judgement, candidate: bool, score: float, stats: BatchStats) -> None:
+        """Count the candidate's final verdict against the serving one's."""
+        tally = self.shadow_tally
+        assert tally is not None  # set with the shadow
+        tally.add(j.is_anomaly, candidate)
+        stats.shadow[(j.is_anomaly, candidate)] = stats.shadow.get((j.is_anomaly, candidate),
+                                                                   0) + 1
+        if j.is_anomaly != candidate:
+            tally.disagree({
+                "device_id": j.reading.device_id, "key": j.reading.key,
+                "serving": {"is_anomaly": j.is_anomaly, "anomaly_score": j.score},
+                "candidate": {"is_anomaly": candidate, "anomaly_score": score},
+            })
 
     def _collect(
         self,

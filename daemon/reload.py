@@ -21,6 +21,7 @@ from daemon.models import ModelBundle, load_bundle
 from daemon.pipeline import Pipeline
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoder
+from daemon.shadow import incompatibility
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,8 +46,17 @@ def build_scoring(
     subscription: str,
     limiter: DeviceRateLimiter | None,
 ) -> tuple[Decoder, Pipeline]:
-    """The decoder (it reads the model's features) and the pipeline for ``bundle``."""
+    """The decoder (it reads the model's features) and the pipeline for ``bundle``, with
+    the shadow model set of ``model.shadow_dir`` loaded, if one is configured
+    (ModelLoadError if it cannot be loaded or cannot shadow ``bundle``)."""
     s = settings
+    shadow = None
+    if s.model.shadow_dir is not None:
+        shadow = load_bundle(s.model.shadow_dir)
+        problem = incompatibility(bundle, shadow)
+        if problem is not None:
+            raise ModelLoadError(f"the shadow model set in {s.model.shadow_dir} cannot "
+                                 f"shadow the serving one: {problem}")
     decoder = Decoder(
         bundle.features,
         bundle.detector_names,
@@ -57,7 +67,7 @@ def build_scoring(
     )
     pipeline = Pipeline(
         bundle, decoder, s.topics, s.alerts, s.model.default_detector,
-        s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings,
+        s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings, shadow=shadow,
     )
     return decoder, pipeline
 
@@ -125,6 +135,7 @@ class ModelReloader:
             log.warning("state_partly_discarded", reason="model reload", error=problem,
                         note="those devices warm up again")
         log.info("model_reloaded", model_dir=str(model_dir), old_version=old_version,
+                 shadow_version=None if pipeline.shadow is None else pipeline.shadow.version,
                  new_version=bundle.version, features=list(bundle.features),
                  devices_kept=devices, alert_states_kept=alerts)
         return {
@@ -133,6 +144,7 @@ class ModelReloader:
             "new_version": bundle.version,
             "features": list(bundle.features),
             "default_detector": pipeline.default_detector,
+            "shadow_version": None if pipeline.shadow is None else pipeline.shadow.version,
             "devices_kept": devices,
             "alert_states_kept": alerts,
             "problems": problems,

@@ -223,8 +223,10 @@ class Service:
             self.http.stop()
             raise
         self._worker.start()
+        shadow = self.pipeline.shadow
         log.info("started", version=__version__, model_version=self.bundle.version,
-                 subscription=self.subscription, detector=self.pipeline.default_detector)
+                 subscription=self.subscription, detector=self.pipeline.default_detector,
+                 shadow_model_version=None if shadow is None else shadow.version)
 
     def request_stop(self, force: bool = False) -> None:
         if force or self._stopping.is_set():

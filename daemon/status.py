@@ -49,7 +49,10 @@ class ServiceStatus:
 
     def models(self) -> dict[str, Any]:
         p = self._service.pipeline  # one reference: a reload may swap it meanwhile
-        return p.bundle.describe(p.default_detector)
+        described = p.bundle.describe(p.default_detector)
+        tally = p.shadow_tally
+        described["shadow"] = None if tally is None else tally.describe()
+        return described
 
     def info(self) -> dict[str, Any]:
         svc = self._service
