@@ -100,7 +100,7 @@ def test_the_serving_set_as_its_own_shadow_agrees_everywhere(model_bundle: Model
 
 
 def test_a_candidate_reading_other_features_is_refused(
-    model_bundle: ModelBundle, tmp_path: Path
+    model_bundle: ModelBundle, trained_model_dir: Path, tmp_path: Path
 ) -> None:
     other = tmp_path / "other"
     x = np.random.default_rng(0).normal(size=(300, 2))
@@ -114,6 +114,12 @@ def test_a_candidate_reading_other_features_is_refused(
         build_scoring(settings, model_bundle, "sensors/+/readings", None)
     res = anomalyd("check-config", env={"MODEL_SHADOW_DIR": str(other)})
     assert res.returncode == 0 and f'"shadow_dir": "{other}"' in res.stdout
+    res = anomalyd("run", env={"MODEL_DIR": str(trained_model_dir), "MODEL_SHADOW_DIR":
+                               str(other), "STATE_DIR": str(tmp_path / "state")})
+    assert res.returncode == 2, res.stderr
+    assert "cannot shadow the serving one: it reads features ['Bearing Temp', 'Flow']" in (
+        res.stderr
+    )
 
 
 @pytest.mark.integration
