@@ -293,8 +293,13 @@ def _score_file(
 
 def labelled_files(folder: Path) -> list[Path]:
     """The CSV files in ``folder`` and its subfolders (SKAB's ``valve1/``, ``valve2/``,
-    ``other/``), in natural order of their paths (``2.csv`` before ``10.csv``)."""
-    files = [p for p in folder.rglob("*") if p.suffix.lower() == ".csv" and p.is_file()]
+    ``other/``), in natural order of their paths (``2.csv`` before ``10.csv``); hidden
+    files and folders (``.ipynb_checkpoints/``) are left out."""
+    files = [
+        p for p in folder.rglob("*")
+        if p.suffix.lower() == ".csv" and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
     return sorted(files, key=lambda p: _natural(p.relative_to(folder)))
 
 

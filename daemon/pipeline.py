@@ -214,8 +214,8 @@ class Pipeline:
         tally = self.shadow_tally
         assert tally is not None  # set with the shadow
         tally.add(j.is_anomaly, candidate)
-        stats.shadow[(j.is_anomaly, candidate)] = stats.shadow.get((j.is_anomaly, candidate),
-                                                                   0) + 1
+        both = (j.is_anomaly, candidate)
+        stats.shadow[both] = stats.shadow.get(both, 0) + 1
         if j.is_anomaly != candidate:
             tally.disagree({
                 "device_id": j.reading.device_id, "key": j.reading.key,
@@ -317,12 +317,12 @@ class Pipeline:
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
         alert_states = self.alert_states
         for j in judged:
-            if j.repeat or not j.alerts:  # a repeat's first verdict already counted
-                continue
             if alert_states.silences:
                 j.silenced_until = alert_states.silenced_until(j.reading.device_id, now)
-                if j.silenced_until is not None:
-                    continue
+            # a repeat's first verdict already counted; an untrusted warm-up verdict or a
+            # silenced device's counts for nothing
+            if j.repeat or not j.alerts or j.silenced_until is not None:
+                continue
             sev = severity(j.margin, self.alerts)
             j.alert = alert_states.observe(
                 j.reading.device_id, j.is_anomaly, sev, j.margin, j.reading.timestamp

@@ -473,6 +473,8 @@ def test_a_silenced_device_raises_nothing_until_the_silence_ends(
     out = feed(ANOMALOUS, ANOMALOUS, ANOMALOUS)
     assert [o["is_anomaly"] for o in out] == [True] * 3  # judged and published as usual
     assert all(o["silenced_until"] == "1970-01-01T00:17:40.000Z" for o in out)
+    again = feed({**NORMAL, "seq": 7}, {**NORMAL, "seq": 7})[1]  # a redelivery says so too
+    assert again["repeat"] is True and again["silenced_until"] == "1970-01-01T00:17:40.000Z"
     # no verdict reached the state machine while silenced (the first reading's neither)
     assert pipeline.alert_states.summary("p-1") is None
     assert control.show("p-1")["alert"] == {

@@ -256,7 +256,8 @@ def test_labelled_files_are_found_in_subfolders_in_natural_order(tmp_path: Path)
     from daemon.evaluate import labelled_files
 
     for rel in ("valve2/10.csv", "valve2/2.csv", "valve10/1.csv", "other/b.CSV", "1.csv",
-                "notes.txt", "valve2/sub/0.csv"):
+                "notes.txt", "valve2/sub/0.csv", ".hidden/2.csv",
+                "valve2/.ipynb_checkpoints/2-checkpoint.csv"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x")
     got = [p.relative_to(tmp_path).as_posix() for p in labelled_files(tmp_path)]
