@@ -151,13 +151,11 @@ class DeviceTracker:
                 st.flagged = Moments.of(row)
             else:
                 st.normal = Moments.of(row)
-            n_flagged = 0 if st.flagged is None else st.flagged.n
-            trusted = n_flagged <= MAX_FLAGGED_SHARE * st.count
             if st.count >= self.n_fit:
                 self._fit(st)
                 if st.count >= self.warmup:  # nothing held back (a tiny warm-up)
                     st.threshold = MIN_THRESHOLD
-            return _WARMING if trusted else _WARMING_UNTRUSTED
+            return _WARMING if _global_informative(st) else _WARMING_UNTRUSTED
         diff = row - c
         z = diff / s
         dev = w @ z
@@ -171,7 +169,7 @@ class DeviceTracker:
                 c += _ALPHA * diff
             if st.count >= self.warmup:
                 st.threshold = max(MIN_THRESHOLD, THRESHOLD_MARGIN * st.held_back_max)
-            return _WARMING if st.trusts_global else _WARMING_UNTRUSTED
+            return _WARMING if _global_informative(st) else _WARMING_UNTRUSTED
         thr = st.threshold
         if score <= thr:  # the usual case: no input is beyond the threshold, none frozen
             if learn:
@@ -212,6 +210,10 @@ class DeviceTracker:
             "warmup_fit": None if not fitted else (
                 "left_out_flagged" if st.trusts_global else "all_readings"
             ),
+            # during warm-up: whether the global model's verdicts may raise its alert now
+            "warmup_alerts": _global_informative(st) if (
+                self.warmup > 0 and st.threshold is None
+            ) else None,
             "baseline_threshold": st.threshold,
             "window_filled": len(st.recent),
             "window": self.window,
@@ -306,3 +308,13 @@ class DeviceTracker:
         self.devices = devices
         return len(devices)
 
+
+def _global_informative(st: DeviceState) -> bool:
+    """During warm-up: whether the global model's verdicts say something about this
+    device, so may raise its alert. While fitting, it may have flagged at most
+    ``MAX_FLAGGED_SHARE`` of the readings so far; once fitted, the fit must have trusted it
+    (the same share, and enough readings it judged normal)."""
+    if st.center is not None:
+        return st.trusts_global
+    n_flagged = 0 if st.flagged is None else st.flagged.n
+    return n_flagged <= MAX_FLAGGED_SHARE * st.count

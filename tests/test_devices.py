@@ -167,12 +167,14 @@ def test_a_global_model_flagging_most_of_the_warm_up_is_not_listened_to(n_flagge
     during = t.summary("d")
     assert during is not None and during["warmup_fit"] is None
     assert during["warmup_flagged"] == min(n_flagged, 20)
+    assert during["warmup_alerts"] is (n_flagged <= 10)  # flagged so far, of 20 readings
     feed(t, "d", x[20:], flagged[20:])
     st = t.devices["d"]
     trusted = n_flagged <= MAX_FLAGGED_SHARE * 30
     assert st.trusts_global is trusted
     summary = t.summary("d")  # what an operator sees (GET /devices/d)
     assert summary is not None and summary["warmup_flagged"] is None
+    assert summary["warmup_alerts"] is None  # warm-up over: the baseline confirms verdicts
     assert summary["warmup_fit"] == ("left_out_flagged" if trusted else "all_readings")
     fitted = x[n_flagged:30] if trusted else x[:30]
     assert st.scale is not None and np.allclose(st.scale, fitted.std(axis=0))
@@ -186,7 +188,11 @@ def test_warm_up_verdicts_count_for_alerts_only_while_the_global_model_is_inform
     # a device like the fleet: a first reading flagged, then normal, then a flagged run
     flagged = np.zeros(50, dtype=bool)
     flagged[[0, 10, 11, 12]] = True
-    got = feed(tracker(warmup=40, window=1), "d", x, flagged)
+    like = tracker(warmup=40, window=1)
+    got = feed(like, "d", x[:20], flagged[:20])
+    shown = like.summary("d")  # what GET /devices/d says meanwhile
+    assert shown is not None and shown["warmup_alerts"] is True
+    got += feed(like, "d", x[20:], flagged[20:])
     assert [a.alerts for a in got[:3]] == [False, True, True]  # 1 of 1, then 1 of 2
     assert all(a.alerts for a in got[1:]), [i for i, a in enumerate(got) if not a.alerts]
     # a device unlike the fleet: every reading flagged
