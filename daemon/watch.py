@@ -30,8 +30,13 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
         return (f"batch   {device} {body['anomalies_detected']}/{body['total_samples']} "
                 "anomalous")
     mark = "ANOMALY" if body.get("is_anomaly") else "normal "
+    tags = "".join(f" [{tag}]" for tag, key in _TAGS if body.get(key))
     return (f"{mark} {device} seq={body.get('seq', '-')} score={body.get('anomaly_score', 0):.3f}"
-            f" conf={body.get('confidence', 0):.2f} {body.get('explanation', '')}")
+            f" conf={body.get('confidence', 0):.2f}{tags} {body.get('explanation', '')}")
+
+
+#: Verdict fields worth a tag on the line: a verdict that does not count the usual way.
+_TAGS = (("warming up", "warming_up"), ("repeat", "repeat"), ("silenced", "silenced_until"))
 
 
 def watch(settings: Settings, anomalies_only: bool = False) -> int:

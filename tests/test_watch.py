@@ -23,6 +23,11 @@ def test_verdict_and_dead_letter_lines() -> None:
     assert describe("anomaly/p2/verdict", orjson.dumps(verdict), S).startswith(
         "ANOMALY p2 seq=7 score=4.500 conf=0.97 vibration"
     )
+    tagged = {**verdict, "warming_up": True, "repeat": True,
+              "silenced_until": "2026-11-27T02:00:00.000Z"}
+    assert describe("anomaly/p2/verdict", orjson.dumps(tagged), S).startswith(
+        "ANOMALY p2 seq=7 score=4.500 conf=0.97 [warming up] [repeat] [silenced] vibration"
+    )
     dead = {"device_id": "p3", "reason": "not_json", "detail": "line 1"}
     assert describe("anomaly/dead-letter", orjson.dumps(dead), S) == (
         "DEAD-LETTER p3: not_json: line 1"
