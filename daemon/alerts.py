@@ -167,7 +167,10 @@ class AlertTracker:
             if st.active and (st.severity is None or st.raised_at is None):
                 raise ValueError(f"alert state of {dev!r} is active without severity or time")
             devices[str(dev)] = st
-        silences = {str(dev): float(until) for dev, until in data.get("silences", {}).items()}
+        saved = data.get("silences", {})  # state saved before silences existed has none
+        if not isinstance(saved, dict):
+            raise ValueError("saved silences are not a mapping of device to end time")
+        silences = {str(dev): float(until) for dev, until in saved.items()}
         if not all(math.isfinite(until) for until in silences.values()):
             raise ValueError("a saved silence does not end at a finite time")
         self.devices, self.silences = devices, silences

@@ -443,6 +443,8 @@ def test_alert_tracker_silence_ends_by_itself_and_survives_a_restart() -> None:
     assert again.restore(old) == 0 and again.silences == {}
     with pytest.raises(ValueError, match="finite"):
         again.restore({**saved, "silences": {"a": "inf"}})
+    with pytest.raises(ValueError, match="not a mapping"):
+        again.restore({**saved, "silences": [["a", 100.0]]})
 
 
 def test_a_silenced_device_raises_nothing_until_the_silence_ends(
