@@ -1,9 +1,7 @@
 """Command line: ``anomalyd run | train | simulate | score | evaluate | watch | devices |
-rewarm | silence | reload | check-config``.
-
-Exit codes: 0 success; 1 a runtime failure (including: the daemon's HTTP port did not
-answer, or answered an error); 2 bad arguments, configuration or models; 3 the broker
-could not be reached or refused the connection.
+rewarm | silence | reload | check-config``: the arguments, and the commands that run here;
+those that talk to a running daemon are ``daemon.device_client``'s. Exit codes:
+``daemon.exit_codes``.
 """
 
 from __future__ import annotations
@@ -13,16 +11,14 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import quote
 
 import orjson
 
 from daemon import __version__
 from daemon.config import Settings, load_settings
 from daemon.errors import AnomalydError, BrokerError, ConfigError, ModelLoadError, TrainingError
+from daemon.exit_codes import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.training import MIN_ROWS, QUANTILE_RANGE
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
 
 def _progress(message: str) -> None:
@@ -158,89 +154,33 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from daemon.device_client import ask_workers, device_table
+    from daemon.device_client import show_devices
 
-    settings = _settings(args)
-    if args.id is None:
-        devices = [
-            {**d, **({"worker": w["worker"]} if "worker" in w else {})}
-            for w in ask_workers(settings, "GET", "/devices")
-            for d in w["devices"]
-        ]
-        if args.json:
-            sys.stdout.buffer.write(orjson.dumps(devices, option=orjson.OPT_INDENT_2) + b"\n")
-        else:
-            print(device_table(devices))
-        return EXIT_OK
-    found = ask_workers(settings, "GET", f"/devices/{quote(args.id, safe='')}")
-    if not found:
-        print(f"error: the daemon does not know device {args.id!r}", file=sys.stderr)
-        return EXIT_FAILURE
-    for d in found:
-        sys.stdout.buffer.write(orjson.dumps(d, option=orjson.OPT_INDENT_2) + b"\n")
-    return EXIT_OK
+    return show_devices(_settings(args), args.id, as_json=args.json)
 
 
 def cmd_rewarm(args: argparse.Namespace) -> int:
-    from daemon.device_client import ask_workers
+    from daemon.device_client import rewarm
 
-    done = ask_workers(_settings(args), "POST", f"/devices/{quote(args.id, safe='')}/rewarm")
-    if not done:
-        print(f"error: the daemon does not know device {args.id!r}", file=sys.stderr)
-        return EXIT_FAILURE
-    for d in done:
-        where = f" on worker {d['worker']}" if "worker" in d else ""
-        cleared = "; its active alert was cleared" if d["alert_cleared"] else ""
-        n = d["warmup_readings"]
-        then = (f"its next {n} readings warm up again" if n else
-                "baselines are off (baseline.warmup_readings = 0), so there is no warm-up")
-        print(f"{d['device_id']}{where}: window, baseline and alert state forgotten; "
-              f"{then}{cleared}")
-    return EXIT_OK
+    return rewarm(_settings(args), args.id)
+
+
+def cmd_silence(args: argparse.Namespace) -> int:
+    from daemon.device_client import silence
+
+    return silence(_settings(args), args.id, 0.0 if args.off else args.duration)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from daemon.control import RELOAD_TIMEOUT_S
-    from daemon.device_client import ask_workers
+    from daemon.device_client import reload
 
-    errors: list[str] = []  # one worker's refusal must not hide what the others did
-    done = ask_workers(_settings(args), "POST", "/models/reload", RELOAD_TIMEOUT_S + 5, errors)
-    for d in done:
-        where = f"worker {d['worker']}: " if "worker" in d else ""
-        print(f"{where}model {d['old_version']} -> {d['new_version']}; "
-              f"{d['devices_kept']} devices and {d['alert_states_kept']} alert states kept")
-        for problem in d["problems"]:
-            print(f"  {where}discarded: {problem}")
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    return EXIT_FAILURE if errors else EXIT_OK
+    return reload(_settings(args))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
     print("configuration is valid", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_silence(args: argparse.Namespace) -> int:
-    from daemon.device_client import ask_workers
-
-    seconds = 0.0 if args.off else args.duration
-    path = f"/devices/{quote(args.id, safe='')}/silence/{seconds!r}"
-    done = ask_workers(_settings(args), "POST", path)
-    if not any(d["known"] for d in done):
-        print(f"note: the daemon has not seen device {args.id!r} yet (a typo?); done anyway",
-              file=sys.stderr)
-    for d in done:
-        where = f" on worker {d['worker']}" if "worker" in d else ""
-        if d["silenced_until"] is None:
-            print(f"{d['device_id']}{where}: silence lifted; its verdicts count towards its "
-                  "alert again")
-        else:
-            active = "; its active alert stays raised" if d["alert_active"] else ""
-            print(f"{d['device_id']}{where}: alerts silenced until {d['silenced_until']} "
-                  f"(verdicts are still published){active}")
     return EXIT_OK
 
 

@@ -1,17 +1,21 @@
 """The command line's side of device control and model reload: ``anomalyd devices``,
 ``rewarm``, ``silence`` and ``reload`` talking to a running daemon's HTTP port (the
-daemon's side is ``daemon.control`` and ``daemon.reload``)."""
+daemon's side is ``daemon.control`` and ``daemon.reload``). Each command returns its exit
+code (``daemon.exit_codes``); ``daemon.cli`` parses the arguments."""
 
 from __future__ import annotations
 
+import sys
 import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import orjson
 
-from daemon.control import COMMAND_TIMEOUT_S, MAX_SILENCE_S, ControlError
+from daemon.control import COMMAND_TIMEOUT_S, MAX_SILENCE_S, RELOAD_TIMEOUT_S, ControlError
 from daemon.errors import ConfigError
+from daemon.exit_codes import EXIT_FAILURE, EXIT_OK
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -141,3 +145,84 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         name = d["device_id"] + (f" (worker {d['worker']})" if "worker" in d else "")
         lines.append(f"{name:<24} {warm:<12} {'-' if thr is None else f'{thr:.3g}':<10} {alert}")
     return "\n".join(lines)
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+def show_devices(settings: Settings, device_id: str | None, *, as_json: bool) -> int:
+    """``anomalyd devices [ID]``: every worker's devices as a table (or JSON), or one."""
+    if device_id is None:
+        devices = [
+            {**d, **({"worker": w["worker"]} if "worker" in w else {})}
+            for w in ask_workers(settings, "GET", "/devices")
+            for d in w["devices"]
+        ]
+        if as_json:
+            sys.stdout.buffer.write(orjson.dumps(devices, option=orjson.OPT_INDENT_2) + b"\n")
+        else:
+            print(device_table(devices))
+        return EXIT_OK
+    found = ask_workers(settings, "GET", f"/devices/{_path(device_id)}")
+    if not found:
+        print(f"error: the daemon does not know device {device_id!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    for d in found:
+        sys.stdout.buffer.write(orjson.dumps(d, option=orjson.OPT_INDENT_2) + b"\n")
+    return EXIT_OK
+
+
+def rewarm(settings: Settings, device_id: str) -> int:
+    """``anomalyd rewarm ID``."""
+    done = ask_workers(settings, "POST", f"/devices/{_path(device_id)}/rewarm")
+    if not done:
+        print(f"error: the daemon does not know device {device_id!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    for d in done:
+        cleared = "; its active alert was cleared" if d["alert_cleared"] else ""
+        n = d["warmup_readings"]
+        then = (f"its next {n} readings warm up again" if n else
+                "baselines are off (baseline.warmup_readings = 0), so there is no warm-up")
+        print(f"{d['device_id']}{_on_worker(d)}: window, baseline and alert state forgotten; "
+              f"{then}{cleared}")
+    return EXIT_OK
+
+
+def silence(settings: Settings, device_id: str, seconds: float) -> int:
+    """``anomalyd silence ID --for D`` (``seconds`` 0: ``--off``)."""
+    done = ask_workers(settings, "POST", f"/devices/{_path(device_id)}/silence/{seconds!r}")
+    if not any(d["known"] for d in done):
+        print(f"note: the daemon has not seen device {device_id!r} yet (a typo?); done anyway",
+              file=sys.stderr)
+    for d in done:
+        if d["silenced_until"] is None:
+            print(f"{d['device_id']}{_on_worker(d)}: silence lifted; its verdicts count "
+                  "towards its alert again")
+        else:
+            active = "; its active alert stays raised" if d["alert_active"] else ""
+            print(f"{d['device_id']}{_on_worker(d)}: alerts silenced until "
+                  f"{d['silenced_until']} (verdicts are still published){active}")
+    return EXIT_OK
+
+
+def reload(settings: Settings) -> int:
+    """``anomalyd reload``: every worker; one's refusal does not hide what the others did."""
+    errors: list[str] = []
+    done = ask_workers(settings, "POST", "/models/reload", RELOAD_TIMEOUT_S + 5, errors)
+    for d in done:
+        where = f"worker {d['worker']}: " if "worker" in d else ""
+        print(f"{where}model {d['old_version']} -> {d['new_version']}; "
+              f"{d['devices_kept']} devices and {d['alert_states_kept']} alert states kept")
+        for problem in d["problems"]:
+            print(f"  {where}discarded: {problem}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return EXIT_FAILURE if errors else EXIT_OK
+
+
+def _path(device_id: str) -> str:
+    return quote(device_id, safe="")
+
+
+def _on_worker(answer: dict[str, Any]) -> str:
+    return f" on worker {answer['worker']}" if "worker" in answer else ""
