@@ -140,6 +140,8 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         thr = d.get("baseline_threshold")
         a = d["alert"]
         alert = f"{a['severity']} since {a['raised_at']}" if a["active"] else "-"
+        if d.get("warmup_alerts") is False:  # a device unlike the fleet, while warming up
+            alert += " (warm-up verdicts page no one)"
         if a.get("silenced_until"):
             alert += f" (silenced until {a['silenced_until']})"
         name = d["device_id"] + (f" (worker {d['worker']})" if "worker" in d else "")

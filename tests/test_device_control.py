@@ -513,6 +513,24 @@ def test_silence_paths_and_lengths_are_checked_before_the_scorer_is_asked() -> N
         assert request(port, "POST", "/devices/p-1/silence/60")[0] == 503
 
 
+def test_the_device_table_says_when_alerts_are_held_back() -> None:
+    from daemon.device_client import device_table
+
+    rows = [
+        {"device_id": "p-1", "warmup_readings": 400, "warmup_seen": 12, "warming_up": True,
+         "warmup_alerts": False, "baseline_threshold": None, "alert": {"active": False}},
+        {"device_id": "p-2", "warmup_readings": 400, "warmup_seen": 400, "warming_up": False,
+         "warmup_alerts": None, "baseline_threshold": 9.5,
+         "alert": {"active": True, "severity": "major", "raised_at": "2026-11-27T00:00:00Z",
+                   "silenced_until": "2026-11-27T02:00:00.000Z"}},
+    ]
+    _, first, second = device_table(rows).splitlines()
+    assert first.split() == ["p-1", "12/400", "warming", "-", "-", "(warm-up", "verdicts",
+                             "page", "no", "one)"]
+    assert second.endswith("major since 2026-11-27T00:00:00Z (silenced until "
+                           "2026-11-27T02:00:00.000Z)")
+
+
 def test_silence_durations_on_the_command_line() -> None:
     from daemon.device_client import parse_duration
 
