@@ -103,9 +103,9 @@ class Router:
             return _error(404, "not found"), None
         if len(parts) == 2:
             return (self._run(Command("list")), None) if method == "GET" else _not_allowed("GET")
-        action = parts[3] if len(parts) > 3 else "show"
+        action = parts[3] if len(parts) > 3 else ""  # "": the device itself
         # /devices/{id}, /devices/{id}/rewarm, /devices/{id}/silence/{seconds}
-        if action not in ("show", "rewarm", "silence") or (len(parts) == 5) != (
+        if (len(parts) > 3 and action not in ("rewarm", "silence")) or (len(parts) == 5) != (
             action == "silence"
         ):
             return _error(404, "not found"), None
@@ -113,7 +113,7 @@ class Router:
         if not self.device_id.fullmatch(device):
             return _error(400, f"device id {device[:80]!r} does not match "
                                "limits.device_id_pattern"), None
-        if action == "show":
+        if not action:
             if method != "GET":
                 return _not_allowed("GET")
             return self._run(Command("show", device)), None

@@ -509,6 +509,8 @@ def test_silence_paths_and_lengths_are_checked_before_the_scorer_is_asked() -> N
         assert status == 405 and resp.getheader("Allow") == "POST"
         assert request(port, "POST", "/devices/p-1/silence")[0] == 404  # no length
         assert request(port, "POST", "/devices/p-1/rewarm/60")[0] == 404
+        assert request(port, "GET", "/devices/p-1/show")[0] == 404
+        assert request(port, "GET", "/devices/p-1/")[0] == 404
         # a good request reaches the queue (nobody drains it here: 503)
         assert request(port, "POST", "/devices/p-1/silence/60")[0] == 503
 
