@@ -80,6 +80,12 @@ MAX_FLAGGED_SHARE = 0.5
 ADAPT_READINGS = 100.0
 
 
+def global_informative(n_flagged: int, count: int) -> bool:
+    """Whether the global model says something about a device whose warm-up it flagged
+    ``n_flagged`` of ``count`` readings in: at most ``MAX_FLAGGED_SHARE`` of them."""
+    return n_flagged <= MAX_FLAGGED_SHARE * count
+
+
 def baseline_scale(center: Matrix, std: Matrix, n_raw: int, global_scale: Matrix) -> Matrix:
     """Standard deviations floored at a small fraction of each raw channel's level and of
     the global model's scale."""
@@ -140,7 +146,7 @@ def fit(
     n_flagged = 0 if flagged is None else flagged.n
     trusts_global = (
         normal is not None
-        and n_flagged <= MAX_FLAGGED_SHARE * count
+        and global_informative(n_flagged, count)
         and normal.n > normal.mean.size  # else the covariance would be singular
     )
     if trusts_global or flagged is None:

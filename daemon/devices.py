@@ -21,11 +21,11 @@ import numpy as np
 from daemon.baseline import (
     ADAPT_READINGS,
     HELD_BACK,
-    MAX_FLAGGED_SHARE,
     MIN_THRESHOLD,
     THRESHOLD_MARGIN,
     Moments,
     fit,
+    global_informative,
 )
 from daemon.repeats import SeqWindow
 from daemon.windows import Matrix, window_stats
@@ -155,7 +155,7 @@ class DeviceTracker:
                 self._fit(st)
                 if st.count >= self.warmup:  # nothing held back (a tiny warm-up)
                     st.threshold = MIN_THRESHOLD
-            return _WARMING if _global_informative(st) else _WARMING_UNTRUSTED
+            return _WARMING if _alerts_may_count(st) else _WARMING_UNTRUSTED
         diff = row - c
         z = diff / s
         dev = w @ z
@@ -169,7 +169,7 @@ class DeviceTracker:
                 c += _ALPHA * diff
             if st.count >= self.warmup:
                 st.threshold = max(MIN_THRESHOLD, THRESHOLD_MARGIN * st.held_back_max)
-            return _WARMING if _global_informative(st) else _WARMING_UNTRUSTED
+            return _WARMING if _alerts_may_count(st) else _WARMING_UNTRUSTED
         thr = st.threshold
         if score <= thr:  # the usual case: no input is beyond the threshold, none frozen
             if learn:
@@ -211,7 +211,7 @@ class DeviceTracker:
                 "left_out_flagged" if st.trusts_global else "all_readings"
             ),
             # during warm-up: whether the global model's verdicts may raise its alert now
-            "warmup_alerts": _global_informative(st) if (
+            "warmup_alerts": _alerts_may_count(st) if (
                 self.warmup > 0 and st.threshold is None
             ) else None,
             "baseline_threshold": st.threshold,
@@ -309,12 +309,11 @@ class DeviceTracker:
         return len(devices)
 
 
-def _global_informative(st: DeviceState) -> bool:
+def _alerts_may_count(st: DeviceState) -> bool:
     """During warm-up: whether the global model's verdicts say something about this
     device, so may raise its alert. While fitting, it may have flagged at most
     ``MAX_FLAGGED_SHARE`` of the readings so far; once fitted, the fit must have trusted it
     (the same share, and enough readings it judged normal)."""
     if st.center is not None:
         return st.trusts_global
-    n_flagged = 0 if st.flagged is None else st.flagged.n
-    return n_flagged <= MAX_FLAGGED_SHARE * st.count
+    return global_informative(0 if st.flagged is None else st.flagged.n, st.count)
