@@ -24,7 +24,7 @@ from daemon.models import BatchScores, ModelBundle
 from daemon.payloads import Outbound, Payloads, iso, severity
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoded, Decoder, Reading, Rejection
-from daemon.shadow import ShadowTally, incompatibility
+from daemon.shadow import ShadowMismatchError, ShadowTally, incompatibility
 from daemon.windows import Matrix
 
 
@@ -128,8 +128,8 @@ class Pipeline:
         if shadow is not None:
             problem = incompatibility(bundle, shadow)
             if problem is not None:
-                raise ValueError(f"model set {shadow.version} cannot shadow {bundle.version}: "
-                                 f"{problem}")
+                raise ShadowMismatchError(f"the shadow model set {shadow.version} cannot "
+                                          f"shadow the serving one: {problem}")
             self.shadow_tally = ShadowTally(shadow.version, shadow.default_detector)
 
     # -- scoring -----------------------------------------------------------------------
@@ -197,6 +197,8 @@ class Pipeline:
                 j.explanation = exp.to_dict()
         for detector, idx in groups.items():
             stats.by_detector[detector] = (len(idx), anomalies[detector], elapsed[detector])
+        if self.shadow_tally is not None:
+            self.shadow_tally.add(stats.shadow)
         return judged
 
     def _shadow_scores(self, observed: list[Matrix], stats: BatchStats) -> BatchScores | None:
@@ -210,10 +212,10 @@ class Pipeline:
         return scored
 
     def _compare(self, j: Judgement, candidate: bool, score: float, stats: BatchStats) -> None:
-        """Count the candidate's final verdict against the serving one's."""
+        """Count the candidate's final verdict against the serving one's (the batch's
+        counts join the tally once, in ``judge``)."""
         tally = self.shadow_tally
         assert tally is not None  # set with the shadow
-        tally.add(j.is_anomaly, candidate)
         both = (j.is_anomaly, candidate)
         stats.shadow[both] = stats.shadow.get(both, 0) + 1
         if j.is_anomaly != candidate:

@@ -21,7 +21,6 @@ from daemon.models import ModelBundle, load_bundle
 from daemon.pipeline import Pipeline
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoder
-from daemon.shadow import incompatibility
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,15 +47,10 @@ def build_scoring(
 ) -> tuple[Decoder, Pipeline]:
     """The decoder (it reads the model's features) and the pipeline for ``bundle``, with
     the shadow model set of ``model.shadow_dir`` loaded, if one is configured
-    (ModelLoadError if it cannot be loaded or cannot shadow ``bundle``)."""
+    (ModelLoadError if it cannot be loaded, or, from the pipeline, cannot shadow
+    ``bundle``)."""
     s = settings
-    shadow = None
-    if s.model.shadow_dir is not None:
-        shadow = load_bundle(s.model.shadow_dir)
-        problem = incompatibility(bundle, shadow)
-        if problem is not None:
-            raise ModelLoadError(f"the shadow model set in {s.model.shadow_dir} cannot "
-                                 f"shadow the serving one: {problem}")
+    shadow = None if s.model.shadow_dir is None else load_bundle(s.model.shadow_dir)
     decoder = Decoder(
         bundle.features,
         bundle.detector_names,

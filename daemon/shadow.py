@@ -11,19 +11,26 @@ neither), and the last few disagreements are kept, for ``GET /models`` and the m
 The baseline keeps learning from the serving model's verdicts only.
 
 The candidate must read the same features through the same window (the per-device windows
-are shared); ``incompatibility`` says why not. Pure: no clock, no I/O.
+are shared); ``incompatibility`` says why not, and ``daemon.pipeline.Pipeline`` refuses it
+with ``ShadowMismatchError``. Pure: no clock, no I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from daemon.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from daemon.models import ModelBundle
 
 #: How many of the latest disagreements ``ShadowTally`` keeps for an operator to look at.
 KEPT_DISAGREEMENTS = 20
+
+
+class ShadowMismatchError(ModelLoadError, ValueError):
+    """The candidate cannot shadow the serving model set (the message says why)."""
 
 
 def incompatibility(serving: ModelBundle, candidate: ModelBundle) -> str | None:
@@ -43,39 +50,32 @@ class ShadowTally:
 
     version: str
     detector: str
-    both: int = 0  # anomalous for both
-    serving_only: int = 0
-    candidate_only: int = 0
-    neither: int = 0
+    #: readings by (serving verdict, candidate verdict), is_anomaly each
+    counts: dict[tuple[bool, bool], int] = field(default_factory=dict)
     #: the latest disagreements: device, key, serving and candidate verdict and score. A
     #: tuple replaced whole, so ``describe`` may run on another thread (``GET /models``)
     #: while the scorer adds one.
     disagreements: tuple[dict[str, Any], ...] = ()
 
-    def add(self, serving: bool, candidate: bool) -> None:
-        if serving:
-            if candidate:
-                self.both += 1
-            else:
-                self.serving_only += 1
-        elif candidate:
-            self.candidate_only += 1
-        else:
-            self.neither += 1
+    def add(self, counts: dict[tuple[bool, bool], int]) -> None:
+        """Add one batch's counts (``BatchStats.shadow``)."""
+        for verdicts, n in counts.items():
+            self.counts[verdicts] = self.counts.get(verdicts, 0) + n
 
     def disagree(self, what: dict[str, Any]) -> None:
         self.disagreements = (*self.disagreements[1 - KEPT_DISAGREEMENTS :], what)
 
     def describe(self) -> dict[str, Any]:
-        compared = self.both + self.serving_only + self.candidate_only + self.neither
-        agree = self.both + self.neither
+        n = dict(self.counts)  # a copy: the scorer may add to it meanwhile
+        compared = sum(n.values())
+        agree = n.get((True, True), 0) + n.get((False, False), 0)
         return {
             "version": self.version,
             "detector": self.detector,
             "compared": compared,
             "agreement": agree / compared if compared else None,
-            "anomalous_for_both": self.both,
-            "anomalous_for_serving_only": self.serving_only,
-            "anomalous_for_candidate_only": self.candidate_only,
+            "anomalous_for_both": n.get((True, True), 0),
+            "anomalous_for_serving_only": n.get((True, False), 0),
+            "anomalous_for_candidate_only": n.get((False, True), 0),
             "latest_disagreements": list(self.disagreements),
         }

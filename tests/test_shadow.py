@@ -79,7 +79,7 @@ def test_a_shadow_changes_nothing_published_and_counts_its_disagreements(
     # The looser candidate flags every ANOMALOUS reading and some normal ones besides.
     assert seen["anomalous_for_both"] >= 18 and seen["anomalous_for_candidate_only"] > 0
     assert seen["agreement"] == pytest.approx(
-        (seen["anomalous_for_both"] + tally.neither) / 200)
+        (seen["anomalous_for_both"] + tally.counts.get((False, False), 0)) / 200)
     latest = seen["latest_disagreements"]
     assert 0 < len(latest) <= 20
     assert all(d["serving"]["is_anomaly"] != d["candidate"]["is_anomaly"] for d in latest)
