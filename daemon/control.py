@@ -55,6 +55,15 @@ class ControlError(AnomalydError):
     """A device command could not be carried out (the message says why)."""
 
 
+def check_silence(seconds: float, as_given: str) -> float:
+    """``seconds`` if it is a silence's length (0 lifts one); else ControlError naming
+    the range and the value ``as_given``."""
+    if not 0 <= seconds <= MAX_SILENCE_S:  # NaN fails too
+        raise ControlError(f"a silence lasts 0 (lift it) to {MAX_SILENCE_S:g} seconds, "
+                           f"not {as_given[:40]!r}")
+    return seconds
+
+
 class UnknownDeviceError(ControlError):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"unknown device {device_id!r}")
@@ -245,9 +254,7 @@ class DeviceControl:
         whether it has): a maintenance may start before the device reports, and with
         ``WORKERS=N`` any worker may receive its next reading.
         """
-        if not 0 <= seconds <= MAX_SILENCE_S:
-            raise ControlError(f"a silence lasts 0 (lift it) to {MAX_SILENCE_S:g} s, "
-                               f"not {seconds:g}")
+        check_silence(seconds, f"{seconds:g}")
         alerts = self.pipeline.alert_states
         now = self.clock()
         was = alerts.silenced_until(device_id, now)

@@ -30,7 +30,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from daemon.control import (
     COMMAND_TIMEOUT_S,
-    MAX_SILENCE_S,
     RELOAD_TIMEOUT_S,
     Command,
     ControlError,
@@ -39,6 +38,7 @@ from daemon.control import (
     ControlUnavailableError,
     ReloadFailedError,
     UnknownDeviceError,
+    check_silence,
 )
 
 log = structlog.get_logger("anomalyd.http")
@@ -121,10 +121,11 @@ class Router:
             return _not_allowed("POST")
         if action == "rewarm":
             return self._run(Command("rewarm", device)), None
-        seconds = _seconds(parts[4])
-        if seconds is None:
-            return _error(400, f"a silence lasts 0 (lift it) to {MAX_SILENCE_S:g} seconds, "
-                               f"not {unquote(parts[4])[:40]!r}"), None
+        length = unquote(parts[4])
+        try:  # refused here with the same words, without a round trip to the scorer
+            seconds = check_silence(_number(length), length)
+        except ControlError as exc:
+            return _error(400, str(exc)), None
         return self._run(Command("silence", device, seconds)), None
 
     def _run(self, command: Command, timeout: float | None = None) -> Response:
@@ -263,13 +264,12 @@ class HttpServer:
         self._server.server_close()
 
 
-def _seconds(text: str) -> float | None:
-    """A silence's length from the path: a finite number of seconds in range, else None."""
+def _number(text: str) -> float:
+    """``text`` as a number; NaN if it is none (every range check then fails)."""
     try:
-        seconds = float(unquote(text))
+        return float(text)
     except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and 0 <= seconds <= MAX_SILENCE_S else None
+        return math.nan
 
 
 def _authorized(header: str | None, expected: bytes) -> bool:
