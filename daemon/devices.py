@@ -135,7 +135,8 @@ class DeviceTracker:
         self, device_id: str, row: Matrix, global_anomaly: bool, *, learn: bool = True
     ) -> Assessment:
         """Judge ``row`` against the device's baseline, then let the baseline learn from it
-        (unless ``learn`` is False: a repeat is judged but teaches nothing)."""
+        (unless ``learn`` is False: a repeat, or a reading during a silence, is judged
+        but teaches nothing and does not count towards the warm-up)."""
         if self.warmup <= 0:
             return _OFF
         st = self.devices[device_id]

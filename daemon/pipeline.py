@@ -134,13 +134,18 @@ class Pipeline:
 
     # -- scoring -----------------------------------------------------------------------
 
-    def judge(self, readings: Sequence[Reading], stats: BatchStats) -> list[Judgement]:
+    def judge(
+        self, readings: Sequence[Reading], stats: BatchStats, now: float
+    ) -> list[Judgement]:
         """Score readings grouped by detector; results in the order given.
 
         The global model scores each group in one vectorised call (it needs no per-device
         state beyond the window); then, in arrival order, each device's baseline judges
         its reading and learns from it (``daemon.devices``). A reading is anomalous after
-        warm-up only if both flag it.
+        warm-up only if both flag it. A repeat, or a reading of a device whose alerts are
+        silenced at ``now`` (a maintenance window: its readings are not its normal), is
+        judged the same way but teaches the baseline nothing and does not advance its
+        warm-up.
         """
         groups: dict[str, list[int]] = {}
         default = self.default_detector
@@ -168,6 +173,10 @@ class Pipeline:
             for j, rep in zip(judged, repeats, strict=True):
                 j.repeat = rep
             stats.repeats = sum(repeats)
+        alert_states = self.alert_states
+        if alert_states.silences:
+            for j in judged:
+                j.silenced_until = alert_states.silenced_until(j.reading.device_id, now)
         anomalies: dict[str, int] = dict.fromkeys(groups, 0)
         warmup = devices.warmup > 0
         shadow = self._shadow_scores(observed, stats)
@@ -175,7 +184,8 @@ class Pipeline:
             center, scale, z = None, None, None
             baseline_flag = True  # the baseline's say: none unless it is active
             if warmup:
-                a = devices.assess(j.reading.device_id, row, j.is_anomaly, learn=not j.repeat)
+                learn = not j.repeat and j.silenced_until is None
+                a = devices.assess(j.reading.device_id, row, j.is_anomaly, learn=learn)
                 j.warming_up, j.alerts = a.warming_up, a.alerts
                 if a.active:
                     j.baseline = {
@@ -314,13 +324,11 @@ class Pipeline:
         readings: list[Reading] = []
         for d in decoded:
             readings.extend(d.readings)
-        judged = self.judge(readings, stats) if readings else []
+        judged = self.judge(readings, stats, now) if readings else []
         stats.readings = len(judged)
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
         alert_states = self.alert_states
         for j in judged:
-            if alert_states.silences:
-                j.silenced_until = alert_states.silenced_until(j.reading.device_id, now)
             # a repeat's first verdict already counted; an untrusted warm-up verdict or a
             # silenced device's counts for nothing
             if j.repeat or not j.alerts or j.silenced_until is not None:

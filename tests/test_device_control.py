@@ -499,6 +499,44 @@ def test_a_silenced_device_raises_nothing_until_the_silence_ends(
     assert metrics.get_sample_value("anomalyd_device_silences_total", {"action": "lifted"}) == 1
 
 
+def test_a_silenced_device_teaches_its_baseline_nothing(model_bundle: ModelBundle) -> None:
+    """Readings during a maintenance window are not the device's normal: they are judged
+    and published, but its warm-up does not advance and a fitted baseline's centre stays
+    where it was; when the silence ends, both go on from there."""
+    decoder = Decoder(model_bundle.features, model_bundle.detector_names)
+    pipeline = Pipeline(model_bundle, decoder, Settings().topics, AlertConfig(),
+                        warmup=WARMUP)
+    now = [1000.0]
+    control = DeviceControl(pipeline, Metrics(CollectorRegistry()), lambda _o: True,
+                            lambda: None, clock=lambda: now[0])
+
+    def feed(readings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        msgs = [RawMessage("sensors/p-1/readings", orjson.dumps(r), 0.0) for r in readings]
+        return [orjson.loads(o.payload) for outs in pipeline.process(msgs, now[0])[0]
+                for o in outs if o.topic.endswith("/verdict")]
+
+    feed([normal(i) for i in range(5)])
+    control.execute(Command("silence", "p-1", 60.0))
+    out = feed([{**ANOMALOUS, "seq": 100 + i} for i in range(30)])
+    assert len(out) == 30 and all(o["warming_up"] and "silenced_until" in o for o in out)
+    assert all(o["is_anomaly"] for o in out)  # judged as usual
+    assert control.show("p-1")["warmup_seen"] == 5  # but not learnt
+    now[0] = 1061.0  # the silence is over: the warm-up goes on from 5
+    feed([normal(i) for i in range(200, 200 + WARMUP - 5)])
+    shown = control.show("p-1")
+    assert shown["warming_up"] is False and shown["warmup_seen"] == WARMUP
+    state = pipeline.devices.devices["p-1"]
+    assert state.center is not None
+    center = state.center.copy()
+    control.execute(Command("silence", "p-1", 60.0))
+    out = feed([{**ANOMALOUS, "seq": 300 + i} for i in range(30)])
+    assert all(o["baseline"]["is_anomaly"] for o in out[WARMUP // 2:])
+    np.testing.assert_array_equal(state.center, center)  # the centre did not move
+    now[0] = 1200.0
+    feed([normal(400)])
+    assert not np.array_equal(state.center, center)  # it adapts again
+
+
 def test_silence_paths_and_lengths_are_checked_before_the_scorer_is_asked() -> None:
     with bare_server("127.0.0.1") as server:
         port = server.port
