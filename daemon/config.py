@@ -86,14 +86,15 @@ class TopicsConfig(_Strict):
     alert: str = "anomaly/{device_id}/alert"
     dead_letter: str = "anomaly/dead-letter"
     status: str = "anomaly/status"
+    presence: str = "anomaly/{device_id}/presence"
 
     @model_validator(mode="after")
     def _check(self) -> TopicsConfig:
-        for name in ("verdict", "alert"):
+        for name in ("verdict", "alert", "presence"):
             template = getattr(self, name)
             if "{device_id}" not in template:
                 raise ValueError(f"topics.{name} must contain '{{device_id}}'")
-        for name in ("verdict", "alert", "dead_letter", "status"):
+        for name in ("verdict", "alert", "dead_letter", "status", "presence"):
             if any(c in getattr(self, name).replace("{device_id}", "") for c in "+#"):
                 raise ValueError(f"topics.{name} must not contain MQTT wildcards")
         return self
@@ -159,11 +160,16 @@ class AlertConfig(_Strict):
     raise_after: int = Field(3, ge=1)
     window: int = Field(5, ge=1, le=1000)
     resolve_after: int = Field(10, ge=1)
+    # A device none of whose readings was judged for this long is announced quiet on the
+    # presence topic (daemon.presence); 0 turns it off.
+    quiet_after_s: float = Field(0.0, ge=0, le=30 * 86_400)
 
     @model_validator(mode="after")
     def _check(self) -> AlertConfig:
         if self.raise_after > self.window:
             raise ValueError("raise_after must be <= window")
+        if 0 < self.quiet_after_s < 1:
+            raise ValueError("quiet_after_s is 0 (off) or at least 1 second")
         return self
 
 

@@ -222,7 +222,7 @@ class DeviceControl:
         if command.action == "list":
             p = self.pipeline  # its trackers are looked up per call: restore replaces them
             known = sorted(p.devices.devices.keys() | p.alert_states.devices.keys()
-                           | p.alert_states.silences.keys())
+                           | p.alert_states.silences.keys() | p.presence.last_seen.keys())
             return {"devices": [self.show(d) for d in known]}
         if command.action == "show":
             return self.show(command.device_id)
@@ -231,19 +231,25 @@ class DeviceControl:
         return self.rewarm(command.device_id)
 
     def show(self, device_id: str) -> dict[str, Any]:
-        """Warm-up progress, baseline threshold and alert state; no arrays."""
+        """Warm-up progress, baseline threshold, alert state and, with
+        ``alerts.quiet_after_s`` set, when its last reading was judged; no arrays."""
         p = self.pipeline
         device = p.devices.summary(device_id)
         alert = p.alert_states.summary(device_id)
         until = p.alert_states.silenced_until(device_id, self.clock())
-        if device is None and alert is None and until is None:
+        seen = p.presence.summary(device_id)
+        if device is None and alert is None and until is None and seen is None:
             raise UnknownDeviceError(device_id)
         if alert is None:
             alert = {"active": False}
         elif alert["raised_at"] is not None:
             alert["raised_at"] = iso(alert["raised_at"])
         alert["silenced_until"] = None if until is None else iso(until)
-        return {"device_id": device_id, **(device or {}), "alert": alert}
+        shown = {"device_id": device_id, **(device or {}), "alert": alert}
+        if p.presence.enabled:
+            shown["last_seen"] = None if seen is None else iso(seen["last_seen"])
+            shown["quiet"] = seen is not None and seen["quiet"]
+        return shown
 
     def silence(self, device_id: str, seconds: float) -> dict[str, Any]:
         """Silence the device's alerts for ``seconds`` from now (0: lift the silence):

@@ -144,6 +144,8 @@ def device_table(devices: list[dict[str, Any]]) -> str:
             alert += " (warm-up verdicts page no one)"
         if a.get("silenced_until"):
             alert += f" (silenced until {a['silenced_until']})"
+        if d.get("quiet"):
+            alert += f" (quiet: last reading {d['last_seen']})"
         name = d["device_id"] + (f" (worker {d['worker']})" if "worker" in d else "")
         lines.append(f"{name:<24} {warm:<12} {'-' if thr is None else f'{thr:.3g}':<10} {alert}")
     return "\n".join(lines)

@@ -124,6 +124,16 @@ class Metrics:
             "anomalyd_shadow_scoring_seconds",
             "Time spent scoring readings with the shadow model set", registry=r,
         )
+        self.presence_changes = Counter(
+            "anomalyd_presence_changes",
+            "Devices announced quiet (no reading judged for alerts.quiet_after_s) or "
+            "reporting again", ["state"], registry=r,
+        )
+        self.quiet_devices = Gauge(
+            "anomalyd_quiet_devices",
+            "Devices announced quiet and not reporting again (alerts.quiet_after_s)",
+            registry=r,
+        )
         self.score_stats = ScoreStats()  # anomalyd_score_margin, anomalyd_input_shift_sigma
         r.register(self.score_stats)
 
@@ -147,6 +157,8 @@ class Metrics:
             self.repeats.inc(stats.repeats)
         for sev in stats.alert_severities:
             self.alerts.labels(sev).inc()
+        if stats.back:
+            self.presence_changes.labels("reporting").inc(stats.back)
         if stats.shadow:
             for (serving, candidate), n in stats.shadow.items():
                 self.shadow_verdicts.labels(_VERDICT[serving], _VERDICT[candidate]).inc(n)

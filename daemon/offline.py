@@ -93,7 +93,7 @@ def score_file(
         counts["rejected"] += stats.rejected
         for outs in outputs:
             for o in outs:
-                if o.kind != "alert":
+                if o.kind in ("verdict", "dead_letter"):
                     out.write(o.payload + b"\n")
         chunk.clear()
         nonlocal last_said

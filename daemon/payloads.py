@@ -1,4 +1,5 @@
-"""What anomalyd publishes: verdicts, batch verdicts, alert states and dead letters.
+"""What anomalyd publishes: verdicts, batch verdicts, alert states, dead letters and
+devices' presence.
 
 Pure functions of a judged reading (``daemon.pipeline.Judgement``) and the configuration:
 the payload reference in the README describes what these build. Strict JSON (orjson; no
@@ -22,8 +23,9 @@ from daemon.readings import Decoded, Rejection
 if TYPE_CHECKING:
     from daemon.alerts import AlertEvent
     from daemon.pipeline import Judgement, RawMessage
+    from daemon.presence import PresenceEvent
 
-OutKind = Literal["verdict", "alert", "dead_letter"]
+OutKind = Literal["verdict", "alert", "dead_letter", "presence"]
 NORMAL_TEXT = "within normal parameters"
 
 
@@ -32,7 +34,8 @@ class Outbound:
     kind: OutKind
     topic: str
     payload: bytes
-    retain: bool = False  # alert states are retained: a new subscriber sees the last one
+    # alert states and presence are retained: a new subscriber sees each device's last one
+    retain: bool = False
 
 
 _last_second: tuple[int, str] = (-1, "")
@@ -78,6 +81,8 @@ class Payloads:
         self.max_payload_bytes = max_payload_bytes
         self._verdict_prefix, self._verdict_suffix = topics.verdict.split("{device_id}", 1)
         self._alert_prefix, self._alert_suffix = topics.alert.split("{device_id}", 1)
+        self._presence_prefix, self._presence_suffix = topics.presence.split("{device_id}", 1)
+        self.quiet_after_s = alerts.quiet_after_s
 
     def verdict_dict(self, j: Judgement, scored_at: str) -> dict[str, Any]:
         r = j.reading
@@ -149,6 +154,8 @@ class Payloads:
         outs = [Outbound("verdict", topic, orjson.dumps(self.verdict_dict(j, scored_at)))]
         if j.alert is not None:
             outs.append(self.alert(j, j.alert, scored_at))
+        if j.back is not None:
+            outs.append(self.presence(j.back))
         return outs
 
     def batch(self, d: Decoded, judged: list[Judgement], scored_at: str) -> list[Outbound]:
@@ -190,7 +197,24 @@ class Payloads:
         topic = self._verdict_prefix + device + self._verdict_suffix
         outs = [Outbound("verdict", topic, orjson.dumps(body))]
         outs.extend(self.alert(j, j.alert, scored_at) for j in judged if j.alert is not None)
+        outs.extend(self.presence(j.back) for j in judged if j.back is not None)
         return outs
+
+    def presence(self, event: PresenceEvent) -> Outbound:
+        """A device gone quiet, or reporting again (retained)."""
+        at = event.at
+        body = {
+            "device_id": event.device_id,
+            "state": event.state,
+            # its last judged reading: before it went quiet, or the one that is back
+            "last_seen": iso(event.last_seen if event.state == "quiet" else at),
+            # quiet: so far; reporting: in all
+            "quiet_for_s": round(at - event.last_seen, 3),
+            "quiet_after_s": self.quiet_after_s,
+            "published_at": iso(at),
+        }
+        topic = self._presence_prefix + event.device_id + self._presence_suffix
+        return Outbound("presence", topic, orjson.dumps(body), retain=True)
 
     def alert_topic(self, device_id: str) -> str:
         return self._alert_prefix + device_id + self._alert_suffix

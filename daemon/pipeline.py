@@ -22,6 +22,7 @@ from daemon.config import AlertConfig, TopicsConfig
 from daemon.devices import DeviceTracker
 from daemon.models import BatchScores, ModelBundle
 from daemon.payloads import Outbound, Payloads, iso, severity
+from daemon.presence import PresenceEvent, PresenceTracker
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoded, Decoder, Reading, Rejection
 from daemon.shadow import ShadowMismatchError, ShadowTally, incompatibility
@@ -61,6 +62,8 @@ class Judgement:
     alerts: bool = True
     #: the device's alerts are silenced until then (epoch s): the verdict fed no alert
     silenced_until: float | None = None
+    #: the device had been announced quiet, and this reading says it is back
+    back: PresenceEvent | None = None
 
     @property
     def members(self) -> dict[str, float] | None:
@@ -95,6 +98,7 @@ class BatchStats:
     #: time its scoring took
     shadow: dict[tuple[bool, bool], int] = field(default_factory=dict)
     shadow_seconds: float = 0.0
+    back: int = 0  # devices announced quiet that are reporting again (daemon.presence)
 
 
 class Pipeline:
@@ -116,6 +120,8 @@ class Pipeline:
         # Per-device state: feature windows and warm-up baselines, then alert states. Both
         # are fed in arrival order, so micro-batch boundaries never change a verdict.
         self.devices, self.alert_states = self._empty_trackers()
+        # When each device's last reading was judged: who has gone quiet (daemon.presence).
+        self.presence = PresenceTracker(alerts.quiet_after_s)
         self.decoder = decoder
         self.payloads = Payloads(topics, alerts, bundle.version, max_payload_bytes)
         self.limiter = limiter
@@ -281,15 +287,16 @@ class Pipeline:
     def snapshot(self) -> dict[str, Any]:
         """Windows, baselines and alert states as plain data (``daemon.state`` saves it)."""
         return {"schema": self.state_schema(), "devices": self.devices.to_json(),
-                "alerts": self.alert_states.to_json()}
+                "alerts": self.alert_states.to_json(), "presence": self.presence.to_json()}
 
     def restore(self, snapshot: dict[str, Any]) -> tuple[int, int, list[str]]:
         """Reload what of a snapshot still applies: (devices, alert states, what was not).
 
-        Alert states are kept whatever else changed: the broker still holds each device's
-        last retained alert, and only a tracker that knows the alert is raised will publish
-        its "resolved". Windows and baselines are kept only for the same schema, window and
-        warm-up length; otherwise those devices warm up again.
+        Alert states and when each device was last seen are kept whatever else changed:
+        the broker still holds each device's last retained alert (and presence), and only a
+        tracker that knows the alert is raised (the device quiet) will publish its
+        "resolved" ("reporting"). Windows and baselines are kept only for the same schema,
+        window and warm-up length; otherwise those devices warm up again.
         """
         problems: list[str] = []
         devices, alerts = self._empty_trackers()
@@ -299,6 +306,13 @@ class Pipeline:
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(f"alert states: {exc!s}")
             alerts = self._empty_trackers()[1]
+        presence = PresenceTracker(self.alerts.quiet_after_s)
+        if "presence" in snapshot:  # state saved before presence was kept has none
+            try:
+                presence.restore(snapshot["presence"])
+            except (ValueError, KeyError, TypeError) as exc:
+                problems.append(f"presence: {exc!s}")
+        self.presence = presence
         n_devices = 0
         schema = self.state_schema()
         if snapshot.get("schema") != schema:
@@ -328,7 +342,12 @@ class Pipeline:
         stats.readings = len(judged)
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
         alert_states = self.alert_states
+        presence = self.presence if self.presence.enabled else None
         for j in judged:
+            if presence is not None and not j.repeat:
+                j.back = presence.seen(j.reading.device_id, now)
+                if j.back is not None:
+                    stats.back += 1
             # a repeat's first verdict already counted; an untrusted warm-up verdict or a
             # silenced device's counts for nothing
             if j.repeat or not j.alerts or j.silenced_until is not None:
@@ -357,6 +376,16 @@ class Pipeline:
                 outs.extend(self.payloads.single(mine[0], scored_at))
             outputs.append(outs)
         return outputs, stats
+
+    def newly_quiet(self, now: float) -> list[PresenceEvent]:
+        """The devices that have just gone quiet (not while silenced; ``daemon.presence``);
+        ``payloads.presence`` makes their retained message."""
+        presence = self.presence
+        if not presence.enabled or not presence.last_seen:
+            return []
+        alerts = self.alert_states
+        silenced = {d for d in list(alerts.silences) if alerts.silenced_until(d, now) is not None}
+        return presence.due(now, silenced)
 
     def _decode(self, m: RawMessage, now: float) -> Decoded:
         limiter = self.limiter

@@ -28,12 +28,15 @@ from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.mqtt import MqttAdapter
-from daemon.payloads import Outbound
+from daemon.payloads import Outbound, iso
 from daemon.pipeline import BatchStats, RawMessage
 from daemon.reload import ModelReloader, build_scoring, publish_model_info, rate_limiter
 from daemon.status import ServiceStatus
 
 log = structlog.get_logger("anomalyd")
+
+#: How often the scorer looks for devices gone quiet (``alerts.quiet_after_s``).
+PRESENCE_CHECK_S = 1.0
 
 
 def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
@@ -73,6 +76,7 @@ class Service:
         self.decoder, self.pipeline = build_scoring(s, bundle, self.subscription, rate_limiter(s))
         self.state_path = state.state_file(s.state.dir, worker_index)
         self._state_saved_at = time.monotonic()
+        self._presence_checked_at = 0.0
         # Bounded by batch.queue_size: when full, the intake's network thread waits (the
         # PUBACKs our publishes need arrive on the other connection), so the broker keeps
         # the readings. SimpleQueue: a C queue, ~20x cheaper per message than queue.Queue.
@@ -130,6 +134,7 @@ class Service:
                 elif self._stopping.is_set():
                     return
                 self.control.drain(self._execute)
+                self._check_presence()
         except Exception as exc:
             self.worker_crashed = repr(exc)
             log.exception("worker_crashed")
@@ -161,6 +166,22 @@ class Service:
                     return
             self.mqtt.acks.release(msg)
         self._record(stats, time.perf_counter() - t0)
+
+    def _check_presence(self) -> None:
+        """Announce the devices that have gone quiet (at most once a second)."""
+        mono = time.monotonic()
+        if mono - self._presence_checked_at < PRESENCE_CHECK_S:
+            return
+        self._presence_checked_at = mono
+        pipeline = self.pipeline
+        if not pipeline.presence.enabled:
+            return
+        for event in pipeline.newly_quiet(time.time()):
+            self.metrics.presence_changes.labels("quiet").inc()
+            log.warning("device_quiet", device_id=event.device_id,
+                        last_seen=iso(event.last_seen))
+            self._publish_now(pipeline.payloads.presence(event))
+        self.metrics.quiet_devices.set(len(pipeline.presence.quiet))
 
     def _publish_now(self, out: Outbound) -> bool:
         """Publish a message no reading caused (an operator's command; scorer thread)."""

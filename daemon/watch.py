@@ -1,4 +1,5 @@
-"""``anomalyd watch``: print verdicts, alerts and dead letters as they arrive (one line each)."""
+"""``anomalyd watch``: print verdicts, alerts, dead letters and devices gone quiet as they
+arrive (one line each)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
     device = body.get("device_id", "?")
     if topic == settings.topics.dead_letter:
         return f"DEAD-LETTER {device}: {body.get('reason')}: {body.get('detail')}"
+    if "quiet_after_s" in body:
+        if body.get("state") == "quiet":
+            return f"QUIET   {device}: no reading judged since {body.get('last_seen')}"
+        return f"BACK    {device}: reporting again after {body.get('quiet_for_s')} s"
     if "severity" in body:
         state = body.get("state", "raised")
         return f"ALERT   {device} {state} [{body['severity']}] {body.get('explanation')}"
@@ -43,6 +48,7 @@ def watch(settings: Settings, anomalies_only: bool = False) -> int:
     cfg = settings.mqtt
     verdict_filter = settings.topics.verdict.replace("{device_id}", "+")
     alert_filter = settings.topics.alert.replace("{device_id}", "+")
+    presence_filter = settings.topics.presence.replace("{device_id}", "+")
 
     def on_message(c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         line = describe(msg.topic, bytes(msg.payload), settings)
@@ -52,7 +58,8 @@ def watch(settings: Settings, anomalies_only: bool = False) -> int:
 
     client = connect_tool_client(cfg)
     client.on_message = on_message
-    client.subscribe([(verdict_filter, 0), (alert_filter, 0), (settings.topics.dead_letter, 0)])
+    client.subscribe([(verdict_filter, 0), (alert_filter, 0), (settings.topics.dead_letter, 0),
+                      (presence_filter, 0)])
     try:
         client.loop_forever()
     except KeyboardInterrupt:

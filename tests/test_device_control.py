@@ -564,11 +564,16 @@ def test_the_device_table_says_when_alerts_are_held_back() -> None:
          "alert": {"active": True, "severity": "major", "raised_at": "2026-11-27T00:00:00Z",
                    "silenced_until": "2026-11-27T02:00:00.000Z"}},
     ]
-    _, first, second = device_table(rows).splitlines()
+    rows.append({"device_id": "p-3", "warmup_readings": 0, "baseline_threshold": None,
+                 "alert": {"active": False}, "quiet": True,
+                 "last_seen": "2026-11-27T01:00:00.000Z"})
+    _, first, second, third = device_table(rows).splitlines()
     assert first.split() == ["p-1", "12/400", "warming", "-", "-", "(warm-up", "verdicts",
                              "page", "no", "one)"]
     assert second.endswith("major since 2026-11-27T00:00:00Z (silenced until "
                            "2026-11-27T02:00:00.000Z)")
+    assert third.split() == ["p-3", "off", "-", "-", "(quiet:", "last", "reading",
+                             "2026-11-27T01:00:00.000Z)"]
 
 
 def test_silence_durations_on_the_command_line() -> None:

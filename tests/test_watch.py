@@ -1,4 +1,4 @@
-"""`anomalyd watch`: one readable line per verdict, alert state and dead letter."""
+"""`anomalyd watch`: one readable line per verdict, alert state, dead letter and presence."""
 
 from __future__ import annotations
 
@@ -36,3 +36,15 @@ def test_verdict_and_dead_letter_lines() -> None:
 
 def test_garbage_is_shown_not_raised() -> None:
     assert describe("anomaly/x/verdict", b"\xff\xfe", S).startswith("anomaly/x/verdict ")
+
+
+def test_presence_lines() -> None:
+    quiet = {"device_id": "p4", "state": "quiet", "last_seen": "2026-11-27T03:00:00.000Z",
+             "quiet_for_s": 301.0, "quiet_after_s": 300.0}
+    assert describe("anomaly/p4/presence", orjson.dumps(quiet), S) == (
+        "QUIET   p4: no reading judged since 2026-11-27T03:00:00.000Z"
+    )
+    back = {**quiet, "state": "reporting", "quiet_for_s": 912.5}
+    assert describe("anomaly/p4/presence", orjson.dumps(back), S) == (
+        "BACK    p4: reporting again after 912.5 s"
+    )
