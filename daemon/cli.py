@@ -1,5 +1,5 @@
 """Command line: ``anomalyd run | train | simulate | score | evaluate | watch | devices |
-rewarm | silence | reload | check-config``: the arguments, and the commands that run here;
+rewarm | silence | forget | reload | check-config``: the arguments, and the commands that run here;
 those that talk to a running daemon are ``daemon.device_client``'s. Exit codes:
 ``daemon.exit_codes``.
 """
@@ -165,6 +165,12 @@ def cmd_rewarm(args: argparse.Namespace) -> int:
     return rewarm(_settings(args), args.id)
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from daemon.device_client import forget
+
+    return forget(_settings(args), args.id)
+
+
 def cmd_silence(args: argparse.Namespace) -> int:
     from daemon.device_client import silence
 
@@ -306,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     rewarm = sub.add_parser("rewarm", help="make a device of the running daemon warm up again")
     rewarm.add_argument("id", help="the device id")
     rewarm.set_defaults(func=cmd_rewarm)
+
+    forget = sub.add_parser(
+        "forget", help="forget a device taken out of service: its state, and its retained "
+                       "alert and presence at the broker")
+    forget.add_argument("id", help="the device id")
+    forget.set_defaults(func=cmd_forget)
 
     silence = sub.add_parser(
         "silence", help="stop a device's verdicts from raising or resolving alerts for a "

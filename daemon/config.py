@@ -114,6 +114,9 @@ class LimitsConfig(_Strict):
     # Per-device token bucket, in readings: 0 turns it off.
     device_rate_per_s: float = Field(0.0, ge=0)
     device_burst: int = Field(1000, ge=1)
+    # Devices anomalyd keeps state for (window, baseline, alert); readings of further
+    # devices are dead-lettered as too_many_devices. Bounds memory and the state file.
+    max_devices: int = Field(10_000, ge=1)
 
 
 class ModelConfig(_Strict):

@@ -1,6 +1,6 @@
 """Operator commands on per-device state: list devices, show one, restart its warm-up,
-silence its alerts for a while; and the queue that also carries the model reload (run by
-``daemon.reload``).
+silence its alerts for a while, forget one taken out of service; and the queue that also
+carries the model reload (run by ``daemon.reload``).
 
 The scorer thread owns the pipeline's per-device state (``Pipeline.devices`` and
 ``Pipeline.alert_states``, objects that ``Pipeline.restore`` replaces); HTTP threads never
@@ -14,7 +14,7 @@ into those dicts and updates baselines' arrays in place, so a read from another 
 could fail mid-iteration or see a half-fitted baseline; a snapshot kept fresh for readers
 would cost every batch on the hot path for a request an operator makes now and then.
 
-The command line's side (``anomalyd devices`` / ``rewarm`` / ``silence``) is
+The command line's side (``anomalyd devices`` / ``rewarm`` / ``silence`` / ``forget``) is
 ``daemon.device_client``.
 """
 
@@ -84,7 +84,7 @@ class ReloadFailedError(ControlError):
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    action: Literal["list", "show", "rewarm", "silence", "reload"]
+    action: Literal["list", "show", "rewarm", "silence", "forget", "reload"]
     device_id: str = ""
     seconds: float = 0.0  # "silence": for how long from now (0 lifts a silence)
 
@@ -228,6 +228,8 @@ class DeviceControl:
             return self.show(command.device_id)
         if command.action == "silence":
             return self.silence(command.device_id, command.seconds)
+        if command.action == "forget":
+            return self.forget(command.device_id)
         return self.rewarm(command.device_id)
 
     def show(self, device_id: str) -> dict[str, Any]:
@@ -317,6 +319,34 @@ class DeviceControl:
             "alert_cleared": cleared,
             "before": before,
         }
+
+
+    def forget(self, device_id: str) -> dict[str, Any]:
+        """Drop everything kept of a device taken out of service (window, baseline, alert
+        state, silence, last seen), which also makes room under ``limits.max_devices``,
+        and delete its retained alert and presence messages at the broker (an empty
+        retained message deletes one), so dashboards stop showing it. A device this
+        process does not know is forgotten all the same (``known`` says so): its retained
+        messages may outlive the state of a worker that knew it. The state file is written
+        at once. Its next reading, if any, makes it a new device."""
+        p = self.pipeline
+        try:
+            before: dict[str, Any] | None = self.show(device_id)
+        except UnknownDeviceError:
+            before = None
+        p.forget(device_id)
+        cleared = all([self.publish(out) for out in p.payloads.clear_retained(device_id)])
+        if not cleared:
+            log.warning("forget_retained_not_cleared", device_id=device_id,
+                        note="stopping before the broker took the empty retained messages")
+        self.save()
+        self.metrics.forgets.inc()
+        result = {"device_id": device_id, "known": before is not None,
+                  "retained_cleared": cleared, "before": before}
+        log.info("device_forgotten", device_id=device_id, known=before is not None,
+                 alert_was_active=before is not None and before["alert"]["active"],
+                 retained_cleared=cleared)
+        return result
 
 
 def cleared_alert(

@@ -1,5 +1,5 @@
 """The command line's side of device control and model reload: ``anomalyd devices``,
-``rewarm``, ``silence`` and ``reload`` talking to a running daemon's HTTP port (the
+``rewarm``, ``silence``, ``forget`` and ``reload`` talking to a running daemon's HTTP port (the
 daemon's side is ``daemon.control`` and ``daemon.reload``). Each command returns its exit
 code (``daemon.exit_codes``); ``daemon.cli`` parses the arguments."""
 
@@ -190,6 +190,24 @@ def rewarm(settings: Settings, device_id: str) -> int:
         print(f"{d['device_id']}{_on_worker(d)}: window, baseline and alert state forgotten; "
               f"{then}{cleared}")
     return EXIT_OK
+
+
+def forget(settings: Settings, device_id: str) -> int:
+    """``anomalyd forget ID``."""
+    done = ask_workers(settings, "POST", f"/devices/{_path(device_id)}/forget")
+    if not any(d["known"] for d in done):
+        print(f"note: the daemon does not know device {device_id!r} (a typo?); its retained "
+              "messages were deleted anyway", file=sys.stderr)
+    failed = False
+    for d in done:
+        if d["retained_cleared"]:
+            print(f"{d['device_id']}{_on_worker(d)}: forgotten; its retained alert and "
+                  "presence were deleted")
+        else:
+            failed = True
+            print(f"{d['device_id']}{_on_worker(d)}: forgotten, but the daemon stopped before "
+                  "the broker took the deletion of its retained messages", file=sys.stderr)
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def silence(settings: Settings, device_id: str, seconds: float) -> int:

@@ -1,7 +1,7 @@
 """The HTTP edge: health, readiness, metrics, models and info, the operators' device
 commands (``GET /devices``, ``GET /devices/{id}``, ``POST /devices/{id}/rewarm``,
-``POST /devices/{id}/silence/{seconds}``) and the model reload (``POST /models/reload``),
-on one port.
+``POST /devices/{id}/silence/{seconds}``, ``POST /devices/{id}/forget``) and the model
+reload (``POST /models/reload``), on one port.
 
 A bearer token, when configured, guards every path but ``/health``. Requests that change
 state (POST) need that token, or, when none is configured, a server bound to a loopback
@@ -104,10 +104,10 @@ class Router:
         if len(parts) == 2:
             return (self._run(Command("list")), None) if method == "GET" else _not_allowed("GET")
         action = parts[3] if len(parts) > 3 else ""  # "": the device itself
-        # /devices/{id}, /devices/{id}/rewarm, /devices/{id}/silence/{seconds}
-        if (len(parts) > 3 and action not in ("rewarm", "silence")) or (len(parts) == 5) != (
-            action == "silence"
-        ):
+        # /devices/{id}, /devices/{id}/rewarm, /devices/{id}/forget,
+        # /devices/{id}/silence/{seconds}
+        unknown = len(parts) > 3 and action not in ("rewarm", "forget", "silence")
+        if unknown or (len(parts) == 5) != (action == "silence"):
             return _error(404, "not found"), None
         device = unquote(parts[2])
         if not self.device_id.fullmatch(device):
@@ -121,6 +121,8 @@ class Router:
             return _not_allowed("POST")
         if action == "rewarm":
             return self._run(Command("rewarm", device)), None
+        if action == "forget":
+            return self._run(Command("forget", device)), None
         length = unquote(parts[4])
         try:  # refused here with the same words, without a round trip to the scorer
             seconds = check_silence(_number(length), length)

@@ -105,6 +105,15 @@ class Metrics:
             "Operator silences of a device's alerts (POST silence), set or lifted",
             ["action"], registry=r,
         )
+        self.forgets = Counter(
+            "anomalyd_device_forgets",
+            "Devices an operator had forgotten (POST forget): state dropped, retained alert "
+            "and presence deleted", registry=r,
+        )
+        self.devices = Gauge(
+            "anomalyd_devices",
+            "Devices with state (window, baseline); limits.max_devices bounds it", registry=r,
+        )
         self.model_reloads = Counter(
             "anomalyd_model_reloads",
             "Model set reloads without a restart, by outcome (ok; failed: the old set kept "

@@ -219,6 +219,13 @@ class Payloads:
     def alert_topic(self, device_id: str) -> str:
         return self._alert_prefix + device_id + self._alert_suffix
 
+    def clear_retained(self, device_id: str) -> list[Outbound]:
+        """Empty retained messages: the broker deletes the device's retained alert state
+        and presence (a device taken out of service)."""
+        presence = self._presence_prefix + device_id + self._presence_suffix
+        return [Outbound("alert", self.alert_topic(device_id), b"", retain=True),
+                Outbound("presence", presence, b"", retain=True)]
+
     def dead_letter(
         self, msg: RawMessage, d: Decoded, rejections: Sequence[Rejection], now: float
     ) -> Outbound:

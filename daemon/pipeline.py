@@ -113,6 +113,7 @@ class Pipeline:
         limiter: DeviceRateLimiter | None = None,
         warmup: int = 0,
         shadow: ModelBundle | None = None,
+        max_devices: int | None = None,
     ) -> None:
         self.bundle = bundle
         self.alerts = alerts
@@ -125,6 +126,9 @@ class Pipeline:
         self.decoder = decoder
         self.payloads = Payloads(topics, alerts, bundle.version, max_payload_bytes)
         self.limiter = limiter
+        # At most this many devices get state; readings of more are dead-lettered.
+        self.max_devices = max_devices
+        self._admitting: set[str] = set()  # new devices of the batch being decoded
         self.default_detector = default_detector or bundle.default_detector
         if self.default_detector not in bundle.detector_names:
             raise ValueError(f"default detector {self.default_detector!r} is not in the model set")
@@ -334,6 +338,7 @@ class Pipeline:
     ) -> tuple[list[list[Outbound]], BatchStats]:
         """Outputs for each message, in order, and the batch's statistics."""
         stats = BatchStats(messages=len(messages))
+        self._admitting.clear()  # the last batch's new devices are in the trackers now
         decoded = [self._decode(m, now) for m in messages]
         readings: list[Reading] = []
         for d in decoded:
@@ -388,17 +393,38 @@ class Pipeline:
         return presence.due(now, silenced)
 
     def _decode(self, m: RawMessage, now: float) -> Decoded:
-        limiter = self.limiter
-        if limiter is None:
+        limiter, cap = self.limiter, self.max_devices
+        if limiter is None and cap is None:
             return self.decoder.decode(m.topic, m.payload, m.received_at)
         device = self.decoder.device_id(m.topic)
-        if device is not None and not limiter.allow(device, now):
+        new = False  # a device without state, to count once it has a reading
+        if device is not None and cap is not None:
+            known, admitting = self.devices.devices, self._admitting
+            new = device not in known and device not in admitting
+            if new and len(known) + len(admitting) >= cap:
+                detail = (f"anomalyd already keeps state for {cap} devices "
+                          "(limits.max_devices); forget a device that is gone "
+                          "(anomalyd forget) or raise the limit")
+                return Decoded(device, (), (Rejection("too_many_devices", detail),), False, None)
+        if device is not None and limiter is not None and not limiter.allow(device, now):
             detail = f"device is over its limit of {limiter.rate:g} readings/s"
             return Decoded(device, (), (Rejection("rate_limited", detail),), False, None)
         d = self.decoder.decode(m.topic, m.payload, m.received_at)
-        if device is not None and len(d.readings) > 1:
-            limiter.charge(device, len(d.readings) - 1, now)
+        if device is not None and d.readings:
+            if new:
+                self._admitting.add(device)
+            if limiter is not None and len(d.readings) > 1:
+                limiter.charge(device, len(d.readings) - 1, now)
         return d
+
+    def forget(self, device_id: str) -> None:
+        """Drop everything kept of the device: window, baseline, alert state, silence and
+        when it was last seen (``daemon.control``'s "forget": a device taken out of
+        service)."""
+        self.devices.forget(device_id)
+        self.alert_states.forget(device_id)
+        self.alert_states.silence(device_id, None)
+        self.presence.forget(device_id)
 
     def internal_error(
         self, messages: Sequence[RawMessage], now: float

@@ -63,6 +63,10 @@ class PresenceTracker:
                 events.append(PresenceEvent(dev, "quiet", last, now))
         return events
 
+    def forget(self, device_id: str) -> None:
+        self.last_seen.pop(device_id, None)
+        self.quiet.discard(device_id)
+
     def summary(self, device_id: str) -> dict[str, Any] | None:
         last = self.last_seen.get(device_id)
         if last is None:

@@ -62,6 +62,7 @@ def build_scoring(
     pipeline = Pipeline(
         bundle, decoder, s.topics, s.alerts, s.model.default_detector,
         s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings, shadow=shadow,
+        max_devices=s.limits.max_devices,
     )
     return decoder, pipeline
 

@@ -190,6 +190,7 @@ class Service:
 
     def _record(self, stats: BatchStats, elapsed: float) -> None:
         self.metrics.record_batch(stats)
+        self.metrics.devices.set(len(self.pipeline.devices.devices))
         self.metrics.unacked_inputs.set(len(self.mqtt.acks))
         log.info(
             "batch",
