@@ -2,8 +2,8 @@
 silence its alerts for a while, forget one taken out of service; and the queue that also
 carries the model reload (run by ``daemon.reload``).
 
-The scorer thread owns the pipeline's per-device state (``Pipeline.devices`` and
-``Pipeline.alert_states``, objects that ``Pipeline.restore`` replaces); HTTP threads never
+The scorer thread owns the pipeline's per-device state (``daemon.fleet``: trackers that
+``Fleet.restore`` replaces); HTTP threads never
 touch it. They put a :class:`Command` on a :class:`ControlQueue` and wait, bounded, for its
 result; the scorer drains the queue between micro-batches (an idle scorer wakes at least
 every 0.1 s: ``daemon.batching.next_batch``'s poll) and runs each command with
@@ -334,7 +334,7 @@ class DeviceControl:
             before: dict[str, Any] | None = self.show(device_id)
         except UnknownDeviceError:
             before = None
-        p.forget(device_id)
+        p.fleet.forget(device_id)
         cleared = all([self.publish(out) for out in p.payloads.clear_retained(device_id)])
         if not cleared:
             log.warning("forget_retained_not_cleared", device_id=device_id,

@@ -20,6 +20,7 @@ import numpy as np
 from daemon.alerts import AlertEvent, AlertTracker
 from daemon.config import AlertConfig, TopicsConfig
 from daemon.devices import DeviceTracker
+from daemon.fleet import Fleet
 from daemon.models import BatchScores, ModelBundle
 from daemon.payloads import Outbound, Payloads, iso, severity
 from daemon.presence import PresenceEvent, PresenceTracker
@@ -117,18 +118,11 @@ class Pipeline:
     ) -> None:
         self.bundle = bundle
         self.alerts = alerts
-        self.warmup = warmup
-        # Per-device state: feature windows and warm-up baselines, then alert states. Both
-        # are fed in arrival order, so micro-batch boundaries never change a verdict.
-        self.devices, self.alert_states = self._empty_trackers()
-        # When each device's last reading was judged: who has gone quiet (daemon.presence).
-        self.presence = PresenceTracker(alerts.quiet_after_s)
+        # Everything kept per device, saved and restored whole (daemon.fleet).
+        self.fleet = Fleet(bundle, alerts, warmup, max_devices)
         self.decoder = decoder
         self.payloads = Payloads(topics, alerts, bundle.version, max_payload_bytes)
         self.limiter = limiter
-        # At most this many devices get state; readings of more are dead-lettered.
-        self.max_devices = max_devices
-        self._admitting: set[str] = set()  # new devices of the batch being decoded
         self.default_detector = default_detector or bundle.default_detector
         if self.default_detector not in bundle.detector_names:
             raise ValueError(f"default detector {self.default_detector!r} is not in the model set")
@@ -141,6 +135,19 @@ class Pipeline:
                 raise ShadowMismatchError(f"the shadow model set {shadow.version} cannot "
                                           f"shadow the serving one: {problem}")
             self.shadow_tally = ShadowTally(shadow.version, shadow.default_detector)
+
+    # The fleet's trackers (``Fleet.restore`` replaces them: look them up each time).
+    @property
+    def devices(self) -> DeviceTracker:
+        return self.fleet.devices
+
+    @property
+    def alert_states(self) -> AlertTracker:
+        return self.fleet.alert_states
+
+    @property
+    def presence(self) -> PresenceTracker:
+        return self.fleet.presence
 
     # -- scoring -----------------------------------------------------------------------
 
@@ -275,62 +282,6 @@ class Pipeline:
                 row,
             )
 
-    # -- per-device state --------------------------------------------------------------
-
-    def state_schema(self) -> dict[str, Any]:
-        """What saved device state must match to be reused with this model."""
-        return {"features": list(self.bundle.features), "window": self.bundle.window}
-
-    def _empty_trackers(self) -> tuple[DeviceTracker, AlertTracker]:
-        b, a = self.bundle, self.alerts
-        return (
-            DeviceTracker(len(b.features), b.window, self.warmup, b.mean, b.std),
-            AlertTracker(a.raise_after, a.window, a.resolve_after),
-        )
-
-    def snapshot(self) -> dict[str, Any]:
-        """Windows, baselines and alert states as plain data (``daemon.state`` saves it)."""
-        return {"schema": self.state_schema(), "devices": self.devices.to_json(),
-                "alerts": self.alert_states.to_json(), "presence": self.presence.to_json()}
-
-    def restore(self, snapshot: dict[str, Any]) -> tuple[int, int, list[str]]:
-        """Reload what of a snapshot still applies: (devices, alert states, what was not).
-
-        Alert states and when each device was last seen are kept whatever else changed:
-        the broker still holds each device's last retained alert (and presence), and only a
-        tracker that knows the alert is raised (the device quiet) will publish its
-        "resolved" ("reporting"). Windows and baselines are kept only for the same schema,
-        window and warm-up length; otherwise those devices warm up again.
-        """
-        problems: list[str] = []
-        devices, alerts = self._empty_trackers()
-        n_alerts = 0
-        try:
-            n_alerts = alerts.restore(snapshot["alerts"])
-        except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"alert states: {exc!s}")
-            alerts = self._empty_trackers()[1]
-        presence = PresenceTracker(self.alerts.quiet_after_s)
-        if "presence" in snapshot:  # state saved before presence was kept has none
-            try:
-                presence.restore(snapshot["presence"])
-            except (ValueError, KeyError, TypeError) as exc:
-                problems.append(f"presence: {exc!s}")
-        self.presence = presence
-        n_devices = 0
-        schema = self.state_schema()
-        if snapshot.get("schema") != schema:
-            problems.append(f"device state was saved for {_inputs(snapshot.get('schema'))}; "
-                            f"the model reads {_inputs(schema)}")
-        else:
-            try:
-                n_devices = devices.restore(snapshot["devices"])
-            except (ValueError, KeyError, TypeError) as exc:
-                problems.append(f"device state: {exc!s}")
-                devices = self._empty_trackers()[0]
-        self.devices, self.alert_states = devices, alerts
-        return n_devices, n_alerts, problems
-
     # -- whole micro-batch -------------------------------------------------------------
 
     def process(
@@ -338,7 +289,7 @@ class Pipeline:
     ) -> tuple[list[list[Outbound]], BatchStats]:
         """Outputs for each message, in order, and the batch's statistics."""
         stats = BatchStats(messages=len(messages))
-        self._admitting.clear()  # the last batch's new devices are in the trackers now
+        self.fleet.new_batch()
         decoded = [self._decode(m, now) for m in messages]
         readings: list[Reading] = []
         for d in decoded:
@@ -382,27 +333,16 @@ class Pipeline:
             outputs.append(outs)
         return outputs, stats
 
-    def newly_quiet(self, now: float) -> list[PresenceEvent]:
-        """The devices that have just gone quiet (not while silenced; ``daemon.presence``);
-        ``payloads.presence`` makes their retained message."""
-        presence = self.presence
-        if not presence.enabled or not presence.last_seen:
-            return []
-        alerts = self.alert_states
-        silenced = {d for d in list(alerts.silences) if alerts.silenced_until(d, now) is not None}
-        return presence.due(now, silenced)
-
     def _decode(self, m: RawMessage, now: float) -> Decoded:
-        limiter, cap = self.limiter, self.max_devices
-        if limiter is None and cap is None:
+        limiter, fleet = self.limiter, self.fleet
+        if limiter is None and fleet.max_devices is None:
             return self.decoder.decode(m.topic, m.payload, m.received_at)
         device = self.decoder.device_id(m.topic)
-        new = False  # a device without state, to count once it has a reading
-        if device is not None and cap is not None:
-            known, admitting = self.devices.devices, self._admitting
-            new = device not in known and device not in admitting
-            if new and len(known) + len(admitting) >= cap:
-                detail = (f"anomalyd already keeps state for {cap} devices "
+        new = False  # a device without state, counted once a reading of it is decoded
+        if device is not None:
+            room, new = fleet.has_room(device)
+            if not room:
+                detail = (f"anomalyd already keeps state for {fleet.max_devices} devices "
                           "(limits.max_devices); forget a device that is gone "
                           "(anomalyd forget) or raise the limit")
                 return Decoded(device, (), (Rejection("too_many_devices", detail),), False, None)
@@ -412,19 +352,10 @@ class Pipeline:
         d = self.decoder.decode(m.topic, m.payload, m.received_at)
         if device is not None and d.readings:
             if new:
-                self._admitting.add(device)
+                fleet.admit(device)
             if limiter is not None and len(d.readings) > 1:
                 limiter.charge(device, len(d.readings) - 1, now)
         return d
-
-    def forget(self, device_id: str) -> None:
-        """Drop everything kept of the device: window, baseline, alert state, silence and
-        when it was last seen (``daemon.control``'s "forget": a device taken out of
-        service)."""
-        self.devices.forget(device_id)
-        self.alert_states.forget(device_id)
-        self.alert_states.silence(device_id, None)
-        self.presence.forget(device_id)
 
     def internal_error(
         self, messages: Sequence[RawMessage], now: float
@@ -438,10 +369,3 @@ class Pipeline:
             outputs.append([self.payloads.dead_letter(msg, d, (rej,), now)])
             stats.rejections.append(rej.reason)
         return outputs, stats
-
-
-def _inputs(schema: object) -> str:
-    """A state schema in words: "features ['a', 'b'] (window 10)"."""
-    if isinstance(schema, dict):
-        return f"features {schema.get('features')} (window {schema.get('window')})"
-    return f"an unknown schema ({schema!r})"

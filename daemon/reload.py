@@ -5,7 +5,7 @@ A reload runs on the scorer thread only, between micro-batches (a ``Command("rel
 ``daemon.control``'s queue, put there by ``POST /models/reload``, ``anomalyd reload`` or
 SIGHUP), so no batch is scored half by one model set and half by the other. Everything new
 is built first: if loading, verifying or building fails, nothing has changed and the old
-model set keeps serving. Per-device state moves over with ``Pipeline.restore``: alert
+model set keeps serving. Per-device state moves over with ``Fleet.restore``: alert
 states always survive; windows and baselines only for the same features, window and warm-up.
 """
 
@@ -110,7 +110,7 @@ class ModelReloader:
             bundle = self.load(model_dir)
             # The rate limiter is not the model's: devices keep their budgets.
             decoder, pipeline = build_scoring(t.settings, bundle, t.subscription, old.limiter)
-            devices, alerts, problems = pipeline.restore(old.snapshot())
+            devices, alerts, problems = pipeline.fleet.restore(old.fleet.snapshot())
         except Exception as exc:
             self._failed(model_dir, t.bundle.version, exc)
             raise ReloadFailedError(

@@ -176,7 +176,7 @@ class Service:
         pipeline = self.pipeline
         if not pipeline.presence.enabled:
             return
-        for event in pipeline.newly_quiet(time.time()):
+        for event in pipeline.fleet.newly_quiet(time.time()):
             self.metrics.presence_changes.labels("quiet").inc()
             log.warning("device_quiet", device_id=event.device_id,
                         last_seen=iso(event.last_seen))
@@ -214,7 +214,7 @@ class Service:
             return
         if snapshot is None:
             return
-        devices, alerts, problems = self.pipeline.restore(snapshot)
+        devices, alerts, problems = self.pipeline.fleet.restore(snapshot)
         for problem in problems:
             log.warning("state_partly_discarded", path=str(self.state_path), error=problem,
                         note="those devices warm up again")
@@ -224,7 +224,7 @@ class Service:
     def save_state(self) -> None:
         """Write per-device state now (scorer thread, or after it stopped)."""
         try:
-            state.save(self.state_path, self.pipeline.snapshot())
+            state.save(self.state_path, self.pipeline.fleet.snapshot())
         except OSError:
             log.exception("state_save_failed", path=str(self.state_path))
             self.metrics.callback_errors.labels("state").inc()

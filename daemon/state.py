@@ -2,7 +2,7 @@
 
 The file is replaced atomically: written beside its final name, flushed to disk, then
 renamed over it, so a crash leaves the previous complete file or the new one. The snapshot
-records the model schema it belongs to; ``Pipeline.restore`` decides what of it still
+records the model schema it belongs to; ``Fleet.restore`` decides what of it still
 applies (alert states always do; baselines and windows only for the same schema).
 """
 

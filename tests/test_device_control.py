@@ -197,7 +197,7 @@ def test_rewarm_forgets_publishes_a_retained_cleared_alert_saves_and_counts(
     feed("p-2", normal(9))
     outs = feed("p-1", ANOMALOUS)
     assert [o.kind for o in outs[0]] == ["verdict", "alert"]  # raised
-    pipeline.restore(pipeline.snapshot())  # replaces the trackers: control must follow
+    pipeline.fleet.restore(pipeline.fleet.snapshot())  # replaces the trackers: control must follow
 
     published: list[Outbound] = []
     saves: list[int] = []

@@ -60,7 +60,7 @@ def test_devices_beyond_the_limit_are_dead_lettered_and_the_known_ones_still_jud
             "device that is gone (anomalyd forget) or raise the limit")
         assert dead["payload"]  # the reading is not lost: it is in the dead letter
     assert sorted(p.devices.devices) == ["a", "b"]
-    p.forget("a")  # room for one more
+    p.fleet.forget("a")  # room for one more
     out = _feed(p, ("c", NORMAL), ("d", NORMAL))
     assert "is_anomaly" in out[0] and out[1]["reason"] == "too_many_devices"
 

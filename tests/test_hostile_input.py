@@ -190,13 +190,13 @@ def test_a_bad_message_costs_the_others_nothing(
     for pos, payload in sorted(bad, reverse=True):
         mixed.insert(min(pos, len(mixed)), RawMessage("sensors/dev-iso/readings", payload,
                                                       NOW - 1.0))
-    start = pipeline.snapshot()
+    start = pipeline.fleet.snapshot()
     try:
         alone, _ = pipeline.process(good, NOW)
-        pipeline.restore(start)
+        pipeline.fleet.restore(start)
         together, _ = pipeline.process(mixed, NOW)
     finally:
-        pipeline.restore(start)
+        pipeline.fleet.restore(start)
     wanted = {m.payload: outs for m, outs in zip(good, alone, strict=True)}
     # the first message with each good payload (a "bad" one may be drawn equal to it)
     got: dict[bytes, list[Outbound]] = {}

@@ -109,8 +109,8 @@ def _feed(pipeline: Pipeline, now: float, *readings: dict[str, Any]) -> list[Any
 def test_the_pipeline_announces_a_quiet_device_and_its_return(model_bundle: ModelBundle) -> None:
     p = _pipeline(model_bundle, quiet_after_s=30.0)
     _feed(p, 1000.0, NORMAL)
-    assert p.newly_quiet(1000.0) == [] and p.newly_quiet(1030.0) == []
-    (event,) = p.newly_quiet(1031.0)
+    assert p.fleet.newly_quiet(1000.0) == [] and p.fleet.newly_quiet(1030.0) == []
+    (event,) = p.fleet.newly_quiet(1031.0)
     out = p.payloads.presence(event)
     assert out.topic == "anomaly/p-1/presence" and out.retain and out.kind == "presence"
     assert orjson.loads(out.payload) == {
@@ -125,12 +125,12 @@ def test_the_pipeline_announces_a_quiet_device_and_its_return(model_bundle: Mode
     assert back["last_seen"] == "1970-01-01T00:18:20.000Z"
     assert [o.kind for o in _feed(p, 1101.0, NORMAL)] == ["verdict"]  # once
     # a batch message that brings it back says so too
-    assert p.newly_quiet(1200.0)[0].device_id == "p-1"
+    assert p.fleet.newly_quiet(1200.0)[0].device_id == "p-1"
     outs = _feed(p, 1300.0, {"readings": [NORMAL, NORMAL]})
     assert [o.kind for o in outs] == ["verdict", "presence"]
     # a redelivered reading says nothing about the device being there now
     _feed(p, 1301.0, {**NORMAL, "seq": 5})
-    assert p.newly_quiet(1400.0)[0].device_id == "p-1"
+    assert p.fleet.newly_quiet(1400.0)[0].device_id == "p-1"
     assert [o.kind for o in _feed(p, 1401.0, {**NORMAL, "seq": 5})] == ["verdict"]
 
 
@@ -142,11 +142,11 @@ def test_a_silenced_device_is_announced_only_after_its_silence(
     control = DeviceControl(p, Metrics(CollectorRegistry()), lambda _o: True,
                             lambda: None, clock=lambda: now[0])
     _feed(p, 1000.0, NORMAL)
-    p.newly_quiet(1000.0)
+    p.fleet.newly_quiet(1000.0)
     control.execute(Command("silence", "p-1", 60.0))  # a maintenance window
-    assert p.newly_quiet(1020.0) == [] and p.newly_quiet(1059.0) == []
+    assert p.fleet.newly_quiet(1020.0) == [] and p.fleet.newly_quiet(1059.0) == []
     assert control.show("p-1")["quiet"] is False
-    assert [e.device_id for e in p.newly_quiet(1061.0)] == ["p-1"]
+    assert [e.device_id for e in p.fleet.newly_quiet(1061.0)] == ["p-1"]
     now[0] = 1062.0
     shown = control.show("p-1")
     assert shown["quiet"] is True and shown["last_seen"] == "1970-01-01T00:16:40.000Z"
@@ -155,18 +155,19 @@ def test_a_silenced_device_is_announced_only_after_its_silence(
 def test_presence_survives_a_restart_and_a_reload(model_bundle: ModelBundle) -> None:
     p = _pipeline(model_bundle, quiet_after_s=10.0)
     _feed(p, 1000.0, NORMAL)
-    p.newly_quiet(1000.0)
-    assert len(p.newly_quiet(1011.0)) == 1
-    snapshot = json.loads(json.dumps(p.snapshot()))
+    p.fleet.newly_quiet(1000.0)
+    assert len(p.fleet.newly_quiet(1011.0)) == 1
+    snapshot = json.loads(json.dumps(p.fleet.snapshot()))
     again = _pipeline(model_bundle, quiet_after_s=10.0)
-    assert again.restore(snapshot)[2] == []
-    assert again.newly_quiet(2000.0) == [] and again.newly_quiet(2011.0) == []  # not twice
+    assert again.fleet.restore(snapshot)[2] == []
+    assert again.fleet.newly_quiet(2000.0) == []
+    assert again.fleet.newly_quiet(2011.0) == []  # announced before the restart: not twice
     outs = _feed(again, 2012.0, NORMAL)
     assert [o.kind for o in outs] == ["verdict", "presence"]
     old = {k: v for k, v in snapshot.items() if k != "presence"}  # saved before presence
-    assert again.restore(old)[2] == [] and again.presence.last_seen == {}
+    assert again.fleet.restore(old)[2] == [] and again.presence.last_seen == {}
     bad = {**snapshot, "presence": {"last_seen": 5}}
-    assert again.restore(bad)[2] == ["presence: saved presence has no mapping of device to "
+    assert again.fleet.restore(bad)[2] == ["presence: saved presence has no mapping of device to "
                                      "last-seen time"]
 
 

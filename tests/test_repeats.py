@@ -124,18 +124,18 @@ def test_the_seq_window_survives_a_restart_and_old_state_still_loads(
     before = pipeline(model_bundle, warmup=4)
     send(before, *({**NORMAL_READING, "seq": s} for s in range(6)))
     path = tmp_path / "devices.json"
-    state.save(path, before.snapshot())
+    state.save(path, before.fleet.snapshot())
     snapshot = state.load(path)
     assert snapshot is not None
     after = pipeline(model_bundle, warmup=4)
-    assert after.restore(snapshot)[0] == 1
+    assert after.fleet.restore(snapshot)[0] == 1
     out, _ = send(after, {**NORMAL_READING, "seq": 5}, {**NORMAL_READING, "seq": 6})
     assert [o.get("repeat", False) for o in out] == [True, False]
 
     for dev in snapshot["devices"]["devices"].values():  # saved before the seq window
         del dev["last_seq"], dev["seq_mask"]
     older = pipeline(model_bundle, warmup=4)
-    devices, _, problems = older.restore(snapshot)
+    devices, _, problems = older.fleet.restore(snapshot)
     assert devices == 1 and problems == []
     out, _ = send(older, {**NORMAL_READING, "seq": 5})
     assert "repeat" not in out[0]

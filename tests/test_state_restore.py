@@ -46,7 +46,7 @@ def saved_with_a_raised_alert(bundle: ModelBundle, tmp_path: Path) -> Path:
     (raised,) = feed(before, ANOMALOUS_READING)
     assert raised["state"] == "raised"
     path = tmp_path / "devices.json"
-    state.save(path, before.snapshot())
+    state.save(path, before.fleet.snapshot())
     return path
 
 
@@ -56,7 +56,7 @@ def test_the_same_configuration_restores_devices_and_alert_states(
     snapshot = state.load(saved_with_a_raised_alert(model_bundle, tmp_path))
     assert snapshot is not None
     after = pipeline(model_bundle, warmup=4)
-    assert after.restore(snapshot) == (1, 1, [])
+    assert after.fleet.restore(snapshot) == (1, 1, [])
     assert after.devices.summary("p-1") is not None
     (resolved,) = feed(after, normal(10), normal(11))
     assert resolved["state"] == "resolved"
@@ -68,7 +68,7 @@ def test_another_warm_up_length_refits_baselines_but_keeps_the_raised_alert(
     snapshot = state.load(saved_with_a_raised_alert(model_bundle, tmp_path))
     assert snapshot is not None
     after = pipeline(model_bundle, warmup=8)  # the operator changed warmup_readings
-    devices, alerts, problems = after.restore(snapshot)
+    devices, alerts, problems = after.fleet.restore(snapshot)
     assert (devices, alerts) == (0, 1)
     assert len(problems) == 1 and "warm-up" in problems[0]
     assert after.devices.summary("p-1") is None  # the device warms up again
@@ -84,7 +84,7 @@ def test_state_of_another_model_schema_keeps_only_the_alert_states(
     assert snapshot is not None
     snapshot["schema"] = {"features": ["something", "else"], "window": 1}
     after = pipeline(model_bundle, warmup=4)
-    devices, alerts, problems = after.restore(snapshot)
+    devices, alerts, problems = after.fleet.restore(snapshot)
     assert (devices, alerts) == (0, 1)
     assert len(problems) == 1 and "['something', 'else']" in problems[0]
     assert after.alert_states.is_active("p-1")
