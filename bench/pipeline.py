@@ -55,7 +55,7 @@ def main() -> None:
     pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
                         settings.model.default_detector, lim.max_payload_bytes,
                         warmup=settings.baseline.warmup_readings if args.warmup is None
-                        else args.warmup)
+                        else args.warmup, max_devices=lim.max_devices)
     with tempfile.TemporaryDirectory() as tmp:
         write_rows(Path(tmp) / "rows.json", DEVICES)
         spec = json.loads((Path(tmp) / "rows.json").read_text())
