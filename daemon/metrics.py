@@ -136,7 +136,7 @@ class Metrics:
         self.presence_changes = Counter(
             "anomalyd_presence_changes",
             "Devices announced quiet (no reading judged for alerts.quiet_after_s) or "
-            "reporting again", ["state"], registry=r,
+            "reporting (first seen, or back)", ["state"], registry=r,
         )
         self.quiet_devices = Gauge(
             "anomalyd_quiet_devices",
@@ -166,8 +166,8 @@ class Metrics:
             self.repeats.inc(stats.repeats)
         for sev in stats.alert_severities:
             self.alerts.labels(sev).inc()
-        if stats.back:
-            self.presence_changes.labels("reporting").inc(stats.back)
+        if stats.reporting:
+            self.presence_changes.labels("reporting").inc(stats.reporting)
         if stats.shadow:
             for (serving, candidate), n in stats.shadow.items():
                 self.shadow_verdicts.labels(_VERDICT[serving], _VERDICT[candidate]).inc(n)

@@ -154,8 +154,8 @@ class Payloads:
         outs = [Outbound("verdict", topic, orjson.dumps(self.verdict_dict(j, scored_at)))]
         if j.alert is not None:
             outs.append(self.alert(j, j.alert, scored_at))
-        if j.back is not None:
-            outs.append(self.presence(j.back))
+        if j.presence is not None:
+            outs.append(self.presence(j.presence))
         return outs
 
     def batch(self, d: Decoded, judged: list[Judgement], scored_at: str) -> list[Outbound]:
@@ -197,13 +197,13 @@ class Payloads:
         topic = self._verdict_prefix + device + self._verdict_suffix
         outs = [Outbound("verdict", topic, orjson.dumps(body))]
         outs.extend(self.alert(j, j.alert, scored_at) for j in judged if j.alert is not None)
-        outs.extend(self.presence(j.back) for j in judged if j.back is not None)
+        outs.extend(self.presence(j.presence) for j in judged if j.presence is not None)
         return outs
 
     def presence(self, event: PresenceEvent) -> Outbound:
         """A device gone quiet, or reporting again (retained)."""
         at = event.at
-        body = {
+        body: dict[str, Any] = {
             "device_id": event.device_id,
             "state": event.state,
             # its last judged reading: before it went quiet, or the one that is back
@@ -213,6 +213,8 @@ class Payloads:
             "quiet_after_s": self.quiet_after_s,
             "published_at": iso(at),
         }
+        if event.first:
+            body["first_seen"] = True
         topic = self._presence_prefix + event.device_id + self._presence_suffix
         return Outbound("presence", topic, orjson.dumps(body), retain=True)
 

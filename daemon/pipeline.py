@@ -63,8 +63,8 @@ class Judgement:
     alerts: bool = True
     #: the device's alerts are silenced until then (epoch s): the verdict fed no alert
     silenced_until: float | None = None
-    #: the device had been announced quiet, and this reading says it is back
-    back: PresenceEvent | None = None
+    #: this reading says the device is reporting: its first, or back from quiet
+    presence: PresenceEvent | None = None
 
     @property
     def members(self) -> dict[str, float] | None:
@@ -99,7 +99,7 @@ class BatchStats:
     #: time its scoring took
     shadow: dict[tuple[bool, bool], int] = field(default_factory=dict)
     shadow_seconds: float = 0.0
-    back: int = 0  # devices announced quiet that are reporting again (daemon.presence)
+    reporting: int = 0  # presence events of the batch: devices new, or back from quiet
 
 
 class Pipeline:
@@ -301,9 +301,9 @@ class Pipeline:
         presence = self.presence if self.presence.enabled else None
         for j in judged:
             if presence is not None and not j.repeat:
-                j.back = presence.seen(j.reading.device_id, now)
-                if j.back is not None:
-                    stats.back += 1
+                j.presence = presence.seen(j.reading.device_id, now)
+                if j.presence is not None:
+                    stats.reporting += 1
             # a repeat's first verdict already counted; an untrusted warm-up verdict or a
             # silenced device's counts for nothing
             if j.repeat or not j.alerts or j.silenced_until is not None:

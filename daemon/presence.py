@@ -5,10 +5,12 @@ update that renamed a feature so every reading is dead-lettered) is the failure 
 anomaly detector cannot see in the readings, because there are none. Each device's last
 judged reading is remembered; a periodic check (``due``) names the devices that have been
 quiet for longer than the limit, once each, and the next judged reading of such a device
-(``seen``) says it is back. Pure: the caller passes the time and publishes.
+(``seen``) says it is back. A device's first reading also says it is reporting, so every
+device known has a presence. Pure: the caller passes the time and publishes.
 
-After a restart nothing is declared quiet until ``quiet_after_s`` has passed since the
-first check: the broker first delivers what the devices published meanwhile.
+After a restart, or while anomalyd is cut off from the broker (``hold``), nothing is
+declared quiet until ``quiet_after_s`` has passed: the broker first delivers what the
+devices published meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class PresenceEvent:
     state: str  # "quiet" or "reporting"
     last_seen: float  # the device's last judged reading before this event (epoch s)
     at: float  # when: the check that found it quiet, or the reading that is back
+    first: bool = False  # "reporting" for the first time (a device not seen before)
 
 
 class PresenceTracker:
@@ -31,20 +34,30 @@ class PresenceTracker:
         self.quiet_after_s = quiet_after_s
         self.last_seen: dict[str, float] = {}
         self.quiet: set[str] = set()  # announced quiet, not back yet
-        self._checks_from: float | None = None  # the first check's time (restart grace)
+        # The first check's time, or the last time anomalyd was cut off from the broker
+        self._checks_from: float | None = None
 
     @property
     def enabled(self) -> bool:
         return self.quiet_after_s > 0
 
     def seen(self, device_id: str, now: float) -> PresenceEvent | None:
-        """A reading of the device was judged at ``now``; the event if it was quiet."""
+        """A reading of the device was judged at ``now``; the event if it was quiet or is
+        new."""
         before = self.last_seen.get(device_id)
         self.last_seen[device_id] = now
+        if before is None:
+            return PresenceEvent(device_id, "reporting", now, now, first=True)
         if device_id in self.quiet:
             self.quiet.discard(device_id)
-            return PresenceEvent(device_id, "reporting", now if before is None else before, now)
+            return PresenceEvent(device_id, "reporting", before, now)
         return None
+
+    def hold(self, now: float) -> None:
+        """No reading can arrive now (anomalyd is cut off from the broker): nothing is
+        declared quiet before ``quiet_after_s`` after the last call (the broker delivers
+        the readings published meanwhile once the connection is back)."""
+        self._checks_from = now
 
     def due(self, now: float, skip: set[str] | frozenset[str] = frozenset()) -> list[PresenceEvent]:
         """Devices quiet for longer than the limit and not announced yet (``skip``: those
@@ -54,7 +67,7 @@ class PresenceTracker:
         if self._checks_from is None:
             self._checks_from = now
         limit = self.quiet_after_s
-        if now - self._checks_from < limit:  # a restart's backlog may still be on its way
+        if now - self._checks_from < limit:  # a backlog may still be on its way
             return []
         events = []
         for dev, last in self.last_seen.items():

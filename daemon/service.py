@@ -176,6 +176,9 @@ class Service:
         pipeline = self.pipeline
         if not pipeline.presence.enabled:
             return
+        if not self.mqtt.connected:  # cut off: no device can be heard, none is declared quiet
+            pipeline.presence.hold(time.time())
+            return
         for event in pipeline.fleet.newly_quiet(time.time()):
             self.metrics.presence_changes.labels("quiet").inc()
             log.warning("device_quiet", device_id=event.device_id,

@@ -27,6 +27,8 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
     if "quiet_after_s" in body:
         if body.get("state") == "quiet":
             return f"QUIET   {device}: no reading judged since {body.get('last_seen')}"
+        if body.get("first_seen"):
+            return f"NEW     {device}: reporting"
         return f"BACK    {device}: reporting again after {body.get('quiet_for_s')} s"
     if "severity" in body:
         state = body.get("state", "raised")

@@ -27,9 +27,12 @@ from tests.test_device_control import request
 # -- the tracker ----------------------------------------------------------------------------
 
 
-def test_a_device_is_announced_quiet_once_and_back_once() -> None:
+def test_a_device_is_announced_new_once_quiet_once_and_back_once() -> None:
     t = PresenceTracker(quiet_after_s=10.0)
-    assert t.seen("a", 100.0) is None and t.seen("b", 105.0) is None
+    new = t.seen("a", 100.0)
+    assert new is not None and (new.state, new.first, new.last_seen) == ("reporting", True, 100.0)
+    assert t.seen("a", 100.0) is None
+    assert t.seen("b", 105.0) is not None
     assert t.due(100.0) == []  # the first check starts the clock
     assert t.due(110.0) == []  # "a" was seen 10 s ago: not more than the limit
     (quiet,) = t.due(110.5)
@@ -38,6 +41,7 @@ def test_a_device_is_announced_quiet_once_and_back_once() -> None:
     assert [e.device_id for e in t.due(115.5)] == ["b"]
     back = t.seen("a", 130.0)
     assert back is not None and (back.state, back.last_seen, back.at) == ("reporting", 100.0, 130.0)
+    assert back.first is False
     assert t.seen("a", 131.0) is None  # back once
     assert t.summary("a") == {"last_seen": 131.0, "quiet": False}
     assert t.summary("b") == {"last_seen": 105.0, "quiet": True}
@@ -68,6 +72,20 @@ def test_after_a_restart_nothing_is_announced_before_the_limit_has_passed() -> N
     assert again.seen("a", 5001.0) is None  # the backlog arrives
     assert again.due(5060.5) == []  # "a" was seen at 5001, "gone" is announced already
     assert [e.device_id for e in again.due(5061.5)] == ["a"]
+
+
+def test_nothing_is_announced_while_cut_off_from_the_broker_nor_just_after() -> None:
+    """Readings cannot arrive while anomalyd has no broker connection; once it is back,
+    the broker first delivers what the devices published meanwhile."""
+    t = PresenceTracker(quiet_after_s=10.0)
+    t.seen("a", 0.0)
+    t.due(0.0)
+    for now in (5.0, 20.0, 40.0):  # disconnected from 5 s to 40 s
+        t.hold(now)
+        assert t.due(now) == []
+    assert t.due(49.0) == []  # 9 s after the connection came back
+    t.seen("a", 45.0)  # the backlog
+    assert t.due(50.5) == [] and [e.device_id for e in t.due(55.5)] == ["a"]
 
 
 def test_saved_presence_is_checked() -> None:
@@ -108,7 +126,13 @@ def _feed(pipeline: Pipeline, now: float, *readings: dict[str, Any]) -> list[Any
 
 def test_the_pipeline_announces_a_quiet_device_and_its_return(model_bundle: ModelBundle) -> None:
     p = _pipeline(model_bundle, quiet_after_s=30.0)
-    _feed(p, 1000.0, NORMAL)
+    outs = _feed(p, 1000.0, NORMAL, NORMAL)  # a new device: reporting, once
+    assert [o.kind for o in outs] == ["verdict", "presence", "verdict"]
+    assert orjson.loads(outs[1].payload) == {
+        "device_id": "p-1", "state": "reporting", "last_seen": "1970-01-01T00:16:40.000Z",
+        "quiet_for_s": 0.0, "quiet_after_s": 30.0, "published_at": "1970-01-01T00:16:40.000Z",
+        "first_seen": True,
+    }
     assert p.fleet.newly_quiet(1000.0) == [] and p.fleet.newly_quiet(1030.0) == []
     (event,) = p.fleet.newly_quiet(1031.0)
     out = p.payloads.presence(event)
@@ -122,6 +146,7 @@ def test_the_pipeline_announces_a_quiet_device_and_its_return(model_bundle: Mode
     assert [o.kind for o in outs] == ["verdict", "presence"]
     back = orjson.loads(outs[1].payload)
     assert back["state"] == "reporting" and back["quiet_for_s"] == 100.0
+    assert "first_seen" not in back
     assert back["last_seen"] == "1970-01-01T00:18:20.000Z"
     assert [o.kind for o in _feed(p, 1101.0, NORMAL)] == ["verdict"]  # once
     # a batch message that brings it back says so too
@@ -166,6 +191,8 @@ def test_presence_survives_a_restart_and_a_reload(model_bundle: ModelBundle) -> 
     assert [o.kind for o in outs] == ["verdict", "presence"]
     old = {k: v for k, v in snapshot.items() if k != "presence"}  # saved before presence
     assert again.fleet.restore(old)[2] == [] and again.presence.last_seen == {}
+    # a state saved before presence was kept: its devices are announced as new
+    assert [o.kind for o in _feed(again, 2013.0, NORMAL)] == ["verdict", "presence"]
     bad = {**snapshot, "presence": {"last_seen": 5}}
     assert again.fleet.restore(bad)[2] == ["presence: saved presence has no mapping of device to "
                                      "last-seen time"]
@@ -193,13 +220,15 @@ def test_the_daemon_announces_a_device_that_stopped_publishing(
     pub = publisher_for(broker)
     for i in range(3):
         pub.send(f"sensors/{dev}/readings", {**NORMAL, "seq": i})
-    (quiet,) = col.json_on(topic, count=1, timeout=15)
+    new, quiet = col.json_on(topic, count=2, timeout=15)
+    assert new["state"] == "reporting" and new["first_seen"] is True
     assert quiet["state"] == "quiet" and quiet["quiet_for_s"] > 1.0
     status, shown, _ = request(svc.http.port, "GET", f"/devices/{dev}")
     assert status == 200 and shown["quiet"] is True
     pub.send(f"sensors/{dev}/readings", {**NORMAL, "seq": 3})
-    back = col.json_on(topic, count=2, timeout=15)[1]
+    back = col.json_on(topic, count=3, timeout=15)[2]
     assert back["state"] == "reporting" and back["quiet_for_s"] >= quiet["quiet_for_s"]
+    assert "first_seen" not in back
     # retained: a subscriber that comes later sees the device's last presence at once
     late = collector_for(broker, [topic])
     (retained,) = late.json_on(topic, count=1, timeout=10)
@@ -207,4 +236,4 @@ def test_the_daemon_announces_a_device_that_stopped_publishing(
     assert late.messages[0][2] is True
     _, text, _ = request(svc.http.port, "GET", "/metrics")
     assert 'anomalyd_presence_changes_total{state="quiet"}' in text
-    assert 'anomalyd_presence_changes_total{state="reporting"} 1.0' in text
+    assert 'anomalyd_presence_changes_total{state="reporting"} 2.0' in text  # new, back

@@ -48,3 +48,5 @@ def test_presence_lines() -> None:
     assert describe("anomaly/p4/presence", orjson.dumps(back), S) == (
         "BACK    p4: reporting again after 912.5 s"
     )
+    new = {**back, "quiet_for_s": 0.0, "first_seen": True}
+    assert describe("anomaly/p4/presence", orjson.dumps(new), S) == "NEW     p4: reporting"
