@@ -9,6 +9,14 @@ change to the per-reading path, without the noise of a broker and load generator
 
     .venv/bin/python -m bench.pipeline --models /tmp/bench-models [--single] [--profile]
         [--warmup N]   # with per-device baselines (each device's first run warms up)
+        [--instructions]  # instructions per reading under valgrind's callgrind instead
+
+``--instructions`` counts machine instructions rather than seconds (about 4 minutes):
+the same tree gives the same count whatever else the machine is doing, so two trees can
+be compared on a noisy 2-core machine where the timings of small changes drown in noise.
+It runs this module twice under ``valgrind --tool=callgrind`` (numpy's BLAS held to one
+thread, whose spinning would otherwise count), with the warm-up batch only and with three
+more, and divides the difference by the readings of those three.
 """
 
 from __future__ import annotations
@@ -16,7 +24,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +44,7 @@ from daemon.readings import Decoder
 
 READINGS = 6000
 DEVICES = 40
+COUNTED_REPS = 3  # batches counted by --instructions
 
 
 def main() -> None:
@@ -43,7 +56,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None,
                    help="per-device baselines with this warm-up (default: the repository "
                         "configuration's, 0 = off)")
+    p.add_argument("--instructions", action="store_true",
+                   help="count instructions per reading under valgrind instead of timing")
+    p.add_argument("--silent", action="store_true", help=argparse.SUPPRESS)  # --instructions'
     args = p.parse_args()
+    if args.instructions:
+        instructions(args)
+        return
 
     settings = load_settings(Path(__file__).resolve().parent.parent / "config" / "anomalyd.toml")
     bundle = load_bundle(args.models)
@@ -73,13 +92,20 @@ def main() -> None:
             for i in range(READINGS // per_msg)
         ]
 
-    runs = [messages(rep) for rep in range(args.reps + 1 + args.profile)]
+    # --instructions compares runs of 0 and COUNTED_REPS batches: both build the same
+    # messages, so that the difference is the scoring alone
+    n_runs = COUNTED_REPS + 1 if args.silent else args.reps + 1 + args.profile
+    runs = [messages(rep) for rep in range(n_runs)]
 
     def run(batch: list[RawMessage]) -> None:
         # one hand-over per ~6,000 readings, like the live daemon's batches in that phase
         pipeline.process(batch, time.time())
 
     run(runs[0])  # warm caches and per-device state
+    if args.silent:  # counted from outside (--instructions)
+        for rep in range(1, args.reps + 1):
+            run(runs[rep])
+        return
     times = []
     for rep in range(1, args.reps + 1):
         t0 = time.perf_counter()
@@ -93,6 +119,28 @@ def main() -> None:
         prof = cProfile.Profile()
         prof.runcall(run, runs[-1])
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+
+def instructions(args: argparse.Namespace) -> None:
+    """Instructions per reading: callgrind's totals with and without the counted batches."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    base = [sys.executable, "-m", "bench.pipeline", "--models", str(args.models), "--silent"]
+    base += ["--single"] if args.single else []
+    base += [] if args.warmup is None else ["--warmup", str(args.warmup)]
+    totals = []
+    for reps in (0, COUNTED_REPS):
+        print(f"callgrind: warm-up batch + {reps} counted ...", file=sys.stderr, flush=True)
+        done = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *base,
+             "--reps", str(reps)], env=env, capture_output=True, text=True, check=False)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if done.returncode != 0 or found is None:
+            sys.exit(f"valgrind failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        totals.append(int(found.group(1).replace(",", "")))
+    per = (totals[1] - totals[0]) / (COUNTED_REPS * READINGS)
+    kind = "single-reading" if args.single else "batch-100"
+    print(f"{kind} messages: {per:,.0f} instructions per reading in-process "
+          f"(callgrind; {COUNTED_REPS} x {READINGS} readings)")
 
 
 if __name__ == "__main__":
