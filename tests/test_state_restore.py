@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 
 from daemon import state
 from daemon.config import AlertConfig, TopicsConfig
@@ -88,3 +89,25 @@ def test_state_of_another_model_schema_keeps_only_the_alert_states(
     assert (devices, alerts) == (0, 1)
     assert len(problems) == 1 and "['something', 'else']" in problems[0]
     assert after.alert_states.is_active("p-1")
+
+
+def test_the_state_file_keeps_every_value_exactly(
+    model_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    """Every float as it was, and the widest seq mask (64 bits); a file that is not strict
+    JSON is refused as unreadable (the daemon then starts afresh)."""
+    before = pipeline(model_bundle, warmup=4)
+    feed(before, *({**normal(i), "seq": 2**63 - 64 + i} for i in range(70)))
+    snap = before.fleet.snapshot()
+    (dev,) = snap["devices"]["devices"].values()
+    assert dev["seq_mask"] == 2**64 - 1  # 64 consecutive seq values seen
+    path = tmp_path / "devices.json"
+    state.save(path, snap)
+    loaded = state.load(path)
+    assert loaded is not None
+    assert loaded == {"format": state.FORMAT, **snap}
+    after = pipeline(model_bundle, warmup=4)
+    assert after.fleet.restore(loaded) == (1, 1, [])
+    path.write_bytes(b'{"format": 1, "devices": NaN}')
+    with pytest.raises(state.StateError, match="unreadable state"):
+        state.load(path)
