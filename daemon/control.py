@@ -288,7 +288,7 @@ class DeviceControl:
         file is written at once."""
         before = self.show(device_id)
         p = self.pipeline
-        p.devices.forget(device_id)
+        p.devices.forget(device_id, keep_seqs=True)  # a redelivery is still a repeat
         old_alert = p.alert_states.forget(device_id)
         cleared = False
         if old_alert is not None and old_alert.active:

@@ -104,6 +104,10 @@ class DeviceTracker:
         self.global_center = np.asarray(global_center, dtype=np.float64)
         self.global_scale = np.asarray(global_scale, dtype=np.float64)
         self.devices: dict[str, DeviceState] = {}
+        # Re-warmed devices' seq windows, until their next reading: a reading the broker
+        # redelivers after a re-warm-up is still known as a repeat (not saved: a restart
+        # before the device's next reading forgets them).
+        self._kept_seqs: dict[str, SeqWindow] = {}
 
     def repeat(self, device_id: str, seq: int | None) -> bool:
         """Whether this device's reading ``seq`` was judged already (a redelivery), and if
@@ -128,7 +132,8 @@ class DeviceTracker:
         """The device's state, created at its first reading."""
         st = self.devices.get(device_id)
         if st is None:
-            st = self.devices[device_id] = DeviceState(deque(maxlen=self.window))
+            seqs = self._kept_seqs.pop(device_id, None) or SeqWindow()
+            st = self.devices[device_id] = DeviceState(deque(maxlen=self.window), seqs=seqs)
         return st
 
     def assess(
@@ -221,10 +226,15 @@ class DeviceTracker:
             "last_seq": st.seqs.last,  # the highest seq judged (None: readings carry none)
         }
 
-    def forget(self, device_id: str) -> DeviceState | None:
-        """Drop the device's window and baseline: its next reading starts a new warm-up.
+    def forget(self, device_id: str, *, keep_seqs: bool = False) -> DeviceState | None:
+        """Drop the device's window and baseline: its next reading starts a new warm-up
+        (``keep_seqs``, a re-warm-up: which ``seq`` values it sent is still known then).
         Returns what was dropped (None if the device was unknown)."""
-        return self.devices.pop(device_id, None)
+        st = self.devices.pop(device_id, None)
+        self._kept_seqs.pop(device_id, None)
+        if keep_seqs and st is not None and st.seqs.last is not None:
+            self._kept_seqs[device_id] = st.seqs
+        return st
 
     # -- persistence (plain data; the caller writes it atomically) --------------------
 

@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry
 
 from daemon import state
 from daemon.config import AlertConfig, TopicsConfig
+from daemon.control import Command, DeviceControl, UnknownDeviceError
 from daemon.devices import DeviceTracker
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
@@ -105,6 +107,26 @@ def test_a_redelivered_anomaly_does_not_count_towards_the_alert(
     out, _ = send(p, {**ANOMALOUS_READING, "seq": 3})  # a third anomalous reading raises
     assert [o["kind"] for o in out] == ["verdict", "alert"] and "repeat" not in out[0]
     assert out[1]["state"] == "raised"
+
+
+def test_a_reading_redelivered_after_a_rewarm_is_still_a_repeat(
+    model_bundle: ModelBundle,
+) -> None:
+    """A re-warm-up forgets the device's window, baseline and alert state, not which
+    readings it sent: one the broker redelivers does not start the new warm-up."""
+    p = pipeline(model_bundle, warmup=4)
+    control = DeviceControl(p, Metrics(CollectorRegistry()), lambda _o: True, lambda: None)
+    send(p, *({**NORMAL_READING, "seq": s} for s in range(3)))
+    control.execute(Command("rewarm", "p-7"))
+    with pytest.raises(UnknownDeviceError):
+        control.show("p-7")  # unknown until its next reading
+    out, _ = send(p, {**NORMAL_READING, "seq": 2})  # redelivered
+    assert out[0]["repeat"] is True and control.show("p-7")["warmup_seen"] == 0
+    out, _ = send(p, {**NORMAL_READING, "seq": 3})
+    assert "repeat" not in out[0] and control.show("p-7")["warmup_seen"] == 1
+    control.execute(Command("forget", "p-7"))  # forgetting a device forgets that too
+    out, _ = send(p, {**NORMAL_READING, "seq": 3})
+    assert "repeat" not in out[0]
 
 
 def test_repeats_inside_one_batch_message_are_marked_per_entry(
