@@ -227,7 +227,9 @@ def _quantile(text: str) -> float:
     return value
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anomalyd", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="anomalyd",
+        description="Real-time anomaly detection for industrial sensor streams over MQTT.")
     p.add_argument("--version", action="version", version=f"anomalyd {__version__}")
     p.add_argument("-c", "--config", type=Path, default=None,
                    help="configuration file (default: config/anomalyd.toml if present)")
@@ -300,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the ensemble's members, as for train (default: train's default)")
     ev.set_defaults(func=cmd_evaluate)
 
-    w = sub.add_parser("watch", help="print verdicts, alerts and dead letters as they arrive")
+    w = sub.add_parser("watch", help="print verdicts, alerts, dead letters and devices gone "
+                                     "quiet as they arrive")
     w.add_argument("--anomalies", action="store_true", help="hide normal verdicts")
     w.set_defaults(func=cmd_watch)
 
