@@ -207,6 +207,15 @@ class Settings(_Strict):
     state: StateConfig = StateConfig()
     service: ServiceConfig = ServiceConfig()
 
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.service.workers > 1 and self.alerts.quiet_after_s:
+            raise ValueError(
+                "alerts.quiet_after_s needs one worker (service.workers / WORKERS = 1): a "
+                "shared subscription hands each worker only a share of a device's readings, "
+                "so a worker could announce a device quiet that another one is hearing from")
+        return self
+
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets and their paths masked."""
         data = self.model_dump(mode="json")
