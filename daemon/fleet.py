@@ -52,18 +52,19 @@ class Fleet:
         """A micro-batch begins: the last one's new devices have state now."""
         self._admitting.clear()
 
-    def has_room(self, device_id: str) -> tuple[bool, bool]:
-        """(whether the device's readings may be judged, whether it is a new device). A
-        new one is counted with ``admit`` once a reading of it is decoded."""
+    def has_room(self, device_id: str) -> bool:
+        """Whether the device's readings may be judged: it has state, or there is room."""
         if self.max_devices is None:
-            return True, False
+            return True
         known, admitting = self.devices.devices, self._admitting
         if device_id in known or device_id in admitting:
-            return True, False
-        return len(known) + len(admitting) < self.max_devices, True
+            return True
+        return len(known) + len(admitting) < self.max_devices
 
     def admit(self, device_id: str) -> None:
-        self._admitting.add(device_id)
+        """A reading of the device was decoded: a new device counts from now on."""
+        if self.max_devices is not None and device_id not in self.devices.devices:
+            self._admitting.add(device_id)
 
     # -- operators ----------------------------------------------------------------------
 
@@ -78,7 +79,7 @@ class Fleet:
     def newly_quiet(self, now: float) -> list[PresenceEvent]:
         """The devices that have just gone quiet (not while silenced)."""
         presence = self.presence
-        if not presence.enabled or not presence.last_seen:
+        if not presence.last_seen:
             return []
         alerts = self.alert_states
         silenced = {d for d in list(alerts.silences) if alerts.silenced_until(d, now) is not None}

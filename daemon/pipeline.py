@@ -338,21 +338,17 @@ class Pipeline:
         if limiter is None and fleet.max_devices is None:
             return self.decoder.decode(m.topic, m.payload, m.received_at)
         device = self.decoder.device_id(m.topic)
-        new = False  # a device without state, counted once a reading of it is decoded
-        if device is not None:
-            room, new = fleet.has_room(device)
-            if not room:
-                detail = (f"anomalyd already keeps state for {fleet.max_devices} devices "
-                          "(limits.max_devices); forget a device that is gone "
-                          "(anomalyd forget) or raise the limit")
-                return Decoded(device, (), (Rejection("too_many_devices", detail),), False, None)
+        if device is not None and not fleet.has_room(device):
+            detail = (f"anomalyd already keeps state for {fleet.max_devices} devices "
+                      "(limits.max_devices); forget a device that is gone "
+                      "(anomalyd forget) or raise the limit")
+            return Decoded(device, (), (Rejection("too_many_devices", detail),), False, None)
         if device is not None and limiter is not None and not limiter.allow(device, now):
             detail = f"device is over its limit of {limiter.rate:g} readings/s"
             return Decoded(device, (), (Rejection("rate_limited", detail),), False, None)
         d = self.decoder.decode(m.topic, m.payload, m.received_at)
         if device is not None and d.readings:
-            if new:
-                fleet.admit(device)
+            fleet.admit(device)
             if limiter is not None and len(d.readings) > 1:
                 limiter.charge(device, len(d.readings) - 1, now)
         return d
