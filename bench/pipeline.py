@@ -64,17 +64,7 @@ def main() -> None:
         instructions(args)
         return
 
-    settings = load_settings(Path(__file__).resolve().parent.parent / "config" / "anomalyd.toml")
-    bundle = load_bundle(args.models)
-    lim = settings.limits
-    decoder = Decoder(bundle.features, bundle.detector_names, subscription="sensors/+/readings",
-                      max_payload_bytes=lim.max_payload_bytes,
-                      max_batch_readings=lim.max_batch_readings,
-                      device_id_pattern=lim.device_id_pattern)
-    pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
-                        settings.model.default_detector, lim.max_payload_bytes,
-                        warmup=settings.baseline.warmup_readings if args.warmup is None
-                        else args.warmup, max_devices=lim.max_devices)
+    pipeline = build_pipeline(args.models, args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
         write_rows(Path(tmp) / "rows.json", DEVICES)
         spec = json.loads((Path(tmp) / "rows.json").read_text())
@@ -119,6 +109,25 @@ def main() -> None:
         prof = cProfile.Profile()
         prof.runcall(run, runs[-1])
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+
+def build_pipeline(
+    models: Path, warmup: int | None, max_devices: int | None = None
+) -> Pipeline:
+    """The daemon's core as the repository's configuration builds it, with ``warmup``
+    (None: the configuration's) and at least ``max_devices`` devices allowed."""
+    settings = load_settings(Path(__file__).resolve().parent.parent / "config" / "anomalyd.toml")
+    bundle = load_bundle(models)
+    lim = settings.limits
+    decoder = Decoder(bundle.features, bundle.detector_names, subscription="sensors/+/readings",
+                      max_payload_bytes=lim.max_payload_bytes,
+                      max_batch_readings=lim.max_batch_readings,
+                      device_id_pattern=lim.device_id_pattern)
+    pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
+                        settings.model.default_detector, lim.max_payload_bytes,
+                        warmup=settings.baseline.warmup_readings if warmup is None else warmup,
+                        max_devices=max(max_devices or 0, lim.max_devices))
+    return pipeline
 
 
 def instructions(args: argparse.Namespace) -> None:

@@ -1,12 +1,13 @@
 """Per-device state: the window of recent readings and the device's own baseline.
 
 Pure: readings in, model inputs and the device's verdict out; no clock, no I/O
-(``to_json``/``restore`` give plain data, the caller writes it). ``daemon.windows`` makes
-the windowed inputs; ``daemon.baseline`` describes the baseline model and fits it; this
-module applies it to each reading in arrival order: warm-up (fitting part, held-back part
-and threshold), the verdict, and the adapting centre. It also remembers which ``seq``
-values each device's readings carried (``repeat``), so that a reading the broker
-redelivers is judged again without being counted twice in the window or the baseline.
+(``to_json``/``restore`` give plain data and numpy arrays, ``daemon.state`` writes them).
+``daemon.windows`` makes the windowed inputs; ``daemon.baseline`` describes the baseline
+model and fits it; this module applies it to each reading in arrival order: warm-up
+(fitting part, held-back part and threshold), the verdict, and the adapting centre. It
+also remembers which ``seq`` values each device's readings carried (``repeat``), so that
+a reading the broker redelivers is judged again without being counted twice in the
+window or the baseline.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class DeviceState:
     flagged: Moments | None = None
     # Whether the fit left out the flagged readings (then the held-back part does too).
     trusts_global: bool = False
-    center: Matrix | None = None  # adapting centre, once fitted
+    center: Matrix | None = None  # adapting centre, once fitted (changes in place)
+    # Once fitted, never changed (read-only arrays): a state snapshot holds them uncopied.
     scale: Matrix | None = None
     cond: Matrix | None = None  # z -> conditional deviations (D, D), once fitted
     held_back_max: float = 0.0  # largest max |z| in the held-back part of the warm-up
@@ -105,8 +107,7 @@ class DeviceTracker:
         self.global_scale = np.asarray(global_scale, dtype=np.float64)
         self.devices: dict[str, DeviceState] = {}
         # Re-warmed devices' seq windows, until their next reading: a reading the broker
-        # redelivers after a re-warm-up is still known as a repeat (not saved: a restart
-        # before the device's next reading forgets them).
+        # redelivers after a re-warm-up is still known as a repeat (saved with the state).
         self._kept_seqs: dict[str, SeqWindow] = {}
 
     def repeat(self, device_id: str, seq: int | None) -> bool:
@@ -190,6 +191,7 @@ class DeviceTracker:
     def _fit(self, st: DeviceState) -> None:
         f = fit(st.normal, st.flagged, st.count, self.n_features, self.global_scale)
         st.trusts_global, st.center, st.scale, st.cond = f.trusts_global, f.center, f.scale, f.cond
+        _freeze(st.scale, st.cond)
         st.normal = st.flagged = None
 
     def progress(self, device_id: str) -> int:
@@ -239,11 +241,17 @@ class DeviceTracker:
     # -- persistence (plain data; the caller writes it atomically) --------------------
 
     def to_json(self) -> dict[str, Any]:
-        def arr(a: Matrix | None) -> list[Any] | None:
-            return None if a is None else a.tolist()
+        """The devices' state as of now, for ``daemon.state`` to write (on another thread).
+
+        Taken on the scoring thread, so kept cheap: the arrays that change in place (the
+        centre, the warm-up moments) are copied, the fitted scale and correlations (read-only
+        once fitted) are referenced, and nothing is converted to lists here.
+        """
+        def copied(a: Matrix | None) -> Matrix | None:
+            return None if a is None else a.copy()
 
         def moments(m: Moments | None) -> dict[str, Any] | None:
-            return None if m is None else {"n": m.n, "mean": m.mean.tolist(), "m2": m.m2.tolist()}
+            return None if m is None else {"n": m.n, "mean": m.mean.copy(), "m2": m.m2.copy()}
 
         return {
             "format": STATE_FORMAT,
@@ -252,20 +260,21 @@ class DeviceTracker:
             "n_features": self.n_features,
             "devices": {
                 dev: {
-                    "recent": [list(r) for r in st.recent],
+                    "recent": list(st.recent),
                     "count": st.count,
                     "normal": moments(st.normal),
                     "flagged": moments(st.flagged),
                     "trusts_global": st.trusts_global,
-                    "center": arr(st.center),
-                    "scale": arr(st.scale),
-                    "cond": arr(st.cond),
+                    "center": copied(st.center),
+                    "scale": st.scale,
+                    "cond": st.cond,
                     "held_back_max": st.held_back_max,
                     "threshold": st.threshold,
                     **st.seqs.to_json(),
                 }
                 for dev, st in self.devices.items()
             },
+            "kept_seqs": {dev: seqs.to_json() for dev, seqs in self._kept_seqs.items()},
         }
 
     def restore(self, data: dict[str, Any]) -> int:
@@ -282,7 +291,7 @@ class DeviceTracker:
         def arr(v: Any, shape: tuple[int, ...] = (width,)) -> Matrix | None:
             if v is None:
                 return None
-            a = np.asarray(v, dtype=np.float64)
+            a = np.array(v, dtype=np.float64)  # a copy, even of an array
             if a.shape != shape or not np.isfinite(a).all():
                 raise ValueError("device state array has the wrong shape or is not finite")
             return a
@@ -310,14 +319,26 @@ class DeviceTracker:
                 moments(raw["flagged"]),
                 bool(raw["trusts_global"]),
                 arr(raw["center"]),
-                arr(raw["scale"]),
-                arr(raw["cond"], (width, width)),
+                _freeze(arr(raw["scale"])),
+                _freeze(arr(raw["cond"], (width, width))),
                 float(raw["held_back_max"]),
                 None if threshold is None else float(threshold),
                 SeqWindow.from_json(raw),
             )
-        self.devices = devices
+        saved_seqs = data.get("kept_seqs", {})  # state saved before they were kept has none
+        if not isinstance(saved_seqs, dict):
+            raise ValueError("saved seq windows of re-warmed devices are not a mapping")
+        kept = {str(dev): SeqWindow.from_json(raw) for dev, raw in saved_seqs.items()}
+        self.devices, self._kept_seqs = devices, kept
         return len(devices)
+
+
+def _freeze(*arrays: Matrix | None) -> Matrix | None:
+    """Make fitted arrays read-only (see ``DeviceState``); returns the first."""
+    for a in arrays:
+        if a is not None:
+            a.flags.writeable = False
+    return arrays[0]
 
 
 def _alerts_may_count(st: DeviceState) -> bool:

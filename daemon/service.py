@@ -37,6 +37,9 @@ log = structlog.get_logger("anomalyd")
 
 #: How often the scorer looks for devices gone quiet (``alerts.quiet_after_s``).
 PRESENCE_CHECK_S = 1.0
+#: How long an operator's command or the shutdown waits for the state file to be written
+#: (at 10,000 devices with baselines it takes well under a second).
+STATE_FLUSH_TIMEOUT_S = 10.0
 
 
 def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
@@ -75,6 +78,7 @@ class Service:
         )
         self.decoder, self.pipeline = build_scoring(s, bundle, self.subscription, rate_limiter(s))
         self.state_path = state.state_file(s.state.dir, worker_index)
+        self.state_writer = state.StateWriter(self.state_path, self._state_save_failed)
         self._state_saved_at = time.monotonic()
         self._presence_checked_at = 0.0
         # Bounded by batch.queue_size: when full, the intake's network thread waits (the
@@ -224,18 +228,25 @@ class Service:
         log.info("state_restored", path=str(self.state_path), devices=devices,
                  alert_states=alerts)
 
-    def save_state(self) -> None:
-        """Write per-device state now (scorer thread, or after it stopped)."""
-        try:
-            state.save(self.state_path, self.pipeline.fleet.snapshot())
-        except OSError:
-            log.exception("state_save_failed", path=str(self.state_path))
-            self.metrics.callback_errors.labels("state").inc()
+    def save_state(self, wait: bool = True) -> None:
+        """Take a snapshot of the per-device state (scorer thread, or after it stopped) and
+        have it written; ``wait``: return once it is on disk (operators' commands, the
+        shutdown), else at once (the periodic save: verdicts do not wait for the disk)."""
+        self.state_writer.submit(self.pipeline.fleet.snapshot())
         self._state_saved_at = time.monotonic()
+        if wait and not self.state_writer.flush(STATE_FLUSH_TIMEOUT_S):
+            log.warning("state_save_slow", path=str(self.state_path),
+                        timeout_s=STATE_FLUSH_TIMEOUT_S,
+                        note="the state file is still being written; scoring goes on")
+
+    def _state_save_failed(self, exc: Exception) -> None:
+        """The writer thread could not write the state file (it tries again next time)."""
+        log.error("state_save_failed", path=str(self.state_path), error=repr(exc))
+        self.metrics.callback_errors.labels("state").inc()
 
     def _save_state_every(self, interval_s: float) -> None:
         if time.monotonic() - self._state_saved_at >= interval_s:
-            self.save_state()
+            self.save_state(wait=False)
 
     def start(self) -> None:
         state.check_writable(self.state_path.parent)  # before anything is judged
@@ -317,6 +328,7 @@ class Service:
         clean = not self._worker.is_alive() and not any(left.values())
         if not self._worker.is_alive():  # else the scorer may still be changing the state
             self.save_state()
+        self.state_writer.close(max(1.0, deadline - time.monotonic()))  # a periodic save too
         self.mqtt.stop(max(1.0, deadline - time.monotonic()))
         self.http.stop()
         if clean:

@@ -3,11 +3,11 @@ it persists."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
+import orjson
 import pytest
 
+from daemon import state
 from daemon.baseline import ADAPT_READINGS, MAX_FLAGGED_SHARE, MIN_THRESHOLD
 from daemon.devices import Assessment, DeviceTracker
 from daemon.windows import derived_names, windowed_matrix
@@ -227,7 +227,7 @@ def test_a_restart_mid_warm_up_continues_as_if_uninterrupted(cut: int) -> None:
     before = tracker(warmup=40, window=3)
     feed(before, "d", x[:cut], flagged[:cut])
     after = tracker(warmup=40, window=3)
-    assert after.restore(json.loads(json.dumps(before.to_json()))) == 1
+    assert after.restore(orjson.loads(state.encode(before.to_json()))) == 1
     got = feed(after, "d", x[cut:], flagged[cut:])
     assert [(a.warming_up, a.is_anomaly, a.score, a.threshold) for a in got] == [
         (a.warming_up, a.is_anomaly, a.score, a.threshold) for a in expected[cut:]
@@ -242,7 +242,7 @@ def test_state_round_trips_through_json_and_continues_identically() -> None:
     feed(a, "done", rng.normal(size=(6, 2)))
     feed(a, "half", np.array([[1.0, 1.0]]))
     b = tracker(warmup=4, window=3)
-    assert b.restore(json.loads(json.dumps(a.to_json()))) == 2
+    assert b.restore(orjson.loads(state.encode(a.to_json()))) == 2
     for r in rng.normal(size=(5, 2)):
         for dev in ("done", "half"):
             oa, ob = a.observe(dev, r.tolist()), b.observe(dev, r.tolist())

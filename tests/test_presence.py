@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from daemon import state
 from daemon.config import AlertConfig, Settings, TopicsConfig
 from daemon.control import Command, DeviceControl
 from daemon.metrics import Metrics
@@ -182,7 +183,7 @@ def test_presence_survives_a_restart_and_a_reload(model_bundle: ModelBundle) -> 
     _feed(p, 1000.0, NORMAL)
     p.fleet.newly_quiet(1000.0)
     assert len(p.fleet.newly_quiet(1011.0)) == 1
-    snapshot = json.loads(json.dumps(p.fleet.snapshot()))
+    snapshot = orjson.loads(state.encode(p.fleet.snapshot()))
     again = _pipeline(model_bundle, quiet_after_s=10.0)
     assert again.fleet.restore(snapshot)[2] == []
     assert again.fleet.newly_quiet(2000.0) == []

@@ -129,6 +129,25 @@ def test_a_reading_redelivered_after_a_rewarm_is_still_a_repeat(
     assert "repeat" not in out[0]
 
 
+def test_a_rewarm_s_seq_window_survives_a_restart_before_the_next_reading(
+    model_bundle: ModelBundle, tmp_path: Any
+) -> None:
+    p = pipeline(model_bundle, warmup=4)
+    control = DeviceControl(p, Metrics(CollectorRegistry()), lambda _o: True, lambda: None)
+    send(p, *({**NORMAL_READING, "seq": s} for s in range(3)))
+    control.execute(Command("rewarm", "p-7"))
+    path = tmp_path / "devices.json"
+    state.save(path, p.fleet.snapshot())  # saved before the device's next reading
+    snapshot = state.load(path)
+    assert snapshot is not None
+    after = pipeline(model_bundle, warmup=4)
+    assert after.fleet.restore(snapshot) == (0, 0, [])  # the device itself warms up anew
+    out, _ = send(after, {**NORMAL_READING, "seq": 2})  # redelivered after the restart
+    assert out[0]["repeat"] is True and after.devices.progress("p-7") == 0
+    out, _ = send(after, {**NORMAL_READING, "seq": 3})
+    assert "repeat" not in out[0] and after.devices.progress("p-7") == 1
+
+
 def test_repeats_inside_one_batch_message_are_marked_per_entry(
     model_bundle: ModelBundle,
 ) -> None:

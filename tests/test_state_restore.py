@@ -105,9 +105,73 @@ def test_the_state_file_keeps_every_value_exactly(
     state.save(path, snap)
     loaded = state.load(path)
     assert loaded is not None
-    assert loaded == {"format": state.FORMAT, **snap}
+    assert loaded == {"format": state.FORMAT, **_plain(snap)}
     after = pipeline(model_bundle, warmup=4)
     assert after.fleet.restore(loaded) == (1, 1, [])
     path.write_bytes(b'{"format": 1, "devices": NaN}')
     with pytest.raises(state.StateError, match="unreadable state"):
         state.load(path)
+
+
+def test_a_snapshot_stays_as_taken_while_scoring_goes_on(model_bundle: ModelBundle) -> None:
+    """The state writer encodes a snapshot on its own thread while the scorer goes on: the
+    snapshot must hold nothing the scorer changes afterwards."""
+    p = pipeline(model_bundle, warmup=4)
+    feed(p, *(normal(i) for i in range(6)))  # fitted: the centre now adapts in place
+    fresh = pipeline(model_bundle, warmup=4)
+    feed(fresh, normal(100))  # a device still fitting: its moments change in place
+    snap, snap_fitting = p.fleet.snapshot(), fresh.fleet.snapshot()
+    as_taken = state.encode(snap), state.encode(snap_fitting)
+    feed(p, *(normal(i) for i in range(6, 12)), ANOMALOUS_READING)
+    feed(fresh, normal(101), normal(102))
+    assert (state.encode(snap), state.encode(snap_fitting)) == as_taken
+    assert state.encode(p.fleet.snapshot()) != as_taken[0]  # the device did change
+    st = p.devices.devices["p-1"]
+    assert st.scale is not None and not st.scale.flags.writeable  # shared, never changed
+
+
+def test_the_state_writer_writes_in_the_background_the_newest_snapshot_last(
+    model_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    p = pipeline(model_bundle, warmup=4)
+    path = tmp_path / "devices.json"
+    errors: list[Exception] = []
+    writer = state.StateWriter(path, errors.append)
+    for i in range(5):
+        feed(p, normal(i))
+        writer.submit(p.fleet.snapshot())
+    assert writer.flush(10.0) and errors == []
+    loaded = state.load(path)
+    assert loaded is not None and loaded == orjson.loads(state.encode(p.fleet.snapshot()))
+    assert pipeline(model_bundle, warmup=4).fleet.restore(loaded)[0] == 1
+    assert writer.close(10.0)
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(p.fleet.snapshot())
+
+
+def test_a_failed_state_write_is_reported_and_the_next_one_still_made(
+    model_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    p = pipeline(model_bundle, warmup=4)
+    feed(p, normal(0))
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the state directory should be")
+    errors: list[Exception] = []
+    writer = state.StateWriter(blocked / "devices.json", errors.append)
+    writer.submit(p.fleet.snapshot())
+    assert writer.flush(10.0)
+    assert len(errors) == 1 and isinstance(errors[0], OSError)
+    blocked.unlink()
+    writer.submit(p.fleet.snapshot())
+    assert writer.close(10.0) and len(errors) == 1
+    assert state.load(blocked / "devices.json") is not None
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy arrays and tuples as lists (what JSON holds), floats exact."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
