@@ -18,6 +18,13 @@ An operator can *silence* a device until a given time (a maintenance window): it
 are then not fed to the state machine at all, so nothing is raised, escalated or resolved
 until the silence ends (an active alert stays active, retained, meanwhile); the caller
 asks ``silenced_until`` before feeding. Silences are kept and saved with the alert states.
+
+An operator can *acknowledge* an active alert (someone is on it): it changes no
+transition, but it is kept with the alert until the alert resolves (the "resolved" event
+says who acknowledged it) or escalates (a more severe fault asks for a new look: the
+acknowledgement is dropped). The alert's last message (``message``, recorded by the
+caller when it publishes "raised" or "escalated") is kept with it, so that the
+acknowledgement can be published in the same shape.
 """
 
 from __future__ import annotations
@@ -32,6 +39,23 @@ Transition = Literal["raised", "escalated", "resolved"]
 STATE_FORMAT = 1
 
 
+@dataclass(frozen=True, slots=True)
+class Acknowledgement:
+    at: float  # epoch seconds
+    by: str | None  # who, as the operator gave it
+    note: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "by": self.by, "note": self.note}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Acknowledgement:
+        at, by, note = float(raw["at"]), raw.get("by"), raw.get("note")
+        if not math.isfinite(at) or not all(v is None or isinstance(v, str) for v in (by, note)):
+            raise ValueError("a saved acknowledgement has no finite time or a non-text field")
+        return cls(at, by, note)
+
+
 @dataclass(slots=True)
 class AlertState:
     recent: deque[bool]
@@ -40,6 +64,8 @@ class AlertState:
     normal_run: int = 0  # consecutive normal verdicts while active
     raised_at: float | None = None  # timestamp of the reading that raised it
     peak_margin: float = 0.0
+    acknowledged: Acknowledgement | None = None  # while active: an operator is on it
+    message: dict[str, Any] | None = None  # while active: its last published message
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +75,7 @@ class AlertEvent:
     raised_at: float
     anomalous_in_window: int
     peak_margin: float
+    acknowledged: Acknowledgement | None = None  # for "resolved": if it was acknowledged
 
 
 @dataclass(slots=True)
@@ -85,15 +112,31 @@ class AlertTracker:
             st.normal_run = 0
             st.peak_margin = max(st.peak_margin, margin)
             if _rank(severity) > _rank(st.severity):
-                st.severity = severity
+                st.severity, st.acknowledged = severity, None
                 return AlertEvent("escalated", severity, st.raised_at, hits, st.peak_margin)
             return None
         st.normal_run += 1
         if st.normal_run >= self.resolve_after:
-            event = AlertEvent("resolved", st.severity, st.raised_at, hits, st.peak_margin)
+            event = AlertEvent("resolved", st.severity, st.raised_at, hits, st.peak_margin,
+                               st.acknowledged)
             self.devices[device_id] = AlertState(deque(maxlen=self.window))
             return event
         return None
+
+    def record_message(self, device_id: str, message: dict[str, Any]) -> None:
+        """Keep the message just published for the device's active alert (see module)."""
+        st = self.devices.get(device_id)
+        if st is not None and st.active:
+            st.message = message
+
+    def acknowledge(self, device_id: str, ack: Acknowledgement) -> AlertState | None:
+        """Acknowledge the device's active alert (again: the newer one holds); the alert's
+        state, or None if the device has no active alert."""
+        st = self.devices.get(device_id)
+        if st is None or not st.active:
+            return None
+        st.acknowledged = ack
+        return st
 
     def silence(self, device_id: str, until: float | None) -> None:
         """Silence the device's alerts until ``until`` (epoch seconds); None lifts it."""
@@ -127,6 +170,7 @@ class AlertTracker:
             "anomalous_in_window": sum(st.recent),
             "window": self.window,
             "peak_margin": st.peak_margin if st.active else None,
+            "acknowledged": None if st.acknowledged is None else st.acknowledged.to_json(),
         }
 
     def forget(self, device_id: str) -> AlertState | None:
@@ -145,6 +189,8 @@ class AlertTracker:
                     "normal_run": st.normal_run,
                     "raised_at": st.raised_at,
                     "peak_margin": st.peak_margin,
+                    "acknowledged": None if st.acknowledged is None else st.acknowledged.to_json(),
+                    "message": st.message,
                 }
                 for dev, st in self.devices.items()
             },
@@ -166,6 +212,12 @@ class AlertTracker:
             )
             if st.active and (st.severity is None or st.raised_at is None):
                 raise ValueError(f"alert state of {dev!r} is active without severity or time")
+            if st.active:  # state saved before acknowledgements were kept has neither
+                ack, message = raw.get("acknowledged"), raw.get("message")
+                st.acknowledged = None if ack is None else Acknowledgement.from_json(ack)
+                if message is not None and not isinstance(message, dict):
+                    raise ValueError(f"the saved alert message of {dev!r} is not an object")
+                st.message = message
             devices[str(dev)] = st
         saved = data.get("silences", {})  # state saved before silences existed has none
         if not isinstance(saved, dict):

@@ -1,7 +1,7 @@
 """Command line: ``anomalyd run | train | simulate | score | evaluate | watch | devices |
-rewarm | silence | forget | reload | check-config``: the arguments, and the commands that run here;
-those that talk to a running daemon are ``daemon.device_client``'s. Exit codes:
-``daemon.exit_codes``.
+rewarm | silence | ack | forget | reload | check-config``: the arguments, and the commands
+that run here; those that talk to a running daemon are ``daemon.device_client``'s. Exit
+codes: ``daemon.exit_codes``.
 """
 
 from __future__ import annotations
@@ -177,6 +177,42 @@ def cmd_silence(args: argparse.Namespace) -> int:
     return silence(_settings(args), args.id, 0.0 if args.off else args.duration)
 
 
+def cmd_ack(args: argparse.Namespace) -> int:
+    from daemon.device_client import acknowledge
+
+    return acknowledge(_settings(args), args.id, args.by, args.note)
+
+
+def _user() -> str | None:
+    """Who runs the command, for ``ack --by``'s default (None if the system cannot say)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        return None
+
+
+def _ack_by(text: str) -> str:
+    """An argparse type: who acknowledges (``daemon.control.check_ack_text``)."""
+    return _ack_field(text, by=True)
+
+
+def _ack_note(text: str) -> str:
+    """An argparse type: an acknowledgement's note."""
+    return _ack_field(text, by=False)
+
+
+def _ack_field(text: str, *, by: bool) -> str:
+    from daemon.control import ControlError, check_ack_text
+
+    try:
+        check_ack_text(text, None) if by else check_ack_text(None, text)
+    except ControlError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     from daemon.device_client import reload
 
@@ -331,6 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long: 90s, 30m, 2h, 1d (at most 7 days)")
     how.add_argument("--off", action="store_true", help="lift the device's silence now")
     silence.set_defaults(func=cmd_silence)
+
+    ack = sub.add_parser(
+        "ack", help="acknowledge a device's active alert (someone is on it): published with "
+                    "the alert; it still escalates and resolves")
+    ack.add_argument("id", help="the device id")
+    ack.add_argument("--by", type=_ack_by, default=_user(),
+                     help="who acknowledges (default: the user running the command; at most "
+                          "64 characters)")
+    ack.add_argument("--note", type=_ack_note, help="a note for the others on call (at most "
+                                                    "500 characters)")
+    ack.set_defaults(func=cmd_ack)
 
     reload = sub.add_parser(
         "reload", help="make the running daemon load model.dir again (the old set stays if "

@@ -1,6 +1,6 @@
 """Operator commands on per-device state: list devices, show one, restart its warm-up,
-silence its alerts for a while, forget one taken out of service; and the queue that also
-carries the model reload (run by ``daemon.reload``).
+silence its alerts for a while, acknowledge its active alert, forget one taken out of
+service; and the queue that also carries the model reload (run by ``daemon.reload``).
 
 The scorer thread owns the pipeline's per-device state (``daemon.fleet``: trackers that
 ``Fleet.restore`` replaces); HTTP threads never
@@ -14,8 +14,8 @@ into those dicts and updates baselines' arrays in place, so a read from another 
 could fail mid-iteration or see a half-fitted baseline; a snapshot kept fresh for readers
 would cost every batch on the hot path for a request an operator makes now and then.
 
-The command line's side (``anomalyd devices`` / ``rewarm`` / ``silence`` / ``forget``) is
-``daemon.device_client``.
+The command line's side (``anomalyd devices`` / ``rewarm`` / ``silence`` / ``ack`` /
+``forget``) is ``daemon.device_client``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 import structlog
 
+from daemon.alerts import Acknowledgement
 from daemon.errors import AnomalydError
-from daemon.payloads import Outbound, Payloads, iso
+from daemon.payloads import Outbound, Payloads, acknowledgement, iso
 
 if TYPE_CHECKING:
     from daemon.alerts import AlertState
@@ -46,6 +47,9 @@ COMMAND_TIMEOUT_S = 5.0
 RELOAD_TIMEOUT_S = 30.0
 #: The longest silence an operator may set (a forgotten one ends by itself).
 MAX_SILENCE_S = 7 * 24 * 3600.0
+#: The longest "by" and "note" of an acknowledgement (characters).
+MAX_ACK_BY = 64
+MAX_ACK_NOTE = 500
 CLEARED_TEXT = (
     "cleared by an operator's re-warm-up: the device's baseline and alert state were reset"
 )
@@ -62,6 +66,20 @@ def check_silence(seconds: float, as_given: str) -> float:
         raise ControlError(f"a silence lasts 0 (lift it) to {MAX_SILENCE_S:g} seconds, "
                            f"not {as_given[:40]!r}")
     return seconds
+
+
+def check_ack_text(by: str | None, note: str | None) -> None:
+    """ControlError unless ``by`` and ``note`` fit an acknowledgement: at most
+    ``MAX_ACK_BY`` / ``MAX_ACK_NOTE`` characters, none of them a control character."""
+    for name, text, limit in (("by", by, MAX_ACK_BY), ("note", note, MAX_ACK_NOTE)):
+        if text is None:
+            continue
+        if len(text) > limit:
+            raise ControlError(f"an acknowledgement's {name!r} has at most {limit} characters, "
+                               f"not {len(text)}")
+        if not text.isprintable():
+            raise ControlError(f"an acknowledgement's {name!r} holds a control character "
+                               "(a line break, a tab, ...)")
 
 
 class UnknownDeviceError(ControlError):
@@ -84,9 +102,11 @@ class ReloadFailedError(ControlError):
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    action: Literal["list", "show", "rewarm", "silence", "forget", "reload"]
+    action: Literal["list", "show", "rewarm", "silence", "ack", "forget", "reload"]
     device_id: str = ""
     seconds: float = 0.0  # "silence": for how long from now (0 lifts a silence)
+    by: str | None = None  # "ack": who acknowledges, and a note
+    note: str | None = None
 
 
 class _Pending:
@@ -228,6 +248,8 @@ class DeviceControl:
             return self.show(command.device_id)
         if command.action == "silence":
             return self.silence(command.device_id, command.seconds)
+        if command.action == "ack":
+            return self.acknowledge(command.device_id, command.by, command.note)
         if command.action == "forget":
             return self.forget(command.device_id)
         return self.rewarm(command.device_id)
@@ -244,8 +266,11 @@ class DeviceControl:
             raise UnknownDeviceError(device_id)
         if alert is None:
             alert = {"active": False}
-        elif alert["raised_at"] is not None:
-            alert["raised_at"] = iso(alert["raised_at"])
+        else:
+            if alert["raised_at"] is not None:
+                alert["raised_at"] = iso(alert["raised_at"])
+            if alert["acknowledged"] is not None:
+                alert["acknowledged"]["at"] = iso(alert["acknowledged"]["at"])
         alert["silenced_until"] = None if until is None else iso(until)
         shown = {"device_id": device_id, **(device or {}), "alert": alert}
         if p.presence.enabled:
@@ -279,6 +304,30 @@ class DeviceControl:
             "known": known,
         }
         log.info("device_silenced" if until else "device_silence_lifted", **result)
+        return result
+
+    def acknowledge(self, device_id: str, by: str | None, note: str | None) -> dict[str, Any]:
+        """Acknowledge the device's active alert: someone is on it. Its retained alert is
+        published again with ``state: "acknowledged"`` and who, when and the note; the
+        alert still escalates (which drops the acknowledgement) and resolves as usual.
+        A device without an active alert is answered with ``alert_active: false`` and
+        nothing changes (with ``WORKERS=N`` another worker may hold its alert). The state
+        file is written at once."""
+        check_ack_text(by, note)
+        p = self.pipeline
+        if device_id not in p.devices.devices and device_id not in p.alert_states.devices:
+            raise UnknownDeviceError(device_id)
+        ack = Acknowledgement(self.clock(), by, note)
+        st = p.alert_states.acknowledge(device_id, ack)
+        if st is None:
+            return {"device_id": device_id, "alert_active": False, "acknowledged": None,
+                    "published": False}
+        published = self.publish(p.payloads.acknowledged_alert(device_id, st, ack, ack.at))
+        self.save()
+        self.metrics.acknowledgements.inc()
+        result = {"device_id": device_id, "alert_active": True, "severity": st.severity,
+                  "acknowledged": acknowledgement(ack), "published": published}
+        log.info("alert_acknowledged", **result)
         return result
 
     def rewarm(self, device_id: str) -> dict[str, Any]:
@@ -375,5 +424,6 @@ def cleared_alert(
         "warming_up": warming_up,
         "explanation": CLEARED_TEXT,
         "contributions": [],
+        "acknowledged": acknowledgement(previous.acknowledged),
     }
     return Outbound("alert", payloads.alert_topic(device_id), orjson.dumps(body), retain=True)

@@ -1,7 +1,7 @@
 """The command line's side of device control and model reload: ``anomalyd devices``,
-``rewarm``, ``silence``, ``forget`` and ``reload`` talking to a running daemon's HTTP port (the
-daemon's side is ``daemon.control`` and ``daemon.reload``). Each command returns its exit
-code (``daemon.exit_codes``); ``daemon.cli`` parses the arguments."""
+``rewarm``, ``silence``, ``ack``, ``forget`` and ``reload`` talking to a running daemon's
+HTTP port (the daemon's side is ``daemon.control`` and ``daemon.reload``). Each command
+returns its exit code (``daemon.exit_codes``); ``daemon.cli`` parses the arguments."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import orjson
 
@@ -142,6 +142,8 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         alert = f"{a['severity']} since {a['raised_at']}" if a["active"] else "-"
         if d.get("warmup_alerts") is False:  # a device unlike the fleet, while warming up
             alert += " (warm-up verdicts page no one)"
+        if a.get("acknowledged"):
+            alert += f" (acknowledged by {a['acknowledged']['by'] or 'someone'})"
         if a.get("silenced_until"):
             alert += f" (silenced until {a['silenced_until']})"
         if d.get("quiet"):
@@ -225,6 +227,33 @@ def silence(settings: Settings, device_id: str, seconds: float) -> int:
             print(f"{d['device_id']}{_on_worker(d)}: alerts silenced until "
                   f"{d['silenced_until']} (verdicts are still published){active}")
     return EXIT_OK
+
+
+def acknowledge(settings: Settings, device_id: str, by: str | None, note: str | None) -> int:
+    """``anomalyd ack ID [--by NAME] [--note TEXT]``: fails if no worker holds an active
+    alert for the device."""
+    query = urlencode({k: v for k, v in (("by", by), ("note", note)) if v})
+    path = f"/devices/{_path(device_id)}/ack" + (f"?{query}" if query else "")
+    done = ask_workers(settings, "POST", path)
+    if not done:
+        print(f"error: the daemon does not know device {device_id!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    acked = [d for d in done if d["alert_active"]]
+    if not acked:
+        print(f"error: device {device_id!r} has no active alert to acknowledge",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    failed = False
+    for d in acked:
+        who = d["acknowledged"]["by"] or "someone"
+        if d["published"]:
+            print(f"{d['device_id']}{_on_worker(d)}: {d['severity']} alert acknowledged by "
+                  f"{who} at {d['acknowledged']['at']}; it still escalates and resolves")
+        else:
+            failed = True
+            print(f"{d['device_id']}{_on_worker(d)}: acknowledged, but the daemon stopped "
+                  "before the broker took the acknowledged alert", file=sys.stderr)
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def reload(settings: Settings) -> int:

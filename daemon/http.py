@@ -1,7 +1,7 @@
 """The HTTP edge: health, readiness, metrics, models and info, the operators' device
 commands (``GET /devices``, ``GET /devices/{id}``, ``POST /devices/{id}/rewarm``,
-``POST /devices/{id}/silence/{seconds}``, ``POST /devices/{id}/forget``) and the model
-reload (``POST /models/reload``), on one port.
+``POST /devices/{id}/silence/{seconds}``, ``POST /devices/{id}/ack?by=...&note=...``,
+``POST /devices/{id}/forget``) and the model reload (``POST /models/reload``), on one port.
 
 A bearer token, when configured, guards every path but ``/health``. Requests that change
 state (POST) need that token, or, when none is configured, a server bound to a loopback
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import orjson
 import structlog
@@ -38,6 +38,7 @@ from daemon.control import (
     ControlUnavailableError,
     ReloadFailedError,
     UnknownDeviceError,
+    check_ack_text,
     check_silence,
 )
 
@@ -90,8 +91,9 @@ class Router:
         self.timeout = timeout
         self.reload_timeout = reload_timeout
 
-    def route(self, method: str, path: str) -> tuple[Response, str | None]:
-        """The response, and for a 405 the methods the path allows."""
+    def route(self, method: str, path: str, query: str = "") -> tuple[Response, str | None]:
+        """The response, and for a 405 the methods the path allows (``query``: what
+        follows the path's ``?``, read by ``/devices/{id}/ack`` only)."""
         if path in self.gets:
             return (self.gets[path](), None) if method == "GET" else _not_allowed("GET")
         if path == "/models/reload":
@@ -105,8 +107,8 @@ class Router:
             return (self._run(Command("list")), None) if method == "GET" else _not_allowed("GET")
         action = parts[3] if len(parts) > 3 else ""  # "": the device itself
         # /devices/{id}, /devices/{id}/rewarm, /devices/{id}/forget,
-        # /devices/{id}/silence/{seconds}
-        unknown = len(parts) > 3 and action not in ("rewarm", "forget", "silence")
+        # /devices/{id}/silence/{seconds}, /devices/{id}/ack[?by=...&note=...]
+        unknown = len(parts) > 3 and action not in ("rewarm", "forget", "silence", "ack")
         if unknown or (len(parts) == 5) != (action == "silence"):
             return _error(404, "not found"), None
         device = unquote(parts[2])
@@ -123,6 +125,13 @@ class Router:
             return self._run(Command("rewarm", device)), None
         if action == "forget":
             return self._run(Command("forget", device)), None
+        if action == "ack":
+            try:  # refused here with the same words, without a round trip to the scorer
+                by, note = _ack_query(query)
+                check_ack_text(by, note)
+            except ControlError as exc:
+                return _error(400, str(exc)), None
+            return self._run(Command("ack", device, by=by, note=note)), None
         length = unquote(parts[4])
         try:  # refused here with the same words, without a round trip to the scorer
             seconds = check_silence(_number(length), length)
@@ -174,7 +183,7 @@ class HttpServer:
             def _handle(self) -> None:
                 if not self._discard_body():
                     return
-                path = self.path.split("?", 1)[0]
+                path, _, query = self.path.partition("?")
                 if expected is not None and path != "/health" and not _authorized(
                     self.headers.get("Authorization"), expected
                 ):
@@ -190,7 +199,7 @@ class HttpServer:
                     self._send(_error(403, FROM_BROWSER))
                     return
                 try:
-                    response, allow = router.route(self.command, path)
+                    response, allow = router.route(self.command, path, query)
                 except Exception:
                     log.exception("http_handler_failed", path=self.path)
                     response, allow = _error(500, "internal"), None
@@ -264,6 +273,22 @@ class HttpServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _ack_query(query: str) -> tuple[str | None, str | None]:
+    """``by`` and ``note`` from an acknowledgement's query string (each at most once)."""
+    try:
+        fields = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query),
+                          max_num_fields=4)
+    except ValueError as exc:
+        raise ControlError(f"a bad query string: {exc}") from None
+    unknown = fields.keys() - {"by", "note"}
+    if unknown:
+        raise ControlError(f"an acknowledgement takes 'by' and 'note', not {sorted(unknown)}")
+    if any(len(v) > 1 for v in fields.values()):
+        raise ControlError("'by' and 'note' may each be given once")
+    by, note = fields.get("by", [None])[0], fields.get("note", [None])[0]
+    return by or None, note or None
 
 
 def _number(text: str) -> float:

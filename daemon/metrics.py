@@ -105,6 +105,10 @@ class Metrics:
             "Operator silences of a device's alerts (POST silence), set or lifted",
             ["action"], registry=r,
         )
+        self.acknowledgements = Counter(
+            "anomalyd_alert_acknowledgements",
+            "Active alerts an operator acknowledged (POST ack)", registry=r,
+        )
         self.forgets = Counter(
             "anomalyd_device_forgets",
             "Devices an operator had forgotten (POST forget): state dropped, retained alert "

@@ -21,7 +21,7 @@ from daemon.config import AlertConfig, TopicsConfig
 from daemon.readings import Decoded, Rejection
 
 if TYPE_CHECKING:
-    from daemon.alerts import AlertEvent
+    from daemon.alerts import Acknowledgement, AlertEvent, AlertState
     from daemon.pipeline import Judgement, RawMessage
     from daemon.presence import PresenceEvent
 
@@ -54,6 +54,13 @@ def iso(ts: float) -> str:
         cached = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
         _last_second = cached
     return f"{cached[1]}.{int((ts - sec) * 1000):03d}Z"
+
+
+def acknowledgement(ack: Acknowledgement | None) -> dict[str, Any] | None:
+    """An acknowledgement as published: who, when (ISO 8601) and the note; None if none."""
+    if ack is None:
+        return None
+    return {"at": iso(ack.at), "by": ack.by, "note": ack.note}
 
 
 def severity(margin: float, cfg: AlertConfig) -> str:
@@ -116,8 +123,9 @@ class Payloads:
             v["baseline"] = j.baseline
         return v
 
-    def alert(self, j: Judgement, event: AlertEvent, scored_at: str) -> Outbound:
-        """The device's new alert state (retained), caused by verdict ``j``."""
+    def alert_message(self, j: Judgement, event: AlertEvent, scored_at: str) -> dict[str, Any]:
+        """The device's new alert state, caused by verdict ``j`` (published retained by
+        ``single``/``batch`` from ``j.alert_message``)."""
         r = j.reading
         body: dict[str, Any] = {
             "device_id": r.device_id,
@@ -138,6 +146,7 @@ class Payloads:
             "warming_up": j.warming_up,
             "explanation": j.explanation["text"] if j.explanation else NORMAL_TEXT,
             "contributions": j.explanation["contributions"] if j.explanation else [],
+            "acknowledged": acknowledgement(event.acknowledged),
         }
         if event.transition == "resolved":
             body["resolved_at"] = iso(r.timestamp)
@@ -145,15 +154,34 @@ class Payloads:
             body["seq"] = r.seq
         if r.index is not None:
             body["index"] = r.index
-        topic = self.alert_topic(r.device_id)
-        return Outbound("alert", topic, orjson.dumps(body), retain=True)
+        return body
+
+    def alert(self, device_id: str, message: dict[str, Any]) -> Outbound:
+        """An alert message, retained: a new subscriber sees each device's last state."""
+        return Outbound("alert", self.alert_topic(device_id), orjson.dumps(message),
+                        retain=True)
+
+    def acknowledged_alert(
+        self, device_id: str, state: AlertState, ack: Acknowledgement, now: float
+    ) -> Outbound:
+        """The device's active alert, acknowledged: its last message (what it was raised or
+        escalated for) with ``state: "acknowledged"`` and who acknowledged it when."""
+        at = iso(now)
+        base = state.message or {  # an alert raised before its messages were kept
+            "device_id": device_id, "active": True, "severity": state.severity,
+            "raised_at": None if state.raised_at is None else iso(state.raised_at),
+            "peak_margin": state.peak_margin, "window": self.alert_window,
+        }
+        body = {**base, "state": "acknowledged", "active": True, "severity": state.severity,
+                "published_at": at, "acknowledged": acknowledgement(ack)}
+        return self.alert(device_id, body)
 
     def single(self, j: Judgement, scored_at: str) -> list[Outbound]:
         """A single reading's verdict, and the alert state it changed, if any."""
         topic = self._verdict_prefix + j.reading.device_id + self._verdict_suffix
         outs = [Outbound("verdict", topic, orjson.dumps(self.verdict_dict(j, scored_at)))]
-        if j.alert is not None:
-            outs.append(self.alert(j, j.alert, scored_at))
+        if j.alert_message is not None:
+            outs.append(self.alert(j.reading.device_id, j.alert_message))
         if j.presence is not None:
             outs.append(self.presence(j.presence))
         return outs
@@ -196,7 +224,8 @@ class Payloads:
         }
         topic = self._verdict_prefix + device + self._verdict_suffix
         outs = [Outbound("verdict", topic, orjson.dumps(body))]
-        outs.extend(self.alert(j, j.alert, scored_at) for j in judged if j.alert is not None)
+        outs.extend(self.alert(j.reading.device_id, j.alert_message)
+                    for j in judged if j.alert_message is not None)
         outs.extend(self.presence(j.presence) for j in judged if j.presence is not None)
         return outs
 

@@ -55,6 +55,7 @@ class Judgement:
     #: the device baseline's score, threshold and flag, once its warm-up is complete
     baseline: dict[str, Any] | None = None
     alert: AlertEvent | None = None  # the alert transition this verdict caused
+    alert_message: dict[str, Any] | None = None  # and the message that publishes it
     #: the device's reading with this ``seq`` was judged before (a redelivery): judged
     #: again, but it changes no window, baseline or alert state
     repeat: bool = False
@@ -299,6 +300,7 @@ class Pipeline:
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
         alert_states = self.alert_states
         presence = self.presence if self.presence.enabled else None
+        scored_at = iso(now)
         for j in judged:
             if presence is not None and not j.repeat:
                 j.presence = presence.seen(j.reading.device_id, now)
@@ -309,12 +311,13 @@ class Pipeline:
             if j.repeat or not j.alerts or j.silenced_until is not None:
                 continue
             sev = severity(j.margin, self.alerts)
-            j.alert = alert_states.observe(
-                j.reading.device_id, j.is_anomaly, sev, j.margin, j.reading.timestamp
-            )
-            if j.alert is not None and j.alert.transition != "resolved":
-                stats.alert_severities.append(sev)
-        scored_at = iso(now)
+            dev = j.reading.device_id
+            j.alert = alert_states.observe(dev, j.is_anomaly, sev, j.margin, j.reading.timestamp)
+            if j.alert is not None:
+                j.alert_message = self.payloads.alert_message(j, j.alert, scored_at)
+                if j.alert.transition != "resolved":
+                    stats.alert_severities.append(sev)
+                    alert_states.record_message(dev, j.alert_message)  # to acknowledge it
         outputs: list[list[Outbound]] = []
         pos = 0
         for msg, d in zip(messages, decoded, strict=True):

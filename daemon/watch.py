@@ -32,6 +32,10 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
         return f"BACK    {device}: reporting again after {body.get('quiet_for_s')} s"
     if "severity" in body:
         state = body.get("state", "raised")
+        ack = body.get("acknowledged")
+        if state == "acknowledged" and isinstance(ack, dict):
+            state += f" by {ack.get('by') or 'someone'}" + (
+                f" ({ack['note']})" if ack.get("note") else "")
         return f"ALERT   {device} {state} [{body['severity']}] {body.get('explanation')}"
     if "total_samples" in body:
         return (f"batch   {device} {body['anomalies_detected']}/{body['total_samples']} "
