@@ -5,18 +5,18 @@ renamed over it, so a crash leaves the previous complete file or the new one. Th
 records the model schema it belongs to; ``Fleet.restore`` decides what of it still
 applies (alert states always do; baselines and windows only for the same schema).
 
-The scoring thread only takes the snapshot (``Fleet.snapshot``: references and small
-copies); :class:`StateWriter` encodes and writes it on a thread of its own. The encoding
-is done a device at a time (:func:`encode`): a serialiser call holds the interpreter lock
-for as long as it runs, so one call for 10,000 devices would stop the scoring thread as
-surely as running it there.
+The scoring thread takes the snapshot (``Fleet.snapshot``: references and small copies)
+and encodes it in slices between micro-batches; :class:`StateWriter` says why, and writes
+the bytes on a thread of its own.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ def encode(snapshot: dict[str, Any]) -> bytes:
 
 def _chunks(value: Any, depth: int) -> Iterator[bytes]:
     """``value`` as JSON in pieces: mappings above ``STREAMED_DEPTH`` entry by entry, so
-    that no one serialiser call holds the interpreter lock for long (~20 µs a device)."""
+    that the encoding can stop after any device (~20 µs each)."""
     if depth >= STREAMED_DEPTH or not isinstance(value, dict):
         yield orjson.dumps(value, option=_OPTIONS)
         return
@@ -82,13 +82,18 @@ def _chunks(value: Any, depth: int) -> Iterator[bytes]:
 
 
 def save(path: Path, snapshot: dict[str, Any]) -> None:
-    """Write ``snapshot`` atomically (any thread: see :class:`StateWriter`).
+    """Encode ``snapshot`` and write it atomically, here and now (tests, tools; the daemon
+    uses :class:`StateWriter`).
 
     orjson, not the standard library: ~8x faster, numpy arrays written directly, floats in
-    their shortest exact form. At 10,000 devices with baselines (14 MB) this takes ~0.2 s,
-    on the writer's thread (``bench.state_save``)."""
+    their shortest exact form. At 10,000 devices with baselines (14 MB) encoding and
+    writing take ~0.2 s (``bench.state_save``)."""
+    write_bytes(path, encode(snapshot))
+
+
+def write_bytes(path: Path, body: bytes) -> None:
+    """Replace ``path`` with ``body`` atomically: beside it, flushed to disk, renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = encode(snapshot)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -102,52 +107,103 @@ def save(path: Path, snapshot: dict[str, Any]) -> None:
 
 
 class StateWriter:
-    """Writes snapshots on a thread of its own, so that verdicts do not wait for the disk.
+    """Saves snapshots without holding up verdicts for long: the scoring thread encodes a
+    snapshot a slice at a time between micro-batches, and a thread of its own writes it.
 
-    The scoring thread hands a snapshot over with :meth:`submit` (it must hold nothing the
-    scorer changes later: ``Fleet.snapshot`` copies what changes in place) and goes on.
-    Snapshots are written in the order taken; one submitted while another waits replaces
-    it (only the newest state matters), so a slow disk delays the file, never the
-    verdicts. :meth:`flush` waits until everything submitted so far is written or failed:
-    operators' commands and the shutdown use it, so "written at once" holds there.
-    A failed write is reported to ``on_error`` and the next snapshot is tried as usual.
+    The encoding runs on the scoring thread on purpose. On another thread it would need
+    the interpreter lock, which the busy scorer kept: measured with 1,000 devices, 21 ms of
+    encoding took 6.1 s of wall time beside ``Pipeline.process`` in a loop (8.9 s beside
+    ``ModelBundle.score`` alone, 0.25 s beside a loop of plain Python), and at 10,000
+    devices it did not finish in 10 minutes (BENCHMARKS.md). The likely cause: the scorer
+    releases the lock briefly and often and takes it back before the waiting thread runs.
+    So :meth:`submit` (the scorer, with a snapshot that holds nothing it changes later:
+    ``Fleet.snapshot``) starts the encoding, :meth:`step` (the scorer, once per loop)
+    encodes for at most ``slice_s``, and once the bytes are complete the writer thread
+    writes them atomically (``write_bytes``), mostly without the lock.
+
+    A snapshot submitted while an older one is still being encoded or waits to be written
+    replaces it (only the newest state matters). :meth:`flush` finishes the encoding at
+    once and waits until the file is written (operators' commands and the shutdown). A
+    failed write is reported to ``on_error``; the next snapshot is tried as usual.
     """
 
-    def __init__(self, path: Path, on_error: Callable[[Exception], None]) -> None:
+    def __init__(
+        self, path: Path, on_error: Callable[[Exception], None], slice_s: float = 0.005
+    ) -> None:
         self.path = path
+        self.slice_s = slice_s
         self._on_error = on_error
+        self._encoding: Iterator[bytes] | None = None  # the scorer's side only
+        self._parts: list[bytes] = []
         self._cond = threading.Condition()
-        self._pending: dict[str, Any] | None = None
-        self._submitted = 0  # snapshots handed over
+        self._pending: bytes | None = None  # encoded, not yet taken by the writer thread
+        self._handed = 0  # encoded snapshots handed to the writer thread
         self._finished = 0  # of those, how many are written, failed or superseded
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, snapshot: dict[str, Any]) -> None:
+    @property
+    def encoding(self) -> bool:
+        """Whether a snapshot is still being encoded (more :meth:`step` calls to come)."""
+        return self._encoding is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing being encoded, and every encoded snapshot written (or failed)."""
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the state writer is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="state-writer",
-                                                daemon=True)
-                self._thread.start()
-            self._pending = snapshot
-            self._submitted += 1
-            self._cond.notify_all()
+            return self._encoding is None and self._finished >= self._handed
+
+    def submit(self, snapshot: dict[str, Any]) -> None:
+        """Start encoding ``snapshot`` (dropping one not yet encoded in full)."""
+        self._encoding = _chunks({"format": FORMAT, **snapshot}, 0)
+        self._parts = []
+
+    def step(self, budget_s: float | None = None) -> None:
+        """Encode for at most ``budget_s`` seconds (default ``slice_s``; ``math.inf``: all
+        of it); hand the bytes to the writer thread once they are complete. The scorer's
+        thread only (or any thread once the scorer has stopped)."""
+        encoding = self._encoding
+        if encoding is None:
+            return
+        deadline = time.perf_counter() + (self.slice_s if budget_s is None else budget_s)
+        parts = self._parts
+        for i, part in enumerate(encoding, 1):
+            parts.append(part)
+            if not i % 64 and time.perf_counter() >= deadline:
+                return
+        self._encoding, self._parts = None, []
+        self._hand_over(b"".join(parts))
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every snapshot submitted so far is finished; False on timeout."""
+        """Finish encoding now and wait until the file is written; False on timeout."""
+        self.step(math.inf)
         with self._cond:
-            target = self._submitted
+            target = self._handed
             return self._cond.wait_for(lambda: self._finished >= target, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Finish what was submitted (False if that took over ``timeout``) and stop."""
+        """Finish what was submitted (False if that took over ``timeout``) and stop the
+        writer thread; a later snapshot is written on the caller's thread."""
         done = self.flush(timeout)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         return done
+
+    def _hand_over(self, body: bytes) -> None:
+        with self._cond:
+            if self._closed:  # after close: write here and now
+                self._handed += 1
+                self._write(body)
+                self._finished = self._handed
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="state-writer",
+                                                daemon=True)
+                self._thread.start()
+            self._pending = body
+            self._handed += 1
+            self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -155,15 +211,18 @@ class StateWriter:
                 self._cond.wait_for(lambda: self._pending is not None or self._closed)
                 if self._pending is None:
                     return
-                snapshot, self._pending = self._pending, None
-                upto = self._submitted
-            try:
-                save(self.path, snapshot)
-            except Exception as exc:  # noqa: BLE001 - a full disk, or a bug: the thread goes on
-                self._on_error(exc)
+                body, self._pending = self._pending, None
+                upto = self._handed
+            self._write(body)
             with self._cond:
                 self._finished = upto
                 self._cond.notify_all()
+
+    def _write(self, body: bytes) -> None:
+        try:
+            write_bytes(self.path, body)
+        except Exception as exc:  # noqa: BLE001 - a full disk, or a bug: the thread goes on
+            self._on_error(exc)
 
 
 def load(path: Path) -> dict[str, Any] | None:

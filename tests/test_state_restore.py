@@ -7,6 +7,7 @@ only survive for the same model schema and warm-up length.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import orjson
 import pytest
 
 from daemon import state
-from daemon.config import AlertConfig, TopicsConfig
+from daemon.config import AlertConfig, StateConfig, TopicsConfig
 from daemon.models import ModelBundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
+from tests.conftest import make_settings
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
 
 ALERTS = AlertConfig(raise_after=1, window=1, resolve_after=2)
@@ -130,23 +132,36 @@ def test_a_snapshot_stays_as_taken_while_scoring_goes_on(model_bundle: ModelBund
     assert st.scale is not None and not st.scale.flags.writeable  # shared, never changed
 
 
-def test_the_state_writer_writes_in_the_background_the_newest_snapshot_last(
+def test_the_state_writer_encodes_in_slices_and_writes_the_newest_snapshot(
     model_bundle: ModelBundle, tmp_path: Path
 ) -> None:
     p = pipeline(model_bundle, warmup=4)
+    for i in range(40):  # devices enough for many slices of 64 pieces
+        msg = RawMessage(f"sensors/d-{i}/readings", orjson.dumps(normal(i)), 0.0)
+        p.process([msg], 1000.0)
     path = tmp_path / "devices.json"
     errors: list[Exception] = []
     writer = state.StateWriter(path, errors.append)
-    for i in range(5):
-        feed(p, normal(i))
-        writer.submit(p.fleet.snapshot())
-    assert writer.flush(10.0) and errors == []
+    writer.submit(p.fleet.snapshot())
+    writer.step(0.0)  # one slice: the encoding goes on, nothing is written yet
+    assert writer.encoding and not writer.idle and not path.exists()
+    feed(p, normal(99))
+    newest = p.fleet.snapshot()
+    writer.submit(newest)  # replaces the one half encoded
+    slices = 0
+    while writer.encoding:
+        writer.step(0.0)
+        slices += 1
+    assert slices > 2
+    assert writer.flush(10.0) and writer.idle and errors == []
     loaded = state.load(path)
-    assert loaded is not None and loaded == orjson.loads(state.encode(p.fleet.snapshot()))
-    assert pipeline(model_bundle, warmup=4).fleet.restore(loaded)[0] == 1
+    assert loaded is not None and loaded == orjson.loads(state.encode(newest))
+    assert pipeline(model_bundle, warmup=4).fleet.restore(loaded)[0] == 41
     assert writer.close(10.0)
-    with pytest.raises(RuntimeError, match="closed"):
-        writer.submit(p.fleet.snapshot())
+    feed(p, normal(100))  # after close, a snapshot is written on the caller's thread
+    writer.submit(p.fleet.snapshot())
+    assert writer.flush(0.0)
+    assert state.load(path) == orjson.loads(state.encode(p.fleet.snapshot()))
 
 
 def test_a_failed_state_write_is_reported_and_the_next_one_still_made(
@@ -175,3 +190,30 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+@pytest.mark.integration
+def test_the_running_daemon_saves_its_state_periodically_while_it_scores(
+    broker: Any, trained_model_dir: Path, start_daemon: Any, publisher_for: Any
+) -> None:
+    """The periodic save of the live daemon: the scorer takes the snapshot and encodes it
+    between batches, a thread writes it; the file appears without a stop."""
+    settings = make_settings(broker, trained_model_dir)
+    settings = settings.model_copy(update={"state": StateConfig(
+        dir=settings.state.dir, save_interval_s=0.2)})
+    svc = start_daemon(settings=settings)
+    pub = publisher_for(broker)
+    path = svc.state_path
+    deadline = time.monotonic() + 15.0
+    seen: dict[str, Any] = {}
+    i = 0
+    while time.monotonic() < deadline:
+        pub.send("sensors/saved-1/readings", {**NORMAL_READING, "seq": i})
+        i += 1
+        loaded = state.load(path) if path.exists() else None
+        if loaded is not None and "saved-1" in loaded["alerts"]["devices"]:
+            seen = loaded
+            break
+        time.sleep(0.05)
+    assert seen, f"no state file with the device within 15 s ({i} readings sent)"
+    assert svc.mqtt.loop_alive  # written while running, not at a stop
