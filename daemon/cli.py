@@ -156,7 +156,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     from daemon.device_client import show_devices
 
-    return show_devices(_settings(args), args.id, as_json=args.json)
+    if args.id is not None and args.alerts:
+        print("error: --alerts lists the devices in alert; it takes no device id",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return show_devices(_settings(args), args.id, as_json=args.json, alerts_only=args.alerts)
 
 
 def cmd_rewarm(args: argparse.Namespace) -> int:
@@ -346,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("devices", help="show the running daemon's devices (warm-up, alert)")
     dev.add_argument("id", nargs="?", help="one device, in full (JSON)")
     dev.add_argument("--json", action="store_true", help="print the list as JSON")
+    dev.add_argument("--alerts", action="store_true",
+                     help="only the devices whose alert is active (raised, escalated or "
+                          "acknowledged)")
     dev.set_defaults(func=cmd_devices)
 
     rewarm = sub.add_parser("rewarm", help="make a device of the running daemon warm up again")

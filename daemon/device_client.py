@@ -156,13 +156,17 @@ def device_table(devices: list[dict[str, Any]]) -> str:
 # -- the commands ------------------------------------------------------------------------
 
 
-def show_devices(settings: Settings, device_id: str | None, *, as_json: bool) -> int:
-    """``anomalyd devices [ID]``: every worker's devices as a table (or JSON), or one."""
+def show_devices(
+    settings: Settings, device_id: str | None, *, as_json: bool, alerts_only: bool = False
+) -> int:
+    """``anomalyd devices [ID] [--alerts]``: every worker's devices as a table (or JSON),
+    only those in alert, or one device."""
     if device_id is None:
         devices = [
             {**d, **({"worker": w["worker"]} if "worker" in w else {})}
             for w in ask_workers(settings, "GET", "/devices")
             for d in w["devices"]
+            if d["alert"]["active"] or not alerts_only
         ]
         if as_json:
             sys.stdout.buffer.write(orjson.dumps(devices, option=orjson.OPT_INDENT_2) + b"\n")

@@ -114,6 +114,11 @@ class Metrics:
             "Devices an operator had forgotten (POST forget): state dropped, retained alert "
             "and presence deleted", registry=r,
         )
+        self.state_saved = Gauge(
+            "anomalyd_state_saved_timestamp_seconds",
+            "When the per-device state file was last written (Unix time; 0 = not yet): "
+            "alert if it falls behind state.save_interval_s by much", registry=r,
+        )
         self.devices = Gauge(
             "anomalyd_devices",
             "Devices with state (window, baseline); limits.max_devices bounds it", registry=r,

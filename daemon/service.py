@@ -78,7 +78,8 @@ class Service:
         )
         self.decoder, self.pipeline = build_scoring(s, bundle, self.subscription, rate_limiter(s))
         self.state_path = state.state_file(s.state.dir, worker_index)
-        self.state_writer = state.StateWriter(self.state_path, self._state_save_failed)
+        self.state_writer = state.StateWriter(self.state_path, self._state_save_failed,
+                                              self.metrics.state_saved.set_to_current_time)
         self._state_saved_at = time.monotonic()
         self._presence_checked_at = 0.0
         # Bounded by batch.queue_size: when full, the intake's network thread waits (the

@@ -124,15 +124,21 @@ class StateWriter:
     A snapshot submitted while an older one is still being encoded or waits to be written
     replaces it (only the newest state matters). :meth:`flush` finishes the encoding at
     once and waits until the file is written (operators' commands and the shutdown). A
-    failed write is reported to ``on_error``; the next snapshot is tried as usual.
+    failed write is reported to ``on_error``, a completed one to ``on_written``; the next
+    snapshot is tried as usual.
     """
 
     def __init__(
-        self, path: Path, on_error: Callable[[Exception], None], slice_s: float = 0.005
+        self,
+        path: Path,
+        on_error: Callable[[Exception], None],
+        on_written: Callable[[], None] | None = None,
+        slice_s: float = 0.005,
     ) -> None:
         self.path = path
         self.slice_s = slice_s
         self._on_error = on_error
+        self._on_written = on_written
         self._encoding: Iterator[bytes] | None = None  # the scorer's side only
         self._parts: list[bytes] = []
         self._cond = threading.Condition()
@@ -223,6 +229,9 @@ class StateWriter:
             write_bytes(self.path, body)
         except Exception as exc:  # noqa: BLE001 - a full disk, or a bug: the thread goes on
             self._on_error(exc)
+            return
+        if self._on_written is not None:
+            self._on_written()
 
 
 def load(path: Path) -> dict[str, Any] | None:

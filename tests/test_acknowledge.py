@@ -196,6 +196,15 @@ def test_cli_acknowledges_the_running_daemon_s_alert_which_a_late_subscriber_see
     res = anomalyd("devices", env=env)
     (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith(dev)]
     assert "(acknowledged by alice)" in line
+    col_2 = collector_for(broker, ["anomaly/ctl-ack-2/verdict"])
+    pub.send("sensors/ctl-ack-2/readings", normal(1))  # a device not in alert
+    col_2.json_on("anomaly/ctl-ack-2/verdict", count=1)
+    assert "ctl-ack-2" in anomalyd("devices", env=env).stdout
+    res = anomalyd("devices", "--alerts", env=env)
+    assert res.returncode == 0
+    assert [ln.split()[0] for ln in res.stdout.splitlines()[1:]] == [dev]
+    res = anomalyd("devices", dev, "--alerts", env=env)
+    assert res.returncode == 2 and "takes no device id" in res.stderr
 
     late = collector_for(broker, [alerts])  # a dashboard that connects now
     assert late.json_on(alerts, count=1)[0]["state"] == "acknowledged"

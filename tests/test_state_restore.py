@@ -217,3 +217,9 @@ def test_the_running_daemon_saves_its_state_periodically_while_it_scores(
         time.sleep(0.05)
     assert seen, f"no state file with the device within 15 s ({i} readings sent)"
     assert svc.mqtt.loop_alive  # written while running, not at a stop
+    saved_at = 0.0
+    while time.monotonic() < deadline + 5.0 and not saved_at:  # set just after the rename
+        saved_at = svc.metrics.registry.get_sample_value(
+            "anomalyd_state_saved_timestamp_seconds") or 0.0
+        time.sleep(0.01)
+    assert abs(saved_at - time.time()) < 30.0
