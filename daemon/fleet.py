@@ -18,7 +18,9 @@ from daemon.devices import DeviceTracker
 from daemon.models import ModelBundle
 from daemon.presence import PresenceEvent, PresenceTracker
 
-_BAD_STATE = (ValueError, KeyError, TypeError)
+# what saved state of the wrong shape raises in the trackers' restore (valid JSON: a hand
+# edit, a bug); it costs the part it is in, never the start
+_BAD_STATE = (ValueError, KeyError, TypeError, AttributeError)
 
 
 class Fleet:

@@ -223,3 +223,20 @@ def test_the_running_daemon_saves_its_state_periodically_while_it_scores(
             "anomalyd_state_saved_timestamp_seconds") or 0.0
         time.sleep(0.01)
     assert abs(saved_at - time.time()) < 30.0
+
+
+def test_a_malformed_part_of_the_state_is_dropped_and_the_rest_restored(
+    model_bundle: ModelBundle,
+) -> None:
+    """Valid JSON of the wrong shape (a hand edit, a bug) costs the part it is in, never
+    the start: here a re-warmed device's seq window that is a number, not an object."""
+    before = pipeline(model_bundle, warmup=4)
+    feed(before, *(normal(i) for i in range(4)))
+    feed(before, ANOMALOUS_READING)
+    snap = orjson.loads(state.encode(before.fleet.snapshot()))
+    snap["devices"]["kept_seqs"] = {"p-9": 5}
+    after = pipeline(model_bundle, warmup=4)
+    devices, alerts, problems = after.fleet.restore(snap)
+    assert (devices, alerts) == (0, 1)
+    assert len(problems) == 1 and problems[0].startswith("device state:")
+    assert after.alert_states.is_active("p-1")
