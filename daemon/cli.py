@@ -211,7 +211,10 @@ def _ack_field(text: str, *, by: bool) -> str:
     from daemon.control import ControlError, check_ack_text
 
     try:
-        check_ack_text(text, None) if by else check_ack_text(None, text)
+        if by:
+            check_ack_text(text, None)
+        else:
+            check_ack_text(None, text)
     except ControlError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text

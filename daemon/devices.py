@@ -241,12 +241,11 @@ class DeviceTracker:
     # -- persistence (plain data; the caller writes it atomically) --------------------
 
     def to_json(self) -> dict[str, Any]:
-        """The devices' state as of now, for ``daemon.state`` to write (on another thread).
-
-        Taken on the scoring thread, so kept cheap: the arrays that change in place (the
-        centre, the warm-up moments) are copied, the fitted scale and correlations (read-only
-        once fitted) are referenced, and nothing is converted to lists here.
-        """
+        """The devices' state as of now, for ``daemon.state`` to encode and write while
+        scoring goes on (``StateWriter``): the arrays that change in place (the centre, the
+        warm-up moments) are copied, the fitted scale and correlations (read-only once
+        fitted) are referenced, and nothing is converted to lists here (this runs on the
+        scoring thread in one piece)."""
         def copied(a: Matrix | None) -> Matrix | None:
             return None if a is None else a.copy()
 
