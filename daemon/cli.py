@@ -197,27 +197,20 @@ def _user() -> str | None:
         return None
 
 
-def _ack_by(text: str) -> str:
-    """An argparse type: who acknowledges (``daemon.control.check_ack_text``)."""
-    return _ack_field(text, by=True)
+def _ack_text(name: str) -> Callable[[str], str]:
+    """An argparse type: the acknowledgement's field ``name`` ("by" or "note"), checked as
+    the daemon checks it (``daemon.control.check_ack_field``)."""
 
+    def check(text: str) -> str:
+        from daemon.control import ControlError, check_ack_field
 
-def _ack_note(text: str) -> str:
-    """An argparse type: an acknowledgement's note."""
-    return _ack_field(text, by=False)
+        try:
+            check_ack_field(name, text)
+        except ControlError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
 
-
-def _ack_field(text: str, *, by: bool) -> str:
-    from daemon.control import ControlError, check_ack_text
-
-    try:
-        if by:
-            check_ack_text(text, None)
-        else:
-            check_ack_text(None, text)
-    except ControlError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return check
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -382,11 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ack", help="acknowledge a device's active alert (someone is on it): published with "
                     "the alert; it still escalates and resolves")
     ack.add_argument("id", help="the device id")
-    ack.add_argument("--by", type=_ack_by, default=_user(),
+    ack.add_argument("--by", type=_ack_text("by"), default=_user(),
                      help="who acknowledges (default: the user running the command; at most "
                           "64 characters)")
-    ack.add_argument("--note", type=_ack_note, help="a note for the others on call (at most "
-                                                    "500 characters)")
+    ack.add_argument("--note", type=_ack_text("note"),
+                     help="a note for the others on call (at most 500 characters)")
     ack.set_defaults(func=cmd_ack)
 
     reload = sub.add_parser(

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import orjson
 import structlog
 
 from daemon.alerts import Acknowledgement
@@ -48,8 +47,7 @@ RELOAD_TIMEOUT_S = 30.0
 #: The longest silence an operator may set (a forgotten one ends by itself).
 MAX_SILENCE_S = 7 * 24 * 3600.0
 #: The longest "by" and "note" of an acknowledgement (characters).
-MAX_ACK_BY = 64
-MAX_ACK_NOTE = 500
+ACK_TEXT_LIMITS = {"by": 64, "note": 500}
 CLEARED_TEXT = (
     "cleared by an operator's re-warm-up: the device's baseline and alert state were reset"
 )
@@ -69,17 +67,23 @@ def check_silence(seconds: float, as_given: str) -> float:
 
 
 def check_ack_text(by: str | None, note: str | None) -> None:
-    """ControlError unless ``by`` and ``note`` fit an acknowledgement: at most
-    ``MAX_ACK_BY`` / ``MAX_ACK_NOTE`` characters, none of them a control character."""
-    for name, text, limit in (("by", by, MAX_ACK_BY), ("note", note, MAX_ACK_NOTE)):
-        if text is None:
-            continue
-        if len(text) > limit:
-            raise ControlError(f"an acknowledgement's {name!r} has at most {limit} characters, "
-                               f"not {len(text)}")
-        if not text.isprintable():
-            raise ControlError(f"an acknowledgement's {name!r} holds a control character "
-                               "(a line break, a tab, ...)")
+    """ControlError unless ``by`` and ``note`` fit an acknowledgement (``check_ack_field``)."""
+    check_ack_field("by", by)
+    check_ack_field("note", note)
+
+
+def check_ack_field(name: str, text: str | None) -> None:
+    """ControlError unless ``text`` (None: not given) fits the acknowledgement's field
+    ``name``: at most ``ACK_TEXT_LIMITS[name]`` characters, none a control character."""
+    if text is None:
+        return
+    limit = ACK_TEXT_LIMITS[name]
+    if len(text) > limit:
+        raise ControlError(f"an acknowledgement's {name!r} has at most {limit} characters, "
+                           f"not {len(text)}")
+    if not text.isprintable():
+        raise ControlError(f"an acknowledgement's {name!r} holds a control character "
+                           "(a line break, a tab, ...)")
 
 
 class UnknownDeviceError(ControlError):
@@ -409,21 +413,16 @@ def cleared_alert(
     """
     at = iso(now)
     body: dict[str, Any] = {
-        "device_id": device_id,
+        **payloads.alert_of_state(device_id, previous),
         "state": "cleared",
         "active": False,
-        "severity": previous.severity,
         "reason": "rewarm",
         "timestamp": at,
-        "raised_at": None if previous.raised_at is None else iso(previous.raised_at),
         "resolved_at": at,
         "published_at": at,
         "anomalous_in_window": 0,
-        "window": payloads.alert_window,
-        "peak_margin": previous.peak_margin,
         "warming_up": warming_up,
         "explanation": CLEARED_TEXT,
         "contributions": [],
-        "acknowledged": acknowledgement(previous.acknowledged),
     }
-    return Outbound("alert", payloads.alert_topic(device_id), orjson.dumps(body), retain=True)
+    return payloads.alert(device_id, body)

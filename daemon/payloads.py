@@ -166,15 +166,24 @@ class Payloads:
     ) -> Outbound:
         """The device's active alert, acknowledged: its last message (what it was raised or
         escalated for) with ``state: "acknowledged"`` and who acknowledged it when."""
-        at = iso(now)
-        base = state.message or {  # an alert raised before its messages were kept
-            "device_id": device_id, "active": True, "severity": state.severity,
-            "raised_at": None if state.raised_at is None else iso(state.raised_at),
-            "peak_margin": state.peak_margin, "window": self.alert_window,
-        }
+        # an alert raised before its messages were kept: what its state says
+        base = state.message or self.alert_of_state(device_id, state)
         body = {**base, "state": "acknowledged", "active": True, "severity": state.severity,
-                "published_at": at, "acknowledged": acknowledgement(ack)}
+                "published_at": iso(now), "acknowledged": acknowledgement(ack)}
         return self.alert(device_id, body)
+
+    def alert_of_state(self, device_id: str, state: AlertState) -> dict[str, Any]:
+        """The fields of an alert message that the alert's state alone gives, for one no
+        verdict caused (an operator's action): the verdict's own fields (key, seq, scores,
+        model, explanation) are for the caller to say or leave out."""
+        return {
+            "device_id": device_id,
+            "severity": state.severity,
+            "raised_at": None if state.raised_at is None else iso(state.raised_at),
+            "peak_margin": state.peak_margin,
+            "window": self.alert_window,
+            "acknowledged": acknowledgement(state.acknowledged),
+        }
 
     def single(self, j: Judgement, scored_at: str) -> list[Outbound]:
         """A single reading's verdict, and the alert state it changed, if any."""
