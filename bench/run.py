@@ -271,24 +271,25 @@ class Runner:
 def one_rep(runner: Runner, scale: Scale, models: Path, rep: int,
             config: Path | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for kind in ("echo", "daemon", "daemon-w2"):
+    for kind in ("echo", "daemon", "daemon-w2", "daemon-w2-shared"):
         broker = Broker().start()  # a fresh broker per system: no sessions left over
         try:
             if kind == "echo":
                 sysm = start_echo(broker.port, runner.work)
             else:
+                cfg = shared_dispatch(config, runner.work) if kind.endswith("shared") else config
                 sysm = start_daemon(broker.port, runner.work, models,
-                                    2 if kind == "daemon-w2" else 1, f"{rep}-{kind}", config)
+                                    1 if kind == "daemon" else 2, f"{rep}-{kind}", cfg)
             try:
                 r: dict[str, Any] = {"ready_s": sysm.ready_s}
                 print(f"[rep {rep}] {kind}: ready in {sysm.ready_s:.2f}s", flush=True)
-                if kind != "daemon-w2":
+                if kind == "daemon" or kind == "echo":
                     r["idle"] = runner.probe(sysm, broker.port, scale.probe)
                     for rate in (100, 1000):
                         r[f"rate_{rate}"] = runner.load(
                             sysm, broker.port, int(rate * scale.rate_seconds), rate, 1)
                 r["flood"] = runner.load(sysm, broker.port, scale.flood, 0, scale.publishers)
-                if kind != "daemon-w2":
+                if kind == "daemon" or kind == "echo":
                     sat = round(0.9 * r["flood"]["throughput"], -1)
                     r["rate_sat"] = runner.load(sysm, broker.port,
                                                 int(sat * scale.rate_seconds), sat,
@@ -304,6 +305,21 @@ def one_rep(runner: Runner, scale: Scale, models: Path, rep: int,
         finally:
             broker.stop()
         out[kind] = r
+    return out
+
+
+def shared_dispatch(config: Path | None, work: Path) -> Path:
+    """``config`` (default: the repository's) with ``service.dispatch = "shared"``: WORKERS=2
+    through an MQTT shared subscription, against the default device dispatch."""
+    text = (config or REPO / "config" / "anomalyd.toml").read_text()
+    if "dispatch" in text:
+        raise SystemExit("--daemon-config sets service.dispatch: the shared run would too")
+    if "[service]" in text:
+        text = text.replace("[service]", '[service]\ndispatch = "shared"', 1)
+    else:
+        text += '\n[service]\ndispatch = "shared"\n'
+    out = work / "shared-dispatch.toml"
+    out.write_text(text)
     return out
 
 
@@ -440,7 +456,8 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"| peak RSS MiB (VmHWM) | – | {statistics.median(rss):.0f} | |")
     lines += ["", "| WORKERS | flood readings/s | lost | CPU µs/reading | batch-100 readings/s "
               "| lost | CPU µs/reading | ready s |", "|---|---|---|---|---|---|---|---|"]
-    for kind, label in (("daemon", "1"), ("daemon-w2", "2")):
+    for kind, label in (("daemon", "1"), ("daemon-w2", "2 (device dispatch)"),
+                        ("daemon-w2-shared", "2 (shared dispatch)")):
         cells = [med(r, f"{kind}.{phase}.{m}") for phase in ("flood", "batch100")
                  for m in ("throughput", "lost", "cpu_us_per_reading")]
         lines.append(f"| {label} | " + " | ".join(cells)
@@ -448,6 +465,10 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"| 2 ÷ 1 | {ratio(r, 'daemon-w2.flood.throughput', 'daemon.flood.throughput')}"
                  f" | | | {ratio(r, 'daemon-w2.batch100.throughput', 'daemon.batch100.throughput')}"
                  " | | | |")
+    device_vs_shared = [ratio(r, f"daemon-w2.{phase}.throughput",
+                              f"daemon-w2-shared.{phase}.throughput")
+                        for phase in ("flood", "batch100")]
+    lines.append("| device ÷ shared | {} | | | {} | | | |".format(*device_vs_shared))
     lines += ["", "batch-size distribution (readings per scored batch; share of batches):"]
     for phase in ("rate_100", "rate_1000", "flood", "rate_sat", "batch100"):
         h = r["reps"][-1]["daemon"].get(phase, {}).get("batch_hist")

@@ -79,6 +79,14 @@ class AckSequencer:
                 self._on_done(msg)
             self._ack_finished_head()
 
+    def pass_over(self, msg: Inbound) -> None:
+        """A registered message that is not ours to process (another worker's device):
+        acknowledge it in its turn, without counting it as a finished reading."""
+        with self._lock:
+            msg.holds = 0
+            msg.done = True
+            self._ack_finished_head()
+
     def forget(self, msg: Inbound) -> None:
         """Drop a message that will not be processed; it stays unacked at the broker.
 

@@ -191,6 +191,10 @@ class ServiceConfig(_Strict):
     shutdown_timeout_s: float = Field(10.0, gt=0)
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
     workers: int = Field(1, ge=1, le=64)
+    # How readings reach N workers: "device" (each worker subscribes to all of them and
+    # judges only its own devices: one device, one worker, with any broker) or "shared"
+    # (an MQTT shared subscription: the broker hands each message to one worker).
+    dispatch: Literal["device", "shared"] = "device"
     share_group: str = "anomalyd"
 
 
@@ -209,11 +213,13 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.service.workers > 1 and self.alerts.quiet_after_s:
+        svc = self.service
+        if svc.workers > 1 and svc.dispatch == "shared" and self.alerts.quiet_after_s:
             raise ValueError(
-                "alerts.quiet_after_s needs one worker (service.workers / WORKERS = 1): a "
-                "shared subscription hands each worker only a share of a device's readings, "
-                "so a worker could announce a device quiet that another one is hearing from")
+                "alerts.quiet_after_s needs service.dispatch = \"device\" (the default) or "
+                "one worker: a shared subscription hands each worker only a share of a "
+                "device's readings, so a worker could announce a device quiet that another "
+                "one is hearing from")
         return self
 
     def masked(self) -> dict[str, Any]:

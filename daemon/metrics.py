@@ -31,6 +31,11 @@ class Metrics:
             "anomalyd_messages_received", "MQTT messages received on the readings subscription",
             registry=r,
         )
+        self.others_messages = Counter(
+            "anomalyd_messages_for_other_workers",
+            "Messages received for devices another worker owns (WORKERS > 1, device "
+            "dispatch): acknowledged unread", registry=r,
+        )
         self.readings = Counter(
             "anomalyd_readings", "Readings by outcome (normal, anomaly, rejected)",
             ["outcome"], registry=r,

@@ -125,9 +125,17 @@ class MqttAdapter:
         metrics: Metrics,
         deliver: Callable[[Inbound], None],
         client_id: str | None = None,
+        owns: Callable[[str], bool] | None = None,
+        stale_subscriptions: tuple[str, ...] = (),
     ) -> None:
         self.cfg = cfg
         self.subscription = subscription
+        # Device dispatch (daemon.partition): which topics this worker judges; the others
+        # are acknowledged unread. None: every message is ours.
+        self._owns = owns
+        # Filters a persistent session may still hold from another layout (the shared
+        # subscription before device dispatch, or the reverse): dropped at each connect.
+        self._stale_subscriptions = stale_subscriptions
         self.status_topic = status_topic
         self.metrics = metrics
         self._deliver = deliver
@@ -248,6 +256,8 @@ class MqttAdapter:
             client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
         else:
             client.subscribe(self.subscription, qos=1)
+        for stale in self._stale_subscriptions:
+            client.unsubscribe(stale)
         client.publish(self.status_topic, b"online", qos=1, retain=True)
         self.metrics.connected.set(1 if self.output.connected else 0)
         log.info("subscribed", subscription=self.subscription, session_present=session_present)
@@ -271,6 +281,14 @@ class MqttAdapter:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = msg._topic.decode("utf-8", "replace")
+        if self._owns is not None and not self._owns(topic):
+            # Another worker's device: that worker has its own copy in its own session.
+            self.metrics.others_messages.inc()
+            if msg.qos:
+                other = Inbound(msg.mid, msg.qos, topic, b"", 0.0, 0.0)
+                self.acks.register(other)
+                self.acks.pass_over(other)
+            return
         inbound = Inbound(
             msg.mid, msg.qos, topic, bytes(msg.payload), time.monotonic(), time.time()
         )

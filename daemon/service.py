@@ -28,10 +28,12 @@ from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.mqtt import MqttAdapter
+from daemon.partition import TopicOwnership
 from daemon.payloads import Outbound, iso
 from daemon.pipeline import BatchStats, RawMessage
 from daemon.reload import ModelReloader, build_scoring, publish_model_info, rate_limiter
 from daemon.status import ServiceStatus
+from daemon.topics import TopicMatcher
 
 log = structlog.get_logger("anomalyd")
 
@@ -53,11 +55,21 @@ def _payload_size(msg: Inbound) -> int:
     return len(msg.payload)
 
 
-def shared_subscription(subscription: str, group: str, workers: int) -> str:
-    """With several workers the subscription is shared: each reading goes to one of them."""
-    if workers > 1 and not subscription.startswith("$share/"):
-        return f"$share/{group}/{subscription}"
-    return subscription
+def subscriptions(settings: Settings) -> tuple[str, tuple[str, ...]]:
+    """(the filter to subscribe to, filters an old session of another layout may hold).
+
+    With several workers and shared dispatch the subscription is shared (each reading goes
+    to one of them); otherwise every worker subscribes to the filter itself (device
+    dispatch: each keeps its own devices, ``daemon.partition``). A filter the user wrote
+    as ``$share/...`` is left as it is.
+    """
+    plain, svc = settings.mqtt.subscription, settings.service
+    if plain.startswith("$share/"):
+        return plain, ()
+    shared = f"$share/{svc.share_group}/{plain}"
+    if svc.workers > 1 and svc.dispatch == "shared":
+        return shared, (plain,)
+    return plain, (shared,) if svc.workers > 1 else ()
 
 
 class Service:
@@ -73,10 +85,9 @@ class Service:
         self.metrics = metrics or Metrics()
         self.started_at = time.time()
         s = settings
-        self.subscription = shared_subscription(
-            s.mqtt.subscription, s.service.share_group, s.service.workers
-        )
+        self.subscription, stale = subscriptions(s)
         self.decoder, self.pipeline = build_scoring(s, bundle, self.subscription, rate_limiter(s))
+        self._worker_index = worker_index
         self.state_path = state.state_file(s.state.dir, worker_index)
         self.state_writer = state.StateWriter(self.state_path, self._state_save_failed,
                                               self.metrics.state_saved.set_to_current_time)
@@ -92,8 +103,13 @@ class Service:
         if worker_index is not None:
             client_id = f"{client_id}-{worker_index}"
             port = port + worker_index if port else 0
+        owns = None
+        if worker_index is not None and s.service.dispatch == "device":
+            matcher = TopicMatcher(self.subscription, s.limits.device_id_pattern)
+            owns = TopicOwnership(matcher, worker_index, s.service.workers).owns
         self.mqtt = MqttAdapter(
             s.mqtt, self.subscription, s.topics.status, self.metrics, self._deliver, client_id,
+            owns=owns, stale_subscriptions=stale,
         )
         # Operators' device commands, run by the scorer between batches (daemon.control).
         self.control = ControlQueue(self.metrics)
@@ -253,6 +269,8 @@ class Service:
 
     def start(self) -> None:
         state.check_writable(self.state_path.parent)  # before anything is judged
+        if self._worker_index is None:  # workers: the supervisor did it before starting them
+            state.repartition(self.state_path.parent, 1, self.settings.service.dispatch)
         self._restore_state()
         self.http.start()
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)

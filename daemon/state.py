@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
+from daemon import partition
 from daemon.errors import AnomalydError, ConfigError
+
+log = structlog.get_logger("anomalyd.state")
 
 FORMAT = 1
 #: Mappings this deep in a snapshot are written an entry at a time (the top level is 0:
@@ -40,6 +44,69 @@ def state_file(directory: Path, worker_index: int | None) -> Path:
     """One file per worker: with shared subscriptions each worker sees its own devices."""
     name = "devices.json" if worker_index is None else f"devices-{worker_index}.json"
     return directory / name
+
+
+#: Which worker layout the files of a state directory were written for.
+LAYOUT_FILE = "layout.json"
+
+
+def repartition(directory: Path, workers: int, dispatch: str) -> None:
+    """Give every device's saved state to the worker that owns it under this layout.
+
+    Run once, before any worker starts (by the supervisor, or by a single daemon). With one
+    worker, or N workers with device dispatch, each device belongs to one file; when the
+    files on disk were written for another layout (another number of workers, one after
+    several, shared dispatch), they are re-cut (``daemon.partition.split``: a device kept
+    in several files takes the newest file's state) and written as this layout's files;
+    the files no worker reads any more are renamed ``*.retired``, unreadable ones
+    ``*.unreadable``. Shared dispatch (each worker keeps its own view of any device)
+    leaves the files alone. What is done is logged.
+    """
+    layout = {"workers": workers, "dispatch": "single" if workers == 1 else dispatch}
+    layout_path = directory / LAYOUT_FILE
+    try:
+        recorded = orjson.loads(layout_path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        recorded = None
+    present = sorted(directory.glob("devices*.json"))
+    if layout["dispatch"] == "shared" or not present:
+        if recorded != layout:
+            write_bytes(layout_path, orjson.dumps(layout))
+        return
+    targets = [state_file(directory, None if workers == 1 else i) for i in range(workers)]
+    strays = [p for p in present if p not in targets]
+    single_as_before = recorded is None and workers == 1
+    if not strays and (recorded == layout or single_as_before):
+        if recorded != layout:
+            write_bytes(layout_path, orjson.dumps(layout))
+        return
+    sources: list[tuple[str, dict[str, Any]]] = []
+    newest_first = sorted(present, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in newest_first:
+        try:
+            snapshot = load(path)
+        except StateError as exc:
+            log.warning("state_discarded", path=str(path), error=str(exc),
+                note=f"kept as {path.name}.unreadable")
+            path.rename(path.with_name(path.name + ".unreadable"))
+            continue
+        if snapshot is not None:
+            sources.append((path.name, snapshot))
+
+    def note(problem: str) -> None:
+        log.warning("state_partly_discarded", error=problem, note="those devices warm up again")
+
+    parts = partition.split(sources, workers, note)
+    for target, part in zip(targets, parts, strict=False):
+        save(target, part)
+    for path in strays:
+        if path.exists():
+            path.rename(path.with_name(path.name + ".retired"))
+    write_bytes(layout_path, orjson.dumps(layout))
+    log.info("state_repartitioned", workers=workers, dispatch=layout["dispatch"],
+        read=[name for name, _ in sources], retired=[p.name for p in strays],
+        devices=[len(part.get("devices", {}).get("devices", {})) for part in parts],
+        alert_states=[len(part.get("alerts", {}).get("devices", {})) for part in parts])
 
 
 def check_writable(directory: Path) -> None:

@@ -65,13 +65,20 @@ def test_password_is_masked() -> None:
     assert "hunter2" not in repr(s)
 
 
-def test_devices_gone_quiet_are_refused_with_several_workers(tmp_path: Path) -> None:
-    """Each worker hears only a share of a device's readings (Mosquitto hands them out in
-    turn): one worker could call a device quiet that another is hearing from."""
+def test_devices_gone_quiet_are_refused_with_several_workers_on_a_shared_subscription(
+    tmp_path: Path,
+) -> None:
+    """With shared dispatch each worker hears only a share of a device's readings
+    (Mosquitto hands them out in turn): one worker could call a device quiet that another
+    is hearing from. With device dispatch (the default) one worker hears all of them."""
     cfg = tmp_path / "a.toml"
     cfg.write_text("[alerts]\nquiet_after_s = 300\n")
     assert load_settings(cfg, env={}).alerts.quiet_after_s == 300
-    with pytest.raises(ConfigError, match="quiet_after_s needs one worker") as err:
-        load_settings(cfg, env={"WORKERS": "2"})
-    assert "WORKERS" in str(err.value)
+    assert load_settings(cfg, env={"WORKERS": "2"}).service.dispatch == "device"
+    shared = tmp_path / "b.toml"
+    shared.write_text('[alerts]\nquiet_after_s = 300\n[service]\ndispatch = "shared"\n')
+    assert load_settings(shared, env={}).service.dispatch == "shared"  # one worker: fine
+    with pytest.raises(ConfigError, match=r"quiet_after_s needs service\.dispatch") as err:
+        load_settings(shared, env={"WORKERS": "2"})
+    assert "one worker" in str(err.value)
     assert load_settings(None, env={"WORKERS": "2"}).service.workers == 2  # off: fine

@@ -1,4 +1,4 @@
-"""WORKERS=N: N processes share the subscription; every reading is judged exactly once."""
+"""WORKERS=N: N processes on one subscription; every reading is judged exactly once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,25 @@ def _ready(port: int) -> bool:
         return False
 
 
-def test_two_workers_share_the_readings_and_judge_each_once(
-    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
-    tmp_path: Path,
-) -> None:
-    base = free_port()  # worker i listens on base + i
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return float(next(x for x in text.splitlines() if x.startswith(f"{name} ")).split()[1])
+
+
+@contextmanager
+def workers(broker: Broker, model_dir: Path, tmp_path: Path, dispatch: str,
+            client_id: str, base: int, extra: str = "") -> Iterator[None]:
+    """WORKERS=2 under the supervisor, with ``dispatch`` (and ``extra`` configuration);
+    stopped with SIGTERM (exit 0)."""
+    config = tmp_path / f"{dispatch}.toml"
+    config.write_text(f'[service]\ndispatch = "{dispatch}"\n{extra}')
     env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port),
-               MODEL_DIR=str(trained_model_dir), HEALTH_PORT=str(base), WORKERS="2",
-               MQTT_CLIENT_ID=f"anomalyd-w-{base}",
+               MODEL_DIR=str(model_dir), HEALTH_PORT=str(base), WORKERS="2",
+               MQTT_CLIENT_ID=client_id,
                STATE_DIR=str(tmp_path / "state"))  # not the repository's state/
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config), "run"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for port in (base, base + 1):
             wait_for_port("127.0.0.1", port, timeout=60)
@@ -46,6 +56,23 @@ def test_two_workers_share_the_readings_and_judge_each_once(
         while not (_ready(base) and _ready(base + 1)):
             assert time.monotonic() < deadline, "workers never became ready"
             time.sleep(0.1)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert code == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+
+
+def test_shared_dispatch_spreads_the_readings_and_judges_each_once(
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
+    tmp_path: Path,
+) -> None:
+    base = free_port()  # worker i listens on base + i
+    with workers(broker, trained_model_dir, tmp_path, "shared", f"anomalyd-w-{base}", base):
         col = collector_for(broker, ["anomaly/+/verdict"])
         pub = publisher_for(broker)
         n = 400
@@ -57,20 +84,69 @@ def test_two_workers_share_the_readings_and_judge_each_once(
         assert seqs == list(range(n))  # every reading once, none twice
         time.sleep(0.5)
         assert len([1 for t, *_ in col.messages if t.startswith("anomaly/w-")]) == n
-        counts = []
-        for port in (base, base + 1):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-            line = next(x for x in text.splitlines()
-                        if x.startswith("anomalyd_messages_received_total "))
-            counts.append(float(line.split()[1]))
+        counts = [_metric(port, "anomalyd_messages_received_total") for port in (base, base + 1)]
         assert sum(counts) == n
         assert min(counts) > 0  # both workers took a share
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert code == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+
+
+def test_device_dispatch_keeps_each_device_on_one_worker_after_a_shared_session(
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
+    tmp_path: Path,
+) -> None:
+    """The default. The same client ids ran with shared dispatch first: their persistent
+    sessions still hold the shared subscription, which must be dropped, or readings
+    would arrive twice."""
+    base, cid = free_port(), f"anomalyd-d-{free_port()}"
+    with workers(broker, trained_model_dir, tmp_path, "shared", cid, base):
+        pass
+    with workers(broker, trained_model_dir, tmp_path, "device", cid, base):
+        col = collector_for(broker, ["anomaly/+/verdict"])
+        pub = publisher_for(broker)
+        n, devices = 400, 8
+        for seq in range(n):
+            pub.client.publish(f"sensors/d-{seq % devices}/readings",
+                               orjson.dumps({**NORMAL_READING, "seq": seq}), qos=1)
+        got = col.wait_for(lambda t, p: t.startswith("anomaly/d-"), count=n, timeout=60)
+        assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(n))
+        time.sleep(1.0)
+        assert len([1 for t, *_ in col.messages if t.startswith("anomaly/d-")]) == n
+        held: dict[str, int] = {}
+        for i, port in enumerate((base, base + 1)):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/devices", timeout=5) as r:
+                listed = orjson.loads(r.read())["devices"]
+            for d in listed:
+                assert d["device_id"] not in held, "a device judged by both workers"
+                held[d["device_id"]] = i
+                # every one of its readings went to this worker: the highest seq it sent
+                k = int(d["device_id"].split("-")[1])
+                assert d["last_seq"] == max(range(k, n, devices))
+            own = _metric(port, "anomalyd_messages_received_total")
+            others = _metric(port, "anomalyd_messages_for_other_workers_total")
+            assert own == sum(n // devices for dev, w in held.items() if w == i)
+            assert own + others == n  # each worker heard every reading
+        assert set(held) == {f"d-{k}" for k in range(devices)}
+        assert set(held.values()) == {0, 1}
+
+
+def test_devices_gone_quiet_are_announced_once_each_with_two_workers(
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
+    tmp_path: Path,
+) -> None:
+    """Only the owner judges a device, so only the owner announces it: one "reporting"
+    and one "quiet" per device, not one per worker."""
+    base = free_port()
+    devices = [f"q-{base}-{k}" for k in range(6)]
+    with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-q-{base}", base,
+                 "[alerts]\nquiet_after_s = 1.0\n"):
+        col = collector_for(broker, ["anomaly/+/presence"])
+        pub = publisher_for(broker)
+        for seq, dev in enumerate(devices):
+            pub.client.publish(f"sensors/{dev}/readings",
+                               orjson.dumps({**NORMAL_READING, "seq": seq}), qos=1)
+        col.wait_for(lambda t, p: t.split("/")[1] in devices, count=2 * len(devices),
+                     timeout=30)
+        time.sleep(2.5)  # long enough for a second announcement, if there were one
+        ours = [(t, orjson.loads(p)) for t, p, *_ in col.messages if t.split("/")[1] in devices]
+        for dev in devices:
+            states = [m["state"] for t, m in ours if t == f"anomaly/{dev}/presence"]
+            assert states == ["reporting", "quiet"], (dev, states)
