@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -312,11 +313,10 @@ def shared_dispatch(config: Path | None, work: Path) -> Path:
     """``config`` (default: the repository's) with ``service.dispatch = "shared"``: WORKERS=2
     through an MQTT shared subscription, against the default device dispatch."""
     text = (config or REPO / "config" / "anomalyd.toml").read_text()
-    if "dispatch" in text:
-        raise SystemExit("--daemon-config sets service.dispatch: the shared run would too")
-    if "[service]" in text:
+    text, replaced = re.subn(r'(?m)^dispatch\s*=.*$', 'dispatch = "shared"', text)
+    if not replaced and "[service]" in text:
         text = text.replace("[service]", '[service]\ndispatch = "shared"', 1)
-    else:
+    elif not replaced:
         text += '\n[service]\ndispatch = "shared"\n'
     out = work / "shared-dispatch.toml"
     out.write_text(text)
