@@ -1,5 +1,5 @@
-"""Command line: ``anomalyd run | train | simulate | score | evaluate | watch | devices |
-rewarm | silence | ack | forget | reload | check-config``: the arguments, and the commands
+"""Command line: ``anomalyd run | train | record | simulate | score | evaluate | watch |
+devices | rewarm | silence | ack | forget | reload | check-config``: the arguments, and the commands
 that run here; those that talk to a running daemon are ``daemon.device_client``'s. Exit
 codes: ``daemon.exit_codes``.
 """
@@ -96,6 +96,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from daemon.record import record
+
+    recorded = record(_settings(args), Path(args.out), duration_s=args.duration,
+                      max_readings=args.max_readings, devices=_names(args.devices),
+                      features=_names(args.features), say=_progress)
+    return EXIT_OK if recorded else EXIT_FAILURE
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from daemon.simulate import simulate
 
@@ -125,11 +134,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon.eval_report import markdown
-    from daemon.evaluate import evaluate, labelled_files
+    from daemon.evaluate import evaluate
+    from daemon.training.datasets import csv_files
 
     settings = _settings(args)
     folder = Path(args.folder)
-    files = labelled_files(folder)
+    files = csv_files(folder)
     if not files:
         print(f"error: no CSV files in {args.folder} or its subfolders", file=sys.stderr)
         return EXIT_USAGE
@@ -276,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     train = sub.add_parser("train", help="train the preprocessor, the detectors and the ensemble")
-    train.add_argument("--data", help="CSV of normal operation (default: synthetic pump data)")
+    train.add_argument("--data", help="CSV of normal operation, or a folder of them, one per "
+                                      "device (default: synthetic pump data)")
     train.add_argument("--features", help="comma-separated feature columns (default: all numeric)")
     train.add_argument("--out", help="model directory (default: model.dir / MODEL_DIR)")
     train.add_argument("--rows", type=_at_least(MIN_ROWS), default=20000,
@@ -296,6 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --data: leave out rows with an empty, non-numeric or "
                             "non-finite cell (counted and named) instead of refusing the file")
     train.set_defaults(func=cmd_train)
+
+    rec = sub.add_parser(
+        "record", help="collect the devices' readings from the broker into one CSV per "
+                       "device, to train on (anomalyd train --data OUT)")
+    rec.add_argument("out", help="folder for the CSV files (created; an existing device's "
+                                 "file with the same columns is appended to)")
+    rec.add_argument("--duration", type=_duration,
+                     help="how long: 90s, 30m, 2h, 1d (at most 7 days; default: until Ctrl-C)")
+    rec.add_argument("--max-readings", type=_at_least(1),
+                     help="stop once this many readings are recorded")
+    rec.add_argument("--devices", help="comma-separated device ids (default: every device)")
+    rec.add_argument("--features", help="comma-separated fields to record (default: the "
+                                        "numeric fields of the first reading)")
+    rec.set_defaults(func=cmd_record)
 
     sim = sub.add_parser("simulate", help="publish realistic pump readings with injected faults")
     sim.add_argument("--devices", type=int, default=5)

@@ -22,7 +22,6 @@ the figures and writes the tables.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -291,22 +290,3 @@ def _score_file(
             pooled.add_false_alarm_leads(run.leads, y, warmup)
 
 
-def labelled_files(folder: Path) -> list[Path]:
-    """The CSV files in ``folder`` and its subfolders (SKAB's ``valve1/``, ``valve2/``,
-    ``other/``), in natural order of their paths (``2.csv`` before ``10.csv``); hidden
-    files and folders (``.ipynb_checkpoints/``) are left out."""
-    files = [
-        p for p in folder.rglob("*")
-        if p.suffix.lower() == ".csv" and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
-    return sorted(files, key=lambda p: _natural(p.relative_to(folder)))
-
-
-def _natural(path: Path) -> list[tuple[int, int | str]]:
-    """Sort key: each path part split into numbers (compared as numbers) and text."""
-    key: list[tuple[int, int | str]] = []
-    for part in path.parts:
-        key += [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", part) if t]
-        key.append((2, ""))  # a folder's own files and subfolders keep together
-    return key

@@ -253,14 +253,14 @@ def test_the_global_variant_leaves_out_a_file_of_another_schema(
 
 
 def test_labelled_files_are_found_in_subfolders_in_natural_order(tmp_path: Path) -> None:
-    from daemon.evaluate import labelled_files
+    from daemon.training.datasets import csv_files
 
     for rel in ("valve2/10.csv", "valve2/2.csv", "valve10/1.csv", "other/b.CSV", "1.csv",
                 "notes.txt", "valve2/sub/0.csv", ".hidden/2.csv",
                 "valve2/.ipynb_checkpoints/2-checkpoint.csv"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x")
-    got = [p.relative_to(tmp_path).as_posix() for p in labelled_files(tmp_path)]
+    got = [p.relative_to(tmp_path).as_posix() for p in csv_files(tmp_path)]
     assert got == ["1.csv", "other/b.CSV", "valve2/2.csv", "valve2/10.csv", "valve2/sub/0.csv",
                    "valve10/1.csv"]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -138,3 +139,25 @@ def _is_time_column(name: str, first_row: list[str], index: int) -> bool:
     except ValueError:
         return False
     return True
+
+
+def csv_files(folder: Path) -> list[Path]:
+    """The CSV files in ``folder`` and its subfolders (SKAB's ``valve1/``, ``valve2/``,
+    ``other/``; the one-file-per-device folders of ``anomalyd record``), in natural order
+    of their paths (``2.csv`` before ``10.csv``); hidden files and folders
+    (``.ipynb_checkpoints/``) are left out."""
+    files = [
+        p for p in folder.rglob("*")
+        if p.suffix.lower() == ".csv" and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+    return sorted(files, key=lambda p: _natural(p.relative_to(folder)))
+
+
+def _natural(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key: each path part split into numbers (compared as numbers) and text."""
+    key: list[tuple[int, int | str]] = []
+    for part in path.parts:
+        key += [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", part) if t]
+        key.append((2, ""))  # a folder's own files and subfolders keep together
+    return key

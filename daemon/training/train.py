@@ -36,7 +36,7 @@ from daemon.errors import TrainingError
 from daemon.models import ENSEMBLE, FORMAT_VERSION, MANIFEST, sha256_file
 from daemon.preprocess import StandardScaler
 from daemon.training import MIN_ROWS
-from daemon.training.datasets import bad_rows, load_csv
+from daemon.training.datasets import bad_rows, csv_files, load_csv
 from daemon.training.synthetic import FEATURES, generate_dataset
 from daemon.windows import derived_names, windowed_matrix
 
@@ -192,31 +192,52 @@ def train_csv(
     detectors: Sequence[str] | None = None,
     skip_bad_rows: bool = False,
 ) -> dict[str, Any]:
-    """Train on a CSV's rows; labelled anomalous rows are kept out of fitting and validate.
+    """Train on a CSV's rows, or on every CSV of a folder (one device each, e.g. from
+    ``anomalyd record``); labelled anomalous rows are kept out of fitting and validate.
 
-    The rows are taken as consecutive readings of one device, windowed before the labelled
-    rows are set aside, exactly as the daemon would have seen them. With ``skip_bad_rows``
-    rows that are not all finite numbers are left out (said in the progress and in the
-    manifest's ``training.source``) instead of refusing the file.
+    A file's rows are taken as consecutive readings of one device, windowed (each file on
+    its own) before the labelled rows are set aside, exactly as the daemon would have seen
+    them. Every file of a folder must have the first one's features (or ``features``).
+    With ``skip_bad_rows`` rows that are not all finite numbers are left out (said in the
+    progress and in the manifest's ``training.source``) instead of refusing the file.
     """
-    data = load_csv(path, features, skip_bad_rows=skip_bad_rows)
-    source = f"csv {path.name}"
-    if data.skipped:
-        source += f" ({len(data.skipped)} bad rows left out)"
-        if progress:
-            progress(f"{path.name}: left out {len(data.skipped)} bad rows: "
-                     f"{bad_rows(data.skipped)}")
-    inputs = windowed_matrix(_checked(data.X, data.features, min_rows=1), window)
+    files = csv_files(path) if path.is_dir() else [path]
+    if not files:
+        raise TrainingError(f"{path}: no CSV files in this folder or its subfolders")
+    parts: list[tuple[NDArray[np.float64], NDArray[np.bool_] | None]] = []
+    names: tuple[str, ...] = ()
+    skipped = 0
+    for i, file in enumerate(files):
+        data = load_csv(file, features or (names or None), skip_bad_rows=skip_bad_rows)
+        names = data.features
+        label = file.name if file == path else file.relative_to(path).as_posix()
+        if data.skipped:
+            skipped += len(data.skipped)
+            if progress:
+                progress(f"{label}: left out {len(data.skipped)} bad rows: "
+                         f"{bad_rows(data.skipped)}")
+        parts.append((windowed_matrix(_checked(data.X, names, min_rows=1), window),
+                      data.labels))
+        if progress and len(files) > 1:
+            progress(f"{label}: {data.X.shape[0]} rows ({i + 1} of {len(files)} files)")
+    inputs = np.concatenate([x for x, _ in parts])
+    labels = None
+    if any(y is not None for _, y in parts):
+        labels = np.concatenate([np.zeros(len(x), dtype=bool) if y is None else y
+                                 for x, y in parts])
+    source = f"csv {path.name}" + (f" ({len(files)} files)" if path.is_dir() else "")
+    if skipped:
+        source += f" ({skipped} bad rows left out)"
     x, validation = inputs, None
-    if data.labels is not None and data.labels.any():
-        x = inputs[~data.labels]
-        anomalous = inputs[data.labels]
+    if labels is not None and labels.any():
+        x = inputs[~labels]
+        anomalous = inputs[labels]
         validation = (anomalous, np.ones(anomalous.shape[0], dtype=bool))
         if progress:
             progress(f"{path.name}: {x.shape[0]} normal rows, {anomalous.shape[0]} labelled")
     return train(
         x,
-        data.features,
+        names,
         out_dir,
         source=source,
         seed=seed,
