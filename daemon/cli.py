@@ -88,11 +88,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = train_default(out, rows=args.rows, seed=args.seed, quantile=args.quantile,
                                  progress=_progress, detectors=detectors)
     print(f"model set {manifest['model_version']} written to {out}", file=sys.stderr)
+    labelled = False
     for name, det in manifest["detectors"].items():
         v = det.get("validation") or {}
-        figures = " ".join(f"{k}={v[k]:.3f}" for k in ("precision", "recall", "f1", "far")
-                           if isinstance(v.get(k), float))
+        # without labelled anomalies only the false-alarm rate on held-back rows means
+        # anything (precision and F1 would print as 0: flags, none of them right)
+        labelled = bool(v.get("n_anomalous"))
+        shown = ("precision", "recall", "f1", "far") if labelled else ("far",)
+        figures = " ".join(f"{k}={v[k]:.3f}" for k in shown if isinstance(v.get(k), float))
         print(f"  {name:<17} threshold={det['threshold']:.4g} {figures}", file=sys.stderr)
+    if not labelled:
+        print("  (no labelled anomalies to validate on: far is the share of held-back normal "
+              "rows flagged; an 'anomaly' column of 1 on known faults measures recall)",
+              file=sys.stderr)
     return EXIT_OK
 
 

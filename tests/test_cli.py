@@ -119,6 +119,9 @@ def test_train_skip_bad_rows_trains_on_the_rest_and_records_it(tmp_path: Path) -
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["training"]["source"] == "csv gaps.csv (2 bad rows left out)"
     assert manifest["training"]["rows"] == 118
+    # no labelled rows: only the false-alarm rate is printed, and why
+    assert "isolation_forest  threshold=" in res.stderr and "far=" in res.stderr
+    assert "precision=" not in res.stderr and "no labelled anomalies to validate on" in res.stderr
 
 
 def test_score_a_csv_offline_writes_one_verdict_per_row(
