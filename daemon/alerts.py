@@ -8,11 +8,21 @@ Pure: verdicts in, transitions out. States and transitions::
     active ──(m consecutive normal verdicts)──▶ normal  emits "resolved"
 
 Anything else emits nothing: a device in alert does not alert again on every reading, and a
-lone anomalous verdict on a normal device does not page anyone. Severity comes from the
-margin (the score's distance above the threshold, in normal spreads; see
-``daemon.pipeline.severity``) of the verdict that caused the transition; it never goes down
-while active, so a fault that flickers between levels does not flap. After "resolved" the
-window starts empty, so a new alert again needs k fresh anomalous verdicts.
+lone anomalous verdict on a normal device does not page anyone.
+
+An alert that comes back soon after it resolved is *flapping* (an intermittent fault, a
+reading hovering at the threshold): each such raise doubles the normal run the alert needs
+to resolve (m, 2m, 4m, … up to ``2**backoff_max`` × m), so an intermittent fault pages less
+and less often instead of once per flicker. "Soon" is within twice the normal run its last
+resolution needed; a device that stayed normal longer than that starts again from m. The
+raise still pages (it says ``flapping``); only the all-clear waits longer. Exponential
+backoff of the all-clear, after Kapacitor's ``flapping`` (which instead mutes the alert).
+
+Severity comes from the margin (the score's distance above the threshold, in normal
+spreads; see ``daemon.pipeline.severity``) of the verdict that caused the transition; it
+never goes down while active, so a fault that flickers between levels does not flap.
+After "resolved" the window starts empty, so a new alert again needs k fresh anomalous
+verdicts.
 
 An operator can *silence* a device until a given time (a maintenance window): its verdicts
 are then not fed to the state machine at all, so nothing is raised, escalated or resolved
@@ -35,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SEVERITIES = ("minor", "major", "critical")
+#: The most doublings of a flapping alert's resolve run that can be configured (2**6 = 64 m).
+MAX_BACKOFF = 6
 Transition = Literal["raised", "escalated", "resolved"]
 STATE_FORMAT = 1
 
@@ -66,6 +78,8 @@ class AlertState:
     peak_margin: float = 0.0
     acknowledged: Acknowledgement | None = None  # while active: an operator is on it
     message: dict[str, Any] | None = None  # while active: its last published message
+    flaps: int = 0  # raises soon after a resolution in a row: resolving needs m * 2**flaps
+    since_resolved: int | None = None  # verdicts since the last resolution, while "soon"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +90,8 @@ class AlertEvent:
     anomalous_in_window: int
     peak_margin: float
     acknowledged: Acknowledgement | None = None  # for "resolved": if it was acknowledged
+    resolve_after: int = 0  # the consecutive normal verdicts this alert needs to resolve
+    flapping: bool = False  # it was raised soon after its last resolution (see module)
 
 
 @dataclass(slots=True)
@@ -83,6 +99,7 @@ class AlertTracker:
     raise_after: int  # k
     window: int  # n
     resolve_after: int  # m
+    backoff_max: int = 3  # resolving a flapping alert needs at most m * 2**backoff_max
     devices: dict[str, AlertState] = field(default_factory=dict)
     silences: dict[str, float] = field(default_factory=dict)  # device -> until (epoch s)
 
@@ -91,6 +108,17 @@ class AlertTracker:
             raise ValueError("alerts need 1 <= raise_after <= window")
         if self.resolve_after < 1:
             raise ValueError("alerts need resolve_after >= 1")
+        if not 0 <= self.backoff_max <= MAX_BACKOFF:
+            raise ValueError(f"alerts need 0 <= backoff_max <= {MAX_BACKOFF}")
+
+    def needs(self, st: AlertState) -> int:
+        """The consecutive normal verdicts the device's alert needs to resolve."""
+        return self.resolve_after << st.flaps
+
+    def _soon(self, flaps: int) -> int:
+        """A raise within this many verdicts of a resolution that needed m * 2**flaps is
+        a flap: twice that normal run."""
+        return self.resolve_after << (flaps + 1)
 
     def observe(
         self, device_id: str, is_anomaly: bool, severity: str, margin: float, timestamp: float
@@ -102,10 +130,17 @@ class AlertTracker:
         st.recent.append(is_anomaly)
         hits = sum(st.recent)
         if not st.active:
+            since = st.since_resolved
+            if since is not None:  # counted while a new raise would still be "soon"
+                since += 1
+                st.since_resolved = since = since if since <= self._soon(st.flaps) else None
             if is_anomaly and hits >= self.raise_after:
+                flapping = since is not None and self.backoff_max > 0
+                st.flaps = min(st.flaps + 1, self.backoff_max) if flapping else 0
                 st.active, st.severity, st.normal_run = True, severity, 0
-                st.raised_at, st.peak_margin = timestamp, margin
-                return AlertEvent("raised", severity, timestamp, hits, margin)
+                st.raised_at, st.peak_margin, st.since_resolved = timestamp, margin, None
+                return AlertEvent("raised", severity, timestamp, hits, margin,
+                                  resolve_after=self.needs(st), flapping=flapping)
             return None
         assert st.raised_at is not None  # set whenever active
         if is_anomaly:
@@ -113,13 +148,15 @@ class AlertTracker:
             st.peak_margin = max(st.peak_margin, margin)
             if _rank(severity) > _rank(st.severity):
                 st.severity, st.acknowledged = severity, None
-                return AlertEvent("escalated", severity, st.raised_at, hits, st.peak_margin)
+                return AlertEvent("escalated", severity, st.raised_at, hits, st.peak_margin,
+                                  resolve_after=self.needs(st), flapping=st.flaps > 0)
             return None
         st.normal_run += 1
-        if st.normal_run >= self.resolve_after:
+        if st.normal_run >= self.needs(st):
             event = AlertEvent("resolved", st.severity, st.raised_at, hits, st.peak_margin,
-                               st.acknowledged)
-            self.devices[device_id] = AlertState(deque(maxlen=self.window))
+                               st.acknowledged, self.needs(st), st.flaps > 0)
+            self.devices[device_id] = AlertState(deque(maxlen=self.window), flaps=st.flaps,
+                                                 since_resolved=0)
             return event
         return None
 
@@ -170,6 +207,8 @@ class AlertTracker:
             "anomalous_in_window": sum(st.recent),
             "window": self.window,
             "peak_margin": st.peak_margin if st.active else None,
+            "resolve_after": self.needs(st),
+            "flapping": st.active and st.flaps > 0,
             "acknowledged": None if st.acknowledged is None else st.acknowledged.to_json(),
         }
 
@@ -191,6 +230,8 @@ class AlertTracker:
                     "peak_margin": st.peak_margin,
                     "acknowledged": None if st.acknowledged is None else st.acknowledged.to_json(),
                     "message": st.message,
+                    "flaps": st.flaps,
+                    "since_resolved": st.since_resolved,
                 }
                 for dev, st in self.devices.items()
             },
@@ -210,6 +251,12 @@ class AlertTracker:
                 None if raw["raised_at"] is None else float(raw["raised_at"]),
                 float(raw["peak_margin"]),
             )
+            # state saved before flapping was tracked has neither: not flapping
+            flaps, since = raw.get("flaps", 0), raw.get("since_resolved")
+            if type(flaps) is not int or not 0 <= flaps <= MAX_BACKOFF or not (
+                    since is None or (type(since) is int and since >= 0)):
+                raise ValueError(f"alert state of {dev!r} has an invalid flap count")
+            st.flaps, st.since_resolved = min(flaps, self.backoff_max), since
             if st.active and (st.severity is None or st.raised_at is None):
                 raise ValueError(f"alert state of {dev!r} is active without severity or time")
             if st.active:  # state saved before acknowledgements were kept has neither

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from daemon.alerts import MAX_BACKOFF
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config/anomalyd.toml")
@@ -163,6 +164,9 @@ class AlertConfig(_Strict):
     raise_after: int = Field(3, ge=1)
     window: int = Field(5, ge=1, le=1000)
     resolve_after: int = Field(10, ge=1)
+    # An alert raised again soon after it resolved (flapping) needs twice the normal run to
+    # resolve, each time, up to 2**flap_backoff x resolve_after (daemon.alerts); 0: off.
+    flap_backoff: int = Field(3, ge=0, le=MAX_BACKOFF)
     # A device none of whose readings was judged for this long is announced quiet on the
     # presence topic (daemon.presence); 0 turns it off.
     quiet_after_s: float = Field(0.0, ge=0, le=30 * 86_400)

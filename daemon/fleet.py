@@ -46,7 +46,7 @@ class Fleet:
 
     def _new_alerts(self) -> AlertTracker:
         a = self.alerts
-        return AlertTracker(a.raise_after, a.window, a.resolve_after)
+        return AlertTracker(a.raise_after, a.window, a.resolve_after, a.flap_backoff)
 
     # -- how many devices -------------------------------------------------------------
 

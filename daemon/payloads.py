@@ -147,6 +147,8 @@ class Payloads:
             "explanation": j.explanation["text"] if j.explanation else NORMAL_TEXT,
             "contributions": j.explanation["contributions"] if j.explanation else [],
             "acknowledged": acknowledgement(event.acknowledged),
+            "resolve_after": event.resolve_after,
+            "flapping": event.flapping,
         }
         if event.transition == "resolved":
             body["resolved_at"] = iso(r.timestamp)
