@@ -36,6 +36,8 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
         if state == "acknowledged" and isinstance(ack, dict):
             state += f" by {ack.get('by') or 'someone'}" + (
                 f" ({ack['note']})" if ack.get("note") else "")
+        if body.get("flapping") and state != "resolved":
+            state += f" (flapping: resolves after {body.get('resolve_after')} normal readings)"
         return f"ALERT   {device} {state} [{body['severity']}] {body.get('explanation')}"
     if "total_samples" in body:
         return (f"batch   {device} {body['anomalies_detected']}/{body['total_samples']} "

@@ -15,6 +15,11 @@ def test_alert_line_names_the_state_and_severity() -> None:
             "explanation": "within normal parameters"}
     line = describe("anomaly/p1/alert", orjson.dumps(body), S)
     assert line == "ALERT   p1 resolved [major] within normal parameters"
+    back = {**body, "state": "raised", "flapping": True, "resolve_after": 40,
+            "explanation": "vibration 12.4 is 24.0σ above normal"}
+    assert describe("anomaly/p1/alert", orjson.dumps(back), S) == (
+        "ALERT   p1 raised (flapping: resolves after 40 normal readings) [major] "
+        "vibration 12.4 is 24.0σ above normal")
 
 
 def test_verdict_and_dead_letter_lines() -> None:
