@@ -193,9 +193,10 @@ def record(
     subscription = settings.mqtt.subscription
     if subscription.startswith("$share/"):  # the recorder hears everything itself
         subscription = subscription.split("/", 2)[2]
-    client = connect_tool_client(settings.mqtt, f"anomalyd-record-{time.time_ns() % 10**9}")
+    links: queue.SimpleQueue[bool] = queue.SimpleQueue()  # connection made / lost
+    client = connect_tool_client(settings.mqtt, f"anomalyd-record-{time.time_ns() % 10**9}",
+                                 subscriptions=[(subscription, 1)], on_link=links.put)
     client.on_message = on_message
-    client.subscribe(subscription, qos=1)
     client.loop_start()
     # SIGTERM and Ctrl-C end the recording with what arrived written (main thread only:
     # Python delivers signals there)
@@ -213,9 +214,18 @@ def record(
     topics = TopicMatcher(subscription, settings.limits.device_id_pattern)
     start = time.monotonic()
     next_flush = start + FLUSH_S
+    connections = 0
     try:
         while not stop.is_set():
             now = time.monotonic()
+            while not links.empty():
+                up = links.get()
+                connections += up
+                if up and connections > 1:
+                    say("reconnected to the broker: readings published while the link was "
+                        "down were not recorded")
+                elif not up:
+                    say("connection to the broker lost; reconnecting")
             if duration_s is not None and now - start >= duration_s:
                 break
             if rec is not None and max_readings is not None and rec.recorded >= max_readings:

@@ -64,10 +64,21 @@ def watch(settings: Settings, anomalies_only: bool = False) -> int:
             return
         print(line, flush=True)
 
-    client = connect_tool_client(cfg)
+    seen_up: list[bool] = []
+
+    def on_link(up: bool) -> None:
+        if up and seen_up:
+            print("(reconnected to the broker; messages sent meanwhile were not shown)",
+                  file=sys.stderr, flush=True)
+        elif not up:
+            print("(connection to the broker lost; reconnecting)", file=sys.stderr, flush=True)
+        seen_up.append(up)
+
+    client = connect_tool_client(
+        cfg, subscriptions=[(verdict_filter, 0), (alert_filter, 0),
+                            (settings.topics.dead_letter, 0), (presence_filter, 0)],
+        on_link=on_link)
     client.on_message = on_message
-    client.subscribe([(verdict_filter, 0), (alert_filter, 0), (settings.topics.dead_letter, 0),
-                      (presence_filter, 0)])
     try:
         client.loop_forever()
     except KeyboardInterrupt:

@@ -176,3 +176,42 @@ def test_the_command_line_records_until_its_duration_and_says_when_nothing_came(
                           text=True, timeout=60)
     assert done.returncode == 1
     assert "nothing recorded: no reading with numeric fields arrived" in done.stderr
+
+
+@pytest.mark.integration
+def test_a_recording_goes_on_after_the_broker_restarts_and_says_what_it_missed(
+    fresh_broker: Broker, tmp_path: Path, publisher_for: Any, trained_model_dir: Path,
+) -> None:
+    """The recorder's session is clean: its subscription is made again on reconnection
+    (it would stop hearing anything otherwise), and it says readings may be missing."""
+    settings = make_settings(fresh_broker, trained_model_dir)
+    said: list[str] = []
+    got: list[int] = []
+    out = tmp_path / "rec"
+    worker = threading.Thread(target=lambda: got.append(record(
+        settings, out, duration_s=None, max_readings=10, devices=None,
+        features=["temperature"], say=said.append)))
+    worker.start()
+
+    def wait_said(text: str) -> None:
+        deadline = time.monotonic() + 30
+        while not any(text in line for line in said):
+            assert time.monotonic() < deadline, (text, said)
+            time.sleep(0.05)
+
+    wait_said("features: temperature")
+    time.sleep(0.5)  # subscribed
+    before = publisher_for(fresh_broker)
+    for i in range(5):
+        before.client.publish("sensors/r-1/readings", orjson.dumps({"temperature": i}), qos=1)
+    time.sleep(1.0)
+    fresh_broker.restart()
+    wait_said("reconnected to the broker")
+    time.sleep(0.5)  # subscribed again
+    after = publisher_for(fresh_broker)
+    for i in range(5, 10):
+        after.client.publish("sensors/r-1/readings", orjson.dumps({"temperature": i}), qos=1)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and got == [10]
+    assert any("connection to the broker lost" in line for line in said)
+    assert load_csv(out / "r-1.csv").X[:, 0].tolist() == list(range(10))
