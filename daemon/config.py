@@ -218,6 +218,13 @@ class Settings(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         svc = self.service
+        if svc.workers > 1 and svc.dispatch == "device" and self.mqtt.subscription.startswith(
+                "$share/"):
+            raise ValueError(
+                "mqtt.subscription is a shared subscription ($share/...), which hands each "
+                "reading to one worker, while service.dispatch = \"device\" has every worker "
+                "keep only its own devices' readings: the others' would be lost. Give the "
+                "plain filter (e.g. sensors/+/readings), or set service.dispatch = \"shared\"")
         if svc.workers > 1 and svc.dispatch == "shared" and self.alerts.quiet_after_s:
             raise ValueError(
                 "alerts.quiet_after_s needs service.dispatch = \"device\" (the default) or "

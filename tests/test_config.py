@@ -82,3 +82,18 @@ def test_devices_gone_quiet_are_refused_with_several_workers_on_a_shared_subscri
         load_settings(shared, env={"WORKERS": "2"})
     assert "one worker" in str(err.value)
     assert load_settings(None, env={"WORKERS": "2"}).service.workers == 2  # off: fine
+
+
+def test_device_dispatch_refuses_a_shared_subscription_that_would_lose_readings(
+    tmp_path: Path,
+) -> None:
+    """Each worker would get a share of the readings and drop those of devices it does not
+    own: a reading would reach its owner only by chance."""
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[mqtt]\nsubscription = "$share/g/sensors/+/readings"\n')
+    assert load_settings(cfg, env={}).service.workers == 1  # one worker: fine
+    with pytest.raises(ConfigError, match="would be lost"):
+        load_settings(cfg, env={"WORKERS": "2"})
+    shared = tmp_path / "b.toml"
+    shared.write_text(cfg.read_text() + '[service]\ndispatch = "shared"\n')
+    assert load_settings(shared, env={"WORKERS": "2"}).service.dispatch == "shared"
