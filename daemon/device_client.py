@@ -142,6 +142,8 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         alert = f"{a['severity']} since {a['raised_at']}" if a["active"] else "-"
         if d.get("warmup_alerts") is False:  # a device unlike the fleet, while warming up
             alert += " (warm-up verdicts page no one)"
+        if a["active"] and a.get("flapping"):
+            alert += f" (flapping: resolves after {a.get('resolve_after')} normal readings)"
         if a.get("acknowledged"):
             alert += f" (acknowledged by {a['acknowledged']['by'] or 'someone'})"
         if a.get("silenced_until"):
