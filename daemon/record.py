@@ -23,7 +23,7 @@ import re
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,8 @@ from daemon.topics import TopicMatcher
 
 #: Seconds between writing the buffered rows out (and printing the progress line).
 FLUSH_S = 5.0
+#: Messages kept while waiting for the first reading that tells the features.
+PENDING_MAX = 10_000
 #: Payload fields that are never features (``daemon.readings``).
 META = frozenset({"timestamp", "seq", "operational_state", "model_name"})
 #: Every detector name a payload may ask for: recording ignores the choice.
@@ -87,21 +89,23 @@ class Recording:
     """
 
     def __init__(self, out: Path, features: Sequence[str], devices: Sequence[str] | None,
-                 decoder: Decoder) -> None:
+                 decoder: Decoder, limit: int | None = None) -> None:
         self.out = out
         self.features = tuple(features)
         self.header = ["timestamp", *self.features]
         self.devices = None if devices is None else frozenset(devices)
         self.decoder = decoder
+        self.limit = limit  # the most readings recorded (the rest of a batch is left out)
         self._rows: dict[str, list[list[object]]] = {}
         self._checked: set[str] = set()  # devices whose file header was checked
         self.per_device: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.other_devices = 0
+        self._recorded = 0
 
     @property
     def recorded(self) -> int:
-        return sum(self.per_device.values())
+        return self._recorded
 
     def add(self, topic: str, payload: bytes, received_wall: float) -> None:
         device_id = self.decoder.device_id(topic)
@@ -113,11 +117,17 @@ class Recording:
             self.rejected[rejection.reason] += 1
         if decoded.device_id is None or not decoded.readings:
             return
+        readings = decoded.readings
+        if self.limit is not None:
+            readings = readings[: max(0, self.limit - self._recorded)]
+            if not readings:
+                return
         rows = self._rows.setdefault(decoded.device_id, [])
-        for r in decoded.readings:
+        for r in readings:
             stamp = datetime.fromtimestamp(r.timestamp, UTC).isoformat(timespec="milliseconds")
             rows.append([stamp.replace("+00:00", "Z"), *r.values])
-        self.per_device[decoded.device_id] += len(decoded.readings)
+        self.per_device[decoded.device_id] += len(readings)
+        self._recorded += len(readings)
 
     def flush(self) -> None:
         """Append every buffered row to its device's file. RecordError if a file of
@@ -193,9 +203,10 @@ def record(
     subscription = settings.mqtt.subscription
     if subscription.startswith("$share/"):  # the recorder hears everything itself
         subscription = subscription.split("/", 2)[2]
-    links: queue.SimpleQueue[bool] = queue.SimpleQueue()  # connection made / lost
+    links: queue.SimpleQueue[tuple[bool, str]] = queue.SimpleQueue()  # connection made/lost
     client = connect_tool_client(settings.mqtt, f"anomalyd-record-{time.time_ns() % 10**9}",
-                                 subscriptions=[(subscription, 1)], on_link=links.put)
+                                 subscriptions=[(subscription, 1)],
+                                 on_link=lambda up, why: links.put((up, why)))
     client.on_message = on_message
     client.loop_start()
     # SIGTERM and Ctrl-C end the recording with what arrived written (main thread only:
@@ -208,9 +219,10 @@ def record(
         + (f", at most {max_readings:,} readings" if max_readings else ""))
     rec: Recording | None = None
     if features is not None:
-        rec = _recording(settings, out, features, devices, subscription)
+        rec = _recording(settings, out, features, devices, subscription, max_readings)
         say(f"features: {', '.join(features)}")
-    pending: list[tuple[str, bytes, float]] = []  # until the features are known
+    # until the features are known (the newest PENDING_MAX)
+    pending: deque[tuple[str, bytes, float]] = deque(maxlen=PENDING_MAX)
     topics = TopicMatcher(subscription, settings.limits.device_id_pattern)
     start = time.monotonic()
     next_flush = start + FLUSH_S
@@ -219,13 +231,13 @@ def record(
         while not stop.is_set():
             now = time.monotonic()
             while not links.empty():
-                up = links.get()
+                up, why = links.get()
                 connections += up
                 if up and connections > 1:
                     say("reconnected to the broker: readings published while the link was "
                         "down were not recorded")
                 elif not up:
-                    say("connection to the broker lost; reconnecting")
+                    say(f"{why}; reconnecting")
             if duration_s is not None and now - start >= duration_s:
                 break
             if rec is not None and max_readings is not None and rec.recorded >= max_readings:
@@ -240,7 +252,8 @@ def record(
                     wanted = devices is None or topics.device_id(item[0]) in devices
                     guessed = infer_features(item[1]) if wanted else None
                     if guessed is not None:
-                        rec = _recording(settings, out, guessed, devices, subscription)
+                        rec = _recording(settings, out, guessed, devices, subscription,
+                                         max_readings)
                         say(f"features (the numeric fields of the first reading, from "
                             f"{item[0]}): {', '.join(guessed)}; stop and pass --features "
                             "if these are not the ones to train on")
@@ -282,7 +295,8 @@ def record(
 
 
 def _recording(settings: Settings, out: Path, features: Sequence[str],
-               devices: Sequence[str] | None, subscription: str) -> Recording:
+               devices: Sequence[str] | None, subscription: str,
+               limit: int | None) -> Recording:
     lim = settings.limits
     try:
         decoder = Decoder(features, MODEL_NAMES, subscription=subscription,
@@ -291,5 +305,5 @@ def _recording(settings: Settings, out: Path, features: Sequence[str],
                           device_id_pattern=lim.device_id_pattern)
     except ConfigError as exc:
         raise ConfigError(f"cannot record these features: {exc}") from exc
-    return Recording(out, features, devices, decoder)
+    return Recording(out, features, devices, decoder, limit)
 

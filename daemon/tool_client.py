@@ -23,12 +23,13 @@ from daemon.mqtt_link import connect_failure, set_credentials
 def connect_tool_client(
     cfg: MqttConfig, client_id: str = "", max_inflight: int | None = None,
     subscriptions: Sequence[tuple[str, int]] = (),
-    on_link: Callable[[bool], None] | None = None,
+    on_link: Callable[[bool, str], None] | None = None,
 ) -> paho.Client:
     """A connecting (not yet looping) paho client; BrokerError if the broker is unreachable.
 
-    ``subscriptions`` (filter, QoS) are made on each connection; ``on_link(up)`` is called
-    on the network thread when a connection is made (True) or lost (False).
+    ``subscriptions`` (filter, QoS) are made on each connection; ``on_link(up, why)`` is
+    called on the network thread when a connection is made (True, "") or lost or refused
+    (False, the reason: e.g. the broker refused our credentials).
     """
     client = paho.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -38,18 +39,23 @@ def connect_tool_client(
     if max_inflight is not None:
         client.max_inflight_messages_set(max_inflight)  # only possible before connecting
 
+    refused = [False]  # the last connection attempt was refused: said already
+
     def connected(c: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
+        refused[0] = bool(reason.is_failure)
+        if refused[0]:
+            if on_link is not None:
+                on_link(False, f"the broker refused the connection: {reason}")
             return
         if subscriptions:
             c.subscribe(list(subscriptions))
         if on_link is not None:
-            on_link(True)
+            on_link(True, "")
 
     def disconnected(c: paho.Client, userdata: Any, flags: Any, reason: Any,
                      props: Any) -> None:
-        if on_link is not None:
-            on_link(False)
+        if on_link is not None and not refused[0]:
+            on_link(False, "connection lost")
 
     client.on_connect = connected
     client.on_disconnect = disconnected

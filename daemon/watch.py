@@ -66,12 +66,12 @@ def watch(settings: Settings, anomalies_only: bool = False) -> int:
 
     seen_up: list[bool] = []
 
-    def on_link(up: bool) -> None:
+    def on_link(up: bool, why: str) -> None:
         if up and seen_up:
             print("(reconnected to the broker; messages sent meanwhile were not shown)",
                   file=sys.stderr, flush=True)
         elif not up:
-            print("(connection to the broker lost; reconnecting)", file=sys.stderr, flush=True)
+            print(f"({why}; reconnecting)", file=sys.stderr, flush=True)
         seen_up.append(up)
 
     client = connect_tool_client(

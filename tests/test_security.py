@@ -345,3 +345,25 @@ def test_no_secret_in_info_metrics_or_logs_and_token_guards_http(
     assert b"broker_connected" in logs  # the logs were captured at all
     assert secret.encode() not in logs
     assert token.encode() not in logs
+
+
+def test_the_tools_say_when_the_broker_refuses_them(sbroker: Broker, certs: Path) -> None:
+    """watch and record retry on their own: a refusal (here a wrong password) must be said,
+    not waited out in silence."""
+    from daemon.tool_client import connect_tool_client
+
+    heard: list[tuple[bool, str]] = []
+    c = connect_tool_client(tls_mqtt(sbroker, certs, "anomalyd", "wrong"),
+                            on_link=lambda up, why: heard.append((up, why)))
+    c.loop_start()
+    try:
+        deadline = time.monotonic() + 10
+        while not heard:
+            assert time.monotonic() < deadline, "no word of the refusal"
+            time.sleep(0.05)
+        time.sleep(1.0)  # paho closes the refused connection: that is no second message
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    assert heard[0][0] is False and heard[0][1].startswith("the broker refused the connection: ")
+    assert all(reason != "connection lost" for _, reason in heard)  # said once, as a refusal
