@@ -156,7 +156,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
     results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
-                       detectors=detectors, root=folder, skip_bad_rows=args.skip_bad_rows)
+                       detectors=detectors, root=folder, skip_bad_rows=args.skip_bad_rows,
+                       threshold_margin=args.threshold_margin or settings.baseline.threshold_margin)
     table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
@@ -280,6 +281,18 @@ def _quantile(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}), got {value}")
     return value
 
+
+def _margin(text: str) -> float:
+    """An argparse type: a baseline threshold margin, checked as the configuration's is."""
+    from daemon.config import BaselineConfig
+
+    try:
+        return BaselineConfig(threshold_margin=float(text)).threshold_margin
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number from 1 to 100, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="anomalyd",
@@ -361,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feature window (default 10)")
     ev.add_argument("--quantile", type=_quantile, default=0.99,
                     help="threshold quantile of held-back normal scores (default 0.99)")
+    ev.add_argument("--threshold-margin", type=_margin,
+                    help="the device baselines' threshold margin (default: the "
+                         "configuration's baseline.threshold_margin, 1.5): higher gives fewer "
+                         "false alarms and more misses")
     ev.add_argument("--out", help="also write the markdown table to this file")
     ev.add_argument("--per-file", action="store_true",
                     help="also a table of the ensemble's figures on each file alone")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from daemon.alerts import MAX_BACKOFF
+from daemon.baseline import THRESHOLD_MARGIN
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config/anomalyd.toml")
@@ -184,6 +185,10 @@ class BaselineConfig(_Strict):
     # Off by default: on devices like the training fleet the baseline (which must agree with
     # the global model) misses some faults the global model finds; docs/evaluation.md.
     warmup_readings: int = Field(0, ge=0)
+    # A device's baseline flags a reading whose deviation exceeds this many times the
+    # largest one of the warm-up's held-back quarter (at least 3 conditional spreads):
+    # higher, fewer false alarms and more missed faults (docs/evaluation.md measures it).
+    threshold_margin: float = Field(THRESHOLD_MARGIN, ge=1.0, le=100.0)
 
 
 class StateConfig(_Strict):

@@ -98,10 +98,13 @@ class DeviceTracker:
         warmup: int,
         global_center: Matrix,
         global_scale: Matrix,
+        threshold_margin: float = THRESHOLD_MARGIN,
     ) -> None:
         self.n_features = n_features
         self.window = max(1, window)
         self.warmup = warmup
+        # the baseline's threshold: this many times the largest held-back deviation
+        self.threshold_margin = threshold_margin
         self.n_fit = max(2, warmup - round(warmup * HELD_BACK))
         self.global_center = np.asarray(global_center, dtype=np.float64)
         self.global_scale = np.asarray(global_scale, dtype=np.float64)
@@ -128,6 +131,11 @@ class DeviceTracker:
         if self.window == 1:
             return np.array(values, dtype=np.float64)
         return window_stats(np.array(st.recent, dtype=np.float64))
+
+    def _threshold(self, held_back_max: float) -> float:
+        """A fitted baseline's threshold: the margin times the largest deviation of the
+        held-back readings, and never below ``MIN_THRESHOLD``."""
+        return max(MIN_THRESHOLD, self.threshold_margin * held_back_max)
 
     def _state(self, device_id: str) -> DeviceState:
         """The device's state, created at its first reading."""
@@ -175,7 +183,7 @@ class DeviceTracker:
                 st.held_back_max = max(st.held_back_max, score)
                 c += _ALPHA * diff
             if st.count >= self.warmup:
-                st.threshold = max(MIN_THRESHOLD, THRESHOLD_MARGIN * st.held_back_max)
+                st.threshold = self._threshold(st.held_back_max)
             return _WARMING if _alerts_may_count(st) else _WARMING_UNTRUSTED
         thr = st.threshold
         if score <= thr:  # the usual case: no input is beyond the threshold, none frozen
@@ -310,7 +318,9 @@ class DeviceTracker:
                 if len(r) != self.n_features:
                     raise ValueError("device state reading has the wrong width")
                 recent.append(tuple(float(v) for v in r))
-            threshold = raw["threshold"]
+            held_back_max = float(raw["held_back_max"])
+            # a fitted threshold follows the configured margin (it may have changed since)
+            threshold = None if raw["threshold"] is None else self._threshold(held_back_max)
             devices[str(dev)] = DeviceState(
                 recent,
                 int(raw["count"]),
@@ -320,8 +330,8 @@ class DeviceTracker:
                 arr(raw["center"]),
                 _freeze(arr(raw["scale"])),
                 _freeze(arr(raw["cond"], (width, width))),
-                float(raw["held_back_max"]),
-                None if threshold is None else float(threshold),
+                held_back_max,
+                threshold,
                 SeqWindow.from_json(raw),
             )
         saved_seqs = data.get("kept_seqs", {})  # state saved before they were kept has none

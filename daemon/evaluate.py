@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
+from daemon.baseline import THRESHOLD_MARGIN
 from daemon.config import AlertConfig, TopicsConfig
 from daemon.errors import TrainingError
 from daemon.eval_report import Evaluation, Events, Figures, Pages, roc_auc
@@ -66,10 +67,12 @@ def stream(
     warmup: int,
     alerts: AlertConfig,
     device: str = "eval",
+    threshold_margin: float = THRESHOLD_MARGIN,
 ) -> Streamed:
     """Send one device's readings through a fresh pipeline, as payloads, in order."""
     decoder = Decoder(bundle.features, bundle.detector_names, subscription="eval/+")
-    pipeline = Pipeline(bundle, decoder, TopicsConfig(), alerts, detector, warmup=warmup)
+    pipeline = Pipeline(bundle, decoder, TopicsConfig(), alerts, detector, warmup=warmup,
+                        threshold_margin=threshold_margin)
     n = x.shape[0]
     flags = np.zeros(n, dtype=bool)
     baseline = np.zeros(n, dtype=bool)
@@ -121,6 +124,7 @@ def evaluate(
     detectors: Sequence[str] | None = None,
     root: Path | None = None,
     skip_bad_rows: bool = False,
+    threshold_margin: float = THRESHOLD_MARGIN,
 ) -> Evaluation:
     """Figures over all scored points of all usable files, per variant and row.
 
@@ -173,7 +177,7 @@ def evaluate(
                 window=window,
                 detectors=detectors,
             )
-            _score_file(load_bundle(out), d, name, warmup, alerts, pooled)
+            _score_file(load_bundle(out), d, name, warmup, alerts, pooled, threshold_margin)
         pooled.into(results, "per-device")
         if anomaly_free is not None:
             same = [(name, d) for name, d in runs if d.features == schema]
@@ -193,7 +197,7 @@ def evaluate(
             pooled = Pooled()
             for i, (name, d) in enumerate(same):
                 say(f"global [{i + 1}/{len(same)}] {name}: streaming")
-                _score_file(bundle, d, name, warmup, alerts, pooled)
+                _score_file(bundle, d, name, warmup, alerts, pooled, threshold_margin)
             pooled.into(results, "global")
     return results
 
@@ -273,12 +277,14 @@ def _score_file(
     warmup: int,
     alerts: AlertConfig,
     pooled: Pooled,
+    threshold_margin: float,
 ) -> None:
     assert d.labels is not None
     y = d.labels[warmup:]
     pooled.files.append(name)
     for detector in bundle.detector_names:
-        run = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts)
+        run = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts,
+                     threshold_margin=threshold_margin)
         pooled.add(detector, run.flags[warmup:], y)
         # SKAB's own protocol has no per-device baseline: the detector's verdicts alone.
         # The score does not depend on the baseline, so its AUC is given here only.

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from daemon.alerts import AlertTracker
+from daemon.baseline import THRESHOLD_MARGIN
 from daemon.config import AlertConfig
 from daemon.devices import DeviceTracker
 from daemon.models import ModelBundle
@@ -25,11 +26,13 @@ _BAD_STATE = (ValueError, KeyError, TypeError, AttributeError)
 
 class Fleet:
     def __init__(
-        self, bundle: ModelBundle, alerts: AlertConfig, warmup: int, max_devices: int | None
+        self, bundle: ModelBundle, alerts: AlertConfig, warmup: int, max_devices: int | None,
+        threshold_margin: float = THRESHOLD_MARGIN,
     ) -> None:
         self.bundle = bundle
         self.alerts = alerts
         self.warmup = warmup
+        self.threshold_margin = threshold_margin
         # Feature windows and warm-up baselines, then alert states: both fed in arrival
         # order, so micro-batch boundaries never change a verdict.
         self.devices = self._new_devices()
@@ -42,7 +45,8 @@ class Fleet:
 
     def _new_devices(self) -> DeviceTracker:
         b = self.bundle
-        return DeviceTracker(len(b.features), b.window, self.warmup, b.mean, b.std)
+        return DeviceTracker(len(b.features), b.window, self.warmup, b.mean, b.std,
+                             self.threshold_margin)
 
     def _new_alerts(self) -> AlertTracker:
         a = self.alerts

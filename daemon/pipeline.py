@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from daemon.alerts import AlertEvent, AlertTracker
+from daemon.baseline import THRESHOLD_MARGIN
 from daemon.config import AlertConfig, TopicsConfig
 from daemon.devices import DeviceTracker
 from daemon.fleet import Fleet
@@ -116,11 +117,12 @@ class Pipeline:
         warmup: int = 0,
         shadow: ModelBundle | None = None,
         max_devices: int | None = None,
+        threshold_margin: float = THRESHOLD_MARGIN,
     ) -> None:
         self.bundle = bundle
         self.alerts = alerts
         # Everything kept per device, saved and restored whole (daemon.fleet).
-        self.fleet = Fleet(bundle, alerts, warmup, max_devices)
+        self.fleet = Fleet(bundle, alerts, warmup, max_devices, threshold_margin)
         self.decoder = decoder
         self.payloads = Payloads(topics, alerts, bundle.version, max_payload_bytes)
         self.limiter = limiter

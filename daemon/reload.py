@@ -62,7 +62,7 @@ def build_scoring(
     pipeline = Pipeline(
         bundle, decoder, s.topics, s.alerts, s.model.default_detector,
         s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings, shadow=shadow,
-        max_devices=s.limits.max_devices,
+        max_devices=s.limits.max_devices, threshold_margin=s.baseline.threshold_margin,
     )
     return decoder, pipeline
 

@@ -66,6 +66,8 @@ def test_bad_arguments_exit_2() -> None:
         (["evaluate", "runs", "--warmup", "-5"], "--warmup: must be at least 50, got -5"),
         (["evaluate", "runs", "--window", "0"], "--window: must be at least 1, got 0"),
         (["evaluate", "runs", "--quantile", "0.2"], "--quantile: must be in [0.5, 1)"),
+        (["evaluate", "runs", "--threshold-margin", "0.5"],
+         "--threshold-margin: must be a number from 1 to 100, got '0.5'"),
     ],
 )
 def test_nonsense_numbers_are_refused_before_any_work(

@@ -63,6 +63,28 @@ def test_warm_up_fits_on_three_quarters_and_sets_the_threshold_on_the_rest() -> 
     assert t.progress("pump") == 8 and t.progress("other") == 0
 
 
+def test_the_threshold_margin_is_configurable_and_applies_to_restored_baselines() -> None:
+    rows = np.random.default_rng(1).normal([100.0, 5.0], [2.0, 0.5], size=(10, 2))
+    width = 2
+
+    def tracker_with(margin: float) -> DeviceTracker:
+        return DeviceTracker(2, 1, 8, np.zeros(width), np.full(width, 1e-3), margin)
+
+    default, wide = tracker_with(1.5), tracker_with(6.0)
+    feed(default, "pump", rows[:8])
+    feed(wide, "pump", rows[:8])
+    held = default.devices["pump"].held_back_max
+    assert held == wide.devices["pump"].held_back_max and 6.0 * held > MIN_THRESHOLD
+    assert wide.devices["pump"].threshold == 6.0 * held
+    assert default.devices["pump"].threshold == max(MIN_THRESHOLD, 1.5 * held)
+    # a saved baseline restored under another margin takes that margin (its held-back
+    # maximum is saved), without warming up again
+    again = tracker_with(6.0)
+    again.restore(orjson.loads(state.encode(default.to_json())))
+    assert again.devices["pump"].threshold == 6.0 * held
+    assert again.devices["pump"].threshold != default.devices["pump"].threshold
+
+
 def test_scale_is_floored_for_a_channel_that_sat_still_during_warm_up() -> None:
     t = tracker(warmup=4, window=1)
     feed(t, "d", np.array([[32.0, 7.0]] * 4))
