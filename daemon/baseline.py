@@ -9,8 +9,8 @@ training fleet's standardisation. Each device also learns its own normal from it
   scale, so a channel that sat still cannot turn noise into 100σ; the correlations shrunk
   by ``SHRINKAGE`` towards none, so a few hundred readings give a stable inverse);
 * the last quarter is held back: its largest deviation (below), scored the way live
-  readings are, times ``THRESHOLD_MARGIN`` and never below ``MIN_THRESHOLD``, becomes the
-  device's threshold.
+  readings are, times the margin (``[baseline] threshold_margin``, by default
+  ``THRESHOLD_MARGIN``) and never below ``MIN_THRESHOLD``, becomes the device's threshold.
 
 A reading's deviation is, for each input, how far it is from what the device's *other*
 inputs predict for it, in units of that conditional spread (Gaussian regression on the
@@ -67,7 +67,8 @@ RELATIVE_SCALE_FLOOR = 1e-3
 GLOBAL_SCALE_FLOOR = 0.05
 #: Share of the warm-up held back to set the threshold.
 HELD_BACK = 0.25
-#: The threshold is this multiple of the largest deviation seen in the held-back part...
+#: The threshold is this multiple of the largest deviation seen in the held-back part (the
+#: default of ``[baseline] threshold_margin``)...
 THRESHOLD_MARGIN = 1.5
 #: ... and never below this many standard deviations.
 MIN_THRESHOLD = 3.0
