@@ -81,7 +81,8 @@ def score_file(
     pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
                         detector or settings.model.default_detector,
                         settings.limits.max_payload_bytes,
-                        warmup=settings.baseline.warmup_readings)
+                        warmup=settings.baseline.warmup_readings,
+                        threshold_margin=settings.baseline.threshold_margin)
     counts = {"readings": 0, "anomalies": 0, "rejected": 0}
     chunk: list[RawMessage] = []
     last_said = time.monotonic()

@@ -241,3 +241,33 @@ def test_simulate_without_a_broker_exits_3() -> None:
 @pytest.mark.parametrize("args", [["--devices", "0"], ["--rate", "0"]])
 def test_simulate_rejects_nonsense(args: list[str]) -> None:
     assert anomalyd("simulate", *args).returncode == 2
+
+
+def test_a_backtest_uses_the_configured_baseline_margin(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    """score must judge as the daemon would: with the configuration's threshold margin."""
+    import io
+
+    import numpy as np
+
+    from daemon import offline
+    from daemon.config import BaselineConfig, Settings
+    from daemon.models import load_bundle
+
+    rng = np.random.default_rng(3)
+    cols = list(NORMAL)
+    rows = [{c: NORMAL[c] * (1 + 0.01 * rng.normal()) for c in cols} for _ in range(40)]
+    rows += [ANOMALOUS] * 10
+    data = tmp_path / "run.csv"
+    data.write_text(";".join(cols) + "\n"
+                    + "\n".join(";".join(str(r[c]) for c in cols) for r in rows) + "\n")
+    bundle = load_bundle(trained_model_dir)
+
+    def anomalies(margin: float) -> int:
+        s = Settings(baseline=BaselineConfig(warmup_readings=20, threshold_margin=margin))
+        return offline.score_file(data, io.BytesIO(), s, bundle, device="p",
+                                  detector=None)["anomalies"]
+
+    assert anomalies(1.5) == 10  # the fault, after the warm-up
+    assert anomalies(100.0) < anomalies(1.5)
