@@ -126,7 +126,8 @@ def build_pipeline(
     pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
                         settings.model.default_detector, lim.max_payload_bytes,
                         warmup=settings.baseline.warmup_readings if warmup is None else warmup,
-                        max_devices=max(max_devices or 0, lim.max_devices))
+                        max_devices=max(max_devices or 0, lim.max_devices),
+                        threshold_margin=settings.baseline.threshold_margin)
     return pipeline
 
 
