@@ -16,6 +16,7 @@ import orjson
 from daemon.control import COMMAND_TIMEOUT_S, MAX_SILENCE_S, RELOAD_TIMEOUT_S, ControlError
 from daemon.errors import ConfigError
 from daemon.exit_codes import EXIT_FAILURE, EXIT_OK
+from daemon.watch import flapping_note
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -143,7 +144,7 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         if d.get("warmup_alerts") is False:  # a device unlike the fleet, while warming up
             alert += " (warm-up verdicts page no one)"
         if a["active"] and a.get("flapping"):
-            alert += f" (flapping: resolves after {a.get('resolve_after')} normal readings)"
+            alert += flapping_note(a.get("resolve_after"))
         if a.get("acknowledged"):
             alert += f" (acknowledged by {a['acknowledged']['by'] or 'someone'})"
         if a.get("silenced_until"):

@@ -53,7 +53,8 @@ _MAX_SEQ = 2**63
 _MAX_TIMESTAMP_LEN = 64
 _NESTED = "sensor_data"
 _BATCH = "readings"
-_META = ("timestamp", "seq", "operational_state", "model_name")
+#: Payload fields that are never features.
+META_FIELDS = ("timestamp", "seq", "operational_state", "model_name")
 
 _NUMBER_TYPES = frozenset((float, int))
 
@@ -99,7 +100,7 @@ class Decoder:
         self._features = tuple(features)
         if not self._features or len(set(self._features)) != len(self._features):
             raise ConfigError("features must be a non-empty list of distinct names")
-        reserved = set(self._features) & {*_META, _NESTED, _BATCH}
+        reserved = set(self._features) & {*META_FIELDS, _NESTED, _BATCH}
         if reserved:
             raise ConfigError(f"feature names clash with payload fields: {sorted(reserved)}")
         if max_payload_bytes < 1 or max_batch_readings < 1:
@@ -109,7 +110,7 @@ class Decoder:
         self._max_batch = max_batch_readings
         self._subscription = subscription
         self.topics = TopicMatcher(subscription, device_id_pattern)
-        self._keyset = frozenset((*self._features, *_META, _NESTED, _BATCH))
+        self._keyset = frozenset((*self._features, *META_FIELDS, _NESTED, _BATCH))
         # itemgetter of one name returns the value itself, not a 1-tuple
         get_all = (
             itemgetter(*self._features)

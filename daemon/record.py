@@ -35,18 +35,18 @@ import paho.mqtt.client as paho
 
 from daemon.config import Settings
 from daemon.errors import AnomalydError, ConfigError
-from daemon.readings import Decoded, Decoder
+from daemon.models import ENSEMBLE
+from daemon.readings import META_FIELDS, Decoded, Decoder
 from daemon.tool_client import connect_tool_client
 from daemon.topics import TopicMatcher
+from daemon.training.train import ALL_MEMBERS
 
 #: Seconds between writing the buffered rows out (and printing the progress line).
 FLUSH_S = 5.0
 #: Messages kept while waiting for the first reading that tells the features.
 PENDING_MAX = 10_000
-#: Payload fields that are never features (``daemon.readings``).
-META = frozenset({"timestamp", "seq", "operational_state", "model_name"})
 #: Every detector name a payload may ask for: recording ignores the choice.
-MODEL_NAMES = ("ensemble", "isolation_forest", "lof", "autoencoder")
+MODEL_NAMES = (ENSEMBLE, *ALL_MEMBERS)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -69,7 +69,7 @@ def infer_features(payload: bytes) -> tuple[str, ...] | None:
     if not isinstance(doc, dict):
         return None
     names = tuple(k for k, v in doc.items()
-                  if k not in META and type(v) in (int, float))
+                  if k not in META_FIELDS and type(v) in (int, float))
     return names or None
 
 

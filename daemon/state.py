@@ -69,14 +69,11 @@ def repartition(directory: Path, workers: int, dispatch: str) -> None:
     except (OSError, orjson.JSONDecodeError):
         recorded = None
     present = sorted(directory.glob("devices*.json"))
-    if layout["dispatch"] == "shared" or not present:
-        if recorded != layout:
-            write_bytes(layout_path, orjson.dumps(layout))
-        return
     targets = [state_file(directory, None if workers == 1 else i) for i in range(workers)]
     strays = [p for p in present if p not in targets]
-    single_as_before = recorded is None and workers == 1
-    if not strays and (recorded == layout or single_as_before):
+    # a single daemon's file from before layouts were recorded is already its own
+    as_written = not strays and (recorded == layout or (recorded is None and workers == 1))
+    if layout["dispatch"] == "shared" or not present or as_written:
         if recorded != layout:
             write_bytes(layout_path, orjson.dumps(layout))
         return

@@ -37,7 +37,7 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
             state += f" by {ack.get('by') or 'someone'}" + (
                 f" ({ack['note']})" if ack.get("note") else "")
         if body.get("flapping") and state != "resolved":
-            state += f" (flapping: resolves after {body.get('resolve_after')} normal readings)"
+            state += flapping_note(body.get("resolve_after"))
         return f"ALERT   {device} {state} [{body['severity']}] {body.get('explanation')}"
     if "total_samples" in body:
         return (f"batch   {device} {body['anomalies_detected']}/{body['total_samples']} "
@@ -46,6 +46,11 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
     tags = "".join(f" [{tag}]" for tag, key in _TAGS if body.get(key))
     return (f"{mark} {device} seq={body.get('seq', '-')} score={body.get('anomaly_score', 0):.3f}"
             f" conf={body.get('confidence', 0):.2f}{tags} {body.get('explanation', '')}")
+
+
+def flapping_note(resolve_after: object) -> str:
+    """What ``watch`` and ``anomalyd devices`` add to a flapping alert."""
+    return f" (flapping: resolves after {resolve_after} normal readings)"
 
 
 #: Verdict fields worth a tag on the line: a verdict that does not count the usual way.

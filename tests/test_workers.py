@@ -18,6 +18,7 @@ import pytest
 
 from tests.broker import REPO, Broker, free_port, wait_for_port
 from tests.conftest_models import NORMAL_READING
+from tests.faults import metric
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +33,7 @@ def _ready(port: int) -> bool:
 
 def _metric(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return float(next(x for x in text.splitlines() if x.startswith(f"{name} ")).split()[1])
+        return metric(r.read().decode(), name)
 
 
 @contextmanager
