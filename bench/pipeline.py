@@ -56,6 +56,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None,
                    help="per-device baselines with this warm-up (default: the repository "
                         "configuration's, 0 = off)")
+    p.add_argument("--late-after", type=float, default=None,
+                   help="readings.late_after_s (default: the repository configuration's; "
+                        "0 = no lateness check)")
     p.add_argument("--instructions", action="store_true",
                    help="count instructions per reading under valgrind instead of timing")
     p.add_argument("--silent", action="store_true", help=argparse.SUPPRESS)  # --instructions'
@@ -64,7 +67,7 @@ def main() -> None:
         instructions(args)
         return
 
-    pipeline = build_pipeline(args.models, args.warmup)
+    pipeline = build_pipeline(args.models, args.warmup, late_after_s=args.late_after)
     with tempfile.TemporaryDirectory() as tmp:
         write_rows(Path(tmp) / "rows.json", DEVICES)
         spec = json.loads((Path(tmp) / "rows.json").read_text())
@@ -112,11 +115,16 @@ def main() -> None:
 
 
 def build_pipeline(
-    models: Path, warmup: int | None, max_devices: int | None = None
+    models: Path, warmup: int | None, max_devices: int | None = None,
+    late_after_s: float | None = None,
 ) -> Pipeline:
-    """The daemon's core as the repository's configuration builds it, with ``warmup``
-    (None: the configuration's) and at least ``max_devices`` devices allowed."""
+    """The daemon's core as the repository's configuration builds it, with ``warmup`` and
+    ``late_after_s`` (None: the configuration's) and at least ``max_devices`` devices
+    allowed."""
     settings = load_settings(Path(__file__).resolve().parent.parent / "config" / "anomalyd.toml")
+    if late_after_s is not None:
+        readings = settings.readings.model_copy(update={"late_after_s": late_after_s})
+        settings = settings.model_copy(update={"readings": readings})
     bundle = load_bundle(models)
     lim = settings.limits
     decoder = Decoder(bundle.features, bundle.detector_names, subscription="sensors/+/readings",
@@ -127,7 +135,8 @@ def build_pipeline(
                         settings.model.default_detector, lim.max_payload_bytes,
                         warmup=settings.baseline.warmup_readings if warmup is None else warmup,
                         max_devices=max(max_devices or 0, lim.max_devices),
-                        threshold_margin=settings.baseline.threshold_margin)
+                        threshold_margin=settings.baseline.threshold_margin,
+                        readings=settings.readings)
     return pipeline
 
 
@@ -137,6 +146,7 @@ def instructions(args: argparse.Namespace) -> None:
     base = [sys.executable, "-m", "bench.pipeline", "--models", str(args.models), "--silent"]
     base += ["--single"] if args.single else []
     base += [] if args.warmup is None else ["--warmup", str(args.warmup)]
+    base += [] if args.late_after is None else ["--late-after", str(args.late_after)]
     totals = []
     for reps in (0, COUNTED_REPS):
         print(f"callgrind: warm-up batch + {reps} counted ...", file=sys.stderr, flush=True)

@@ -121,6 +121,16 @@ class LimitsConfig(_Strict):
     max_devices: int = Field(10_000, ge=1)
 
 
+class ReadingsConfig(_Strict):
+    # A reading whose timestamp is more than late_after_s older than the newest one its
+    # device has sent is late (daemon/lateness.py): a backlog sent after live readings, a
+    # second gateway. 0 turns the check off (every reading judged in arrival order).
+    late_after_s: float = Field(60.0, ge=0, le=30 * 86_400)
+    # "judge": judged against the device's current window, marked "late": true, and kept
+    # out of its window, baseline and alert; "drop": dead-lettered as late, unjudged.
+    late_policy: Literal["judge", "drop"] = "judge"
+
+
 class ModelConfig(_Strict):
     dir: Path = Path("models")
     default_detector: str | None = None
@@ -212,6 +222,7 @@ class Settings(_Strict):
     topics: TopicsConfig = TopicsConfig()
     batch: BatchConfig = BatchConfig()
     limits: LimitsConfig = LimitsConfig()
+    readings: ReadingsConfig = ReadingsConfig()
     model: ModelConfig = ModelConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()

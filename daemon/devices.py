@@ -28,6 +28,8 @@ from daemon.baseline import (
     fit,
     global_informative,
 )
+from daemon.lateness import Arrival, EventClock
+from daemon.readings import Reading
 from daemon.repeats import SeqWindow
 from daemon.windows import Matrix, window_stats
 
@@ -51,6 +53,7 @@ class DeviceState:
     held_back_max: float = 0.0  # largest max |z| in the held-back part of the warm-up
     threshold: float | None = None  # set when warm-up completes
     seqs: SeqWindow = field(default_factory=SeqWindow)  # to know a redelivered reading
+    clock: EventClock = field(default_factory=EventClock)  # to know a late reading
 
 
 @dataclass(slots=True)
@@ -119,18 +122,68 @@ class DeviceTracker:
         never repeats."""
         return seq is not None and self._state(device_id).seqs.seen(seq)
 
-    def observe(self, device_id: str, values: Sequence[float], *, learn: bool = True) -> Matrix:
+    def on_time(
+        self, device_id: str, readings: Sequence[Reading], late_after_s: float
+    ) -> bool:
+        """Whether all of one message's readings (one device's) are on time for their
+        device (``daemon.lateness``), taken as a whole: the usual case, checked without
+        the per-reading path. False says nothing yet and changes nothing: ``arrival``
+        then takes them one by one (a device's first reading, a late one, a possible
+        repeat, which is never late and moves no clock)."""
+        st = self.devices.get(device_id)
+        if st is None:
+            return False
+        last_seq = st.seqs.last
+        if len(readings) == 1:
+            r = readings[0]
+            if last_seq is not None and r.seq is not None and r.seq <= last_seq:
+                return False
+            return st.clock.on_time(r.timestamp, r.timestamp, late_after_s)
+        if last_seq is not None and any(r.seq is not None and r.seq <= last_seq
+                                        for r in readings):
+            return False
+        stamps = [r.timestamp for r in readings]
+        return st.clock.on_time(min(stamps), max(stamps), late_after_s)
+
+    def arrival(
+        self, device_id: str, seq: int | None, timestamp: float, received_at: float,
+        late_after_s: float,
+    ) -> Arrival:
+        """Whether this reading is late for its device (``daemon.lateness``); a reading
+        whose ``seq`` was judged before is a repeat, never late, and moves no clock."""
+        st = self._state(device_id)
+        if seq is not None and st.seqs.known(seq):
+            return Arrival.ON_TIME
+        return st.clock.arrive(timestamp, received_at, late_after_s)
+
+    def newest(self, device_id: str) -> float:
+        """The newest timestamp of the device's on-time readings (after ``arrival``)."""
+        newest = self.devices[device_id].clock.newest
+        assert newest is not None  # a late reading has one to be late against
+        return newest
+
+    def observe(
+        self, device_id: str, values: Sequence[float], *, learn: bool = True,
+        late: bool = False,
+    ) -> Matrix:
         """The model inputs for this reading: the raw values or the window's statistics.
 
         ``learn=False`` (a repeat) leaves the window as it is: the inputs are those of the
-        window as it stands, which already holds the reading if it was recent.
+        window as it stands, which already holds the reading if it was recent. ``late``
+        (a late reading) leaves it as it is too, and the inputs are those of the window
+        with the reading in place of its oldest one: the newest context there is.
         """
         st = self._state(device_id)
-        if learn or not st.recent:
-            st.recent.append(tuple(values))
+        rows: Sequence[tuple[float, ...]]
+        if late:
+            rows = [*st.recent, tuple(values)][-self.window :]
+        else:
+            if learn or not st.recent:
+                st.recent.append(tuple(values))
+            rows = st.recent
         if self.window == 1:
             return np.array(values, dtype=np.float64)
-        return window_stats(np.array(st.recent, dtype=np.float64))
+        return window_stats(np.array(rows, dtype=np.float64))
 
     def _threshold(self, held_back_max: float) -> float:
         """A fitted baseline's threshold: the margin times the largest deviation of the
@@ -234,6 +287,7 @@ class DeviceTracker:
             "window_filled": len(st.recent),
             "window": self.window,
             "last_seq": st.seqs.last,  # the highest seq judged (None: readings carry none)
+            "newest_timestamp": st.clock.newest,  # of its on-time readings (epoch s)
         }
 
     def forget(self, device_id: str, *, keep_seqs: bool = False) -> DeviceState | None:
@@ -278,6 +332,7 @@ class DeviceTracker:
                     "held_back_max": st.held_back_max,
                     "threshold": st.threshold,
                     **st.seqs.to_json(),
+                    **st.clock.to_json(),
                 }
                 for dev, st in self.devices.items()
             },
@@ -333,6 +388,7 @@ class DeviceTracker:
                 held_back_max,
                 threshold,
                 SeqWindow.from_json(raw),
+                EventClock.from_json(raw),
             )
         saved_seqs = data.get("kept_seqs", {})  # state saved before they were kept has none
         if not isinstance(saved_seqs, dict):

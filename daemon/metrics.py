@@ -53,6 +53,18 @@ class Metrics:
             "Readings whose seq the device had sent before (redeliveries): judged again, "
             "no state changed", registry=r,
         )
+        self.late = Counter(
+            "anomalyd_late_readings",
+            "Readings older than their device's newest by more than readings.late_after_s: "
+            "judged apart (no state changed) or, with late_policy drop, dead-lettered",
+            registry=r,
+        )
+        self.clock_resets = Counter(
+            "anomalyd_device_clock_resets",
+            "Devices whose every reading was late for readings.late_after_s: their clock "
+            "is taken to have moved back, and their readings are on time again",
+            registry=r,
+        )
         self.alerts = Counter(
             "anomalyd_alerts", "Alerts published, by severity", ["severity"], registry=r,
         )
@@ -178,6 +190,10 @@ class Metrics:
             self.readings.labels("anomaly").inc(stats.anomalies)
         if stats.repeats:
             self.repeats.inc(stats.repeats)
+        if stats.late:
+            self.late.inc(stats.late)
+        if stats.clock_resets:
+            self.clock_resets.inc(len(stats.clock_resets))
         for sev in stats.alert_severities:
             self.alerts.labels(sev).inc()
         if stats.reporting:

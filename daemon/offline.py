@@ -82,7 +82,8 @@ def score_file(
                         detector or settings.model.default_detector,
                         settings.limits.max_payload_bytes,
                         warmup=settings.baseline.warmup_readings,
-                        threshold_margin=settings.baseline.threshold_margin)
+                        threshold_margin=settings.baseline.threshold_margin,
+                        readings=settings.readings)
     counts = {"readings": 0, "anomalies": 0, "rejected": 0}
     chunk: list[RawMessage] = []
     last_said = time.monotonic()

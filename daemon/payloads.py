@@ -115,6 +115,8 @@ class Payloads:
             v["contributions"] = j.explanation["contributions"]
         if j.repeat:
             v["repeat"] = True
+        if j.late:
+            v["late"] = True
         if j.silenced_until is not None:
             v["silenced_until"] = iso(j.silenced_until)
         if j.members is not None:
@@ -216,6 +218,8 @@ class Payloads:
                 p["explanation"] = j.explanation["text"]
             if j.repeat:
                 p["repeat"] = True
+            if j.late:
+                p["late"] = True
             if j.silenced_until is not None:
                 p["silenced_until"] = iso(j.silenced_until)
             preds.append(p)

@@ -12,21 +12,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from daemon.alerts import AlertEvent, AlertTracker
 from daemon.baseline import THRESHOLD_MARGIN
-from daemon.config import AlertConfig, TopicsConfig
+from daemon.config import AlertConfig, ReadingsConfig, TopicsConfig
 from daemon.devices import DeviceTracker
 from daemon.fleet import Fleet
+from daemon.lateness import Arrival
 from daemon.models import BatchScores, ModelBundle
 from daemon.payloads import Outbound, Payloads, iso, severity
 from daemon.presence import PresenceEvent, PresenceTracker
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoded, Decoder, Reading, Rejection
+from daemon.rejections import entry_fails
 from daemon.shadow import ShadowMismatchError, ShadowTally, incompatibility
 from daemon.windows import Matrix
 
@@ -60,6 +62,10 @@ class Judgement:
     #: the device's reading with this ``seq`` was judged before (a redelivery): judged
     #: again, but it changes no window, baseline or alert state
     repeat: bool = False
+    #: older than its device's newest reading by more than ``readings.late_after_s``
+    #: (``daemon.lateness``): judged against the window as it stands, and it changes no
+    #: window, baseline or alert state
+    late: bool = False
     #: whether the verdict counts towards the device's alert (not during a warm-up in
     #: which the global model looks uninformative for the device; ``daemon.devices``)
     alerts: bool = True
@@ -102,6 +108,9 @@ class BatchStats:
     shadow: dict[tuple[bool, bool], int] = field(default_factory=dict)
     shadow_seconds: float = 0.0
     reporting: int = 0  # presence events of the batch: devices new, or back from quiet
+    late: int = 0  # late readings (``daemon.lateness``), judged apart or dead-lettered
+    #: devices whose clock was taken to have moved back in this batch (``daemon.lateness``)
+    clock_resets: list[str] = field(default_factory=list)
 
 
 class Pipeline:
@@ -118,9 +127,11 @@ class Pipeline:
         shadow: ModelBundle | None = None,
         max_devices: int | None = None,
         threshold_margin: float = THRESHOLD_MARGIN,
+        readings: ReadingsConfig | None = None,
     ) -> None:
         self.bundle = bundle
         self.alerts = alerts
+        self.readings = readings or ReadingsConfig()
         # Everything kept per device, saved and restored whole (daemon.fleet).
         self.fleet = Fleet(bundle, alerts, warmup, max_devices, threshold_margin)
         self.decoder = decoder
@@ -155,7 +166,8 @@ class Pipeline:
     # -- scoring -----------------------------------------------------------------------
 
     def judge(
-        self, readings: Sequence[Reading], stats: BatchStats, now: float
+        self, readings: Sequence[Reading], stats: BatchStats, now: float,
+        late: Sequence[bool] | None = None,
     ) -> list[Judgement]:
         """Score readings grouped by detector; results in the order given.
 
@@ -165,16 +177,23 @@ class Pipeline:
         warm-up only if both flag it. A repeat, or a reading of a device whose alerts are
         silenced at ``now`` (a maintenance window: its readings are not its normal), is
         judged the same way but teaches the baseline nothing and does not advance its
-        warm-up.
+        warm-up. A ``late`` reading (``daemon.lateness``) is judged against its device's
+        window as it stands and teaches nothing either.
         """
         groups: dict[str, list[int]] = {}
         default = self.default_detector
         devices = self.devices
         repeats = [devices.repeat(r.device_id, r.seq) for r in readings]
-        observed = [
-            devices.observe(r.device_id, r.values, learn=not rep)
-            for r, rep in zip(readings, repeats, strict=True)
-        ]
+        if late is None:
+            observed = [
+                devices.observe(r.device_id, r.values, learn=not rep)
+                for r, rep in zip(readings, repeats, strict=True)
+            ]
+        else:
+            observed = [
+                devices.observe(r.device_id, r.values, learn=not rep, late=lt)
+                for r, rep, lt in zip(readings, repeats, late, strict=True)
+            ]
         for i, r in enumerate(readings):
             groups.setdefault(r.model_name or default, []).append(i)
         out: list[Judgement | None] = [None] * len(readings)
@@ -193,6 +212,9 @@ class Pipeline:
             for j, rep in zip(judged, repeats, strict=True):
                 j.repeat = rep
             stats.repeats = sum(repeats)
+        if late is not None:
+            for j, lt in zip(judged, late, strict=True):
+                j.late = lt
         alert_states = self.alert_states
         if alert_states.silences:
             for j in judged:
@@ -204,7 +226,7 @@ class Pipeline:
             center, scale, z = None, None, None
             baseline_flag = True  # the baseline's say: none unless it is active
             if warmup:
-                learn = not j.repeat and j.silenced_until is None
+                learn = not j.repeat and not j.late and j.silenced_until is None
                 a = devices.assess(j.reading.device_id, row, j.is_anomaly, learn=learn)
                 j.warming_up, j.alerts = a.warming_up, a.alerts
                 if a.active:
@@ -294,10 +316,15 @@ class Pipeline:
         stats = BatchStats(messages=len(messages))
         self.fleet.new_batch()
         decoded = [self._decode(m, now) for m in messages]
+        late: list[bool] | None = None
+        if self.readings.late_after_s > 0:
+            late = []
+            decoded = self._arrivals(messages, decoded, late, stats)
         readings: list[Reading] = []
         for d in decoded:
             readings.extend(d.readings)
-        judged = self.judge(readings, stats, now) if readings else []
+        # (no late reading: the usual path, without the per-reading flags)
+        judged = self.judge(readings, stats, now, late if stats.late else None) if readings else []
         stats.readings = len(judged)
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
         alert_states = self.alert_states
@@ -308,9 +335,9 @@ class Pipeline:
                 j.presence = presence.seen(j.reading.device_id, now)
                 if j.presence is not None:
                     stats.reporting += 1
-            # a repeat's first verdict already counted; an untrusted warm-up verdict or a
-            # silenced device's counts for nothing
-            if j.repeat or not j.alerts or j.silenced_until is not None:
+            # a repeat's first verdict already counted; a late one is old news; an
+            # untrusted warm-up verdict or a silenced device's counts for nothing
+            if j.repeat or j.late or not j.alerts or j.silenced_until is not None:
                 continue
             sev = severity(j.margin, self.alerts)
             dev = j.reading.device_id
@@ -337,6 +364,46 @@ class Pipeline:
                 outs.extend(self.payloads.single(mine[0], scored_at))
             outputs.append(outs)
         return outputs, stats
+
+    def _arrivals(
+        self, messages: Sequence[RawMessage], decoded: list[Decoded], late: list[bool],
+        stats: BatchStats,
+    ) -> list[Decoded]:
+        """Which readings are late (``daemon.lateness``), appended to ``late`` in order;
+        with ``late_policy = "drop"`` those become their message's rejections instead."""
+        after, drop = self.readings.late_after_s, self.readings.late_policy == "drop"
+        devices = self.devices
+        out: list[Decoded] = []
+        for m, d in zip(messages, decoded, strict=True):
+            rs = d.readings
+            if not rs or devices.on_time(rs[0].device_id, rs, after):
+                late.extend([False] * len(rs))
+                out.append(d)
+                continue
+            kept: list[Reading] = []
+            dropped: list[Rejection] = []
+            for r in rs:
+                arrival = devices.arrival(r.device_id, r.seq, r.timestamp, m.received_at,
+                                          after)
+                if arrival is not Arrival.LATE:
+                    if arrival is Arrival.CLOCK_RESET:
+                        stats.clock_resets.append(r.device_id)
+                    kept.append(r)
+                    late.append(False)
+                    continue
+                stats.late += 1
+                if not drop:
+                    kept.append(r)
+                    late.append(True)
+                    continue
+                newest = devices.newest(r.device_id)
+                detail = (f"timestamp {iso(r.timestamp)} is {newest - r.timestamp:.0f} s "
+                          f"older than this device's newest, {iso(newest)} "
+                          f"(readings.late_after_s is {after:g}; late_policy is \"drop\")")
+                dropped.append(entry_fails("late", detail, r.index))
+            out.append(replace(d, readings=tuple(kept),
+                               rejections=(*d.rejections, *dropped)) if dropped else d)
+        return out
 
     def _decode(self, m: RawMessage, now: float) -> Decoded:
         limiter, fleet = self.limiter, self.fleet

@@ -63,6 +63,7 @@ def build_scoring(
         bundle, decoder, s.topics, s.alerts, s.model.default_detector,
         s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings, shadow=shadow,
         max_devices=s.limits.max_devices, threshold_margin=s.baseline.threshold_margin,
+        readings=s.readings,
     )
     return decoder, pipeline
 

@@ -24,6 +24,13 @@ class SeqWindow:
     last: int | None = None  # the highest seq seen
     mask: int = 0  # bit k: seq ``last - k`` was seen
 
+    def known(self, seq: int) -> bool:
+        """Whether ``seq`` was seen before, remembering nothing."""
+        last = self.last
+        if last is None or seq > last or last - seq >= REPEAT_SPAN:
+            return False
+        return bool(self.mask & (1 << (last - seq)))
+
     def seen(self, seq: int) -> bool:
         """Whether ``seq`` was seen before; if not, it is now."""
         last = self.last

@@ -226,6 +226,11 @@ class Service:
             models=sorted(stats.by_detector),
             latency_ms=round(elapsed * 1000, 3),
         )
+        for device_id in stats.clock_resets:
+            log.warning("device_clock_reset", device_id=device_id,
+                        newest=iso(self.pipeline.devices.newest(device_id)),
+                        note="every reading was late for readings.late_after_s: the "
+                             "device's clock is taken to have moved back")
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -54,7 +54,8 @@ def flapping_note(resolve_after: object) -> str:
 
 
 #: Verdict fields worth a tag on the line: a verdict that does not count the usual way.
-_TAGS = (("warming up", "warming_up"), ("repeat", "repeat"), ("silenced", "silenced_until"))
+_TAGS = (("warming up", "warming_up"), ("repeat", "repeat"), ("late", "late"),
+         ("silenced", "silenced_until"))
 
 
 def watch(settings: Settings, anomalies_only: bool = False) -> int:

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from daemon.config import AlertConfig, Settings
+from daemon.config import AlertConfig, ReadingsConfig, Settings
 from tests.broker import REPO, Broker, free_port, wait_for_port
 from tests.conftest import make_settings
 from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
@@ -101,6 +101,17 @@ def test_each_detector_can_be_selected_per_reading(
     assert all(v["is_anomaly"] for v in got.values())
 
 
+def metrics_once(port: int, name: str, **labels: str) -> str:
+    """The metrics page once ``name`` has a sample (up to 10 s): the daemon counts a
+    batch after publishing its outputs, so a verdict may arrive before its count."""
+    deadline = time.monotonic() + 10
+    while True:
+        _, text = http_get(port, "/metrics")
+        if metric(text, name, **labels) or time.monotonic() > deadline:
+            return str(text)
+        time.sleep(0.05)
+
+
 def test_malformed_payload_is_dead_lettered_and_next_reading_still_judged(
     broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any
 ) -> None:
@@ -116,10 +127,31 @@ def test_malformed_payload_is_dead_lettered_and_next_reading_still_judged(
     assert any(d["payload"] == "{not json" for d in dead)
     verdicts = col.json_on("anomaly/e2e-bad/verdict", count=1)
     assert [v["seq"] for v in verdicts] == [6]
-    _, text = http_get(svc.http.port, "/metrics")
+    text = metrics_once(svc.http.port, "anomalyd_readings_total", outcome="normal")
     assert metric(text, "anomalyd_dead_letters_total", reason="not_json") >= 1
     assert metric(text, "anomalyd_dead_letters_total", reason="non_numeric_feature") >= 1
     assert metric(text, "anomalyd_readings_total", outcome="normal") >= 1
+
+
+def test_late_readings_follow_the_configured_policy_live(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any,
+    trained_model_dir: Path,
+) -> None:
+    """The daemon's own pipeline gets ``[readings]``: under "drop" an hour-old reading is
+    dead-lettered as late, and the device's next on-time one is judged."""
+    settings = make_settings(broker, trained_model_dir).model_copy(
+        update={"readings": ReadingsConfig(late_policy="drop")})
+    start_daemon(settings=settings)
+    col = collector_for(broker, ["anomaly/#"])
+    pub = publisher_for(broker)
+    now = time.time()
+    pub.send("sensors/e2e-late/readings", {**NORMAL, "seq": 1, "timestamp": now})
+    pub.send("sensors/e2e-late/readings", {**NORMAL, "seq": 2, "timestamp": now - 3600})
+    pub.send("sensors/e2e-late/readings", {**NORMAL, "seq": 3, "timestamp": now + 1})
+    verdicts = col.json_on("anomaly/e2e-late/verdict", count=2)
+    assert [v["seq"] for v in verdicts] == [1, 3]
+    (dead,) = col.json_on("anomaly/dead-letter", count=1)
+    assert dead["reason"] == "late" and orjson.loads(dead["payload"])["seq"] == 2
 
 
 def test_batch_message_gets_one_batch_verdict(
@@ -183,8 +215,9 @@ def test_http_endpoints_report_health_readiness_models_and_masked_info(
     col = collector_for(broker, ["anomaly/e2e-http/verdict"])
     publisher_for(broker).send("sensors/e2e-http/readings", NORMAL)
     col.json_on("anomaly/e2e-http/verdict")
-    status, text = http_get(port, "/metrics")
+    status, _ = http_get(port, "/metrics")
     assert status == 200
+    text = metrics_once(port, "anomalyd_batch_size_count", detector="ensemble")
     assert metric(text, "anomalyd_broker_connected") == 1
     assert metric(text, "anomalyd_messages_received_total") >= 1
     assert metric(text, "anomalyd_batch_size_count", detector="ensemble") >= 1

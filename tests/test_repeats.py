@@ -21,6 +21,7 @@ from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
 from daemon.repeats import REPEAT_SPAN
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
+from tests.saved_state import saved_and_loaded
 
 DEV = "sensors/p-7/readings"
 
@@ -164,10 +165,7 @@ def test_the_seq_window_survives_a_restart_and_old_state_still_loads(
 ) -> None:
     before = pipeline(model_bundle, warmup=4)
     send(before, *({**NORMAL_READING, "seq": s} for s in range(6)))
-    path = tmp_path / "devices.json"
-    state.save(path, before.fleet.snapshot())
-    snapshot = state.load(path)
-    assert snapshot is not None
+    snapshot = saved_and_loaded(before, tmp_path)
     after = pipeline(model_bundle, warmup=4)
     assert after.fleet.restore(snapshot)[0] == 1
     out, _ = send(after, {**NORMAL_READING, "seq": 5}, {**NORMAL_READING, "seq": 6})

@@ -1,0 +1,85 @@
+"""Which readings arrived late: each device's newest timestamp, and a clock set back.
+
+A device's readings normally arrive in the order of their timestamps. A reading whose
+timestamp is more than ``late_after_s`` older than the newest one its device has sent is
+*late*: a gateway's store-and-forward backlog sent after its live readings, two gateways
+relaying one device, a resend of a reading without ``seq``. Judged in arrival order, it
+would put an old value into the device's window, teach its baseline out of order and move
+its alert on old news; the pipeline judges it apart or dead-letters it
+(``readings.late_policy``).
+
+A device whose clock was set back (a reboot without a real-time clock, a corrected clock,
+a lone timestamp from the future before it) would send nothing but late readings from then
+on. So when every reading of a device has been late for ``late_after_s`` of receipt time
+(the daemon's clock, not the device's), its clock is taken to have moved: that reading is
+on time and its timestamp the newest. A backlog interleaved with live readings never does
+that (each live reading is on time); one sent alone for longer would have its rest judged
+in arrival order, as before this module existed.
+
+Pure: the timestamps and receipt times are passed in. Two floats a device; the newest
+timestamp is saved with its state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Arrival(Enum):
+    ON_TIME = "on_time"
+    LATE = "late"
+    #: late, but every reading has been for ``late_after_s``: the device's clock moved,
+    #: and this reading is taken as on time
+    CLOCK_RESET = "clock_reset"
+
+
+@dataclass(slots=True)
+class EventClock:
+    newest: float | None = None  # the newest timestamp of the device's on-time readings
+    late_since: float | None = None  # receipt time of the first late one since the last
+
+    def arrive(self, timestamp: float, received_at: float, late_after_s: float) -> Arrival:
+        """Whether a reading with this timestamp, received now, is on time; advances the
+        device's newest timestamp if it is."""
+        if self.newest is None:  # the device's first reading
+            self.newest, self.late_since = timestamp, None
+            return Arrival.ON_TIME
+        if self.on_time(timestamp, timestamp, late_after_s):
+            return Arrival.ON_TIME
+        since = self.late_since
+        if since is None or received_at < since:  # (or the daemon's own clock went back)
+            self.late_since = received_at
+            return Arrival.LATE
+        if received_at - since >= late_after_s:
+            self.newest, self.late_since = timestamp, None
+            return Arrival.CLOCK_RESET
+        return Arrival.LATE
+
+    def on_time(self, earliest: float, latest: float, late_after_s: float) -> bool:
+        """Whether readings stamped from ``earliest`` to ``latest`` are all on time, and if
+        so, take them as ``arrive`` would one by one; False (nothing changed) if any may
+        not be, or the device has no newest timestamp yet."""
+        newest = self.newest
+        if newest is None or earliest < newest - late_after_s:
+            return False
+        if latest > newest:
+            self.newest = latest
+        self.late_since = None
+        return True
+
+    def to_json(self) -> dict[str, Any]:
+        """The newest timestamp only: a run of late readings is counted in receipt time,
+        and one begun before a restart would count the daemon's downtime as lateness."""
+        return {"newest_ts": self.newest}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> EventClock:
+        """From ``to_json``'s key; state saved before it existed has none (no clock)."""
+        newest = raw.get("newest_ts")
+        if newest is None:
+            return cls()
+        if type(newest) not in (int, float) or newest != newest:
+            raise ValueError("device state has an invalid newest timestamp")
+        return cls(float(newest))
