@@ -5,10 +5,18 @@ have published, and goes through the same decoder and pipeline, so a backtest gi
 verdicts the daemon would have published for the same stream: each device starts with no
 saved state, warms up over its first ``[baseline] warmup_readings`` rows and keeps its own
 feature window, exactly as in the daemon.
+
+A JSON line that is one of the daemon's dead-letter records (``daemon.payloads``: a
+subscriber's copy of ``anomaly/dead-letter``) stands for the payload it carries, so what
+the daemon refused (late readings under ``late_policy = "drop"``, a model name not loaded
+then, a schema changed since) can be judged once the cause is dealt with. Of a batch
+message only the refused entries are judged again: the others had their verdicts.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +35,10 @@ CHUNK = 512
 PROGRESS_SECONDS = 2.0
 
 
+#: The keys that make a JSON line a dead-letter record (``Payloads.dead_letter``).
+_DEAD_LETTER_KEYS = frozenset(("reason", "topic", "rejections", "payload", "payload_encoding"))
+
+
 def _rows(path: Path) -> Iterator[tuple[str | None, bytes]]:
     """(device id or None, payload bytes) for each record of the input file."""
     with path.open("r", encoding="utf-8", newline="") as fh:
@@ -38,9 +50,11 @@ def _rows(path: Path) -> Iterator[tuple[str | None, bytes]]:
                     raw = line.strip().encode()
                     try:
                         obj = orjson.loads(raw)
-                        device = obj.get("device_id") if isinstance(obj, dict) else None
                     except orjson.JSONDecodeError:
-                        device = None
+                        obj = None
+                    device = obj.get("device_id") if isinstance(obj, dict) else None
+                    if isinstance(obj, dict) and obj.keys() >= _DEAD_LETTER_KEYS:
+                        raw = _refused_payload(obj)
                     yield (device if isinstance(device, str) else None), raw
             return
         delimiter = ";" if head.count(";") > head.count(",") else ","
@@ -52,6 +66,37 @@ def _rows(path: Path) -> Iterator[tuple[str | None, bytes]]:
                     continue
                 body[k] = _cell(v)
             yield device, orjson.dumps(body)
+
+
+def _refused_payload(record: dict[str, Any]) -> bytes:
+    """What a dead-letter record refused: its payload, and of a batch message only the
+    entries named in its rejections (one refused as a whole goes again whole). A payload
+    that cannot be read back goes as it is: the backtest refuses it again, with the reason."""
+    text = record["payload"]
+    if not isinstance(text, str):
+        return orjson.dumps(text)
+    if record["payload_encoding"] == "base64":
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return text.encode()
+    payload = text.encode()
+    rejections = record["rejections"]
+    if not isinstance(rejections, list):
+        return payload
+    indexes = [r.get("index") if isinstance(r, dict) else None for r in rejections]
+    entry_indexes = [i for i in indexes if type(i) is int]
+    if not indexes or len(entry_indexes) < len(indexes):  # refused as a whole
+        return payload
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload
+    entries = doc.get("readings") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        return payload
+    refused = sorted({i for i in entry_indexes if 0 <= i < len(entries)})
+    return orjson.dumps({**doc, "readings": [entries[i] for i in refused]})
 
 
 def _cell(text: str) -> int | float | str:

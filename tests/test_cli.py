@@ -176,6 +176,49 @@ def test_score_reports_its_running_counts_while_it_works(
     assert counts["anomalies"] >= 9  # the anomalous rows are found
 
 
+def test_score_replays_dead_letters_with_only_the_refused_entries(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    """A subscriber's copy of the dead-letter topic, given to ``score``: each record's
+    payload is judged again, a batch message's refused entries only."""
+    import io
+
+    from daemon import offline
+    from daemon.config import ReadingsConfig, Settings, TopicsConfig
+    from daemon.models import load_bundle
+    from daemon.pipeline import Pipeline, RawMessage
+    from daemon.readings import Decoder
+
+    bundle = load_bundle(trained_model_dir)
+    live = Pipeline(bundle, Decoder(bundle.features, bundle.detector_names), TopicsConfig(),
+                    Settings().alerts, readings=ReadingsConfig(late_policy="drop"))
+    t = 1_800_000_000.0
+    batch = {"readings": [{**NORMAL, "timestamp": t + 1, "seq": 2},
+                          {**ANOMALOUS, "timestamp": t - 3600, "seq": 3},
+                          {**NORMAL, "timestamp": t + 2, "seq": 4, "pressure": "high"}]}
+    sent = [{**NORMAL, "timestamp": t, "seq": 1}, {**ANOMALOUS, "timestamp": t - 7200, "seq": 0},
+            batch]
+    outputs, _ = live.process([RawMessage("sensors/p-9/readings", orjson.dumps(m), 0.0)
+                               for m in sent] + [RawMessage("sensors/p-9/readings",
+                                                            b"{not json", 0.0)], 1.0)
+    dead = [o.payload for outs in outputs for o in outs if o.kind == "dead_letter"]
+    assert [sorted(r["reason"] for r in orjson.loads(d)["rejections"]) for d in dead] == [
+        ["late"], ["late", "non_numeric_feature"], ["not_json"]]
+    data = tmp_path / "dead.jsonl"
+    data.write_bytes(b"\n".join(dead) + b"\n")
+    out = io.BytesIO()
+    counts = offline.score_file(data, out, Settings(), bundle, device="unknown",
+                                detector=None)
+    replayed = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    single, refused_again, judged_batch, still_bad = replayed  # a batch's refusal first
+    assert single["device_id"] == "p-9" and single["seq"] == 0 and single["is_anomaly"] is True
+    # of the batch, the late entry is judged; the bad one is refused again, for its reason
+    assert [p["seq"] for p in judged_batch["predictions"]] == [3]
+    assert refused_again["reason"] == "non_numeric_feature"
+    assert still_bad["reason"] == "not_json"
+    assert counts == {"readings": 2, "anomalies": 2, "rejected": 2}
+
+
 def test_score_json_lines_dead_letters_bad_lines_and_keeps_going(
     trained_model_dir: Path, tmp_path: Path
 ) -> None:
