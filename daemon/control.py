@@ -277,6 +277,8 @@ class DeviceControl:
                 alert["acknowledged"]["at"] = iso(alert["acknowledged"]["at"])
         alert["silenced_until"] = None if until is None else iso(until)
         shown = {"device_id": device_id, **(device or {}), "alert": alert}
+        if shown.get("newest_timestamp") is not None:
+            shown["newest_timestamp"] = iso(shown["newest_timestamp"])
         if p.presence.enabled:
             shown["last_seen"] = None if seen is None else iso(seen["last_seen"])
             shown["quiet"] = seen is not None and seen["quiet"]

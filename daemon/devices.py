@@ -288,6 +288,7 @@ class DeviceTracker:
             "window": self.window,
             "last_seq": st.seqs.last,  # the highest seq judged (None: readings carry none)
             "newest_timestamp": st.clock.newest,  # of its on-time readings (epoch s)
+            "late_readings": st.clock.late_count,  # since the daemon started
         }
 
     def forget(self, device_id: str, *, keep_seqs: bool = False) -> DeviceState | None:

@@ -39,6 +39,7 @@ class Arrival(Enum):
 class EventClock:
     newest: float | None = None  # the newest timestamp of the device's on-time readings
     late_since: float | None = None  # receipt time of the first late one since the last
+    late_count: int = 0  # late readings since the daemon started (for operators; not saved)
 
     def arrive(self, timestamp: float, received_at: float, late_after_s: float) -> Arrival:
         """Whether a reading with this timestamp, received now, is on time; advances the
@@ -49,12 +50,12 @@ class EventClock:
         if self.on_time(timestamp, timestamp, late_after_s):
             return Arrival.ON_TIME
         since = self.late_since
-        if since is None or received_at < since:  # (or the daemon's own clock went back)
-            self.late_since = received_at
-            return Arrival.LATE
-        if received_at - since >= late_after_s:
+        if since is not None and since <= received_at and received_at - since >= late_after_s:
             self.newest, self.late_since = timestamp, None
             return Arrival.CLOCK_RESET
+        if since is None or received_at < since:  # (or the daemon's own clock went back)
+            self.late_since = received_at
+        self.late_count += 1
         return Arrival.LATE
 
     def on_time(self, earliest: float, latest: float, late_after_s: float) -> bool:

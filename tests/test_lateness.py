@@ -12,10 +12,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from daemon.config import AlertConfig, ReadingsConfig, TopicsConfig, load_settings
+from daemon.control import DeviceControl
 from daemon.errors import ConfigError
 from daemon.lateness import Arrival, EventClock
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
+from daemon.payloads import iso
 from daemon.pipeline import BatchStats, Pipeline, RawMessage
 from daemon.readings import Decoder
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
@@ -162,6 +164,11 @@ def test_a_device_whose_clock_moved_back_is_judged_as_usual_again(
     assert p.devices.progress("p-7") == 6  # the warm-up goes on from the reset
     assert metrics.registry.get_sample_value("anomalyd_device_clock_resets_total") == 1.0
     assert metrics.registry.get_sample_value("anomalyd_late_readings_total") == 60.0
+    # which device it was, for an operator (anomalyd devices p-7)
+    control = DeviceControl(p, metrics, lambda _o: True, lambda: None)
+    shown = control.show("p-7")
+    assert shown["late_readings"] == 60
+    assert shown["newest_timestamp"] == iso(T - 86_400 + 60)
 
 
 def test_with_late_after_s_0_readings_are_judged_in_arrival_order(
