@@ -44,6 +44,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from daemon.snapshots import Deferred
+
 SEVERITIES = ("minor", "major", "critical")
 #: The most doublings of a flapping alert's resolve run that can be configured (2**6 = 64 m).
 MAX_BACKOFF = 6
@@ -218,23 +220,11 @@ class AlertTracker:
         return self.devices.pop(device_id, None)
 
     def to_json(self) -> dict[str, Any]:
+        """The alert states, each device's made when the encoding reaches it
+        (``daemon.snapshots``)."""
         return {
             "format": STATE_FORMAT,
-            "devices": {
-                dev: {
-                    "recent": list(st.recent),
-                    "active": st.active,
-                    "severity": st.severity,
-                    "normal_run": st.normal_run,
-                    "raised_at": st.raised_at,
-                    "peak_margin": st.peak_margin,
-                    "acknowledged": None if st.acknowledged is None else st.acknowledged.to_json(),
-                    "message": st.message,
-                    "flaps": st.flaps,
-                    "since_resolved": st.since_resolved,
-                }
-                for dev, st in self.devices.items()
-            },
+            "devices": Deferred(self.devices, _saved),
             "silences": dict(self.silences),
         }
 
@@ -274,6 +264,21 @@ class AlertTracker:
             raise ValueError("a saved silence does not end at a finite time")
         self.devices, self.silences = devices, silences
         return len(devices)
+
+
+def _saved(st: AlertState) -> dict[str, Any]:
+    return {
+        "recent": list(st.recent),
+        "active": st.active,
+        "severity": st.severity,
+        "normal_run": st.normal_run,
+        "raised_at": st.raised_at,
+        "peak_margin": st.peak_margin,
+        "acknowledged": None if st.acknowledged is None else st.acknowledged.to_json(),
+        "message": st.message,
+        "flaps": st.flaps,
+        "since_resolved": st.since_resolved,
+    }
 
 
 def _rank(severity: str | None) -> int:

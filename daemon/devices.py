@@ -31,6 +31,7 @@ from daemon.baseline import (
 from daemon.lateness import Arrival, EventClock
 from daemon.readings import Reading
 from daemon.repeats import SeqWindow
+from daemon.snapshots import Deferred
 from daemon.windows import Matrix, window_stats
 
 STATE_FORMAT = 3
@@ -304,39 +305,16 @@ class DeviceTracker:
     # -- persistence (plain data; the caller writes it atomically) --------------------
 
     def to_json(self) -> dict[str, Any]:
-        """The devices' state as of now, for ``daemon.state`` to encode and write while
-        scoring goes on (``StateWriter``): the arrays that change in place (the centre, the
-        warm-up moments) are copied, the fitted scale and correlations (read-only once
-        fitted) are referenced, and nothing is converted to lists here (this runs on the
-        scoring thread in one piece)."""
-        def copied(a: Matrix | None) -> Matrix | None:
-            return None if a is None else a.copy()
-
-        def moments(m: Moments | None) -> dict[str, Any] | None:
-            return None if m is None else {"n": m.n, "mean": m.mean.copy(), "m2": m.m2.copy()}
-
+        """The devices' state for ``daemon.state`` to encode while scoring goes on
+        (``StateWriter``): each device's entry is made when the encoding reaches it
+        (``daemon.snapshots``), so taking this costs next to nothing on the scoring
+        thread."""
         return {
             "format": STATE_FORMAT,
             "window": self.window,
             "warmup": self.warmup,
             "n_features": self.n_features,
-            "devices": {
-                dev: {
-                    "recent": list(st.recent),
-                    "count": st.count,
-                    "normal": moments(st.normal),
-                    "flagged": moments(st.flagged),
-                    "trusts_global": st.trusts_global,
-                    "center": copied(st.center),
-                    "scale": st.scale,
-                    "cond": st.cond,
-                    "held_back_max": st.held_back_max,
-                    "threshold": st.threshold,
-                    **st.seqs.to_json(),
-                    **st.clock.to_json(),
-                }
-                for dev, st in self.devices.items()
-            },
+            "devices": Deferred(self.devices, _saved),
             "kept_seqs": {dev: seqs.to_json() for dev, seqs in self._kept_seqs.items()},
         }
 
@@ -397,6 +375,32 @@ class DeviceTracker:
         kept = {str(dev): SeqWindow.from_json(raw) for dev, raw in saved_seqs.items()}
         self.devices, self._kept_seqs = devices, kept
         return len(devices)
+
+
+def _saved(st: DeviceState) -> dict[str, Any]:
+    """One device's state as it is now: the arrays that change in place (the centre, the
+    warm-up moments) are copied, the fitted scale and correlations (read-only once fitted)
+    are referenced, and nothing is converted to lists here."""
+    def copied(a: Matrix | None) -> Matrix | None:
+        return None if a is None else a.copy()
+
+    def moments(m: Moments | None) -> dict[str, Any] | None:
+        return None if m is None else {"n": m.n, "mean": m.mean.copy(), "m2": m.m2.copy()}
+
+    return {
+        "recent": list(st.recent),
+        "count": st.count,
+        "normal": moments(st.normal),
+        "flagged": moments(st.flagged),
+        "trusts_global": st.trusts_global,
+        "center": copied(st.center),
+        "scale": st.scale,
+        "cond": st.cond,
+        "held_back_max": st.held_back_max,
+        "threshold": st.threshold,
+        **st.seqs.to_json(),
+        **st.clock.to_json(),
+    }
 
 
 def _freeze(*arrays: Matrix | None) -> Matrix | None:

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from daemon import state
 from daemon.alerts import Acknowledgement, AlertTracker
 from daemon.config import AlertConfig, BaselineConfig, Settings, TopicsConfig
 from daemon.control import Command, DeviceControl, UnknownDeviceError
@@ -67,7 +68,7 @@ def test_the_acknowledgement_and_the_last_message_survive_a_restart() -> None:
     t.record_message("p-1", {"state": "raised", "explanation": "flow 12 is 9σ below"})
     t.acknowledge("p-1", ALICE)
     t.record_message("p-2", {"state": "raised"})  # no alert: not kept
-    saved = orjson.loads(orjson.dumps(t.to_json()))
+    saved = orjson.loads(state.encode(t.to_json()))  # as written and read back
     again = AlertTracker(raise_after=1, window=1, resolve_after=1)
     assert again.restore(saved) == 1
     st = again.devices["p-1"]

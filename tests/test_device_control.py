@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from daemon import state
 from daemon.alerts import AlertTracker
 from daemon.config import AlertConfig, BaselineConfig, HttpConfig, LimitsConfig, Settings
 from daemon.control import (
@@ -434,7 +435,7 @@ def test_alert_tracker_silence_ends_by_itself_and_survives_a_restart() -> None:
     assert alerts.silenced_until("a", 99.0) == 100.0
     saved = alerts.to_json()
     again = AlertTracker(raise_after=1, window=1, resolve_after=1)
-    again.restore(json.loads(json.dumps(saved)))
+    again.restore(orjson.loads(state.encode(saved)))
     assert again.silenced_until("a", 50.0) == 100.0
     assert alerts.silenced_until("a", 100.0) is None and alerts.silences == {}  # ended
     again.silence("a", None)  # lifted

@@ -8,6 +8,7 @@ only survive for the same model schema and warm-up length.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,21 +116,37 @@ def test_the_state_file_keeps_every_value_exactly(
         state.load(path)
 
 
-def test_a_snapshot_stays_as_taken_while_scoring_goes_on(model_bundle: ModelBundle) -> None:
-    """The state writer encodes a snapshot on its own thread while the scorer goes on: the
-    snapshot must hold nothing the scorer changes afterwards."""
+def test_each_device_is_saved_as_it_was_at_its_turn(model_bundle: ModelBundle) -> None:
+    """The state writer encodes a snapshot a device at a time while the scorer goes on
+    between slices: a device's entry is made at its turn (taking the snapshot copies
+    nothing), and once made it holds nothing the scorer changes afterwards."""
     p = pipeline(model_bundle, warmup=4)
     feed(p, *(normal(i) for i in range(6)))  # fitted: the centre now adapts in place
     fresh = pipeline(model_bundle, warmup=4)
     feed(fresh, normal(100))  # a device still fitting: its moments change in place
     snap, snap_fitting = p.fleet.snapshot(), fresh.fleet.snapshot()
-    as_taken = state.encode(snap), state.encode(snap_fitting)
-    feed(p, *(normal(i) for i in range(6, 12)), ANOMALOUS_READING)
+    # made at its turn: the readings after the snapshot, before the device's turn, count
+    feed(p, normal(6))
+    assert state.encode(snap) == state.encode(p.fleet.snapshot())
+    # once made, an entry stays as it was made
+    def made(s: dict[str, Any]) -> list[bytes]:
+        return [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY) for e in (
+            s["devices"]["devices"]["p-1"], s["alerts"]["devices"]["p-1"])]
+
+    entries = [s["devices"]["devices"]["p-1"] for s in (snap, snap_fitting)]
+    entries.append(snap["alerts"]["devices"]["p-1"])
+    as_made = [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY) for e in entries]
+    feed(p, *(normal(i) for i in range(7, 12)), ANOMALOUS_READING)
     feed(fresh, normal(101), normal(102))
-    assert (state.encode(snap), state.encode(snap_fitting)) == as_taken
-    assert state.encode(p.fleet.snapshot()) != as_taken[0]  # the device did change
+    assert [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY) for e in entries] == as_made
+    now = made(p.fleet.snapshot()) + made(fresh.fleet.snapshot())[:1]
+    assert all(a != b for a, b in zip(now, [as_made[0], as_made[2], as_made[1]], strict=True))
     st = p.devices.devices["p-1"]
     assert st.scale is not None and not st.scale.flags.writeable  # shared, never changed
+    # a device forgotten before its turn is left out; one first seen since waits
+    p.fleet.forget("p-1")
+    p.process([RawMessage("sensors/p-2/readings", orjson.dumps(normal(0)), 0.0)], 1000.0)
+    assert list(snap["devices"]["devices"]) == [] and list(snap["alerts"]["devices"]) == []
 
 
 def test_the_state_writer_encodes_in_slices_and_writes_the_newest_snapshot(
@@ -183,7 +200,7 @@ def test_a_failed_state_write_is_reported_and_the_next_one_still_made(
 
 def _plain(value: Any) -> Any:
     """``value`` with numpy arrays and tuples as lists (what JSON holds), floats exact."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # a snapshot's devices are made when read
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
