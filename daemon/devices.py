@@ -139,12 +139,11 @@ class DeviceTracker:
             r = readings[0]
             if last_seq is not None and r.seq is not None and r.seq <= last_seq:
                 return False
-            return st.clock.on_time(r.timestamp, r.timestamp, late_after_s)
+            return st.clock.all_on_time((r.timestamp,), late_after_s)
         if last_seq is not None and any(r.seq is not None and r.seq <= last_seq
                                         for r in readings):
             return False
-        stamps = [r.timestamp for r in readings]
-        return st.clock.on_time(min(stamps), max(stamps), late_after_s)
+        return st.clock.all_on_time([r.timestamp for r in readings], late_after_s)
 
     def arrival(
         self, device_id: str, seq: int | None, timestamp: float, received_at: float,

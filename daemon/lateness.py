@@ -22,6 +22,7 @@ timestamp is saved with its state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -47,7 +48,7 @@ class EventClock:
         if self.newest is None:  # the device's first reading
             self.newest, self.late_since = timestamp, None
             return Arrival.ON_TIME
-        if self.on_time(timestamp, timestamp, late_after_s):
+        if self.all_on_time((timestamp,), late_after_s):
             return Arrival.ON_TIME
         since = self.late_since
         if since is not None and since <= received_at and received_at - since >= late_after_s:
@@ -58,16 +59,21 @@ class EventClock:
         self.late_count += 1
         return Arrival.LATE
 
-    def on_time(self, earliest: float, latest: float, late_after_s: float) -> bool:
-        """Whether readings stamped from ``earliest`` to ``latest`` are all on time, and if
-        so, take them as ``arrive`` would one by one; False (nothing changed) if any may
-        not be, or the device has no newest timestamp yet."""
-        newest = self.newest
-        if newest is None or earliest < newest - late_after_s:
+    def all_on_time(self, stamps: Sequence[float], late_after_s: float) -> bool:
+        """Whether readings with these timestamps, in this order, would each be on time,
+        and if so, take them as ``arrive`` would one by one; False (nothing changed) if
+        one would not be, or the device has no newest timestamp yet. A reading is judged
+        against the newest of those before it, so [t + 100, t + 20] is late where
+        [t + 20, t + 100] is not."""
+        top = self.newest
+        if top is None:
             return False
-        if latest > newest:
-            self.newest = latest
-        self.late_since = None
+        for t in stamps:
+            if t < top - late_after_s:
+                return False
+            if t > top:
+                top = t
+        self.newest, self.late_since = top, None
         return True
 
     def to_json(self) -> dict[str, Any]:

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from daemon.config import AlertConfig, ReadingsConfig, TopicsConfig, load_settings
 from daemon.control import DeviceControl
+from daemon.devices import DeviceTracker
 from daemon.errors import ConfigError
 from daemon.lateness import Arrival, EventClock
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.payloads import iso
 from daemon.pipeline import BatchStats, Pipeline, RawMessage
-from daemon.readings import Decoder
+from daemon.readings import Decoder, Reading
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
 from tests.saved_state import saved_and_loaded
 
@@ -233,3 +237,36 @@ def test_a_batch_message_on_time_as_a_whole_moves_the_clock_like_one_by_one(
         {**NORMAL_READING, "timestamp": T + 102, "seq": 6},
         {**NORMAL_READING, "timestamp": T + 30, "seq": 7}]})
     assert [p.get("late", False) for p in verdict["predictions"]] == [False, True]
+
+
+messages = st.lists(  # one device's messages: (seconds after T, seq or None) per reading
+    st.lists(st.tuples(st.integers(-200, 200), st.none() | st.integers(0, 30)),
+             min_size=1, max_size=5),
+    min_size=1, max_size=12,
+)
+
+
+@given(messages, st.integers(0, 90))
+@settings(max_examples=300, deadline=None)
+def test_a_message_taken_as_a_whole_is_judged_as_one_by_one(
+    sent: list[list[tuple[int, int | None]]], gap: int
+) -> None:
+    """The shortcut for a message on time as a whole (``DeviceTracker.on_time``) gives
+    the same verdicts and leaves the same clock as the reading-by-reading path, whatever
+    the order of timestamps, the repeats and the receipt times."""
+    whole, apart = (DeviceTracker(1, 1, 0, np.zeros(1), np.ones(1)) for _ in range(2))
+    for k, msg in enumerate(sent):
+        received = 1000.0 + gap * k
+        readings = [Reading("d", (0.0,), None, seq, T + dt, None, "", i)
+                    for i, (dt, seq) in enumerate(msg)]
+        if whole.on_time("d", readings, 60.0):
+            got = [Arrival.ON_TIME] * len(readings)
+        else:
+            got = [whole.arrival("d", r.seq, r.timestamp, received, 60.0) for r in readings]
+        want = [apart.arrival("d", r.seq, r.timestamp, received, 60.0) for r in readings]
+        assert got == want
+        for tracker in (whole, apart):  # judged (late ones too): their seqs are known now
+            for r in readings:
+                tracker.repeat("d", r.seq)
+        a, b = whole.devices["d"].clock, apart.devices["d"].clock
+        assert (a.newest, a.late_since, a.late_count) == (b.newest, b.late_since, b.late_count)
