@@ -128,19 +128,20 @@ def test_each_device_is_saved_as_it_was_at_its_turn(model_bundle: ModelBundle) -
     # made at its turn: the readings after the snapshot, before the device's turn, count
     feed(p, normal(6))
     assert state.encode(snap) == state.encode(p.fleet.snapshot())
-    # once made, an entry stays as it was made
-    def made(s: dict[str, Any]) -> list[bytes]:
-        return [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY) for e in (
-            s["devices"]["devices"]["p-1"], s["alerts"]["devices"]["p-1"])]
+    # once made, an entry stays as it was made, while the device itself changes
+    def entries(s: dict[str, Any]) -> list[dict[str, Any]]:
+        return [s["devices"]["devices"]["p-1"], s["alerts"]["devices"]["p-1"]]
 
-    entries = [s["devices"]["devices"]["p-1"] for s in (snap, snap_fitting)]
-    entries.append(snap["alerts"]["devices"]["p-1"])
-    as_made = [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY) for e in entries]
+    def dumped(es: list[dict[str, Any]]) -> list[bytes]:
+        return [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY) for e in es]
+
+    made = entries(snap) + entries(snap_fitting)[:1]
+    as_made = dumped(made)
     feed(p, *(normal(i) for i in range(7, 12)), ANOMALOUS_READING)
     feed(fresh, normal(101), normal(102))
-    assert [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY) for e in entries] == as_made
-    now = made(p.fleet.snapshot()) + made(fresh.fleet.snapshot())[:1]
-    assert all(a != b for a, b in zip(now, [as_made[0], as_made[2], as_made[1]], strict=True))
+    assert dumped(made) == as_made
+    now = dumped(entries(p.fleet.snapshot()) + entries(fresh.fleet.snapshot())[:1])
+    assert all(a != b for a, b in zip(now, as_made, strict=True))
     st = p.devices.devices["p-1"]
     assert st.scale is not None and not st.scale.flags.writeable  # shared, never changed
     # a device forgotten before its turn is left out; one first seen since waits
