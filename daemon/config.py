@@ -122,9 +122,9 @@ class LimitsConfig(_Strict):
 
 
 class ReadingsConfig(_Strict):
-    # A reading whose timestamp is more than late_after_s older than the newest one its
-    # device has sent is late (daemon/lateness.py): a backlog sent after live readings, a
-    # second gateway. 0 turns the check off (every reading judged in arrival order).
+    # A reading whose timestamp is more than late_after_s older than the newest of its
+    # device's earlier messages is late (daemon/lateness.py): a backlog sent after live
+    # readings, a second gateway. 0 turns the check off (every reading judged in arrival order).
     late_after_s: float = Field(60.0, ge=0, le=30 * 86_400)
     # "judge": judged against the device's current window, marked "late": true, and kept
     # out of its window, baseline and alert; "drop": dead-lettered as late, unjudged.

@@ -28,7 +28,7 @@ from daemon.baseline import (
     fit,
     global_informative,
 )
-from daemon.lateness import Arrival, EventClock
+from daemon.lateness import ON_TIME, Arrival, EventClock
 from daemon.readings import Reading
 from daemon.repeats import SeqWindow
 from daemon.snapshots import Deferred
@@ -123,38 +123,29 @@ class DeviceTracker:
         never repeats."""
         return seq is not None and self._state(device_id).seqs.seen(seq)
 
-    def on_time(
-        self, device_id: str, readings: Sequence[Reading], late_after_s: float
-    ) -> bool:
-        """Whether all of one message's readings (one device's) are on time for their
-        device (``daemon.lateness``), taken as a whole: the usual case, checked without
-        the per-reading path. False says nothing yet and changes nothing: ``arrival``
-        then takes them one by one (a device's first reading, a late one, a possible
-        repeat, which is never late and moves no clock)."""
-        st = self.devices.get(device_id)
-        if st is None:
-            return False
-        last_seq = st.seqs.last
-        if len(readings) == 1:
-            r = readings[0]
-            if last_seq is not None and r.seq is not None and r.seq <= last_seq:
-                return False
-            return st.clock.all_on_time((r.timestamp,), late_after_s)
-        if last_seq is not None and any(r.seq is not None and r.seq <= last_seq
-                                        for r in readings):
-            return False
-        return st.clock.all_on_time([r.timestamp for r in readings], late_after_s)
-
     def arrival(
-        self, device_id: str, seq: int | None, timestamp: float, received_at: float,
+        self, device_id: str, readings: Sequence[Reading], received_at: float,
         late_after_s: float,
     ) -> Arrival:
-        """Whether this reading is late for its device (``daemon.lateness``); a reading
-        whose ``seq`` was judged before is a repeat, never late, and moves no clock."""
+        """Which of one message's readings (one device's) are late for their device, and
+        whether its clock moved back (``daemon.lateness``); a reading whose ``seq`` was
+        judged before is a repeat, never late."""
         st = self._state(device_id)
-        if seq is not None and st.seqs.known(seq):
-            return Arrival.ON_TIME
-        return st.clock.arrive(timestamp, received_at, late_after_s)
+        clock = st.clock
+        if len(readings) == 1:
+            t = readings[0].timestamp
+            if clock.on_time(t, t, late_after_s):  # the usual case, without a list
+                return ON_TIME
+            stamps: Sequence[float] = (t,)
+        else:
+            stamps = [r.timestamp for r in readings]
+        seqs = st.seqs
+
+        def repeat(i: int) -> bool:
+            seq = readings[i].seq
+            return seq is not None and seqs.known(seq)
+
+        return clock.take(stamps, received_at, late_after_s, repeat)
 
     def newest(self, device_id: str) -> float:
         """The newest timestamp of the device's on-time readings (after ``arrival``)."""

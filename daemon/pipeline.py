@@ -22,7 +22,7 @@ from daemon.baseline import THRESHOLD_MARGIN
 from daemon.config import AlertConfig, ReadingsConfig, TopicsConfig
 from daemon.devices import DeviceTracker
 from daemon.fleet import Fleet
-from daemon.lateness import Arrival
+from daemon.lateness import ON_TIME
 from daemon.models import BatchScores, ModelBundle
 from daemon.payloads import Outbound, Payloads, iso, severity
 from daemon.presence import PresenceEvent, PresenceTracker
@@ -62,7 +62,7 @@ class Judgement:
     #: the device's reading with this ``seq`` was judged before (a redelivery): judged
     #: again, but it changes no window, baseline or alert state
     repeat: bool = False
-    #: older than its device's newest reading by more than ``readings.late_after_s``
+    #: older than its device's earlier messages' newest by more than ``late_after_s``
     #: (``daemon.lateness``): judged against the window as it stands, and it changes no
     #: window, baseline or alert state
     late: bool = False
@@ -376,33 +376,34 @@ class Pipeline:
         out: list[Decoded] = []
         for m, d in zip(messages, decoded, strict=True):
             rs = d.readings
-            if not rs or devices.on_time(rs[0].device_id, rs, after):
+            arrival = devices.arrival(rs[0].device_id, rs, m.received_at, after) if rs else (
+                ON_TIME)
+            if arrival.clock_reset:
+                stats.clock_resets.append(rs[0].device_id)
+            flags = arrival.late
+            if flags is None:
                 late.extend([False] * len(rs))
                 out.append(d)
                 continue
+            stats.late += sum(flags)
+            if not drop:
+                late.extend(flags)
+                out.append(d)
+                continue
+            newest = arrival.newest
+            assert newest is not None  # late against something
             kept: list[Reading] = []
             dropped: list[Rejection] = []
-            for r in rs:
-                arrival = devices.arrival(r.device_id, r.seq, r.timestamp, m.received_at,
-                                          after)
-                if arrival is not Arrival.LATE:
-                    if arrival is Arrival.CLOCK_RESET:
-                        stats.clock_resets.append(r.device_id)
+            for r, lt in zip(rs, flags, strict=True):
+                if not lt:
                     kept.append(r)
                     late.append(False)
                     continue
-                stats.late += 1
-                if not drop:
-                    kept.append(r)
-                    late.append(True)
-                    continue
-                newest = devices.newest(r.device_id)
                 detail = (f"timestamp {iso(r.timestamp)} is {newest - r.timestamp:.0f} s "
                           f"older than this device's newest, {iso(newest)} "
                           f"(readings.late_after_s is {after:g}; late_policy is \"drop\")")
                 dropped.append(entry_fails("late", detail, r.index))
-            out.append(replace(d, readings=tuple(kept),
-                               rejections=(*d.rejections, *dropped)) if dropped else d)
+            out.append(replace(d, readings=tuple(kept), rejections=(*d.rejections, *dropped)))
         return out
 
     def _decode(self, m: RawMessage, now: float) -> Decoded:

@@ -18,7 +18,7 @@ from daemon.config import AlertConfig, ReadingsConfig, TopicsConfig, load_settin
 from daemon.control import DeviceControl
 from daemon.devices import DeviceTracker
 from daemon.errors import ConfigError
-from daemon.lateness import Arrival, EventClock
+from daemon.lateness import ON_TIME, Arrival, EventClock
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.payloads import iso
@@ -31,30 +31,49 @@ DEV = "sensors/p-7/readings"
 T = 1_800_000_000.0  # a device's clock, epoch seconds
 
 
+def one(c: EventClock, t: float, received: float) -> Arrival:
+    """One single-reading message (no repeats)."""
+    return c.take((t,), received, 60, lambda _i: False)
+
+
 def test_a_reading_is_late_beyond_the_tolerance_and_only_then() -> None:
     c = EventClock()
-    assert c.arrive(T, 0.0, 60) is Arrival.ON_TIME
-    assert c.arrive(T + 10, 1.0, 60) is Arrival.ON_TIME and c.newest == T + 10
-    assert c.arrive(T - 50, 2.0, 60) is Arrival.ON_TIME  # 60 s behind: within tolerance
+    assert one(c, T, 0.0) == ON_TIME
+    assert one(c, T + 10, 1.0) == ON_TIME and c.newest == T + 10
+    assert one(c, T - 50, 2.0) == ON_TIME  # 60 s behind: within tolerance
     assert c.newest == T + 10  # an older on-time reading does not move the newest back
-    assert c.arrive(T - 51, 3.0, 60) is Arrival.LATE
-    assert c.arrive(T + 11, 4.0, 60) is Arrival.ON_TIME and c.late_since is None
+    assert one(c, T - 51, 3.0) == Arrival([True], newest=T + 10)
+    assert one(c, T + 11, 4.0) == ON_TIME and c.late_since is None and c.late_count == 1
 
 
 def test_a_clock_set_back_is_adopted_after_late_after_s_of_nothing_on_time() -> None:
     c = EventClock()
-    c.arrive(T, 100.0, 60)
+    one(c, T, 100.0)
     # the device rebooted with its clock an hour behind: late, by the daemon's clock ...
-    assert [c.arrive(T - 3600 + i, 101.0 + i, 60) for i in range(60)] == [Arrival.LATE] * 60
+    assert all(one(c, T - 3600 + i, 101.0 + i).late == [True] for i in range(60))
     # ... until every one of its readings has been late for 60 s
-    assert c.arrive(T - 3540, 161.0, 60) is Arrival.CLOCK_RESET and c.newest == T - 3540
-    assert c.arrive(T - 3539, 162.0, 60) is Arrival.ON_TIME
+    assert one(c, T - 3540, 161.0) == Arrival(None, clock_reset=True)
+    assert c.newest == T - 3540 and one(c, T - 3539, 162.0) == ON_TIME
     # an on-time reading in between starts the count again (a backlog among live readings)
     c = EventClock()
-    c.arrive(T, 100.0, 60)
+    one(c, T, 100.0)
     for i in range(120):
-        assert c.arrive(T - 3600 + i, 101.0 + i, 60) is Arrival.LATE
-        assert c.arrive(T + i, 101.0 + i, 60) is Arrival.ON_TIME
+        assert one(c, T - 3600 + i, 101.0 + i).late == [True]
+        assert one(c, T + i, 101.0 + i) == ON_TIME
+
+
+def test_a_message_is_judged_against_the_earlier_ones_not_within_itself() -> None:
+    """A batch listed newest first is on time as a whole; its late entries are those
+    older than the device's earlier messages allow, and a repeat is never one."""
+    c = EventClock()
+    one(c, T, 100.0)
+    newest_first = [T + 100 - i for i in range(100)]
+    assert c.take(newest_first, 101.0, 60, lambda _i: False) == ON_TIME
+    assert c.newest == T + 100
+    stamps = [T + 101, T + 30, T + 39, T + 41]  # the floor is T + 40
+    got = c.take(stamps, 102.0, 60, lambda i: i == 2)  # the third is a repeat
+    assert got == Arrival([False, True, False, False], newest=T + 100)
+    assert c.newest == T + 101 and c.late_count == 1
 
 
 def pipeline(
@@ -215,28 +234,28 @@ def test_a_bad_late_policy_is_refused_with_its_name(tmp_path: Any) -> None:
         load_settings(cfg, env={})
 
 
-def test_a_batch_message_on_time_as_a_whole_moves_the_clock_like_one_by_one(
+def test_a_batch_listed_newest_first_is_on_time_and_its_stragglers_late(
     model_bundle: ModelBundle,
 ) -> None:
-    """A batch message all of whose readings are on time takes a shortcut past the
-    per-reading check; it must leave the device's clock where the check would."""
-    whole, apart = pipeline(model_bundle), pipeline(model_bundle)
-    entries = [{**NORMAL_READING, "timestamp": T + dt, "seq": k}
-               for k, dt in enumerate((0, 30, -20, 100, 45))]
-    send(whole, {"readings": entries})
-    send(apart, *entries)
-    assert whole.devices.newest("p-7") == apart.devices.newest("p-7") == T + 100
-    # a batch that repeats a judged seq goes the long way: the repeat is not late
-    (verdict,), stats = send(whole, {"readings": [
-        {**NORMAL_READING, "timestamp": T + 101, "seq": 5},
-        {**NORMAL_READING, "timestamp": T + 20, "seq": 1}]})
-    assert [p.get("repeat", False) for p in verdict["predictions"]] == [False, True]
-    assert stats.late == 0 and whole.devices.newest("p-7") == T + 101
-    # and one with a reading too old for the shortcut finds it late
-    (verdict,), stats = send(whole, {"readings": [
-        {**NORMAL_READING, "timestamp": T + 102, "seq": 6},
-        {**NORMAL_READING, "timestamp": T + 30, "seq": 7}]})
-    assert [p.get("late", False) for p in verdict["predictions"]] == [False, True]
+    p = pipeline(model_bundle, warmup=500)
+    send(p, {**NORMAL_READING, "timestamp": T, "seq": 0})
+    batch = [{**NORMAL_READING, "timestamp": T + 100 - k, "seq": 100 - k} for k in range(100)]
+    (verdict,), stats = send(p, {"readings": batch})
+    assert stats.late == 0 and p.devices.progress("p-7") == 101
+    assert not any(pred.get("late") for pred in verdict["predictions"])
+    # the same readings one message each: after the first, those over 60 s older are late
+    q = pipeline(model_bundle, warmup=500)
+    send(q, {**NORMAL_READING, "timestamp": T, "seq": 0})
+    _, stats = send(q, *batch)
+    assert stats.late == 39 and q.devices.progress("p-7") == 62
+    # a batch with a straggler and a repeat: only the straggler is late
+    (verdict,), stats = send(p, {"readings": [
+        {**NORMAL_READING, "timestamp": T + 20, "seq": 20},  # judged before: a repeat
+        {**NORMAL_READING, "timestamp": T + 101, "seq": 101},
+        {**NORMAL_READING, "timestamp": T + 30, "seq": 102}]})
+    assert [(pr.get("repeat", False), pr.get("late", False))
+            for pr in verdict["predictions"]] == [(True, False), (False, False), (False, True)]
+    assert stats.late == 1 and p.devices.newest("p-7") == T + 101
 
 
 messages = st.lists(  # one device's messages: (seconds after T, seq or None) per reading
@@ -248,25 +267,35 @@ messages = st.lists(  # one device's messages: (seconds after T, seq or None) pe
 
 @given(messages, st.integers(0, 90))
 @settings(max_examples=300, deadline=None)
-def test_a_message_taken_as_a_whole_is_judged_as_one_by_one(
+def test_lateness_keeps_its_rules_whatever_the_messages(
     sent: list[list[tuple[int, int | None]]], gap: int
 ) -> None:
-    """The shortcut for a message on time as a whole (``DeviceTracker.on_time``) gives
-    the same verdicts and leaves the same clock as the reading-by-reading path, whatever
-    the order of timestamps, the repeats and the receipt times."""
-    whole, apart = (DeviceTracker(1, 1, 0, np.zeros(1), np.ones(1)) for _ in range(2))
+    """Over any messages, repeats and receipt times: a reading is late only if it is
+    more than 60 s older than the newest of the earlier messages and not a repeat; one
+    that is so and not a repeat is late unless the device's clock is taken to have moved
+    back; the on-time readings move the newest to their newest."""
+    tracker = DeviceTracker(1, 1, 0, np.zeros(1), np.ones(1))
     for k, msg in enumerate(sent):
         received = 1000.0 + gap * k
         readings = [Reading("d", (0.0,), None, seq, T + dt, None, "", i)
                     for i, (dt, seq) in enumerate(msg)]
-        if whole.on_time("d", readings, 60.0):
-            got = [Arrival.ON_TIME] * len(readings)
+        st_before = tracker.devices.get("d")
+        before = None if st_before is None else st_before.clock.newest
+        known = [r.seq is not None and st_before is not None and st_before.seqs.known(r.seq)
+                 for r in readings]
+        got = tracker.arrival("d", readings, received, 60.0)
+        old = [before is not None and r.timestamp < before - 60.0 for r in readings]
+        late = got.late or [False] * len(readings)
+        assert all(not lt or (o and not kn) for lt, o, kn in zip(late, old, known, strict=True))
+        if not got.clock_reset:
+            assert late == [o and not kn for o, kn in zip(old, known, strict=True)]
+        on_time = [r.timestamp for r, lt in zip(readings, late, strict=True) if not lt]
+        newest = tracker.devices["d"].clock.newest
+        if got.clock_reset:
+            assert newest == max(r.timestamp for r in readings)
+        elif on_time:
+            assert newest == max(x for x in (before, *on_time) if x is not None)
         else:
-            got = [whole.arrival("d", r.seq, r.timestamp, received, 60.0) for r in readings]
-        want = [apart.arrival("d", r.seq, r.timestamp, received, 60.0) for r in readings]
-        assert got == want
-        for tracker in (whole, apart):  # judged (late ones too): their seqs are known now
-            for r in readings:
-                tracker.repeat("d", r.seq)
-        a, b = whole.devices["d"].clock, apart.devices["d"].clock
-        assert (a.newest, a.late_since, a.late_count) == (b.newest, b.late_since, b.late_count)
+            assert newest == before
+        for r in readings:  # judged (late ones too): their seqs are known now
+            tracker.repeat("d", r.seq)
