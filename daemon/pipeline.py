@@ -22,7 +22,6 @@ from daemon.baseline import THRESHOLD_MARGIN
 from daemon.config import AlertConfig, ReadingsConfig, TopicsConfig
 from daemon.devices import DeviceTracker
 from daemon.fleet import Fleet
-from daemon.lateness import ON_TIME
 from daemon.models import BatchScores, ModelBundle
 from daemon.payloads import Outbound, Payloads, iso, severity
 from daemon.presence import PresenceEvent, PresenceTracker
@@ -184,16 +183,11 @@ class Pipeline:
         default = self.default_detector
         devices = self.devices
         repeats = [devices.repeat(r.device_id, r.seq) for r in readings]
-        if late is None:
-            observed = [
-                devices.observe(r.device_id, r.values, learn=not rep)
-                for r, rep in zip(readings, repeats, strict=True)
-            ]
-        else:
-            observed = [
-                devices.observe(r.device_id, r.values, learn=not rep, late=lt)
-                for r, rep, lt in zip(readings, repeats, late, strict=True)
-            ]
+        flags = [False] * len(readings) if late is None else late
+        observed = [
+            devices.observe(r.device_id, r.values, learn=not rep, late=lt)
+            for r, rep, lt in zip(readings, repeats, flags, strict=True)
+        ]
         for i, r in enumerate(readings):
             groups.setdefault(r.model_name or default, []).append(i)
         out: list[Judgement | None] = [None] * len(readings)
@@ -376,8 +370,10 @@ class Pipeline:
         out: list[Decoded] = []
         for m, d in zip(messages, decoded, strict=True):
             rs = d.readings
-            arrival = devices.arrival(rs[0].device_id, rs, m.received_at, after) if rs else (
-                ON_TIME)
+            if not rs:
+                out.append(d)
+                continue
+            arrival = devices.arrival(rs[0].device_id, rs, m.received_at, after)
             if arrival.clock_reset:
                 stats.clock_resets.append(rs[0].device_id)
             flags = arrival.late
