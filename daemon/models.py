@@ -25,7 +25,11 @@ from daemon.explain import Explanation, explain_reading
 from daemon.preprocess import StandardScaler
 from daemon.windows import derived_names
 
-FORMAT_VERSION = 2  # 2: LOF stored as arrays (lof.npz) instead of a pickle
+#: 2: LOF stored as arrays (lof.npz) instead of a pickle; 3: the Isolation Forest grown on
+#: rotated inputs (a ``rotation`` array in isolation_forest.npz). A daemon that knows only
+#: 2 refuses a set of 3 rather than scoring its forest on unrotated inputs.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
 MANIFEST = "manifest.json"
 ENSEMBLE = "ensemble"
 
@@ -149,8 +153,10 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path}: no manifest; is this a model directory?") from exc
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: unreadable manifest: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{path}: unsupported manifest format (want {FORMAT_VERSION})")
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_FORMATS:
+        raise ModelLoadError(
+            f"{path}: unsupported manifest format (want one of {list(READABLE_FORMATS)})"
+        )
     for key in ("model_version", "features", "artifacts", "preprocessor", "detectors"):
         if key not in manifest:
             raise ModelLoadError(f"{path}: manifest lacks {key!r}")
@@ -195,6 +201,17 @@ def verify_artifacts(model_dir: Path, manifest: dict[str, Any]) -> None:
             )
 
 
+def _check_scores_a_row(name: str, detector: Detector, width: int) -> None:
+    """Refuse at load, not at the first reading, a detector whose arrays do not fit the
+    manifest's inputs (arrays of the right names and the wrong shapes)."""
+    try:
+        scores = detector.score(np.zeros((1, width)))
+    except (ValueError, IndexError) as exc:
+        raise ModelLoadError(f"{name}: cannot score a row of {width} inputs: {exc}") from exc
+    if scores.shape != (1,) or not np.all(np.isfinite(scores)):
+        raise ModelLoadError(f"{name}: a row of {width} inputs scores {scores!r}")
+
+
 def load_bundle(model_dir: Path) -> ModelBundle:
     manifest = read_manifest(model_dir)
     verify_artifacts(model_dir, manifest)
@@ -213,6 +230,7 @@ def load_bundle(model_dir: Path) -> ModelBundle:
         if unlisted:
             raise ModelLoadError(f"{kind.name}: artifacts {unlisted} not in the manifest")
         members[kind.name] = kind.load(model_dir)
+        _check_scores_a_row(kind.name, members[kind.name], width)
     if not members:
         raise ModelLoadError("manifest lists no known detector")
     if ENSEMBLE not in manifest["detectors"]:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from daemon.calibration import Calibration
+from daemon.detectors.base import load_arrays, save_arrays
 from daemon.errors import ModelLoadError, TrainingError
 from daemon.explain import NORMAL_TEXT, explain_batch
-from daemon.models import ModelBundle, load_bundle
+from daemon.models import FORMAT_VERSION, ModelBundle, load_bundle, sha256_file
 from daemon.preprocess import StandardScaler
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
 
@@ -163,6 +164,41 @@ def test_manifest_cannot_point_outside_the_directory(model_copy: Path) -> None:
     manifest["artifacts"]["../lof.npz"] = "0" * 64
     (model_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelLoadError, match="plain file name"):
+        load_bundle(model_copy)
+
+
+def _rewrite_artifact(model_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Replace an artifact and its checksum: a set altered by its owner, not corrupted."""
+    save_arrays(model_dir / name, arrays)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["artifacts"][name] = sha256_file(model_dir / name)
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_forest_rotation_of_another_width_is_refused_at_load(model_copy: Path) -> None:
+    arrays = load_arrays(model_copy / "isolation_forest.npz")
+    width = arrays["rotation"].shape[0]
+    wider = np.eye(width + 2)
+    _rewrite_artifact(model_copy, "isolation_forest.npz", {**arrays, "rotation": wider})
+    with pytest.raises(ModelLoadError, match=f"isolation_forest: cannot score a row of {width}"):
+        load_bundle(model_copy)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_model_sets_of_format_2_and_3_load(model_copy: Path, version: int) -> None:
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION == 3
+    manifest["format_version"] = version
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(model_copy).manifest["format_version"] == version
+
+
+@pytest.mark.parametrize("version", [1, 4, "3", None])
+def test_model_sets_of_other_formats_are_refused(model_copy: Path, version: object) -> None:
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    manifest["format_version"] = version
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="unsupported manifest format"):
         load_bundle(model_copy)
 
 

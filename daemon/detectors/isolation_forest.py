@@ -16,12 +16,17 @@ from typing import TYPE_CHECKING, ClassVar, Self
 import numpy as np
 
 from daemon.detectors.base import Matrix, Vector, load_arrays, save_arrays
+from daemon.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from sklearn.ensemble import IsolationForest
 
 _EULER_GAMMA = 0.5772156649015329
 _CHUNK = 512
+#: Weight of the identity in the shrunk correlation matrix the rotation comes from: the
+#: smallest axis is scaled up at most 1/sqrt(0.01) = 10 times, so a near-constant
+#: combination of inputs does not turn rounding noise into anomalies.
+SHRINKAGE = 0.01
 
 
 def average_path_length(n: np.ndarray) -> np.ndarray:
@@ -49,15 +54,19 @@ class IsolationForestDetector:
         # Imported here: serving never fits, and scikit-learn's import costs ~1 s of start-up.
         from sklearn.ensemble import IsolationForest
 
+        rotation = principal_rotation(x)
         forest = IsolationForest(
             n_estimators=self.n_estimators,
             max_samples=min(self.max_samples, x.shape[0]),
             random_state=self.seed,
-        ).fit(x)
-        self._arrays = _with_children(flatten_forest(forest))
+        ).fit(x @ rotation)
+        self._arrays = _with_children({**flatten_forest(forest), "rotation": rotation})
 
     def score(self, x: Matrix) -> Vector:
         a = self._require()
+        rotation = a.get("rotation")
+        if rotation is not None:
+            x = np.asarray(x, dtype=np.float64) @ rotation
         # sklearn compares float32 features with float64 thresholds; do the same so the
         # scores agree bit for bit at split boundaries.
         x = np.ascontiguousarray(x, dtype=np.float32).astype(np.float64)
@@ -81,12 +90,22 @@ class IsolationForestDetector:
         return np.asarray(a["path_length"].ravel()[node].mean(axis=0), dtype=np.float64)
 
     def save(self, directory: Path) -> list[Path]:
-        stored = {k: v for k, v in self._require().items() if k in _KEYS}
+        stored = {k: v for k, v in self._require().items() if k in _KEYS + _OPTIONAL}
         return [save_arrays(directory / self.artifact_names[0], stored)]
 
     @classmethod
     def load(cls, directory: Path) -> Self:
-        arrays = load_arrays(directory / cls.artifact_names[0], _KEYS)
+        path = directory / cls.artifact_names[0]
+        arrays = load_arrays(path, _KEYS)
+        rotation = arrays.get("rotation")
+        d = int(arrays["feature"].max()) + 1 if arrays["feature"].size else 0
+        if rotation is not None and (
+            rotation.ndim != 2
+            or rotation.shape[0] != rotation.shape[1]
+            or rotation.shape[0] < d
+            or not np.all(np.isfinite(rotation))
+        ):
+            raise ModelLoadError(f"{path.name}: rotation of shape {rotation.shape} is unusable")
         det = cls()
         det._arrays = _with_children(arrays)
         return det
@@ -98,6 +117,25 @@ class IsolationForestDetector:
 
 
 _KEYS = ("feature", "threshold", "left", "right", "path_length", "max_depth", "c_max_samples")
+_OPTIONAL = ("rotation",)  # absent in model sets trained before it
+
+
+def principal_rotation(x: Matrix) -> Matrix:
+    """(d, d) matrix turning standardised inputs to unit-variance principal axes.
+
+    From the inputs' correlation matrix shrunk towards the identity (``SHRINKAGE``); the
+    axes are ordered and signed deterministically, so the same rows give the same matrix.
+    """
+    d = x.shape[1]
+    corr = np.atleast_2d(np.cov(x, rowvar=False)) if x.shape[0] > 1 else np.eye(d)
+    spread = np.sqrt(np.clip(np.diag(corr), 1e-12, None))
+    corr = corr / np.outer(spread, spread)
+    corr = (1.0 - SHRINKAGE) * corr + SHRINKAGE * np.eye(d)
+    variances, axes = np.linalg.eigh(corr)
+    # eigh's sign per axis is arbitrary: make each axis's largest entry positive
+    signs = np.sign(axes[np.argmax(np.abs(axes), axis=0), np.arange(d)])
+    axes = axes * np.where(signs == 0, 1.0, signs)
+    return np.asarray(axes / np.sqrt(variances), dtype=np.float64)
 
 
 def _with_children(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
