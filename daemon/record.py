@@ -13,6 +13,12 @@ Rows are kept in memory for at most ``FLUSH_S`` seconds and then appended to the
 (opened and closed each time: thousands of devices would exhaust the open-file limit).
 A file that exists already is appended to if its header is the same, and refused
 otherwise, so a recording can be resumed but never mixed with another schema.
+
+With MQTT 5 the recorder's session is kept by the broker for ``SESSION_S`` after its link
+drops, so a short outage of the link costs nothing: the readings published meanwhile are
+delivered when it comes back (as many as the broker queues for one client). The session
+is dropped when the recording ends. A broker restart without persistence, or MQTT 3.1.1,
+loses them, and the recorder says so.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from daemon.config import Settings
 from daemon.errors import AnomalydError, ConfigError
 from daemon.models import ENSEMBLE
 from daemon.readings import META_FIELDS, Decoded, Decoder
-from daemon.tool_client import connect_tool_client
+from daemon.tool_client import RESUMED, connect_tool_client, end_session
 from daemon.topics import TopicMatcher
 from daemon.training.train import ALL_MEMBERS
 
@@ -45,6 +51,8 @@ from daemon.training.train import ALL_MEMBERS
 FLUSH_S = 5.0
 #: Messages kept while waiting for the first reading that tells the features.
 PENDING_MAX = 10_000
+#: How long the broker keeps the recorder's session after its link drops (MQTT 5).
+SESSION_S = 600
 #: Every detector name a payload may ask for: recording ignores the choice.
 MODEL_NAMES = (ENSEMBLE, *ALL_MEMBERS)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -204,9 +212,10 @@ def record(
     if subscription.startswith("$share/"):  # the recorder hears everything itself
         subscription = subscription.split("/", 2)[2]
     links: queue.SimpleQueue[tuple[bool, str]] = queue.SimpleQueue()  # connection made/lost
-    client = connect_tool_client(settings.mqtt, f"anomalyd-record-{time.time_ns() % 10**9}",
+    client = connect_tool_client(settings.mqtt, record_client_id(),
                                  subscriptions=[(subscription, 1)],
-                                 on_link=lambda up, why: links.put((up, why)))
+                                 on_link=lambda up, why: links.put((up, why)),
+                                 session_expiry_s=SESSION_S)
     client.on_message = on_message
     client.loop_start()
     # SIGTERM and Ctrl-C end the recording with what arrived written (main thread only:
@@ -233,7 +242,11 @@ def record(
             while not links.empty():
                 up, why = links.get()
                 connections += up
-                if up and connections > 1:
+                if up and connections > 1 and why == RESUMED:
+                    say("reconnected to the broker, which kept the recording's session: "
+                        "readings published while the link was down follow (as many as "
+                        "the broker queues for a client; Mosquitto: max_queued_messages)")
+                elif up and connections > 1:
                     say("reconnected to the broker: readings published while the link was "
                         "down were not recorded")
                 elif not up:
@@ -276,7 +289,7 @@ def record(
             signal.signal(signal.SIGTERM, previous[0])
             signal.signal(signal.SIGINT, previous[1])
         client.loop_stop()
-        client.disconnect()
+        end_session(client, settings.mqtt)
     if rec is None:
         say("nothing recorded: no reading with numeric fields arrived")
         return 0
@@ -292,6 +305,11 @@ def record(
     if rec.recorded:
         say(f"train on them with: anomalyd train --data {out} --window 10")
     return rec.recorded
+
+
+def record_client_id() -> str:
+    """A client id of its own for each recording (a kept session is found by it)."""
+    return f"anomalyd-record-{time.time_ns() % 10**9}"
 
 
 def _recording(settings: Settings, out: Path, features: Sequence[str],

@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 import orjson
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.errors import TrainingError
 from daemon.models import load_bundle
@@ -23,6 +25,7 @@ from daemon.training.train import fingerprint, train_csv
 from daemon.windows import derived_names, windowed_matrix
 from tests.broker import REPO, Broker
 from tests.conftest import make_settings
+from tests.faults import Proxy
 
 
 def test_features_are_the_first_readings_numeric_fields_in_its_order() -> None:
@@ -194,36 +197,114 @@ def test_the_command_line_records_until_its_duration_and_says_when_nothing_came(
 def test_a_recording_goes_on_after_the_broker_restarts_and_says_what_it_missed(
     fresh_broker: Broker, tmp_path: Path, publisher_for: Any, trained_model_dir: Path,
 ) -> None:
-    """The recorder's session is clean: its subscription is made again on reconnection
-    (it would stop hearing anything otherwise), and it says readings may be missing."""
+    """A broker restarted without persistence has lost the recorder's session: the
+    subscription is made again on reconnection (it would stop hearing anything
+    otherwise), and the recorder says readings may be missing."""
     settings = make_settings(fresh_broker, trained_model_dir)
     said: list[str] = []
     got: list[int] = []
-    out = tmp_path / "rec"
-    worker = threading.Thread(target=lambda: got.append(record(
-        settings, out, duration_s=None, max_readings=10, devices=None,
-        features=["temperature"], say=said.append)))
-    worker.start()
-
-    def wait_said(text: str) -> None:
-        deadline = time.monotonic() + 30
-        while not any(text in line for line in said):
-            assert time.monotonic() < deadline, (text, said)
-            time.sleep(0.05)
-
-    wait_said("features: temperature")
-    time.sleep(0.5)  # subscribed
-    before = publisher_for(fresh_broker)
-    for i in range(5):
-        before.client.publish("sensors/r-1/readings", orjson.dumps({"temperature": i}), qos=1)
+    worker = _recording_in_thread(settings, tmp_path / "rec", 10, said, got)
+    _publish_temperatures(publisher_for(fresh_broker).client, range(5))
     time.sleep(1.0)
     fresh_broker.restart()
-    wait_said("reconnected to the broker")
+    _wait_said(said, "reconnected to the broker")
     time.sleep(0.5)  # subscribed again
-    after = publisher_for(fresh_broker)
-    for i in range(5, 10):
-        after.client.publish("sensors/r-1/readings", orjson.dumps({"temperature": i}), qos=1)
+    _publish_temperatures(publisher_for(fresh_broker).client, range(5, 10))
     worker.join(timeout=30)
     assert not worker.is_alive() and got == [10]
     assert any(line == "connection lost; reconnecting" for line in said)
-    assert load_csv(out / "r-1.csv").X[:, 0].tolist() == list(range(10))
+    assert any("published while the link was down were not recorded" in line for line in said)
+    assert load_csv(tmp_path / "rec" / "r-1.csv").X[:, 0].tolist() == list(range(10))
+
+
+def _recording_in_thread(settings: Any, out: Path, limit: int,
+                         said: list[str], got: list[int]) -> threading.Thread:
+    """``record`` of ``limit`` temperature readings on a thread, once it has subscribed."""
+    worker = threading.Thread(target=lambda: got.append(record(
+        settings, out, duration_s=None, max_readings=limit, devices=None,
+        features=["temperature"], say=said.append)))
+    worker.start()
+    _wait_said(said, "features: temperature")
+    time.sleep(0.5)  # subscribed
+    return worker
+
+
+def _wait_said(said: list[str], text: str) -> None:
+    deadline = time.monotonic() + 30
+    while not any(text in line for line in said):
+        assert time.monotonic() < deadline, (text, said)
+        time.sleep(0.05)
+
+
+def _publish_temperatures(client: paho.Client, values: range) -> None:
+    """Readings of device r-1, each acknowledged by the broker before the next."""
+    for i in values:
+        info = client.publish("sensors/r-1/readings", orjson.dumps({"temperature": i}), qos=1)
+        info.wait_for_publish(5)
+
+
+@pytest.mark.integration
+def test_readings_published_while_the_recorders_link_is_down_are_recorded(
+    broker: Broker, tmp_path: Path, publisher_for: Any, trained_model_dir: Path,
+) -> None:
+    """The broker keeps the recorder's session while its link is cut (MQTT 5), so the
+    readings published meanwhile arrive when it reconnects and nothing is missing."""
+    proxy = Proxy(broker.host, broker.port)
+    try:
+        direct = make_settings(broker, trained_model_dir)
+        via_proxy = direct.mqtt.model_copy(update={"port": proxy.port})
+        settings = direct.model_copy(update={"mqtt": via_proxy})
+        said: list[str] = []
+        got: list[int] = []
+        worker = _recording_in_thread(settings, tmp_path / "rec", 15, said, got)
+        pub = publisher_for(broker).client  # straight to the broker, never through the proxy
+        _publish_temperatures(pub, range(5))
+        time.sleep(1.0)
+        proxy.blackhole()  # new connections refused: the recorder stays away
+        proxy.reset()  # its link is cut
+        _wait_said(said, "connection lost; reconnecting")
+        _publish_temperatures(pub, range(5, 10))  # while it is away
+        proxy.heal()
+        _wait_said(said, "reconnected to the broker")
+        _publish_temperatures(pub, range(10, 15))
+        worker.join(timeout=30)
+        assert not worker.is_alive() and got == [15]
+        assert any("which kept the recording's session" in line for line in said), said
+        assert not any("were not recorded" in line for line in said)
+        assert load_csv(tmp_path / "rec" / "r-1.csv").X[:, 0].tolist() == list(range(15))
+    finally:
+        proxy.close()
+
+
+@pytest.mark.integration
+def test_a_finished_recording_leaves_no_session_at_the_broker(
+    broker: Broker, tmp_path: Path, publisher_for: Any, trained_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Otherwise the broker would queue readings for a recorder that is gone."""
+    client_id = f"record-ended-{time.time_ns()}"
+    monkeypatch.setattr("daemon.record.record_client_id", lambda: client_id)
+    settings = make_settings(broker, trained_model_dir)
+    said: list[str] = []
+    got: list[int] = []
+    worker = _recording_in_thread(settings, tmp_path / "rec", 3, said, got)
+    _publish_temperatures(publisher_for(broker).client, range(3))
+    worker.join(timeout=30)
+    assert not worker.is_alive() and got == [3]
+
+    present: list[bool] = []
+    probe = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=paho.MQTTv5)
+    probe.on_connect = lambda c, u, flags, reason, props: present.append(
+        flags.session_present)
+    probe.connect(broker.host, broker.port, 30, clean_start=False)
+    probe.loop_start()
+    try:
+        deadline = time.monotonic() + 10
+        while not present:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        probe.loop_stop()
+        probe.disconnect()
+    assert present == [False]
