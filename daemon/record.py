@@ -43,6 +43,7 @@ from daemon.config import Settings
 from daemon.errors import AnomalydError, ConfigError
 from daemon.models import ENSEMBLE
 from daemon.readings import META_FIELDS, Decoded, Decoder
+from daemon.repeats import SeqWindow
 from daemon.tool_client import RESUMED, connect_tool_client, end_session
 from daemon.topics import TopicMatcher
 from daemon.training.train import ALL_MEMBERS
@@ -110,6 +111,7 @@ class Recording:
         self.rejected: Counter[str] = Counter()
         self.other_devices = 0
         self._recorded = 0
+        self._seqs: dict[str, SeqWindow] = {}  # each device's recent seq values
 
     @property
     def recorded(self) -> int:
@@ -126,6 +128,11 @@ class Recording:
         if decoded.device_id is None or not decoded.readings:
             return
         readings = decoded.readings
+        window = self._seqs.setdefault(decoded.device_id, SeqWindow())
+        fresh = [r for r in readings if r.seq is None or not window.seen(r.seq)]
+        if len(fresh) < len(readings):  # a redelivery or a resend: recorded once
+            self.rejected["repeat"] += len(readings) - len(fresh)
+            readings = tuple(fresh)
         if self.limit is not None:
             readings = readings[: max(0, self.limit - self._recorded)]
             if not readings:

@@ -73,6 +73,26 @@ def test_valid_readings_are_written_per_device_and_the_rest_counted(tmp_path: Pa
     assert data.X.tolist() == [[20.5, 3.0], [20.7, 3.1]]
 
 
+def test_a_reading_sent_again_with_its_seq_is_recorded_once(tmp_path: Path) -> None:
+    """A broker's redelivery after a resumed session, or a device's resend: the same
+    ``seq`` of the same device is one reading of the training data, not two."""
+    rec = recording(tmp_path)
+    one = b'{"temperature": 20.5, "Flow Rate": 3, "seq": 7}'
+    rec.add("sensors/p-1/readings", one, 1e9)
+    rec.add("sensors/p-1/readings", one, 1e9 + 1)  # redelivered
+    rec.add("sensors/p-2/readings", one, 1e9)  # another device's seq 7
+    rec.add("sensors/p-1/readings",
+            b'{"readings": [{"temperature": 20.6, "Flow Rate": 3, "seq": 7},'
+            b' {"temperature": 20.7, "Flow Rate": 3, "seq": 8}]}', 1e9 + 2)
+    rec.add("sensors/p-1/readings", b'{"temperature": 20.5, "Flow Rate": 3}', 1e9 + 3)
+    rec.add("sensors/p-1/readings", b'{"temperature": 20.5, "Flow Rate": 3}', 1e9 + 4)
+    rec.flush()
+    assert dict(rec.per_device) == {"p-1": 4, "p-2": 1}  # without seq: kept, both
+    assert dict(rec.rejected) == {"repeat": 2}
+    assert "not recorded: 2 (2 repeat)" in rec.progress(None)
+    assert load_csv(tmp_path / "p-1.csv").X[:, 0].tolist() == [20.5, 20.7, 20.5, 20.5]
+
+
 def test_a_recording_resumes_a_file_of_the_same_columns_and_refuses_another(
     tmp_path: Path,
 ) -> None:
