@@ -13,7 +13,8 @@ A stable hash (CRC-32), never Python's ``hash()``: that one differs between proc
 When the layout changes (another number of workers, one worker after several, device
 dispatch after shared), the saved state of every device must reach the worker that now
 owns it: :func:`split` re-cuts the saved snapshots (pure; ``daemon.state.repartition``
-reads and writes the files, once, before any worker starts).
+reads and writes the files, once, before any worker starts). Coming to shared dispatch,
+where any worker may judge any device, each worker gets the whole (a split for one).
 """
 
 from __future__ import annotations

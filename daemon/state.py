@@ -59,8 +59,10 @@ def repartition(directory: Path, workers: int, dispatch: str) -> None:
     several, shared dispatch), they are re-cut (``daemon.partition.split``: a device kept
     in several files takes the newest file's state) and written as this layout's files;
     the files no worker reads any more are renamed ``*.retired``, unreadable ones
-    ``*.unreadable``. Shared dispatch (each worker keeps its own view of any device)
-    leaves the files alone. What is done is logged.
+    ``*.unreadable``. Under shared dispatch each worker keeps its own view of every device:
+    its files are left alone, except when the daemon comes to shared dispatch from another
+    layout, where every worker starts from the same copy of every device (re-cut for one
+    owner). What is done is logged.
     """
     layout = {"workers": workers, "dispatch": "single" if workers == 1 else dispatch}
     layout_path = directory / LAYOUT_FILE
@@ -71,9 +73,12 @@ def repartition(directory: Path, workers: int, dispatch: str) -> None:
     present = sorted(directory.glob("devices*.json"))
     targets = [state_file(directory, None if workers == 1 else i) for i in range(workers)]
     strays = [p for p in present if p not in targets]
-    # a single daemon's file from before layouts were recorded is already its own
-    as_written = not strays and (recorded == layout or (recorded is None and workers == 1))
-    if layout["dispatch"] == "shared" or not present or as_written:
+    shared = layout["dispatch"] == "shared"
+    # a single daemon's file, or shared workers' files, from before layouts were recorded
+    # are already their own
+    as_written = not strays and (
+        recorded == layout or (recorded is None and (workers == 1 or shared)))
+    if not present or as_written:
         if recorded != layout:
             write_bytes(layout_path, orjson.dumps(layout))
         return
@@ -93,7 +98,10 @@ def repartition(directory: Path, workers: int, dispatch: str) -> None:
     def note(problem: str) -> None:
         log.warning("state_partly_discarded", error=problem, note="those devices warm up again")
 
-    parts = partition.split(sources, workers, note)
+    if shared:  # every worker sees every device: each starts from the whole
+        parts = partition.split(sources, 1, note) * workers
+    else:
+        parts = partition.split(sources, workers, note)
     for target, part in zip(targets, parts, strict=False):
         save(target, part)
     for path in strays:

@@ -1,5 +1,6 @@
 """Device dispatch: which worker owns a device, and moving saved state when the layout
-changes (another number of workers, one after several, device dispatch after shared)."""
+changes (another number of workers, one after several, device dispatch after shared,
+shared after either)."""
 
 from __future__ import annotations
 
@@ -163,6 +164,38 @@ def test_shared_dispatch_and_a_first_single_daemon_leave_the_files_alone(
     assert (single / "devices.json").read_bytes() == body
     assert orjson.loads((single / "layout.json").read_bytes()) == {
         "workers": 1, "dispatch": "single"}
+
+
+@pytest.mark.parametrize("before", ["single", "device"])
+def test_coming_to_shared_dispatch_every_worker_starts_from_every_device(
+    model_bundle: ModelBundle, tmp_path: Path, before: str
+) -> None:
+    """Under a shared subscription any worker may get any device's next reading: each
+    needs the device's window, baseline and alert state, and its raised alert resolves
+    on whichever worker sees the device back to normal."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    two_workers_files(model_bundle, directory)
+    state.repartition(directory, 1 if before == "single" else 2, "device")
+    written = {p.name for p in directory.glob("devices*.json")}
+    state.repartition(directory, 2, "shared")
+    names = ["devices-0.json", "devices-1.json"]
+    assert sorted(p.name for p in directory.glob("devices*.json")) == names
+    assert {p.name.removesuffix(".retired") for p in directory.glob("*.retired")} \
+        >= written - set(names)
+    assert orjson.loads((directory / "layout.json").read_bytes()) == {
+        "workers": 2, "dispatch": "shared"}
+    everyone = {f"d-{i}" for i in range(6)} | {"p-1"}
+    for name in names:
+        p = restored(model_bundle, directory / name)
+        assert set(p.fleet.devices.devices) == everyone
+        assert set(p.fleet.alert_states.devices) == everyone
+        (resolved,) = feed(p, "p-1", normal(10), normal(11))
+        assert resolved["state"] == "resolved"
+    # the same layout again: each worker's own view is left alone
+    before_again = {p.name: p.read_bytes() for p in directory.glob("devices*.json")}
+    state.repartition(directory, 2, "shared")
+    assert {p.name: p.read_bytes() for p in directory.glob("devices*.json")} == before_again
 
 
 def test_a_file_for_another_schema_gives_its_alert_states_but_not_its_baselines(
