@@ -70,6 +70,13 @@ class ModelBundle:
         self._members = members
         self._calibrations = calibrations
         self._ensemble = Ensemble({k: (d, calibrations[k]) for k, d in members.items()})
+        #: What retraining would improve in this set (logged at start and at a reload).
+        self.outdated: tuple[str, ...] = (
+            ("its Isolation Forest was grown on the inputs themselves (format 2): "
+             "retrain it (anomalyd train) for one that sees broken relations between "
+             "sensors",)
+            if manifest.get("format_version") == 2 and "isolation_forest" in members
+            else ())
 
     def score(
         self,

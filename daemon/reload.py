@@ -134,6 +134,8 @@ class ModelReloader:
                  shadow_version=None if pipeline.shadow is None else pipeline.shadow.version,
                  new_version=bundle.version, features=list(bundle.features),
                  devices_kept=devices, alert_states_kept=alerts)
+        for advice in bundle.outdated:
+            log.warning("model_outdated", model_version=bundle.version, advice=advice)
         return {
             "reloaded": True,
             "old_version": old_version,

@@ -289,6 +289,8 @@ class Service:
         log.info("started", version=__version__, model_version=self.bundle.version,
                  subscription=self.subscription, detector=self.pipeline.default_detector,
                  shadow_model_version=None if shadow is None else shadow.version)
+        for advice in self.bundle.outdated:
+            log.warning("model_outdated", model_version=self.bundle.version, advice=advice)
 
     def request_stop(self, force: bool = False) -> None:
         if force or self._stopping.is_set():

@@ -190,7 +190,11 @@ def test_model_sets_of_format_2_and_3_load(model_copy: Path, version: int) -> No
     assert manifest["format_version"] == FORMAT_VERSION == 3
     manifest["format_version"] = version
     (model_copy / "manifest.json").write_text(json.dumps(manifest))
-    assert load_bundle(model_copy).manifest["format_version"] == version
+    bundle = load_bundle(model_copy)
+    assert bundle.manifest["format_version"] == version
+    # a format 2 set is served, with the advice to retrain its forest
+    assert bool(bundle.outdated) == (version == 2)
+    assert all("retrain" in advice for advice in bundle.outdated)
 
 
 @pytest.mark.parametrize("version", [1, 4, "3", None])
