@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from daemon.models import FORMAT_VERSION, load_bundle, sha256_file
 from daemon.training.datasets import load_csv
 from daemon.training.synthetic import generate_dataset
 from daemon.training.train import fingerprint, train
+from tests.broker import REPO
 
 SKAB_FILE = Path("/work/shared/datasets/skab/valve1/0.csv")
 
@@ -273,3 +276,35 @@ def test_tensorflows_benign_native_notices_are_dropped_and_nothing_else(
     with pytest.raises(RuntimeError):
         fails()
     assert "fatal detail before the failure" in capfd.readouterr().err
+
+
+def test_fitting_the_autoencoder_says_how_far_it_has_got() -> None:
+    """On a day's recording of a plant an epoch alone can take minutes: the fit says which
+    epoch it is in, how far into it, the losses, and how it ended."""
+    x, _, _ = generate_dataset(600, seed=2)
+    z = (x - x.mean(0)) / x.std(0)
+    said: list[str] = []
+    AutoencoderDetector(seed=1, max_epochs=3, progress_every_s=0).fit(z, progress=said.append)
+    assert all(line.startswith("autoencoder: ") for line in said), said
+    done = [line for line in said if " done, loss " in line]
+    assert [line.split(" done")[0] for line in done] == [
+        f"autoencoder: epoch {e} of at most 3" for e in (1, 2, 3)]
+    assert any("epoch 1 of at most 3, " in line and "% of it" in line for line in said)
+    assert said[-1].startswith("autoencoder: 3 epochs (")
+
+
+def test_python_lines_pass_at_once_while_native_notices_are_held_back(tmp_path: Path) -> None:
+    """Progress printed during a fit must be seen when it is printed, not after the fit:
+    only what native code writes to file descriptor 2 is held back (and filtered)."""
+    script = (
+        "import os, sys\n"
+        "from daemon.training.keras_autoencoder import native_notices_filtered\n"
+        "with native_notices_filtered():\n"
+        "    os.write(2, b'a native line\\n')\n"
+        "    print('a progress line', file=sys.stderr, flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln in ("a native line", "a progress line")]
+    assert lines == ["a progress line", "a native line"]

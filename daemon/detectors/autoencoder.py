@@ -8,24 +8,28 @@ of ``daemon.training.keras_autoencoder``, so serving never imports it.
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 from typing import ClassVar, Self
 
 import numpy as np
 
-from daemon.detectors.base import Matrix, Vector, load_arrays, save_arrays
+from daemon.detectors.base import Matrix, Progress, Vector, load_arrays, save_arrays
 from daemon.errors import ModelLoadError
 
 Layer = tuple[Matrix, Matrix]
+_KERAS_MODULE = "daemon.training.keras_autoencoder"
 
 
 class AutoencoderDetector:
     name: ClassVar[str] = "autoencoder"
     artifact_names: ClassVar[tuple[str, ...]] = ("autoencoder.npz",)
 
-    def __init__(self, seed: int = 0, max_epochs: int = 60) -> None:
+    def __init__(self, seed: int = 0, max_epochs: int = 60, progress_every_s: float = 5.0) -> None:
         self.seed = seed
         self.max_epochs = max_epochs
+        #: the least time between two progress lines while fitting
+        self.progress_every_s = progress_every_s
         self._layers: list[Layer] | None = None
 
     @classmethod
@@ -35,10 +39,13 @@ class AutoencoderDetector:
         det._layers = [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in layers]
         return det
 
-    def fit(self, x: Matrix) -> None:
+    def fit(self, x: Matrix, progress: Progress | None = None) -> None:
+        if progress is not None and _KERAS_MODULE not in sys.modules:
+            progress("autoencoder: loading TensorFlow")  # seconds, more on a cold disk
         from daemon.training.keras_autoencoder import export_layers, fit_autoencoder
 
-        model = fit_autoencoder(x, seed=self.seed, max_epochs=self.max_epochs)
+        model = fit_autoencoder(x, seed=self.seed, max_epochs=self.max_epochs,
+                                progress=progress, every_s=self.progress_every_s)
         self._layers = [
             (w.astype(np.float64), b.astype(np.float64)) for w, b in export_layers(model)
         ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import ClassVar, Protocol, Self
 
@@ -13,6 +13,8 @@ from daemon.errors import ModelLoadError
 
 Matrix = NDArray[np.float64]
 Vector = NDArray[np.float64]
+#: Where a long fit says how far it has got (one line at a time).
+Progress = Callable[[str], None]
 
 
 class Detector(Protocol):
@@ -26,7 +28,7 @@ class Detector(Protocol):
     #: Files ``save`` writes and ``load`` reads, so the loader can check they were verified.
     artifact_names: ClassVar[tuple[str, ...]]
 
-    def fit(self, x: Matrix) -> None: ...
+    def fit(self, x: Matrix, progress: Progress | None = None) -> None: ...
 
     def score(self, x: Matrix) -> Vector: ...
 

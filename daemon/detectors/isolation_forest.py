@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
 
-from daemon.detectors.base import Matrix, Vector, load_arrays, save_arrays
+from daemon.detectors.base import Matrix, Progress, Vector, load_arrays, save_arrays
 from daemon.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ class IsolationForestDetector:
         self.max_samples = max_samples
         self._arrays: dict[str, np.ndarray] | None = None
 
-    def fit(self, x: Matrix) -> None:
+    def fit(self, x: Matrix, progress: Progress | None = None) -> None:
+        del progress  # a few hundred milliseconds whatever the rows: nothing to report
         # Imported here: serving never fits, and scikit-learn's import costs ~1 s of start-up.
         from sklearn.ensemble import IsolationForest
 

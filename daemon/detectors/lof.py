@@ -19,7 +19,7 @@ from typing import ClassVar, Self
 import numpy as np
 from scipy.spatial import cKDTree
 
-from daemon.detectors.base import Matrix, Vector, load_arrays, save_arrays
+from daemon.detectors.base import Matrix, Progress, Vector, load_arrays, save_arrays
 from daemon.errors import ModelLoadError
 
 
@@ -37,7 +37,8 @@ class LofDetector:
         self._tree: cKDTree | None = None
         self._k = 0
 
-    def fit(self, x: Matrix) -> None:
+    def fit(self, x: Matrix, progress: Progress | None = None) -> None:
+        del progress  # at most max_rows rows: seconds at worst
         if x.shape[0] > self.max_rows:
             rng = np.random.default_rng(self.seed)
             x = x[np.sort(rng.choice(x.shape[0], self.max_rows, replace=False))]

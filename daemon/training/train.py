@@ -92,7 +92,7 @@ def train(
     for det in fitting:
         started = time.perf_counter()
         say(f"fitting {det.name}")
-        det.fit(z_fit)
+        det.fit(z_fit, progress=say)
         members[det.name] = (det, Calibration.from_scores(det.score(z_held), quantile))
         say(f"fitted {det.name} in {time.perf_counter() - started:.1f} s")
     ensemble = Ensemble(members)
