@@ -103,6 +103,12 @@ class Metrics:
             "anomalyd_broker_connection_errors", "Failed or refused connection attempts, by reason",
             ["reason"], registry=r,
         )
+        self.publish_refusals = Counter(
+            "anomalyd_publish_refusals",
+            "Verdicts, alerts and dead letters the broker refused (MQTT 5 PUBACK reason, e.g."
+            " its ACL), each refusal counted; every one is published again until accepted",
+            ["reason"], registry=r,
+        )
         self.callback_errors = Counter(
             "anomalyd_callback_errors", "Exceptions caught at an I/O edge, by where",
             ["where"], registry=r,

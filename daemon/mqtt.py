@@ -9,10 +9,13 @@ broker (see ``daemon.acks``). Outgoing QoS 1 publishes are capped (paho keys the
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
+import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 import structlog
@@ -34,6 +37,16 @@ _QUEUED = frozenset(
 )
 
 
+#: ``PublishWindow.record``: waiting for the broker's PUBACK, or acknowledged already.
+PENDING = "pending"
+ACKED = "acked"
+#: A refused publish (a PUBACK with a failure reason: MQTT 5) is tried again after 1 s,
+#: then after twice as long each time, up to this.
+RETRY_MAX_S = 30.0
+
+Message = tuple[str, bytes, bool]  # topic, payload, retain
+
+
 class PublishWindow:
     """Outgoing QoS 1 publishes awaiting the broker's PUBACK, capped at ``limit``.
 
@@ -45,6 +58,10 @@ class PublishWindow:
     The PUBACK can be processed by the network thread before ``publish()`` has returned
     its packet id to us, so an ack for an unknown id is parked until the id is recorded.
     No lock of ours is held while calling into paho.
+
+    A publish the broker refuses (MQTT 5: a PUBACK with a failure reason, e.g. "Not
+    authorized" when its ACL does not let us write the topic) keeps its slot: it is not at
+    the broker, so its reading stays unacknowledged, and the caller publishes it again.
     """
 
     def __init__(self, limit: int) -> None:
@@ -52,8 +69,9 @@ class PublishWindow:
         self.limit = limit
         self._cond = threading.Condition(threading.Lock())
         self._taken = 0
-        self._owners: dict[int, tuple[Inbound | None, bool]] = {}
-        self._early: set[int] = set()
+        # mid -> (owner, counted, message, attempt): what a refusal needs to publish again
+        self._owners: dict[int, tuple[Inbound | None, bool, Message | None, int]] = {}
+        self._early: dict[int, str | None] = {}  # acknowledged (None) or refused (why)
 
     def set_limit(self, limit: int) -> None:
         with self._cond:
@@ -72,36 +90,67 @@ class PublishWindow:
             self._taken -= 1
             self._cond.notify()
 
-    def record(self, mid: int, owner: Inbound | None, counted: bool = True) -> bool:
-        """Remember who waits on ``mid``; returns True if it was already acknowledged.
+    def record(
+        self, mid: int, owner: Inbound | None, counted: bool = True,
+        message: Message | None = None, attempt: int = 0,
+    ) -> str:
+        """Remember who waits on ``mid`` (``message``: what to publish again if refused;
+        ``attempt``: how many refusals came before). Returns ``PENDING``, ``ACKED`` if the
+        broker acknowledged it already (its slot is free), or the broker's reason if it
+        refused it already (its slot is kept).
 
         ``counted=False`` is for the rare publish made without taking a slot (the status
         message, sent from the network thread, which must not block).
         """
         with self._cond:
             if mid in self._early:
-                self._early.discard(mid)
+                refused = self._early.pop(mid)
+                if refused is not None:
+                    return refused
                 if counted:
                     self._taken -= 1
                     self._cond.notify()
-                return True
-            self._owners[mid] = (owner, counted)
-            return False
+                return ACKED
+            self._owners[mid] = (owner, counted, message, attempt)
+            return PENDING
 
-    def acked(self, mid: int) -> tuple[bool, Inbound | None]:
-        """The broker acknowledged ``mid``: (known, owner)."""
+    def acked(self, mid: int) -> tuple[bool, Inbound | None, int]:
+        """The broker acknowledged ``mid``: (known, owner, refusals before it)."""
         with self._cond:
             entry = self._owners.pop(mid, None)
             if entry is None:
-                self._early.add(mid)
-                return False, None
+                self._early[mid] = None
+                return False, None, 0
             if entry[1]:
                 self._taken -= 1
                 self._cond.notify()
-        return True, entry[0]
+        return True, entry[0], entry[3]
+
+    def refused(
+        self, mid: int, reason: str
+    ) -> tuple[Inbound | None, Message | None, int] | None:
+        """The broker refused ``mid``: (owner, message, refusals before it), its slot kept
+        for the retry; None if ``mid`` is not recorded yet (``record`` will say so)."""
+        with self._cond:
+            entry = self._owners.pop(mid, None)
+            if entry is None:
+                self._early[mid] = reason
+                return None
+        if not entry[1]:  # took no slot (a message no reading waits on): not published again
+            return entry[0], None, entry[3]
+        return entry[0], entry[2], entry[3]
 
     def __len__(self) -> int:
         return len(self._owners)
+
+
+class _Retry(NamedTuple):
+    due: float  # monotonic
+    topic: str
+    payload: bytes
+    retain: bool
+    owner: Inbound | None
+    attempt: int  # refusals so far
 
 
 class MqttAdapter:
@@ -141,6 +190,14 @@ class MqttAdapter:
         self._deliver = deliver
         self.window = PublishWindow(cfg.max_outstanding_publishes)
         self.acks = AckSequencer(self._send_ack, self._on_input_done)
+        # Publishes the broker refused, to be made again: (due, topic, payload, retain,
+        # owner, refusals so far), in the order they were refused.
+        self._retries: queue.SimpleQueue[_Retry | None] = queue.SimpleQueue()
+        self._retrier: threading.Thread | None = None
+        self._refusal_lock = threading.Lock()
+        self._refused_now = 0  # refused publishes not accepted since
+        self._refusal: str | None = None  # the newest refusal, while any is outstanding
+        self._refusal_logged = float("-inf")
         self._intake = True
         cid = client_id or cfg.client_id
         self.intake = Link(
@@ -169,10 +226,18 @@ class MqttAdapter:
         except BaseException:
             self.output.stop(1.0)
             raise
+        self._retrier = threading.Thread(target=self._retry_loop, name="publish-retry",
+                                         daemon=True)
+        self._retrier.start()
 
     @property
     def last_error(self) -> str | None:
-        return self.intake.last_error or self.output.last_error
+        return self.intake.last_error or self.output.last_error or self.refusal
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the broker refuses some of our publishes, while any is still refused."""
+        return self._refusal
 
     @property
     def loop_crashed(self) -> str | None:
@@ -200,6 +265,7 @@ class MqttAdapter:
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(timeout=min(timeout, 2.0))
+        self._retries.put(None)
         self.intake.stop(timeout)
         self.output.stop(timeout)
 
@@ -239,8 +305,12 @@ class MqttAdapter:
             if should_stop is not None and should_stop():
                 return self._gave_up(owner)
             time.sleep(0.05)
-        if window.record(info.mid, owner) and owner is not None:
-            self.acks.release(owner)
+        state = window.record(info.mid, owner, message=(topic, payload, retain))
+        if state is ACKED:
+            if owner is not None:
+                self.acks.release(owner)
+        elif state is not PENDING:
+            self._refused(topic, payload, retain, owner, state, 0)
         self.metrics.outstanding_publishes.set(len(window))
         return True
 
@@ -302,10 +372,84 @@ class MqttAdapter:
             self.acks.forget(inbound)
             raise
 
-    def _on_output_acked(self, mid: int) -> None:
-        _, owner = self.window.acked(mid)
+    def _on_output_acked(self, mid: int, refused: str | None) -> None:
+        if refused is not None:
+            entry = self.window.refused(mid, refused)
+            if entry is not None:
+                owner, message, attempt = entry
+                if message is not None:
+                    self._refused(*message, owner, refused, attempt)
+            return
+        _, owner, attempt = self.window.acked(mid)
+        if attempt:
+            self._accepted_again()
         if owner is not None:
             self.acks.release(owner)
+
+    # -- publishes the broker refused ----------------------------------------------------
+
+    def _refused(
+        self, topic: str, payload: bytes, retain: bool, owner: Inbound | None, reason: str,
+        attempt: int,
+    ) -> None:
+        """Publish it again later; its reading stays unacknowledged until it is accepted."""
+        delay = min(RETRY_MAX_S, 2.0 ** attempt)
+        self.metrics.publish_refusals.labels(reason).inc()
+        with self._refusal_lock:
+            if attempt == 0:
+                self._refused_now += 1
+            self._refusal = f"the broker refuses publishes to {topic}: {reason}"
+            now = time.monotonic()
+            say = now - self._refusal_logged >= 10.0  # at most a line every 10 s
+            if say:
+                self._refusal_logged = now
+            outstanding = self._refused_now
+        if say:
+            log.error("publish_refused", topic=topic, reason=reason, retry_in_s=delay,
+                      refused_outstanding=outstanding,
+                      note="its reading stays unacknowledged at the broker until accepted")
+        self._retries.put(_Retry(time.monotonic() + delay, topic, payload, retain, owner,
+                                 attempt + 1))
+
+    def _accepted_again(self) -> None:
+        with self._refusal_lock:
+            self._refused_now -= 1
+            if self._refused_now == 0:
+                self._refusal = None
+                log.info("publish_accepted_again", note="the broker takes our publishes again")
+
+    def _retry_loop(self) -> None:
+        """Publish refused messages again when due (its own thread: never a network one)."""
+        due: list[tuple[float, int, _Retry]] = []  # by due time
+        order = itertools.count()
+        while True:
+            wait = None if not due else max(0.0, due[0][0] - time.monotonic())
+            try:
+                item = self._retries.get(timeout=wait)
+            except queue.Empty:
+                pass
+            else:
+                if item is None:  # stopping: what is still refused stays unacknowledged
+                    return
+                heapq.heappush(due, (item.due, next(order), item))
+            while due and due[0][0] <= time.monotonic():
+                item = heapq.heappop(due)[2]
+                info = self.output.client.publish(item.topic, item.payload, qos=1,
+                                                  retain=item.retain)
+                if info.rc not in _QUEUED:  # its packet id still in use: a moment later
+                    later = time.monotonic() + 0.05
+                    heapq.heappush(due, (later, next(order), item._replace(due=later)))
+                    break
+                state = self.window.record(info.mid, item.owner,
+                                           message=(item.topic, item.payload, item.retain),
+                                           attempt=item.attempt)
+                if state is ACKED:
+                    self._accepted_again()
+                    if item.owner is not None:
+                        self.acks.release(item.owner)
+                elif state is not PENDING:
+                    self._refused(item.topic, item.payload, item.retain, item.owner, state,
+                                  item.attempt)
 
     # -- acknowledgements --------------------------------------------------------------
 

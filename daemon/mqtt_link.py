@@ -87,7 +87,7 @@ class Link:
         on_up: Callable[[paho.Client, bool, Any], None] | None = None,
         on_down: Callable[[], None] | None = None,
         on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None] | None = None,
-        on_publish: Callable[[int], None] | None = None,
+        on_publish: Callable[[int, str | None], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -310,4 +310,6 @@ class Link:
     ) -> None:
         self.last_heard = time.monotonic()
         if self._on_publish_mid is not None:
-            self._on_publish_mid(mid)
+            # MQTT 5: a PUBACK may refuse the message (e.g. the broker's ACL): not stored
+            refused = str(reason) if self.v5 and reason.is_failure else None
+            self._on_publish_mid(mid, refused)

@@ -36,10 +36,11 @@ class ServiceStatus:
         }
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness: healthy, connected and not stopping."""
+        """Readiness: healthy, connected, not stopping, and the broker takes our publishes
+        (a refused verdict or alert holds its reading back until it is accepted)."""
         svc = self._service
         connected = svc.mqtt.connected
-        ok = connected and not svc.stopping and self.health()[0]
+        ok = connected and not svc.stopping and self.health()[0] and svc.mqtt.refusal is None
         body: dict[str, Any] = {"ready": ok, "broker_connected": connected,
                                 "models_loaded": len(svc.bundle.detector_names),
                                 "stopping": svc.stopping}

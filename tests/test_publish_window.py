@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from daemon.acks import Inbound
-from daemon.mqtt import PublishWindow
+from daemon.mqtt import ACKED, PENDING, PublishWindow
 
 
 def owner() -> Inbound:
@@ -15,10 +15,10 @@ def owner() -> Inbound:
 def test_acquire_blocks_at_the_limit_until_an_ack_frees_a_slot() -> None:
     w = PublishWindow(2)
     assert w.acquire(0) and w.acquire(0)
-    w.record(10, None)
+    assert w.record(10, None) == PENDING
     w.record(11, None)
     assert not w.acquire(0.01)
-    assert w.acked(10) == (True, None)
+    assert w.acked(10) == (True, None, 0)
     assert w.acquire(0)
 
 
@@ -26,8 +26,8 @@ def test_an_ack_that_arrives_before_the_id_is_recorded_is_not_lost() -> None:
     w = PublishWindow(1)
     o = owner()
     assert w.acquire(0)
-    assert w.acked(7) == (False, None)  # the network thread was faster
-    assert w.record(7, o) is True  # recorded late: already acknowledged, slot freed
+    assert w.acked(7) == (False, None, 0)  # the network thread was faster
+    assert w.record(7, o) == ACKED  # recorded late: already acknowledged, slot freed
     assert len(w) == 0
     assert w.acquire(0)
 
@@ -56,5 +56,26 @@ def test_uncounted_publishes_take_no_slot() -> None:
     w = PublishWindow(1)
     w.record(3, None, counted=False)
     assert w.acquire(0)  # the status message did not use the only slot
-    assert w.acked(3) == (True, None)
+    assert w.acked(3) == (True, None, 0)
     assert not w.acquire(0)  # and its ack did not free a slot it never took
+
+
+def test_a_refused_publish_keeps_its_slot_and_what_to_publish_again() -> None:
+    w = PublishWindow(1)
+    o = owner()
+    assert w.acquire(0)
+    w.record(5, o, message=("anomaly/p/alert", b"{}", True))
+    assert w.refused(5, "Not authorized") == (o, ("anomaly/p/alert", b"{}", True), 0)
+    assert len(w) == 0 and not w.acquire(0)  # not at the broker: the slot stays taken
+    # published again (its second attempt), and accepted: the slot is free
+    w.record(6, o, message=("anomaly/p/alert", b"{}", True), attempt=1)
+    assert w.acked(6) == (True, o, 1)
+    assert w.acquire(0)
+
+
+def test_a_refusal_that_arrives_before_the_id_is_recorded_is_not_lost() -> None:
+    w = PublishWindow(1)
+    assert w.acquire(0)
+    assert w.refused(9, "Quota exceeded") is None  # the network thread was faster
+    assert w.record(9, owner(), message=("t", b"", False)) == "Quota exceeded"
+    assert not w.acquire(0)  # kept for the retry

@@ -1,0 +1,108 @@
+"""A verdict or alert the broker refuses (MQTT 5: a PUBACK with "Not authorized" when its
+ACL does not let the daemon write the topic) is not at the broker: its reading stays
+unacknowledged, readiness says why, and it is published again until it is accepted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import SecretStr
+
+from tests.broker import Broker
+from tests.conftest import make_settings
+from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
+from tests.conftest_models import NORMAL_READING as NORMAL
+from tests.test_end_to_end import _alert_at_once, http_get, metric
+
+pytestmark = pytest.mark.integration
+
+# Anonymous clients (the test's publisher and collector) may do anything; the daemon logs
+# in as ``anomalyd`` and may write its results, except (at first) alerts.
+ACL_WITHOUT_ALERTS = """\
+topic readwrite #
+
+user anomalyd
+topic read sensors/+/readings
+topic write anomaly/status
+topic write anomaly/dead-letter
+topic write anomaly/+/verdict
+topic write anomaly/+/presence
+"""
+ACL_WITH_ALERTS = ACL_WITHOUT_ALERTS + "topic write anomaly/+/alert\n"
+
+
+@pytest.fixture
+def acl_broker() -> Iterator[tuple[Broker, Path]]:
+    # Not under pytest's tmp_path: mosquitto (as root) drops to its own user and must
+    # read these files.
+    folder = Path(tempfile.mkdtemp(prefix="anomalyd-acl-"))
+    folder.chmod(0o755)
+    acl = folder / "acl"
+    acl.write_text(ACL_WITHOUT_ALERTS)
+    passwords = folder / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "anomalyd", "secret"],
+                   check=True, capture_output=True)
+    for path in (acl, passwords):
+        path.chmod(0o644)
+        if os.geteuid() == 0 and shutil.which("mosquitto"):
+            shutil.chown(path, user="mosquitto")
+    broker = Broker(extra_conf=f"password_file {passwords}\nacl_file {acl}\n").start()
+    yield broker, acl
+    broker.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_refused_alert_holds_its_reading_until_the_broker_accepts_it(
+    acl_broker: tuple[Broker, Path], start_daemon: Any, collector_for: Any,
+    publisher_for: Any, trained_model_dir: Path,
+) -> None:
+    broker, acl = acl_broker
+    settings = _alert_at_once(make_settings(
+        broker, trained_model_dir, username="anomalyd", password=SecretStr("secret")))
+    svc = start_daemon(settings=settings)
+    port = svc.http.port
+    col = collector_for(broker, ["anomaly/#"])
+    pub = publisher_for(broker)
+    pub.send("sensors/acl-1/readings", {**NORMAL, "seq": 1})
+    col.wait_for(lambda t, p: t == "anomaly/acl-1/verdict")
+    assert http_get(port, "/ready")[0] == 200
+
+    pub.send("sensors/acl-1/readings", {**ANOMALOUS, "seq": 2})  # raises the alert
+    col.wait_for(lambda t, p: t == "anomaly/acl-1/verdict" and orjson.loads(p)["seq"] == 2)
+    deadline = time.monotonic() + 10
+    while (status := http_get(port, "/ready"))[0] == 200:
+        assert time.monotonic() < deadline, "the refusal never showed in /ready"
+        time.sleep(0.05)
+    assert status[0] == 503
+    assert status[1]["broker_error"] == (
+        "the broker refuses publishes to anomaly/acl-1/alert: Not authorized")
+    _, text = http_get(port, "/metrics")
+    assert metric(text, "anomalyd_publish_refusals_total", reason="Not authorized") >= 1
+    assert http_get(port, "/info")[1]["unacked_inputs"] == 1  # the reading waits for its alert
+    assert not [t for t, *_ in col.messages if t == "anomaly/acl-1/alert"]
+
+    # The operator fixes the ACL and reloads the broker: the alert goes out, by itself.
+    acl.write_text(ACL_WITH_ALERTS)
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    (_, alert), = col.wait_for(lambda t, p: t == "anomaly/acl-1/alert", timeout=40)
+    assert orjson.loads(alert)["state"] == "raised"
+    deadline = time.monotonic() + 10
+    while (status := http_get(port, "/ready"))[0] != 200:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    assert "broker_error" not in status[1]
+    deadline = time.monotonic() + 10
+    while http_get(port, "/info")[1]["unacked_inputs"] != 0:
+        assert time.monotonic() < deadline, "the held reading was never acknowledged"
+        time.sleep(0.05)
