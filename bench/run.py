@@ -164,9 +164,10 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, poll: float 
 
 
 class Runner:
-    def __init__(self, work: Path, rows: Path) -> None:
+    def __init__(self, work: Path, rows: Path, devices: int) -> None:
         self.work = work
         self.rows = rows
+        self.devices = devices  # per load publisher
         self.next_seq = 1
         self.n = 0
 
@@ -212,7 +213,7 @@ class Runner:
                 [PY, "-m", "bench.loadgen", "--port", str(port), "--rows", str(self.rows),
                  "--out", str(out), "--prefix", f"g{g}", "--seq-base", str(base + g * share),
                  "--count", str(share), "--rate", str(rate / publishers), "--batch", str(batch),
-                 "--max-time", str(budget)], cwd=REPO))
+                 "--devices", str(self.devices), "--max-time", str(budget)], cwd=REPO))
         for gproc in gens:
             gproc.wait(budget + 30)
         sink.wait(budget + 60)
@@ -356,6 +357,9 @@ def main() -> None:
     p.add_argument("--no-detectors", action="store_true", help="skip the scoring microbench")
     p.add_argument("--daemon-config", type=Path, default=None,
                    help="configuration file for the daemon (default: the repo's)")
+    p.add_argument("--devices", type=int, default=100,
+                   help="devices per load publisher (default 100; before 2026-11-27: 10, "
+                        "which split 12 to 8 between two workers by device)")
     args = p.parse_args()
     scale = QUICK if args.quick else Scale()
     reps = args.reps or (1 if args.quick else 3)
@@ -369,8 +373,13 @@ def main() -> None:
                        check=True, timeout=300)
     rows = work / "rows.json"
     write_rows(rows)
-    runner = Runner(work, rows)
+    runner = Runner(work, rows, args.devices)
+    split = device_split(scale.publishers, args.devices, 2)
+    print(f"devices: {scale.publishers} publishers x {args.devices}; with WORKERS=2 by "
+          f"device, each worker owns {split}", flush=True)
     results: dict[str, Any] = {"machine": info, "scale": scale.__dict__, "reps": [],
+                               "devices_per_publisher": args.devices,
+                               "device_split_2_workers": split,
                                "daemon_config": str(args.daemon_config or "config/anomalyd.toml"),
                                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                                         cwd=REPO, capture_output=True,
@@ -388,6 +397,18 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=1))
     print(report(results))
     print(f"raw results: {args.out}; work dir: {work}")
+
+
+def device_split(publishers: int, devices: int, workers: int) -> list[int]:
+    """How many of the load's devices each worker owns under device dispatch (the load
+    spreads its readings evenly over the devices, so this is each worker's share)."""
+    from daemon.partition import owner
+
+    counts = [0] * workers
+    for g in range(publishers):
+        for d in range(devices):
+            counts[owner(f"g{g}-{d:03d}", workers)] += 1
+    return counts
 
 
 # -- the report ------------------------------------------------------------------------
