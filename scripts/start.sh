@@ -18,7 +18,7 @@ if [ ! -f "${MODEL_DIR:-models}/manifest.json" ]; then
   echo "== no trained models in ${MODEL_DIR:-models}/: training the default set" >&2
   # TensorFlow's C++ start-up chatter (lines like I0000/E0000) hides the progress lines.
   # (pipefail is on: a failed training still stops this script.)
-  "$ANOMALYD" train 2>&1 | { grep -v -e '^[IWE]0000 ' -e '^WARNING: All log messages before absl' >&2 || true; }
+  "$ANOMALYD" train 2>&1 | { grep --line-buffered -v -e '^[IWE]0000 ' -e '^WARNING: All log messages before absl' >&2 || true; }
 fi
 
 if [ -z "${MQTT_HOST:-}" ]; then
