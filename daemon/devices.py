@@ -134,7 +134,7 @@ class DeviceTracker:
         clock = st.clock
         if len(readings) == 1:
             t = readings[0].timestamp
-            if clock.on_time(t, t, late_after_s):  # the usual case, without a list
+            if clock.on_time(t, t, late_after_s, received_at):  # the usual case, no list
                 return ON_TIME
             stamps: Sequence[float] = (t,)
         else:

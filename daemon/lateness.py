@@ -14,13 +14,20 @@ from the ``seq`` values before the message: in a message whose ``seq`` values ju
 than the repeat window, an old one may be spared here that the judge then takes as new,
 ``daemon.repeats``).
 
-A device whose clock was set back (a reboot without a real-time clock, a corrected clock,
-a lone timestamp from the future before it) would send nothing but late readings from then
-on. So when every reading of a device has been late for ``late_after_s`` of receipt time
-(the daemon's clock, not the device's), its clock is taken to have moved: that message is
-on time and its newest timestamp the device's. A backlog interleaved with live readings
-never does that (each live message is on time); one sent alone for longer would have its
-rest judged in arrival order, as before this module existed.
+A timestamp from the future (a clock glitch, a device set a year ahead) moves the device's
+newest no further than ``late_after_s`` past the reading's receipt, by the daemon's clock:
+otherwise one such reading would make the next ones late until the device's clock was
+taken to have moved back (below). A device whose clock runs ahead by more than that still
+has its readings on time (each is newer than the capped newest); its late readings are
+then those more than its clock's lead behind.
+
+A device whose clock was set back (a reboot without a real-time clock, a corrected clock)
+would send nothing but late readings from then on. So when every reading of a device has
+been late for ``late_after_s`` of receipt time (the daemon's clock, not the device's), its
+clock is taken to have moved: that message is on time and its newest timestamp the
+device's. A backlog interleaved with live readings never does that (each live message is
+on time); one sent alone for longer would have its rest judged in arrival order, as
+before this module existed.
 
 Pure: the timestamps and receipt times are passed in. Two floats a device; the newest
 timestamp is saved with its state.
@@ -62,34 +69,39 @@ class EventClock:
         the on-time ones advance the newest timestamp and end a run of late ones.
         ``repeat(i)``, asked only of a reading that would be late, says whether it is a
         repeat (then it counts as on time)."""
-        if self.on_time(min(stamps), max(stamps), late_after_s):
+        if self.on_time(min(stamps), max(stamps), late_after_s, received_at):
             return ON_TIME
         newest = self.newest
         assert newest is not None  # (on_time takes a device's first message)
         floor = newest - late_after_s
         late = [t < floor and not repeat(i) for i, t in enumerate(stamps)]
         on_time = [t for t, lt in zip(stamps, late, strict=True) if not lt]
+        ceiling = received_at + late_after_s
         if on_time:  # the run of late readings, if any, ends here
-            self.newest, self.late_since = max(newest, *on_time), None
+            self.newest, self.late_since = max(newest, min(max(on_time), ceiling)), None
             n_late = len(stamps) - len(on_time)
             self.late_count += n_late
             return Arrival(late, newest=newest) if n_late else ON_TIME
         since = self.late_since
         if since is not None and since <= received_at and received_at - since >= late_after_s:
-            self.newest, self.late_since = max(stamps), None
+            self.newest, self.late_since = min(max(stamps), ceiling), None
             return Arrival(None, clock_reset=True)
         if since is None or received_at < since:  # (or the daemon's own clock went back)
             self.late_since = received_at
         self.late_count += len(stamps)
         return Arrival(late, newest=newest)
 
-    def on_time(self, earliest: float, latest: float, late_after_s: float) -> bool:
+    def on_time(
+        self, earliest: float, latest: float, late_after_s: float, received_at: float
+    ) -> bool:
         """The usual case, cheaply: whether a message whose readings are stamped from
         ``earliest`` to ``latest`` is on time as a whole (a device's first message is),
         and if so, take it as ``take`` would; False (nothing changed) otherwise."""
         newest = self.newest
         if newest is not None and earliest < newest - late_after_s:
             return False
+        if latest > received_at + late_after_s:  # from the future: no further than this
+            latest = received_at + late_after_s
         if newest is None or latest > newest:
             self.newest = latest
         self.late_since = None

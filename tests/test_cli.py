@@ -192,15 +192,15 @@ def test_score_replays_dead_letters_with_only_the_refused_entries(
     bundle = load_bundle(trained_model_dir)
     live = Pipeline(bundle, Decoder(bundle.features, bundle.detector_names), TopicsConfig(),
                     Settings().alerts, readings=ReadingsConfig(late_policy="drop"))
-    t = 1_800_000_000.0
+    t = 1_700_000_000.0  # received 10 s after, as live readings are
     batch = {"readings": [{**NORMAL, "timestamp": t + 1, "seq": 2},
                           {**ANOMALOUS, "timestamp": t - 3600, "seq": 3},
                           {**NORMAL, "timestamp": t + 2, "seq": 4, "pressure": "high"}]}
     sent = [{**NORMAL, "timestamp": t, "seq": 1}, {**ANOMALOUS, "timestamp": t - 7200, "seq": 0},
             batch]
-    outputs, _ = live.process([RawMessage("sensors/p-9/readings", orjson.dumps(m), 0.0)
+    outputs, _ = live.process([RawMessage("sensors/p-9/readings", orjson.dumps(m), t + 10)
                                for m in sent] + [RawMessage("sensors/p-9/readings",
-                                                            b"{not json", 0.0)], 1.0)
+                                                            b"{not json", t + 10)], t + 11)
     dead = [o.payload for outs in outputs for o in outs if o.kind == "dead_letter"]
     assert [sorted(r["reason"] for r in orjson.loads(d)["rejections"]) for d in dead] == [
         ["late"], ["late", "non_numeric_feature"], ["not_json"]]

@@ -32,8 +32,8 @@ T = 1_800_000_000.0  # a device's clock, epoch seconds
 
 
 def one(c: EventClock, t: float, received: float) -> Arrival:
-    """One single-reading message (no repeats)."""
-    return c.take((t,), received, 60, lambda _i: False)
+    """One single-reading message (no repeats), received ``received`` s after T."""
+    return c.take((t,), T + received, 60, lambda _i: False)
 
 
 def test_a_reading_is_late_beyond_the_tolerance_and_only_then() -> None:
@@ -44,6 +44,23 @@ def test_a_reading_is_late_beyond_the_tolerance_and_only_then() -> None:
     assert c.newest == T + 10  # an older on-time reading does not move the newest back
     assert one(c, T - 51, 3.0) == Arrival([True], newest=T + 10)
     assert one(c, T + 11, 4.0) == ON_TIME and c.late_since is None and c.late_count == 1
+
+
+def test_a_timestamp_from_the_future_moves_the_newest_no_further_than_its_receipt() -> None:
+    """One reading stamped a year ahead (a clock glitch) must not make the device's next
+    readings late; a device whose clock runs minutes ahead stays on time."""
+    c = EventClock()
+    one(c, T, 0.0)
+    assert one(c, T + 365 * 86_400, 1.0) == ON_TIME
+    assert c.newest == T + 1.0 + 60  # its receipt plus late_after_s
+    assert all(one(c, T + 2.0 + i, 2.0 + i) == ON_TIME for i in range(120))
+    assert c.late_count == 0
+    ahead = EventClock()  # five minutes fast, all along
+    assert all(one(ahead, T + 300 + i, float(i)) == ON_TIME for i in range(120))
+    assert ahead.newest == T + 119 + 60
+    # its backlog is late once more than its clock's lead (300 s) behind its newest
+    assert one(ahead, T + 300 + 119 - 290, 120.0) == ON_TIME
+    assert one(ahead, T + 300 + 119 - 310, 121.0).late == [True]
 
 
 def test_a_clock_set_back_is_adopted_after_late_after_s_of_nothing_on_time() -> None:
@@ -68,10 +85,10 @@ def test_a_message_is_judged_against_the_earlier_ones_not_within_itself() -> Non
     c = EventClock()
     one(c, T, 100.0)
     newest_first = [T + 100 - i for i in range(100)]
-    assert c.take(newest_first, 101.0, 60, lambda _i: False) == ON_TIME
+    assert c.take(newest_first, T + 101.0, 60, lambda _i: False) == ON_TIME
     assert c.newest == T + 100
     stamps = [T + 101, T + 30, T + 39, T + 41]  # the floor is T + 40
-    got = c.take(stamps, 102.0, 60, lambda i: i == 2)  # the third is a repeat
+    got = c.take(stamps, T + 102.0, 60, lambda i: i == 2)  # the third is a repeat
     assert got == Arrival([False, True, False, False], newest=T + 100)
     assert c.newest == T + 101 and c.late_count == 1
 
@@ -88,7 +105,9 @@ def pipeline(
 def send(
     p: Pipeline, *readings: dict[str, Any], at: float = 1.0
 ) -> tuple[list[dict[str, Any]], BatchStats]:
-    outputs, stats = p.process([RawMessage(DEV, orjson.dumps(r), at) for r in readings], at)
+    """The readings received ``at`` s after T, each a message."""
+    raws = [RawMessage(DEV, orjson.dumps(r), T + at) for r in readings]
+    outputs, stats = p.process(raws, T + at)
     return [orjson.loads(o.payload) | {"kind": o.kind} for outs in outputs for o in outs], stats
 
 
@@ -238,21 +257,22 @@ def test_a_batch_listed_newest_first_is_on_time_and_its_stragglers_late(
     model_bundle: ModelBundle,
 ) -> None:
     p = pipeline(model_bundle, warmup=500)
-    send(p, {**NORMAL_READING, "timestamp": T, "seq": 0})
+    at = 200.0  # received after every timestamp below, as live readings are
+    send(p, {**NORMAL_READING, "timestamp": T, "seq": 0}, at=at)
     batch = [{**NORMAL_READING, "timestamp": T + 100 - k, "seq": 100 - k} for k in range(100)]
-    (verdict,), stats = send(p, {"readings": batch})
+    (verdict,), stats = send(p, {"readings": batch}, at=at)
     assert stats.late == 0 and p.devices.progress("p-7") == 101
     assert not any(pred.get("late") for pred in verdict["predictions"])
     # the same readings one message each: after the first, those over 60 s older are late
     q = pipeline(model_bundle, warmup=500)
-    send(q, {**NORMAL_READING, "timestamp": T, "seq": 0})
-    _, stats = send(q, *batch)
+    send(q, {**NORMAL_READING, "timestamp": T, "seq": 0}, at=at)
+    _, stats = send(q, *batch, at=at)
     assert stats.late == 39 and q.devices.progress("p-7") == 62
     # a batch with a straggler and a repeat: only the straggler is late
     (verdict,), stats = send(p, {"readings": [
         {**NORMAL_READING, "timestamp": T + 20, "seq": 20},  # judged before: a repeat
         {**NORMAL_READING, "timestamp": T + 101, "seq": 101},
-        {**NORMAL_READING, "timestamp": T + 30, "seq": 102}]})
+        {**NORMAL_READING, "timestamp": T + 30, "seq": 102}]}, at=at)
     assert [(pr.get("repeat", False), pr.get("late", False))
             for pr in verdict["predictions"]] == [(True, False), (False, False), (False, True)]
     assert stats.late == 1 and p.devices.newest("p-7") == T + 101
@@ -273,10 +293,12 @@ def test_lateness_keeps_its_rules_whatever_the_messages(
     """Over any messages, repeats and receipt times: a reading is late only if it is
     more than 60 s older than the newest of the earlier messages and not a repeat; one
     that is so and not a repeat is late unless the device's clock is taken to have moved
-    back; the on-time readings move the newest to their newest."""
+    back; the on-time readings move the newest to their newest, but never beyond 60 s
+    after their receipt (timestamps up to 200 s after it are sent)."""
     tracker = DeviceTracker(1, 1, 0, np.zeros(1), np.ones(1))
     for k, msg in enumerate(sent):
-        received = 1000.0 + gap * k
+        received = T + gap * k
+        ceiling = received + 60.0
         readings = [Reading("d", (0.0,), None, seq, T + dt, None, "", i)
                     for i, (dt, seq) in enumerate(msg)]
         st_before = tracker.devices.get("d")
@@ -292,9 +314,10 @@ def test_lateness_keeps_its_rules_whatever_the_messages(
         on_time = [r.timestamp for r, lt in zip(readings, late, strict=True) if not lt]
         newest = tracker.devices["d"].clock.newest
         if got.clock_reset:
-            assert newest == max(r.timestamp for r in readings)
+            assert newest == min(max(r.timestamp for r in readings), ceiling)
         elif on_time:
-            assert newest == max(x for x in (before, *on_time) if x is not None)
+            capped = min(max(on_time), ceiling)
+            assert newest == (capped if before is None else max(before, capped))
         else:
             assert newest == before
         for r in readings:  # judged (late ones too): their seqs are known now
