@@ -38,6 +38,11 @@ def payloads(stream: list[list[float]], features: list[str], seq: int, batch: in
     return orjson.dumps({"readings": entries} if batch > 1 else entries[0])
 
 
+def device_id(prefix: str, d: int) -> str:
+    """The id of a load publisher's ``d``-th device."""
+    return f"{prefix}-{d:03d}"
+
+
 def device_stream(spec: dict[str, Any], prefix: str, d: int) -> list[list[float]]:
     streams = spec["streams"]
     return list(streams[(int(prefix[1:] or 0) * 10 + d) % len(streams)])
@@ -51,7 +56,7 @@ def publish_load(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     batch = max(1, args.batch)
     n_msgs = args.count // batch
     sends = np.full(n_msgs * batch, np.nan)
-    topics = [f"sensors/{args.prefix}-{d:03d}/readings" for d in range(args.devices)]
+    topics = [f"sensors/{device_id(args.prefix, d)}/readings" for d in range(args.devices)]
     streams = [device_stream(spec, args.prefix, d) for d in range(args.devices)]
     # a device's readings follow its own stream in order, continuing from earlier phases
     row0 = args.seq_base // args.devices
@@ -97,7 +102,7 @@ def probe(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     client.on_message = on_message
     rtts = []
     deadline = time.monotonic() + args.max_time
-    topic = f"sensors/{args.prefix}-000/readings"
+    topic = f"sensors/{device_id(args.prefix, 0)}/readings"
     stream = device_stream(spec, args.prefix, 0)
     for i in range(args.probe):
         if time.monotonic() > deadline:

@@ -211,7 +211,8 @@ class Runner:
             outs.append((out, base + g * share))
             gens.append(subprocess.Popen(
                 [PY, "-m", "bench.loadgen", "--port", str(port), "--rows", str(self.rows),
-                 "--out", str(out), "--prefix", f"g{g}", "--seq-base", str(base + g * share),
+                 "--out", str(out), "--prefix", publisher_prefix(g),
+                 "--seq-base", str(base + g * share),
                  "--count", str(share), "--rate", str(rate / publishers), "--batch", str(batch),
                  "--devices", str(self.devices), "--max-time", str(budget)], cwd=REPO))
         for gproc in gens:
@@ -402,13 +403,19 @@ def main() -> None:
 def device_split(publishers: int, devices: int, workers: int) -> list[int]:
     """How many of the load's devices each worker owns under device dispatch (the load
     spreads its readings evenly over the devices, so this is each worker's share)."""
+    from bench.loadgen import device_id
     from daemon.partition import owner
 
     counts = [0] * workers
     for g in range(publishers):
         for d in range(devices):
-            counts[owner(f"g{g}-{d:03d}", workers)] += 1
+            counts[owner(device_id(publisher_prefix(g), d), workers)] += 1
     return counts
+
+
+def publisher_prefix(g: int) -> str:
+    """The device-id prefix of the ``g``-th load publisher."""
+    return f"g{g}"
 
 
 # -- the report ------------------------------------------------------------------------

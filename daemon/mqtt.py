@@ -306,11 +306,8 @@ class MqttAdapter:
                 return self._gave_up(owner)
             time.sleep(0.05)
         state = window.record(info.mid, owner, message=(topic, payload, retain))
-        if state is ACKED:
-            if owner is not None:
-                self.acks.release(owner)
-        elif state is not PENDING:
-            self._refused(topic, payload, retain, owner, state, 0)
+        if state is not PENDING:  # the broker was faster than this thread
+            self._settle(state, (topic, payload, retain), owner, 0)
         self.metrics.outstanding_publishes.set(len(window))
         return True
 
@@ -381,10 +378,24 @@ class MqttAdapter:
                     self._refused(*message, owner, refused, attempt)
             return
         _, owner, attempt = self.window.acked(mid)
+        self._accepted(owner, attempt)
+
+    def _accepted(self, owner: Inbound | None, attempt: int) -> None:
+        """The broker took a publish (``attempt``: after that many refusals)."""
         if attempt:
             self._accepted_again()
         if owner is not None:
             self.acks.release(owner)
+
+    def _settle(
+        self, state: str, message: Message, owner: Inbound | None, attempt: int
+    ) -> None:
+        """A publish the broker answered before ``PublishWindow.record``: ``state`` is
+        ``ACKED`` or the reason it was refused."""
+        if state is ACKED:
+            self._accepted(owner, attempt)
+        else:
+            self._refused(*message, owner, state, attempt)
 
     # -- publishes the broker refused ----------------------------------------------------
 
@@ -440,16 +451,11 @@ class MqttAdapter:
                     later = time.monotonic() + 0.05
                     heapq.heappush(due, (later, next(order), item._replace(due=later)))
                     break
-                state = self.window.record(info.mid, item.owner,
-                                           message=(item.topic, item.payload, item.retain),
+                message = (item.topic, item.payload, item.retain)
+                state = self.window.record(info.mid, item.owner, message=message,
                                            attempt=item.attempt)
-                if state is ACKED:
-                    self._accepted_again()
-                    if item.owner is not None:
-                        self.acks.release(item.owner)
-                elif state is not PENDING:
-                    self._refused(item.topic, item.payload, item.retain, item.owner, state,
-                                  item.attempt)
+                if state is not PENDING:
+                    self._settle(state, message, item.owner, item.attempt)
 
     # -- acknowledgements --------------------------------------------------------------
 
