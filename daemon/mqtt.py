@@ -235,6 +235,12 @@ class MqttAdapter:
         return self.intake.last_error or self.output.last_error or self.refusal
 
     @property
+    def dropping(self) -> str | None:
+        """Why the broker keeps closing a link soon after accepting it, while it does
+        (``daemon.mqtt_link``: most likely a second client with the same client id)."""
+        return self.intake.dropping or self.output.dropping
+
+    @property
     def refusal(self) -> str | None:
         """Why the broker refuses some of our publishes, while any is still refused."""
         return self._refusal

@@ -33,6 +33,17 @@ log = structlog.get_logger("anomalyd.mqtt")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: A link the broker closes sooner than this after accepting it was dropped *early*...
+STABLE_S = 60.0
+#: ... and this many early drops in a row are no accident: most often another client
+#: connects with the same client id (a second anomalyd with the same ``mqtt.client_id``),
+#: and the broker closes the older connection each time (Mosquitto 2.0 without saying
+#: why). The two would take the session from each other at the reconnect delay for ever.
+EARLY_DROPS = 3
+#: From then on the reconnect delay doubles with each early drop, up to this (at most
+#: half of ``STABLE_S``, so two such clients still find each other's connections early).
+EARLY_DROP_MAX_DELAY_S = 30.0
+
 
 def guard(metrics: Metrics, where: str, fn: F) -> F:
     """Wrap a paho callback so that no exception can escape it: log, count, carry on."""
@@ -72,6 +83,12 @@ class Link:
     ``clean_session=False``) and announce ``receive_maximum``; others start clean.
     ``on_up(client, session_present, connack_properties)`` runs on each connection,
     ``on_down()`` on each loss.
+
+    A link the broker keeps closing soon after accepting it (``EARLY_DROPS`` times in a
+    row, each within ``STABLE_S``) says so: ``last_error`` names the likely cause (another
+    client with this client id) until a connection has lasted ``STABLE_S``, and the
+    reconnect delay grows meanwhile, so two clients fighting over one session do not
+    reconnect twice a second for ever.
     """
 
     def __init__(
@@ -112,6 +129,14 @@ class Link:
         self._watchdog: threading.Thread | None = None
         self.last_heard = time.monotonic()  # any packet from the broker (watchdog)
         self.last_error: str | None = None
+        self.client_id = client_id
+        self._up_since: float | None = None  # monotonic time of the current connection
+        self._early_drops = 0  # connections in a row the broker closed within STABLE_S
+        self._silenced = False  # the watchdog shut the socket (the broker went silent)
+        self._drop_lock = threading.Lock()  # the network thread and the watchdog count
+        #: why the broker keeps closing this link, while it does (see the class docstring)
+        self.dropping: str | None = None
+        self.reconnect_delay_s = cfg.reconnect_min_delay_s  # the current minimum
         c = self.client
         set_credentials(c, cfg)
         if will is not None:
@@ -231,6 +256,7 @@ class Link:
                 continue
             try:
                 now = time.monotonic()
+                self._settled(now)
                 heard = self.last_heard
                 if pinged_at is not None and (heard > pinged_at or client._ping_t == 0):
                     pinged_at = None  # answered, by the PINGRESP or any other packet
@@ -243,6 +269,7 @@ class Link:
                     self.metrics.connection_errors.labels("keepalive").inc()
                     log.warning("broker_silent", link=self.name, silent_s=round(now - heard, 2),
                                 keepalive_s=self.cfg.keepalive_s, action="reconnect")
+                    self._silenced = True  # our doing, not the broker's: not an early drop
                     sock = client.socket()
                     if isinstance(sock, socket.socket):  # SSLSocket is one too
                         with contextlib.suppress(OSError):  # already closed: fine
@@ -279,8 +306,9 @@ class Link:
             self._first_connect.set()
             return
         self._connect_result = None
-        self.last_error = None
-        self.last_heard = time.monotonic()
+        self.last_error = self.dropping
+        self.last_heard = self._up_since = time.monotonic()
+        self._silenced = False
         if self._ever_connected:
             self.metrics.reconnects.inc()
         self._ever_connected = True
@@ -304,6 +332,67 @@ class Link:
             self._on_down()
         if was:
             log.warning("broker_disconnected", link=self.name, reason=str(reason))
+            if not self._stopped.is_set() and not self._silenced:
+                self._dropped(time.monotonic(), str(reason))
+
+    # -- a broker that keeps closing the link ------------------------------------------
+
+    def _dropped(self, now: float, reason: str) -> None:
+        """The broker closed the link (network thread): count an early drop, or start
+        the count again after a connection that lasted."""
+        with self._drop_lock:
+            up = None if self._up_since is None else now - self._up_since
+            self._up_since = None
+            if up is None or up >= STABLE_S:
+                self._early_drops = 0
+                self._settle_delay()
+                return
+            self._early_drops += 1
+            if self._early_drops >= EARLY_DROPS:
+                self._suspect(up, reason)
+
+    def _suspect(self, up: float, reason: str) -> None:
+        """Say why the broker keeps closing the link and wait longer before reconnecting."""
+        doublings = self._early_drops - EARLY_DROPS + 1
+        cfg = self.cfg
+        delay = min(cfg.reconnect_min_delay_s * 2.0**doublings,
+                    max(EARLY_DROP_MAX_DELAY_S, cfg.reconnect_min_delay_s))
+        self.reconnect_delay_s = delay
+        # paho forgets its own doubling at each successful connection: set the minimum
+        self.client.reconnect_delay_set(delay, max(delay, cfg.reconnect_max_delay_s))  # type: ignore[arg-type]  # paho accepts float seconds
+        self.dropping = (
+            f"the broker closed the {self.name} link {self._early_drops} times in a row "
+            f"within {STABLE_S:.0f} s of accepting it (last: {reason}); most likely another "
+            f"client connects with client id {self.client_id!r}, such as a second anomalyd "
+            "with the same mqtt.client_id (give each its own); else see the broker's log"
+        )
+        self.last_error = self.dropping
+        self.metrics.connection_errors.labels("dropped_early").inc()
+        log.error("broker_keeps_dropping", link=self.name, client_id=self.client_id,
+                  early_drops=self._early_drops, connected_s=round(up, 2), reason=reason,
+                  retry_in_s=delay,
+                  hint="two clients with one client id take the session from each other")
+
+    def _settled(self, now: float) -> None:
+        """The watchdog's check: a connection that has lasted ``STABLE_S`` ends the count."""
+        with self._drop_lock:
+            up_since = self._up_since
+            if self.dropping is not None and up_since is not None and now - up_since >= STABLE_S:
+                self._early_drops = 0
+                self._settle_delay()
+
+    def _settle_delay(self) -> None:
+        """Back to the configured reconnect delay, the suspicion lifted (lock held)."""
+        if self.dropping is None:
+            return
+        cfg = self.cfg
+        self.reconnect_delay_s = cfg.reconnect_min_delay_s
+        self.client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]  # paho accepts float seconds
+        log.info("broker_link_stable", link=self.name, client_id=self.client_id,
+                 stable_s=STABLE_S)
+        self.dropping = None
+        if self.last_error is not None and self._connected.is_set():
+            self.last_error = None
 
     def _publish_cb(
         self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any

@@ -36,11 +36,15 @@ class ServiceStatus:
         }
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness: healthy, connected, not stopping, and the broker takes our publishes
-        (a refused verdict or alert holds its reading back until it is accepted)."""
+        """Readiness: healthy, connected, not stopping, the broker takes our publishes (a
+        refused verdict or alert holds its reading back until it is accepted) and keeps
+        our links open (not closing them soon after accepting them, as it does for two
+        clients with one client id)."""
         svc = self._service
-        connected = svc.mqtt.connected
-        ok = connected and not svc.stopping and self.health()[0] and svc.mqtt.refusal is None
+        mqtt = svc.mqtt
+        connected = mqtt.connected
+        ok = (connected and not svc.stopping and self.health()[0] and mqtt.refusal is None
+              and mqtt.dropping is None)
         body: dict[str, Any] = {"ready": ok, "broker_connected": connected,
                                 "models_loaded": len(svc.bundle.detector_names),
                                 "stopping": svc.stopping}
