@@ -41,6 +41,7 @@ from daemon.control import (
     check_ack_text,
     check_silence,
 )
+from daemon.errors import ConfigError
 
 log = structlog.get_logger("anomalyd.http")
 
@@ -255,7 +256,13 @@ class HttpServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # requests are not logged: /metrics is scraped every few seconds
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # the port taken (a second anomalyd?), or no such address
+            raise ConfigError(
+                f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}; choose another "
+                "http.port (HEALTH_PORT) or http.host (HEALTH_HOST), or stop what holds it"
+            ) from exc
         self._server.daemon_threads = True
         #: bound to a loopback address: POST without a token is then allowed
         self.loopback = _is_loopback(str(self._server.server_address[0]))

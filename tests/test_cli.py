@@ -314,3 +314,18 @@ def test_a_backtest_uses_the_configured_baseline_margin(
 
     assert anomalies(1.5) == 10  # the fault, after the warm-up
     assert anomalies(100.0) < anomalies(1.5)
+
+
+def test_run_with_its_http_port_taken_says_so_and_exits_2(trained_model_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = anomalyd("run", env={"HEALTH_PORT": str(port), "MODEL_DIR": str(trained_model_dir),
+                                   "STATE_DIR": str(trained_model_dir.parent / "state-port")})
+    assert res.returncode == 2, res.stderr
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in res.stderr
+    assert "HEALTH_PORT" in res.stderr
+    assert "Traceback" not in res.stderr
