@@ -21,6 +21,7 @@ from daemon.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config/anomalyd.toml")
 MASK = "********"  # what a secret looks like in /info and check-config
+MIN_PACKET_BYTES = 1024  # the smallest mqtt.max_packet_bytes accepted
 
 
 class _Strict(BaseModel):
@@ -60,6 +61,9 @@ class MqttConfig(_Strict):
     reconnect_max_delay_s: float = Field(2.0, gt=0)
     connect_timeout_s: float = Field(30.0, ge=0)
     tcp_nodelay: bool = True
+    #: the broker's packet size limit, where it does not announce one (MQTT 3.1.1, or a
+    #: documented cap); 0: only the limit an MQTT 5 broker announces (daemon.oversize)
+    max_packet_bytes: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
@@ -69,6 +73,9 @@ class MqttConfig(_Strict):
             raise ValueError("reconnect_max_delay_s must be >= reconnect_min_delay_s")
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or password_file, not both")
+        if 0 < self.max_packet_bytes < MIN_PACKET_BYTES:
+            raise ValueError(f"max_packet_bytes must be 0 (the broker's own limit) or at "
+                             f"least {MIN_PACKET_BYTES}: a verdict needs about that much")
         return self
 
     def secret(self) -> str | None:

@@ -103,6 +103,11 @@ class Metrics:
             "anomalyd_broker_connection_errors", "Failed or refused connection attempts, by reason",
             ["reason"], registry=r,
         )
+        self.oversize_results = Counter(
+            "anomalyd_oversize_results",
+            "Results larger than the broker's packet size limit, by kind and what was done "
+            "(split, truncated, shortened, replaced, dropped)", ["kind", "action"], registry=r,
+        )
         self.publish_refusals = Counter(
             "anomalyd_publish_refusals",
             "Verdicts, alerts and dead letters the broker refused (MQTT 5 PUBACK reason, e.g."

@@ -199,6 +199,7 @@ class MqttAdapter:
         self._refusal: str | None = None  # the newest refusal, while any is outstanding
         self._refusal_logged = float("-inf")
         self._intake = True
+        self._broker_max_packet: int | None = None  # announced in the output link's CONNACK
         cid = client_id or cfg.client_id
         self.intake = Link(
             cfg, metrics, name="intake", client_id=cid, persistent=True, manual_ack=True,
@@ -233,6 +234,13 @@ class MqttAdapter:
     @property
     def last_error(self) -> str | None:
         return self.intake.last_error or self.output.last_error or self.refusal
+
+    @property
+    def max_packet(self) -> int | None:
+        """The largest packet the broker takes (bytes): the limit it announced (MQTT 5)
+        or ``mqtt.max_packet_bytes``, the smaller; None if neither says."""
+        limits = [x for x in (self._broker_max_packet, self.cfg.max_packet_bytes) if x]
+        return min(limits) if limits else None
 
     @property
     def dropping(self) -> str | None:
@@ -345,6 +353,12 @@ class MqttAdapter:
         # publishes to it than it says it accepts.
         receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
         self.window.set_limit(receive_max or self.cfg.max_outstanding_publishes)
+        # ... and its Maximum Packet Size: a larger packet would cost us the connection
+        # (daemon.oversize makes results fit). A broker reconfigured meanwhile may change it.
+        max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        if max_packet != self._broker_max_packet:
+            log.info("broker_max_packet", max_packet_bytes=max_packet)
+        self._broker_max_packet = max_packet
         self.metrics.connected.set(1 if self.intake.connected else 0)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

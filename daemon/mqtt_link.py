@@ -360,18 +360,23 @@ class Link:
         self.reconnect_delay_s = delay
         # paho forgets its own doubling at each successful connection: set the minimum
         self.client.reconnect_delay_set(delay, max(delay, cfg.reconnect_max_delay_s))  # type: ignore[arg-type]  # paho accepts float seconds
+        if "too large" in reason.lower():  # MQTT 5 "Packet too large"
+            cause = ("it finds a packet too large: set mqtt.max_packet_bytes to the "
+                     "broker's limit, which it does not announce")
+        else:
+            cause = (f"most likely another client connects with client id "
+                     f"{self.client_id!r}, such as a second anomalyd with the same "
+                     "mqtt.client_id (give each its own); or it finds a packet too large "
+                     "(mqtt.max_packet_bytes); see the broker's log")
         self.dropping = (
             f"the broker closed the {self.name} link {self._early_drops} times in a row "
-            f"within {STABLE_S:.0f} s of accepting it (last: {reason}); most likely another "
-            f"client connects with client id {self.client_id!r}, such as a second anomalyd "
-            "with the same mqtt.client_id (give each its own); else see the broker's log"
+            f"within {STABLE_S:.0f} s of accepting it (last: {reason}); {cause}"
         )
         self.last_error = self.dropping
         self.metrics.connection_errors.labels("dropped_early").inc()
         log.error("broker_keeps_dropping", link=self.name, client_id=self.client_id,
                   early_drops=self._early_drops, connected_s=round(up, 2), reason=reason,
-                  retry_in_s=delay,
-                  hint="two clients with one client id take the session from each other")
+                  retry_in_s=delay, hint=cause)
 
     def _settled(self, now: float) -> None:
         """The watchdog's check: a connection that has lasted ``STABLE_S`` ends the count."""

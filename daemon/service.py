@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__, state
+from daemon import __version__, oversize, state
 from daemon.acks import Inbound
 from daemon.batching import next_batch
 from daemon.config import Settings
@@ -39,6 +39,8 @@ log = structlog.get_logger("anomalyd")
 
 #: How often the scorer looks for devices gone quiet (``alerts.quiet_after_s``).
 PRESENCE_CHECK_S = 1.0
+#: At most one ``result_oversize`` warning this often (each is counted in the metrics).
+OVERSIZE_LOG_S = 10.0
 #: How long an operator's command or the shutdown waits for the state file to be written
 #: (at 10,000 devices with baselines, encoding and writing take ~0.2 s).
 STATE_FLUSH_TIMEOUT_S = 10.0
@@ -93,6 +95,7 @@ class Service:
                                               self.metrics.state_saved.set_to_current_time)
         self._state_saved_at = time.monotonic()
         self._presence_checked_at = 0.0
+        self._oversize_logged = float("-inf")
         # Bounded by batch.queue_size: when full, the intake's network thread waits (the
         # PUBACKs our publishes need arrive on the other connection), so the broker keeps
         # the readings. SimpleQueue: a C queue, ~20x cheaper per message than queue.Queue.
@@ -182,10 +185,11 @@ class Service:
         stop = self._forced.is_set
         for msg, outs in zip(batch, outputs, strict=True):
             for out in outs:
-                if not self.mqtt.publish(
-                    out.topic, out.payload, msg, retain=out.retain, should_stop=stop
-                ):
-                    return
+                for part in self._fitted(out):
+                    if not self.mqtt.publish(
+                        part.topic, part.payload, msg, retain=part.retain, should_stop=stop
+                    ):
+                        return
             self.mqtt.acks.release(msg)
         self._record(stats, time.perf_counter() - t0)
 
@@ -210,8 +214,27 @@ class Service:
 
     def _publish_now(self, out: Outbound) -> bool:
         """Publish a message no reading caused (an operator's command; scorer thread)."""
-        return self.mqtt.publish(out.topic, out.payload, None, retain=out.retain,
-                                 should_stop=self._forced.is_set)
+        return all([self.mqtt.publish(part.topic, part.payload, None, retain=part.retain,
+                                      should_stop=self._forced.is_set)
+                    for part in self._fitted(out)])
+
+    def _fitted(self, out: Outbound) -> list[Outbound]:
+        """``out``, or what replaces it within the broker's packet size limit
+        (``daemon.oversize``): a result the broker would not take would cost the
+        connection at each attempt and hold every later acknowledgement."""
+        max_packet = self.mqtt.max_packet
+        if max_packet is None or oversize.fits(out, max_packet):
+            return [out]
+        fitted, action = oversize.fit(out, max_packet, self.pipeline.payloads.dead_letter_topic,
+                                      time.time())
+        self.metrics.oversize_results.labels(out.kind, action).inc()
+        now = time.monotonic()
+        if action == "dropped" or now - self._oversize_logged >= OVERSIZE_LOG_S:
+            self._oversize_logged = now
+            (log.error if action == "dropped" else log.warning)(
+                "result_oversize", kind=out.kind, topic=out.topic, size_bytes=len(out.payload),
+                max_packet_bytes=max_packet, action=action, messages=len(fitted))
+        return fitted
 
     def _record(self, stats: BatchStats, elapsed: float) -> None:
         self.metrics.record_batch(stats)

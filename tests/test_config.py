@@ -45,6 +45,15 @@ def test_bad_values_are_errors(tmp_path: Path) -> None:
     assert "device_id" in str(err.value)
 
 
+
+def test_a_packet_limit_too_small_for_a_verdict_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[mqtt]\nmax_packet_bytes = 500\n")
+    with pytest.raises(ConfigError, match=r"max_packet_bytes must be 0 .* or at least 1024"):
+        load_settings(cfg, env={})
+    cfg.write_text("[mqtt]\nmax_packet_bytes = 131072\n")
+    assert load_settings(cfg, env={}).mqtt.max_packet_bytes == 131072
+
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.port"):
         load_settings(None, env={"MQTT_PORT": "not-a-port"})
