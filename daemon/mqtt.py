@@ -200,11 +200,13 @@ class MqttAdapter:
         self._refusal_logged = float("-inf")
         self._intake = True
         self._broker_max_packet: int | None = None  # announced in the output link's CONNACK
+        #: why the broker did not grant the readings' subscription at QoS 1 (its SUBACK)
+        self.subscription_problem: str | None = None
         cid = client_id or cfg.client_id
         self.intake = Link(
             cfg, metrics, name="intake", client_id=cid, persistent=True, manual_ack=True,
             will=(status_topic, b"offline"), on_up=self._intake_up, on_down=self._intake_down,
-            on_message=self._on_message,
+            on_message=self._on_message, on_subscribe=self._intake_subscribed,
         )
         self.output = Link(
             cfg, metrics, name="output", client_id=f"{cid}-out", persistent=False,
@@ -233,7 +235,8 @@ class MqttAdapter:
 
     @property
     def last_error(self) -> str | None:
-        return self.intake.last_error or self.output.last_error or self.refusal
+        return (self.subscription_problem or self.intake.last_error or self.output.last_error
+                or self.refusal)
 
     @property
     def max_packet(self) -> int | None:
@@ -342,6 +345,28 @@ class MqttAdapter:
         client.publish(self.status_topic, b"online", qos=1, retain=True)
         self.metrics.connected.set(1 if self.output.connected else 0)
         log.info("subscribed", subscription=self.subscription, session_present=session_present)
+
+    def _intake_subscribed(self, codes: list[Any]) -> None:
+        """The broker's answer to the readings' subscription (the stale filters are
+        unsubscribed, not subscribed: this is the one SUBSCRIBE of the intake)."""
+        code = codes[0] if codes else None
+        if code is not None and code.is_failure:
+            problem = (f"the broker refused the subscription to {self.subscription}: {code} "
+                       "(its ACL may not let this user read the readings' topics); no "
+                       "reading can arrive")
+        elif code is not None and code.value == 0:
+            problem = (f"the broker granted the subscription to {self.subscription} at QoS 0 "
+                       "only (Mosquitto's max_qos): readings arrive at most once and are "
+                       "lost in any outage; anomalyd needs QoS 1")
+        else:
+            if self.subscription_problem is not None:
+                log.info("subscription_granted", subscription=self.subscription)
+            self.subscription_problem = None
+            return
+        if problem != self.subscription_problem:
+            log.error("subscription_refused", subscription=self.subscription, answer=str(code))
+        self.subscription_problem = problem
+        self.metrics.connection_errors.labels("subscription").inc()
 
     def _intake_down(self) -> None:
         self.metrics.connected.set(0)

@@ -33,6 +33,9 @@ log = structlog.get_logger("anomalyd.mqtt")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: What paho reports for a connection the broker closed without saying why (Mosquitto 2.0
+#: for a client id taken over), or with the MQTT 5 reason for exactly that.
+NO_REASON = frozenset({"Unspecified error", "Session taken over"})
 #: A link the broker closes sooner than this after accepting it was dropped *early*...
 STABLE_S = 60.0
 #: ... and this many early drops in a row are no accident: most often another client
@@ -75,6 +78,15 @@ def connect_failure(cfg: MqttConfig, exc: OSError) -> str:
     return f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}"
 
 
+def unusable(connack_props: Any) -> str | None:
+    """Why an MQTT 5 broker that accepted us cannot serve anomalyd, from its CONNACK: it
+    allows QoS 0 only (Mosquitto's ``max_qos 0``), and disconnects a QoS 1 publisher."""
+    if getattr(connack_props, "MaximumQoS", 1) == 0:
+        return ("it allows QoS 0 only (Maximum QoS 0; Mosquitto's max_qos): anomalyd needs "
+                "QoS 1, or readings and results could be lost")
+    return None
+
+
 class Link:
     """A paho client, connected and kept connected.
 
@@ -105,6 +117,7 @@ class Link:
         on_down: Callable[[], None] | None = None,
         on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None] | None = None,
         on_publish: Callable[[int, str | None], None] | None = None,
+        on_subscribe: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -152,6 +165,9 @@ class Link:
         if on_message is not None:
             c.on_message = guard(metrics, "on_message", self._heard_then(on_message))
         c.on_publish = guard(metrics, f"{name}.on_publish", self._publish_cb)
+        if on_subscribe is not None:
+            c.on_subscribe = guard(metrics, f"{name}.on_subscribe",
+                                   lambda _c, _u, _mid, codes, _p: on_subscribe(list(codes)))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -297,11 +313,12 @@ class Link:
     def _connect_cb(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if reason.is_failure:
-            self._connect_result = str(reason)
-            self.last_error = f"broker refused the connection: {reason}"
+        refused = str(reason) if reason.is_failure else unusable(props) if self.v5 else None
+        if refused is not None:
+            self._connect_result = refused
+            self.last_error = f"broker refused the connection: {refused}"
             self.metrics.connection_errors.labels("refused").inc()
-            log.error("broker_refused", link=self.name, reason=str(reason),
+            log.error("broker_refused", link=self.name, reason=refused,
                       host=self.cfg.host, port=self.cfg.port)
             self._first_connect.set()
             return
@@ -363,6 +380,8 @@ class Link:
         if "too large" in reason.lower():  # MQTT 5 "Packet too large"
             cause = ("it finds a packet too large: set mqtt.max_packet_bytes to the "
                      "broker's limit, which it does not announce")
+        elif reason not in NO_REASON:
+            cause = "see the broker's log for why"
         else:
             cause = (f"most likely another client connects with client id "
                      f"{self.client_id!r}, such as a second anomalyd with the same "

@@ -39,12 +39,12 @@ class ServiceStatus:
         """Readiness: healthy, connected, not stopping, the broker takes our publishes (a
         refused verdict or alert holds its reading back until it is accepted) and keeps
         our links open (not closing them soon after accepting them, as it does for two
-        clients with one client id)."""
+        clients with one client id) and granted the readings' subscription at QoS 1."""
         svc = self._service
         mqtt = svc.mqtt
         connected = mqtt.connected
         ok = (connected and not svc.stopping and self.health()[0] and mqtt.refusal is None
-              and mqtt.dropping is None)
+              and mqtt.dropping is None and mqtt.subscription_problem is None)
         body: dict[str, Any] = {"ready": ok, "broker_connected": connected,
                                 "models_loaded": len(svc.bundle.detector_names),
                                 "stopping": svc.stopping}

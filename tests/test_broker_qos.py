@@ -1,0 +1,56 @@
+"""A broker that allows QoS 0 only (Mosquitto's ``max_qos 0``) cannot give anomalyd its
+guarantees: it disconnects a QoS 1 publisher, and readings subscribed at QoS 0 are lost in
+any outage. The daemon says so instead of reconnecting in silence."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from daemon.config import MqttConfig
+from daemon.errors import BrokerError
+from daemon.metrics import Metrics
+from daemon.mqtt import MqttAdapter
+from tests.broker import Broker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def qos0_broker() -> Iterator[Broker]:
+    b = Broker(extra_conf="max_qos 0\n").start()
+    yield b
+    b.stop()
+
+
+def test_an_mqtt5_broker_allowing_qos_0_only_is_refused_at_start(
+    qos0_broker: Broker, start_daemon: Any,
+) -> None:
+    with pytest.raises(BrokerError, match=r"QoS 0 only .*max_qos.* needs QoS 1"):
+        start_daemon(qos0_broker)
+
+
+@pytest.mark.parametrize(("code", "says"), [
+    (0x87, "refused the subscription to sensors/+/readings: Not authorized"),
+    (0x80, "refused the subscription to sensors/+/readings: Unspecified error"),
+    (0x00, "granted the subscription to sensors/+/readings at QoS 0 only"),
+])
+def test_a_subscription_not_granted_at_qos_1_makes_the_daemon_unready_until_it_is(
+    code: int, says: str,
+) -> None:
+    # Mosquitto 2.0 grants every subscription at QoS 1 (its ACL filters each message
+    # instead, and max_qos 0 refuses the connection first), so the broker's answer is
+    # handed to the adapter as paho would hand it.
+    adapter = MqttAdapter(MqttConfig(), "sensors/+/readings", "anomaly/status", Metrics(),
+                          deliver=lambda _: None)
+    adapter._intake_subscribed([ReasonCode(PacketTypes.SUBACK, identifier=code)])
+    assert adapter.subscription_problem is not None
+    assert says in adapter.subscription_problem
+    assert adapter.last_error == adapter.subscription_problem
+    assert adapter.metrics.connection_errors.labels("subscription")._value.get() == 1
+    adapter._intake_subscribed([ReasonCode(PacketTypes.SUBACK, identifier=1)])  # QoS 1
+    assert adapter.subscription_problem is None
