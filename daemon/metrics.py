@@ -99,6 +99,11 @@ class Metrics:
         self.reconnects = Counter(
             "anomalyd_broker_reconnects", "Successful connections after the first", registry=r,
         )
+        self.sessions_lost = Counter(
+            "anomalyd_broker_sessions_lost",
+            "Connections on which the broker no longer had the daemon's session: readings "
+            "published meanwhile were not kept for it", registry=r,
+        )
         self.connection_errors = Counter(
             "anomalyd_broker_connection_errors", "Failed or refused connection attempts, by reason",
             ["reason"], registry=r,

@@ -200,6 +200,10 @@ class MqttAdapter:
         self._refusal_logged = float("-inf")
         self._intake = True
         self._broker_max_packet: int | None = None  # announced in the output link's CONNACK
+        #: the broker should still hold this client's session at the first connection: the
+        #: daemon ran before with this id (its device state was restored); set before start
+        self.expects_session = False
+        self._intake_connections = 0
         #: why the broker did not grant the readings' subscription at QoS 1 (its SUBACK)
         self.subscription_problem: str | None = None
         cid = client_id or cfg.client_id
@@ -345,6 +349,18 @@ class MqttAdapter:
         client.publish(self.status_topic, b"online", qos=1, retain=True)
         self.metrics.connected.set(1 if self.output.connected else 0)
         log.info("subscribed", subscription=self.subscription, session_present=session_present)
+        self._intake_connections += 1
+        expected = self._intake_connections > 1 or self.expects_session
+        # (MQTT 5 with session_expiry_s = 0 keeps no session to find)
+        keeps = not self.intake.v5 or self.cfg.session_expiry_s > 0
+        if expected and keeps and not session_present:
+            self.metrics.sessions_lost.inc()
+            log.warning(
+                "broker_session_lost", client_id=self.intake.client_id,
+                first_connection=self._intake_connections == 1,
+                note="the broker no longer had this daemon's session (restarted without its "
+                     "database, or the session expired: mqtt.session_expiry_s): readings "
+                     "published while the daemon was not connected were not kept for it")
 
     def _intake_subscribed(self, codes: list[Any]) -> None:
         """The broker's answer to the readings' subscription (the stale filters are

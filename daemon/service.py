@@ -267,6 +267,7 @@ class Service:
             return
         if snapshot is None:
             return
+        self.mqtt.expects_session = True  # it ran before: the broker should keep its session
         devices, alerts, problems = self.pipeline.fleet.restore(snapshot)
         for problem in problems:
             log.warning("state_partly_discarded", path=str(self.state_path), error=problem,
