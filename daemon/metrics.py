@@ -99,6 +99,11 @@ class Metrics:
         self.reconnects = Counter(
             "anomalyd_broker_reconnects", "Successful connections after the first", registry=r,
         )
+        self.last_reading = Gauge(
+            "anomalyd_last_reading_timestamp_seconds",
+            "When the newest message this daemon judged was received (0: none since start)",
+            registry=r,
+        )
         self.sessions_lost = Counter(
             "anomalyd_broker_sessions_lost",
             "Connections on which the broker no longer had the daemon's session: readings "

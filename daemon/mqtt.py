@@ -203,6 +203,9 @@ class MqttAdapter:
         #: the broker should still hold this client's session at the first connection: the
         #: daemon ran before with this id (its device state was restored); set before start
         self.expects_session = False
+        #: monotonic time of the newest message on the subscription, or of the subscription
+        #: itself if later (None before it): how long the intake has heard nothing
+        self.heard_at: float | None = None
         self._intake_connections = 0
         #: why the broker did not grant the readings' subscription at QoS 1 (its SUBACK)
         self.subscription_problem: str | None = None
@@ -349,6 +352,8 @@ class MqttAdapter:
         client.publish(self.status_topic, b"online", qos=1, retain=True)
         self.metrics.connected.set(1 if self.output.connected else 0)
         log.info("subscribed", subscription=self.subscription, session_present=session_present)
+        now = time.monotonic()
+        self.heard_at = now if self.heard_at is None else max(self.heard_at, now)
         self._intake_connections += 1
         expected = self._intake_connections > 1 or self.expects_session
         # (MQTT 5 with session_expiry_s = 0 keeps no session to find)
@@ -403,6 +408,7 @@ class MqttAdapter:
         self.metrics.connected.set(1 if self.intake.connected else 0)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.heard_at = time.monotonic()
         if not self._intake:
             return  # not acked: the broker keeps it for our next session
         try:

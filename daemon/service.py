@@ -39,6 +39,8 @@ log = structlog.get_logger("anomalyd")
 
 #: How often the scorer looks for devices gone quiet (``alerts.quiet_after_s``).
 PRESENCE_CHECK_S = 1.0
+#: A warning when nothing at all has arrived on the readings' subscription for this long.
+NO_READINGS_WARN_S = 300.0
 #: At most one ``result_oversize`` warning this often (each is counted in the metrics).
 OVERSIZE_LOG_S = 10.0
 #: How long an operator's command or the shutdown waits for the state file to be written
@@ -96,6 +98,7 @@ class Service:
         self._state_saved_at = time.monotonic()
         self._presence_checked_at = 0.0
         self._oversize_logged = float("-inf")
+        self._silence_warned = False
         # Bounded by batch.queue_size: when full, the intake's network thread waits (the
         # PUBACKs our publishes need arrive on the other connection), so the broker keeps
         # the readings. SimpleQueue: a C queue, ~20x cheaper per message than queue.Queue.
@@ -191,14 +194,17 @@ class Service:
                     ):
                         return
             self.mqtt.acks.release(msg)
+        self.metrics.last_reading.set(batch[-1].received_wall)
         self._record(stats, time.perf_counter() - t0)
 
     def _check_presence(self) -> None:
-        """Announce the devices that have gone quiet (at most once a second)."""
+        """Announce the devices that have gone quiet, and say when nothing at all arrives
+        (at most once a second)."""
         mono = time.monotonic()
         if mono - self._presence_checked_at < PRESENCE_CHECK_S:
             return
         self._presence_checked_at = mono
+        self._check_silence(mono)
         pipeline = self.pipeline
         if not pipeline.presence.enabled:
             return
@@ -211,6 +217,24 @@ class Service:
                         last_seen=iso(event.last_seen))
             self._publish_now(pipeline.payloads.presence(event))
         self.metrics.quiet_devices.set(len(pipeline.presence.quiet))
+
+    def _check_silence(self, mono: float) -> None:
+        """Warn once when no message at all has arrived on the readings' subscription for
+        ``NO_READINGS_WARN_S`` while connected: devices that all stopped, a subscription
+        that matches nothing, or a broker that lets this user subscribe but not read
+        (Mosquitto 2.0 grants such a subscription and delivers nothing)."""
+        heard = self.mqtt.heard_at
+        if heard is None or not self.mqtt.connected or mono - heard < NO_READINGS_WARN_S:
+            self._silence_warned = False
+            return
+        if not self._silence_warned:
+            self._silence_warned = True
+            log.warning("no_readings", subscription=self.subscription,
+                        silent_s=round(mono - heard),
+                        hint=f"no message has arrived on {self.subscription} for "
+                             f"{NO_READINGS_WARN_S:.0f} s: are devices publishing there, and "
+                             "may this daemon's user read it? (Mosquitto grants a "
+                             "subscription its ACL forbids, then delivers nothing)")
 
     def _publish_now(self, out: Outbound) -> bool:
         """Publish a message no reading caused (an operator's command; scorer thread)."""

@@ -111,3 +111,23 @@ def mosquitto_binary() -> str:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise FileNotFoundError("the mosquitto binary is not installed (apt-get install mosquitto)")
+
+
+def acl_broker(acl_text: str) -> tuple[Broker, Path]:
+    """A started broker with a password file (user ``anomalyd``, password ``secret``;
+    anonymous clients allowed too) and the ACL ``acl_text``; returns it and the ACL's path
+    (rewrite it and send the broker SIGHUP to change it). The files are not under pytest's
+    tmp_path: mosquitto, run as root, drops to its own user and must read them."""
+    folder = Path(tempfile.mkdtemp(prefix="anomalyd-acl-"))
+    folder.chmod(0o755)
+    acl = folder / "acl"
+    acl.write_text(acl_text)
+    passwords = folder / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "anomalyd", "secret"],
+                   check=True, capture_output=True)
+    for path in (acl, passwords):
+        path.chmod(0o644)
+        if os.geteuid() == 0 and _has_user("mosquitto"):
+            shutil.chown(path, user="mosquitto")
+    broker = Broker(extra_conf=f"password_file {passwords}\nacl_file {acl}\n").start()
+    return broker, acl

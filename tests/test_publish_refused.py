@@ -4,11 +4,8 @@ unacknowledged, readiness says why, and it is published again until it is accept
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from tests.broker import Broker
+from tests.broker import acl_broker as make_acl_broker
 from tests.conftest import make_settings
 from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
 from tests.conftest_models import NORMAL_READING as NORMAL
@@ -43,23 +41,10 @@ ACL_WITH_ALERTS = ACL_WITHOUT_ALERTS + "topic write anomaly/+/alert\n"
 
 @pytest.fixture
 def acl_broker() -> Iterator[tuple[Broker, Path]]:
-    # Not under pytest's tmp_path: mosquitto (as root) drops to its own user and must
-    # read these files.
-    folder = Path(tempfile.mkdtemp(prefix="anomalyd-acl-"))
-    folder.chmod(0o755)
-    acl = folder / "acl"
-    acl.write_text(ACL_WITHOUT_ALERTS)
-    passwords = folder / "passwords"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "anomalyd", "secret"],
-                   check=True, capture_output=True)
-    for path in (acl, passwords):
-        path.chmod(0o644)
-        if os.geteuid() == 0 and shutil.which("mosquitto"):
-            shutil.chown(path, user="mosquitto")
-    broker = Broker(extra_conf=f"password_file {passwords}\nacl_file {acl}\n").start()
+    broker, acl = make_acl_broker(ACL_WITHOUT_ALERTS)
     yield broker, acl
     broker.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(acl.parent, ignore_errors=True)
 
 
 def test_a_refused_alert_holds_its_reading_until_the_broker_accepts_it(
