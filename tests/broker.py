@@ -6,6 +6,7 @@ Order of preference: a broker named by ``ANOMALYD_TEST_BROKER=host:port``; the l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,11 +115,13 @@ def mosquitto_binary() -> str:
     raise FileNotFoundError("the mosquitto binary is not installed (apt-get install mosquitto)")
 
 
-def acl_broker(acl_text: str) -> tuple[Broker, Path]:
-    """A started broker with a password file (user ``anomalyd``, password ``secret``;
-    anonymous clients allowed too) and the ACL ``acl_text``; returns it and the ACL's path
-    (rewrite it and send the broker SIGHUP to change it). The files are not under pytest's
-    tmp_path: mosquitto, run as root, drops to its own user and must read them."""
+@contextlib.contextmanager
+def acl_broker(acl_text: str) -> Iterator[tuple[Broker, Path]]:
+    """A running broker with a password file (user ``anomalyd``, password ``secret``;
+    anonymous clients allowed too) and the ACL ``acl_text``, and the ACL's path (rewrite it
+    and send the broker SIGHUP to change it); stopped and removed afterwards. The files are
+    not under pytest's tmp_path: mosquitto, run as root, drops to its own user and must
+    read them."""
     folder = Path(tempfile.mkdtemp(prefix="anomalyd-acl-"))
     folder.chmod(0o755)
     acl = folder / "acl"
@@ -130,4 +134,8 @@ def acl_broker(acl_text: str) -> tuple[Broker, Path]:
         if os.geteuid() == 0 and _has_user("mosquitto"):
             shutil.chown(path, user="mosquitto")
     broker = Broker(extra_conf=f"password_file {passwords}\nacl_file {acl}\n").start()
-    return broker, acl
+    try:
+        yield broker, acl
+    finally:
+        broker.stop()
+        shutil.rmtree(folder, ignore_errors=True)

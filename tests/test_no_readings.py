@@ -4,7 +4,6 @@ a while of hearing nothing at all, the daemon says so (``no_readings``)."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -31,10 +30,8 @@ ACL_WITH_READ = ACL_WITHOUT_READ + "topic read sensors/+/readings\n"
 
 @pytest.fixture
 def deaf_broker() -> Iterator[tuple[Broker, Path]]:
-    broker, acl = acl_broker(ACL_WITHOUT_READ)
-    yield broker, acl
-    broker.stop()
-    shutil.rmtree(acl.parent, ignore_errors=True)
+    with acl_broker(ACL_WITHOUT_READ) as pair:
+        yield pair
 
 
 def _warnings(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:

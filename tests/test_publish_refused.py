@@ -4,7 +4,6 @@ unacknowledged, readiness says why, and it is published again until it is accept
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -41,10 +40,8 @@ ACL_WITH_ALERTS = ACL_WITHOUT_ALERTS + "topic write anomaly/+/alert\n"
 
 @pytest.fixture
 def acl_broker() -> Iterator[tuple[Broker, Path]]:
-    broker, acl = make_acl_broker(ACL_WITHOUT_ALERTS)
-    yield broker, acl
-    broker.stop()
-    shutil.rmtree(acl.parent, ignore_errors=True)
+    with make_acl_broker(ACL_WITHOUT_ALERTS) as pair:
+        yield pair
 
 
 def test_a_refused_alert_holds_its_reading_until_the_broker_accepts_it(
