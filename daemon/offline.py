@@ -10,7 +10,9 @@ A JSON line that is one of the daemon's dead-letter records (``daemon.payloads``
 subscriber's copy of ``anomaly/dead-letter``) stands for the payload it carries, so what
 the daemon refused (late readings under ``late_policy = "drop"``, a model name not loaded
 then, a schema changed since) can be judged once the cause is dealt with. Of a batch
-message only the refused entries are judged again: the others had their verdicts.
+message only the refused entries are judged again: the others had their verdicts. A
+``result_too_large`` record (a result the broker could not take) carries no reading and
+is skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import orjson
 
 from daemon.config import Settings
 from daemon.models import ModelBundle
+from daemon.oversize import RESULT_TOO_LARGE
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
 
@@ -52,6 +55,8 @@ def _rows(path: Path) -> Iterator[tuple[str | None, bytes]]:
                         obj = orjson.loads(raw)
                     except orjson.JSONDecodeError:
                         obj = None
+                    if isinstance(obj, dict) and obj.get("reason") == RESULT_TOO_LARGE:
+                        continue  # about a result the broker could not take: no reading
                     device = obj.get("device_id") if isinstance(obj, dict) else None
                     if isinstance(obj, dict) and obj.keys() >= _DEAD_LETTER_KEYS:
                         raw = _refused_payload(obj)

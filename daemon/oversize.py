@@ -34,6 +34,8 @@ from daemon.payloads import Outbound, iso
 #: and a remaining length of up to 4), topic length (2), packet id (2) and, in MQTT 5,
 #: the properties' length (1).
 PUBLISH_OVERHEAD = 10
+#: The dead-letter reason of a result that could not be made to fit.
+RESULT_TOO_LARGE = "result_too_large"
 #: Fields a verdict or alert can do without, largest first.
 DETAIL_FIELDS = ("contributions", "detector_scores")
 
@@ -148,7 +150,7 @@ def _longest(most: int, ok: Callable[[int], bool]) -> int:
 def _too_large(out: Outbound, body: dict[str, Any], max_packet: int, now: float) -> dict[str, Any]:
     size = len(out.payload)
     return {
-        "reason": "result_too_large",
+        "reason": RESULT_TOO_LARGE,
         "detail": (f"the {out.kind} for {out.topic} is {size} bytes and cannot be made to "
                    f"fit the broker's packets of at most {max_packet} bytes"),
         "topic": out.topic,

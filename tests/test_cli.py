@@ -180,10 +180,11 @@ def test_score_replays_dead_letters_with_only_the_refused_entries(
     trained_model_dir: Path, tmp_path: Path
 ) -> None:
     """A subscriber's copy of the dead-letter topic, given to ``score``: each record's
-    payload is judged again, a batch message's refused entries only."""
+    payload is judged again, a batch message's refused entries only; a record about a
+    result too large for the broker is skipped."""
     import io
 
-    from daemon import offline
+    from daemon import offline, oversize
     from daemon.config import ReadingsConfig, Settings, TopicsConfig
     from daemon.models import load_bundle
     from daemon.pipeline import Pipeline, RawMessage
@@ -204,8 +205,13 @@ def test_score_replays_dead_letters_with_only_the_refused_entries(
     dead = [o.payload for outs in outputs for o in outs if o.kind == "dead_letter"]
     assert [sorted(r["reason"] for r in orjson.loads(d)["rejections"]) for d in dead] == [
         ["late"], ["late", "non_numeric_feature"], ["not_json"]]
+    # a result the broker could not take is on that topic too: it carries no reading
+    verdict = next(o for outs in outputs for o in outs
+                   if o.kind == "verdict" and b"predictions" in o.payload)
+    (notice,), action = oversize.fit(verdict, 420, TopicsConfig().dead_letter, t + 11)
+    assert action == "replaced"
     data = tmp_path / "dead.jsonl"
-    data.write_bytes(b"\n".join(dead) + b"\n")
+    data.write_bytes(b"\n".join([*dead[:1], notice.payload, *dead[1:]]) + b"\n")
     out = io.BytesIO()
     counts = offline.score_file(data, out, Settings(), bundle, device="unknown",
                                 detector=None)
