@@ -40,8 +40,10 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
             state += flapping_note(body.get("resolve_after"))
         return f"ALERT   {device} {state} [{body['severity']}] {body.get('explanation')}"
     if "total_samples" in body:
+        # a verdict split to fit the broker's packet size (daemon.oversize): totals per part
+        part = f" (part {body['part']} of {body['parts']})" if "part" in body else ""
         return (f"batch   {device} {body['anomalies_detected']}/{body['total_samples']} "
-                "anomalous")
+                f"anomalous{part}")
     mark = "ANOMALY" if body.get("is_anomaly") else "normal "
     tags = "".join(f" [{tag}]" for tag, key in _TAGS if body.get(key))
     return (f"{mark} {device} seq={body.get('seq', '-')} score={body.get('anomaly_score', 0):.3f}"

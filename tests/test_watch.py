@@ -55,3 +55,12 @@ def test_presence_lines() -> None:
     )
     new = {**back, "quiet_for_s": 0.0, "first_seen": True}
     assert describe("anomaly/p4/presence", orjson.dumps(new), S) == "NEW     p4: reporting"
+
+
+def test_a_batch_verdict_in_parts_says_which_part() -> None:
+    whole = {"device_id": "p5", "total_samples": 30, "anomalies_detected": 2, "predictions": []}
+    assert describe("anomaly/p5/verdict", orjson.dumps(whole), S) == (
+        "batch   p5 2/30 anomalous")
+    part = {**whole, "part": 2, "parts": 3}
+    assert describe("anomaly/p5/verdict", orjson.dumps(part), S) == (
+        "batch   p5 2/30 anomalous (part 2 of 3)")
