@@ -393,6 +393,10 @@ class Service:
         while (len(self.mqtt.window) or len(self.mqtt.acks)) and time.monotonic() < deadline:
             if self._forced.is_set() or not self.mqtt.connected:
                 break
+            if not len(self.mqtt.window) and self.mqtt.refusal is not None:
+                # Every publish is answered; what is left waits on results the broker
+                # refuses, which waiting will not change: leave those readings to it.
+                break
             time.sleep(0.01)
         if not self._worker.is_alive():
             redeliver += self._abandon_queued()

@@ -88,3 +88,30 @@ def test_a_refused_alert_holds_its_reading_until_the_broker_accepts_it(
     while http_get(port, "/info")[1]["unacked_inputs"] != 0:
         assert time.monotonic() < deadline, "the held reading was never acknowledged"
         time.sleep(0.05)
+
+
+def test_a_graceful_stop_does_not_wait_for_a_refused_result(
+    acl_broker: tuple[Broker, Path], start_daemon: Any, collector_for: Any,
+    publisher_for: Any, trained_model_dir: Path,
+) -> None:
+    broker, _ = acl_broker
+    settings = _alert_at_once(make_settings(
+        broker, trained_model_dir, username="anomalyd", password=SecretStr("secret")))
+    service = settings.service.model_copy(update={"shutdown_timeout_s": 60.0})
+    svc = start_daemon(settings=settings.model_copy(update={"service": service}))
+    col = collector_for(broker, ["anomaly/#"])
+    pub = publisher_for(broker)
+    pub.send("sensors/acl-2/readings", {**ANOMALOUS, "seq": 1})  # its alert is refused
+    col.wait_for(lambda t, p: t == "anomaly/acl-2/verdict")
+    deadline = time.monotonic() + 10
+    while svc.mqtt.refusal is None:
+        assert time.monotonic() < deadline, "the alert was not refused"
+        time.sleep(0.05)
+
+    t0 = time.monotonic()
+    clean = svc.shutdown()
+    took = time.monotonic() - t0
+    # Not the 60 s allowed: nothing but the refused alert was left to wait for. Its
+    # reading stays unacknowledged at the broker, for the next run.
+    assert took < 30, took
+    assert clean is False  # "stopped_with_work_left": the reading was not acknowledged
