@@ -116,12 +116,21 @@ class DeviceTracker:
         # Re-warmed devices' seq windows, until their next reading: a reading the broker
         # redelivers after a re-warm-up is still known as a repeat (saved with the state).
         self._kept_seqs: dict[str, SeqWindow] = {}
+        #: readings devices numbered (``seq``) that never arrived, found since the start
+        self.missing = 0
 
     def repeat(self, device_id: str, seq: int | None) -> bool:
         """Whether this device's reading ``seq`` was judged already (a redelivery), and if
         not, remember that it now is (``daemon.repeats``). Readings without a ``seq`` are
-        never repeats."""
-        return seq is not None and self._state(device_id).seqs.seen(seq)
+        never repeats. Readings the device numbered that never arrived are added to
+        ``missing`` as they are found."""
+        if seq is None:
+            return False
+        seqs = self._state(device_id).seqs
+        before = seqs.missing
+        repeated = seqs.seen(seq)
+        self.missing += seqs.missing - before
+        return repeated
 
     def arrival(
         self, device_id: str, readings: Sequence[Reading], received_at: float,
@@ -278,6 +287,8 @@ class DeviceTracker:
             "window_filled": len(st.recent),
             "window": self.window,
             "last_seq": st.seqs.last,  # the highest seq judged (None: readings carry none)
+            # seq values skipped and never filled in: readings lost on the way (its lifetime)
+            "missing_readings": st.seqs.missing,
             "newest_timestamp": st.clock.newest,  # of its on-time readings (epoch s)
             "late_readings": st.clock.late_count,  # since the daemon started
         }

@@ -99,6 +99,11 @@ class Metrics:
         self.reconnects = Counter(
             "anomalyd_broker_reconnects", "Successful connections after the first", registry=r,
         )
+        self.missing = Counter(
+            "anomalyd_readings_missing",
+            "Readings devices numbered (seq) that never arrived: seq values skipped and not "
+            "filled in by a late reading within 64 of the highest", registry=r,
+        )
         self.last_reading = Gauge(
             "anomalyd_last_reading_timestamp_seconds",
             "When the newest message this daemon judged was received (0: none since start)",
@@ -213,6 +218,8 @@ class Metrics:
             self.repeats.inc(stats.repeats)
         if stats.late:
             self.late.inc(stats.late)
+        if stats.missing:
+            self.missing.inc(stats.missing)
         if stats.clock_resets:
             self.clock_resets.inc(len(stats.clock_resets))
         for sev in stats.alert_severities:

@@ -108,6 +108,9 @@ class BatchStats:
     shadow_seconds: float = 0.0
     reporting: int = 0  # presence events of the batch: devices new, or back from quiet
     late: int = 0  # late readings (``daemon.lateness``), judged apart or dead-lettered
+    #: readings the devices numbered that never arrived, found in this batch (``seq`` values
+    #: skipped and not filled in within the repeat window: ``daemon.repeats``)
+    missing: int = 0
     #: devices whose clock was taken to have moved back in this batch (``daemon.lateness``)
     clock_resets: list[str] = field(default_factory=list)
 
@@ -182,7 +185,9 @@ class Pipeline:
         groups: dict[str, list[int]] = {}
         default = self.default_detector
         devices = self.devices
+        missing = devices.missing
         repeats = [devices.repeat(r.device_id, r.seq) for r in readings]
+        stats.missing = devices.missing - missing
         flags = [False] * len(readings) if late is None else late
         observed = [
             devices.observe(r.device_id, r.values, learn=not rep, late=lt)

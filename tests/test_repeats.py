@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from daemon import state
@@ -19,7 +21,7 @@ from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
-from daemon.repeats import REPEAT_SPAN
+from daemon.repeats import MAX_GAP, REPEAT_SPAN, SeqWindow
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
 from tests.saved_state import saved_and_loaded
 
@@ -178,3 +180,91 @@ def test_the_seq_window_survives_a_restart_and_old_state_still_loads(
     assert devices == 1 and problems == []
     out, _ = send(older, {**NORMAL_READING, "seq": 5})
     assert "repeat" not in out[0]
+
+
+# -- readings that never arrived ------------------------------------------------------------
+
+
+def _window(*seqs: int) -> SeqWindow:
+    w = SeqWindow()
+    for s in seqs:
+        w.seen(s)
+    return w
+
+
+def test_skipped_seq_values_count_as_missing_once_they_leave_the_window() -> None:
+    assert _window(*range(200)).missing == 0  # a device counting one by one
+    w = _window(*range(10), *range(15, 20))  # 10..14 skipped
+    assert w.missing == 0  # still inside the window: they may yet arrive late
+    for s in range(20, 15 + REPEAT_SPAN):
+        w.seen(s)
+    assert w.missing == 5
+    # filled in late, while still inside the window: not missing
+    w = _window(*range(10), 12, 10, 11, *range(13, 200))
+    assert w.missing == 0
+
+
+def test_a_jump_past_the_window_counts_what_it_skipped() -> None:
+    w = _window(0, REPEAT_SPAN + 100)
+    assert w.missing == 100  # 1..100 never inside the window
+    for s in range(REPEAT_SPAN + 101, 2 * REPEAT_SPAN + 100):
+        w.seen(s)
+    assert w.missing == REPEAT_SPAN + 99  # every value from 1 to REPEAT_SPAN + 99
+
+
+def test_a_restarted_or_renumbered_count_is_not_loss() -> None:
+    w = _window(*range(5000, 5100), *range(0, 100))  # the device restarted from 0
+    assert w.missing == 0
+    w = _window(*range(100), *range(100 + MAX_GAP + 1, 100 + MAX_GAP + 200))  # a new count
+    assert w.missing == 0
+    assert _window(0, MAX_GAP, *range(MAX_GAP + 1, MAX_GAP + REPEAT_SPAN)).missing == MAX_GAP - 1
+
+
+@given(st.lists(st.tuples(st.integers(1, 3 * REPEAT_SPAN), st.booleans()), max_size=60),
+       st.randoms(use_true_random=False))
+def test_missing_is_every_value_out_of_the_window_never_seen(
+    steps: list[tuple[int, bool]], rnd: Any,
+) -> None:
+    """Against a plain set: a count moving ahead by 1 or more at each step, sometimes
+    followed by a late value from within the window; the values that left the window
+    never seen are exactly the missing ones."""
+    w, seen = SeqWindow(), set()
+    last = 1000
+    w.seen(last)
+    seen.add(last)
+    for step, late in steps:
+        last += step
+        w.seen(last)
+        seen.add(last)
+        if late:
+            s = last - rnd.randrange(REPEAT_SPAN)
+            w.seen(s)
+            seen.add(s)
+    expected = sum(1 for s in range(1000, last - REPEAT_SPAN + 1) if s not in seen)
+    assert w.missing == expected
+
+
+def test_missing_readings_are_counted_shown_per_device_and_saved(
+    model_bundle: ModelBundle, tmp_path: Any,
+) -> None:
+    p = pipeline(model_bundle)
+    _, stats = send(p, *({**NORMAL_READING, "seq": s} for s in (*range(10), *range(20, 100))))
+    assert stats.missing == 10
+    metrics = Metrics(CollectorRegistry())
+    metrics.record_batch(stats)
+    assert metrics.registry.get_sample_value("anomalyd_readings_missing_total") == 10.0
+    summary = p.devices.summary("p-7")
+    assert summary is not None and summary["missing_readings"] == 10
+    snapshot = saved_and_loaded(p, tmp_path)
+    again = pipeline(model_bundle)
+    again.fleet.restore(snapshot)
+    summary = again.devices.summary("p-7")
+    assert summary is not None and summary["missing_readings"] == 10
+    _, stats = send(again, {**NORMAL_READING, "seq": 110}, {**NORMAL_READING, "seq": 200})
+    assert stats.missing == 10 + 26  # 100..109 left the window unseen; 111..136 jumped past
+    # saved before the window's depth was: it is taken from the seen values
+    for dev in snapshot["devices"]["devices"].values():
+        del dev["seq_depth"], dev["seq_missing"]
+    older = pipeline(model_bundle)
+    assert older.fleet.restore(snapshot)[2] == []
+    assert older.devices.devices["p-7"].seqs.depth == REPEAT_SPAN

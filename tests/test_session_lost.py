@@ -7,10 +7,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.broker import Broker
 from tests.conftest import make_settings
+from tests.conftest_models import NORMAL_READING as NORMAL
 
 pytestmark = pytest.mark.integration
 
@@ -68,3 +70,39 @@ def test_a_restarted_daemon_expects_its_session_when_it_ran_before(
     while _lost(third) < 1:
         assert time.monotonic() < deadline, "the lost session was not noticed at start"
         time.sleep(0.05)
+
+
+def test_readings_a_full_broker_queue_dropped_are_counted_missing(
+    start_daemon: Any, collector_for: Any, publisher_for: Any, trained_model_dir: Any,
+) -> None:
+    """Mosquitto keeps at most ``max_queued_messages`` for an absent client and drops the
+    rest without a word (the publisher got its PUBACK). A device that numbers its readings
+    shows the hole: the daemon counts the readings that never arrived."""
+    broker = Broker(extra_conf="max_queued_messages 10\n").start()
+    try:
+        settings = make_settings(broker, trained_model_dir)
+        col = collector_for(broker, ["anomaly/+/verdict"])
+        pub = publisher_for(broker)
+        first = start_daemon(settings=settings)
+        pub.send("sensors/gap-1/readings", {**NORMAL, "seq": 0})
+        col.wait_for(lambda t, p: t == "anomaly/gap-1/verdict")
+        first.shutdown()  # its session stays at the broker
+
+        for seq in range(1, 51):  # 50 readings for an absent daemon: the broker keeps 10
+            pub.send("sensors/gap-1/readings", {**NORMAL, "seq": seq})
+        again = start_daemon(settings=settings)
+        for seq in range(51, 151):  # and the device carries on
+            pub.send("sensors/gap-1/readings", {**NORMAL, "seq": seq})
+        col.wait_for(lambda t, p: t == "anomaly/gap-1/verdict"
+                     and orjson.loads(p)["seq"] == 150)
+
+        judged = {orjson.loads(p)["seq"] for t, p, _, _ in list(col.messages)
+                  if t == "anomaly/gap-1/verdict"}
+        never = set(range(151)) - judged
+        assert len(never) >= 30  # the broker dropped most of the 50
+        missing = again.metrics.missing._value.get()
+        assert missing == len(never), sorted(never)
+        summary = again.pipeline.devices.summary("gap-1")
+        assert summary is not None and summary["missing_readings"] == len(never)
+    finally:
+        broker.stop()
