@@ -146,6 +146,7 @@ class Link:
         self._up_since: float | None = None  # monotonic time of the current connection
         self._early_drops = 0  # connections in a row the broker closed within STABLE_S
         self._silenced = False  # the watchdog shut the socket (the broker went silent)
+        self._closed_unanswered = 0  # connections closed before the first CONNACK
         self._drop_lock = threading.Lock()  # the network thread and the watchdog count
         #: why the broker keeps closing this link, while it does (see the class docstring)
         self.dropping: str | None = None
@@ -203,6 +204,16 @@ class Link:
         self._watchdog.start()
         remaining = deadline - time.monotonic()
         if not self._first_connect.wait(None if remaining == float("inf") else max(0.5, remaining)):
+            self.stop(1.0)
+            if self._closed_unanswered:
+                # MQTT 3.1.1 has no reason codes: the broker just closes the connection
+                raise BrokerError(
+                    f"broker at {cfg.host}:{cfg.port} closed the connection "
+                    f"{self._closed_unanswered} time(s) without answering CONNECT: it refuses "
+                    "something in it and cannot say what over MQTT 3.1.1, such as the QoS 1 "
+                    "Last Will of a broker that allows QoS 0 only (Mosquitto's max_qos), or "
+                    "a client id or login its plugins refuse; see the broker's log"
+                )
             raise BrokerError(
                 f"no answer to CONNECT from broker at {cfg.host}:{cfg.port} "
                 f"within {cfg.connect_timeout_s:.0f}s"
@@ -345,6 +356,8 @@ class Link:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        if not self._ever_connected and not self._stopped.is_set():
+            self._closed_unanswered += 1  # closed before any CONNACK (see ``start``)
         if self._on_down is not None:
             self._on_down()
         if was:
@@ -385,8 +398,8 @@ class Link:
         else:
             cause = (f"most likely another client connects with client id "
                      f"{self.client_id!r}, such as a second anomalyd with the same "
-                     "mqtt.client_id (give each its own); or it finds a packet too large "
-                     "(mqtt.max_packet_bytes); see the broker's log")
+                     "mqtt.client_id (give each its own); else a packet it finds too large "
+                     "(mqtt.max_packet_bytes) or a failing network; see the broker's log")
         self.dropping = (
             f"the broker closed the {self.name} link {self._early_drops} times in a row "
             f"within {STABLE_S:.0f} s of accepting it (last: {reason}); {cause}"

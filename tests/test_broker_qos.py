@@ -34,6 +34,16 @@ def test_an_mqtt5_broker_allowing_qos_0_only_is_refused_at_start(
         start_daemon(qos0_broker)
 
 
+
+def test_an_mqtt311_broker_that_closes_without_answering_is_said_to(
+    qos0_broker: Broker, start_daemon: Any,
+) -> None:
+    # MQTT 3.1.1 has no reason codes: Mosquitto with max_qos 0 simply closes the
+    # connection of a client whose Last Will is QoS 1, as the daemon's intake's is.
+    with pytest.raises(BrokerError, match=r"closed the connection .* without answering "
+                                          r"CONNECT.*QoS 0 only"):
+        start_daemon(qos0_broker, protocol="3.1.1")
+
 @pytest.mark.parametrize(("code", "says"), [
     (0x87, "refused the subscription to sensors/+/readings: Not authorized"),
     (0x80, "refused the subscription to sensors/+/readings: Unspecified error"),
