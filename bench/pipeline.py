@@ -76,12 +76,15 @@ def main() -> None:
 
     def messages(rep: int) -> list[RawMessage]:
         """The bench's readings with ``seq`` values no earlier run used: a reading whose
-        seq its device sent before is a repeat, judged without updating any state."""
+        seq its device sent before is a repeat, judged without updating any state. Each
+        device numbers its own readings one by one, as a real one does (between runs its
+        count jumps ahead)."""
         base = rep * READINGS
         return [
             RawMessage(f"sensors/p-{i % DEVICES:03d}/readings",
                        payloads(spec["streams"][i % DEVICES], spec["features"],
-                                base + i * per_msg, per_msg, (i // DEVICES) * per_msg), now)
+                                base + (i // DEVICES) * per_msg, per_msg,
+                                (i // DEVICES) * per_msg), now)
             for i in range(READINGS // per_msg)
         ]
 

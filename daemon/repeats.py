@@ -51,6 +51,13 @@ class SeqWindow:
         past altogether, it is counted in ``missing``.
         """
         last = self.last
+        if last is not None and seq == last + 1 and self.depth == REPEAT_SPAN:
+            # the usual step of a device counting one by one: one position leaves
+            mask = self.mask
+            self.missing += 1 - (mask >> (REPEAT_SPAN - 1))
+            self.mask = ((mask << 1) | 1) & _SPAN_MASK
+            self.last = seq
+            return False
         if last is None or seq > last or last - seq >= REPEAT_SPAN:
             shift = 0 if last is None else seq - last
             if last is None or seq < last or shift > MAX_GAP:
@@ -59,11 +66,6 @@ class SeqWindow:
                 self.mask, self.depth, self.last = 1, 1, seq
                 return False
             depth = self.depth
-            if shift == 1 and depth == REPEAT_SPAN:  # the usual step: one position leaves
-                self.missing += 1 - (self.mask >> (REPEAT_SPAN - 1))
-                self.mask = ((self.mask << 1) | 1) & _SPAN_MASK
-                self.last = seq
-                return False
             self.missing += self._leaving(shift)
             # shift only inside the window: seq may jump by up to 2**63, and a bigger
             # shift would build an integer of that many bits
