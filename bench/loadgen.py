@@ -1,8 +1,11 @@
 """A load generator process: publish readings at a fixed rate or as fast as allowed.
 
-Every reading carries a ``seq`` unique across the whole run (``--seq-base`` + i), so the
-sink can match verdicts to sends. The send time (``time.monotonic()``, the same clock in
-every process on Linux) of reading i is written to ``--out`` as a float64 array. Bounded:
+Every reading carries a ``seq`` unique across the whole run, so the sink can match
+verdicts to sends; each device numbers its own readings one by one, as a real one does,
+from its own range above ``--seq-base`` (the daemon counts a device's skipped numbers as
+readings that never arrived). The send time (``time.monotonic()``, the same clock in
+every process on Linux) of reading i is written to ``--out`` as a float64 array, and its
+``seq`` to ``--out`` + ``.seq.npy``. Bounded:
 ``--count`` readings, ``--max-time`` seconds, at most ``--max-unacked`` QoS 1 publishes
 awaiting the broker (paho loses publishes past 65,535 unacknowledged).
 
@@ -38,6 +41,13 @@ def payloads(stream: list[list[float]], features: list[str], seq: int, batch: in
     return orjson.dumps({"readings": entries} if batch > 1 else entries[0])
 
 
+def seq_span(count: int, devices: int, batch: int) -> int:
+    """How many seq values a publisher of ``count`` readings over ``devices`` devices in
+    messages of ``batch`` may use from its ``--seq-base``."""
+    batch = max(1, batch)
+    return -(-(count // batch) // devices) * batch * devices
+
+
 def device_id(prefix: str, d: int) -> str:
     """The id of a load publisher's ``d``-th device."""
     return f"{prefix}-{d:03d}"
@@ -56,6 +66,9 @@ def publish_load(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     batch = max(1, args.batch)
     n_msgs = args.count // batch
     sends = np.full(n_msgs * batch, np.nan)
+    seqs = np.full(n_msgs * batch, -1, dtype=np.int64)
+    # each device's own range of seq values: at most seq_span(count, devices, batch) in all
+    per_device = -(-n_msgs // args.devices) * batch
     topics = [f"sensors/{device_id(args.prefix, d)}/readings" for d in range(args.devices)]
     streams = [device_stream(spec, args.prefix, d) for d in range(args.devices)]
     # a device's readings follow its own stream in order, continuing from earlier phases
@@ -74,9 +87,11 @@ def publish_load(args: argparse.Namespace, spec: dict[str, Any]) -> None:
                 break
         if time.monotonic() > deadline:
             break
-        body = payloads(streams[i % args.devices], spec["features"], args.seq_base + i * batch,
-                        batch, row0 + (i // args.devices) * batch)
+        d, m = i % args.devices, i // args.devices
+        first = args.seq_base + d * per_device + m * batch
+        body = payloads(streams[d], spec["features"], first, batch, row0 + m * batch)
         sends[i * batch : (i + 1) * batch] = time.monotonic()
+        seqs[i * batch : (i + 1) * batch] = np.arange(first, first + batch)
         client.publish(topics[i % len(topics)], body, qos=1)
     last = time.monotonic()
     sent = int(np.count_nonzero(~np.isnan(sends)))
@@ -85,6 +100,7 @@ def publish_load(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     client.disconnect()
     client.loop_stop()
     np.save(args.out, sends)
+    np.save(str(args.out) + ".seq.npy", seqs)
     Path(str(args.out) + ".json").write_text(json.dumps(
         {"sent": sent, "t_first": start, "t_last": last, "acked_messages": acked[0]}
     ))

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench import procstat
+from bench.loadgen import seq_span
 from tests.broker import Broker, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,7 +197,9 @@ class Runner:
              batch: int = 1) -> dict[str, Any]:
         """``total`` readings from ``publishers`` processes at ``rate`` (0 = flood)."""
         sink_out, ready = self._path("sink.npz"), self._path("sink.ready")
-        base = self._seqs(total)
+        share = total // publishers
+        span = seq_span(share, self.devices, batch)  # each publisher's own seq values
+        base = self._seqs(span * publishers)
         budget = (total / rate if rate else total / 500) + 60
         sink = subprocess.Popen(
             [PY, "-m", "bench.sink", "--port", str(port), "--expect", str(total),
@@ -204,15 +207,14 @@ class Runner:
              *[a for f in sysm.reply for a in ("--filter", f)]], cwd=REPO)
         wait_until(ready.exists, 20, "sink ready")
         cpu0, hist0 = sysm.cpu(), sysm.batch_hist()
-        share = total // publishers
         gens, outs = [], []
         for g in range(publishers):
             out = self._path(f"gen{g}.npy")
-            outs.append((out, base + g * share))
+            outs.append(out)
             gens.append(subprocess.Popen(
                 [PY, "-m", "bench.loadgen", "--port", str(port), "--rows", str(self.rows),
                  "--out", str(out), "--prefix", publisher_prefix(g),
-                 "--seq-base", str(base + g * share),
+                 "--seq-base", str(base + g * span),
                  "--count", str(share), "--rate", str(rate / publishers), "--batch", str(batch),
                  "--devices", str(self.devices), "--max-time", str(budget)], cwd=REPO))
         for gproc in gens:
@@ -221,15 +223,15 @@ class Runner:
         cpu1, hist1 = sysm.cpu(), sysm.batch_hist()
         return self._summarise(sysm, outs, sink_out, cpu1 - cpu0, hist0, hist1, rate)
 
-    def _summarise(self, sysm: System, outs: list[tuple[Path, int]], sink_out: Path,
+    def _summarise(self, sysm: System, outs: list[Path], sink_out: Path,
                    cpu: float, hist0: dict[str, float], hist1: dict[str, float],
                    rate: float) -> dict[str, Any]:
         send_seq, send_t = [], []
         t_last_send = 0.0
-        for out, base in outs:
+        for out in outs:
             t = np.load(out)
             ok = ~np.isnan(t)
-            send_seq.append(base + np.nonzero(ok)[0])
+            send_seq.append(np.load(str(out) + ".seq.npy")[ok])
             send_t.append(t[ok])
             t_last_send = max(t_last_send, json.loads(Path(str(out) + ".json").read_text())[
                 "t_last"])
