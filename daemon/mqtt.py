@@ -203,8 +203,8 @@ class MqttAdapter:
         #: the broker should still hold this client's session at the first connection: the
         #: daemon ran before with this id (its device state was restored); set before start
         self.expects_session = False
-        #: monotonic time of the newest message on the subscription, or of the subscription
-        #: itself if later (None before it): how long the intake has heard nothing
+        #: monotonic time of the newest message on the subscription, or of the latest
+        #: (re)subscription if later (None before the first): how long nothing has come
         self.heard_at: float | None = None
         self._intake_connections = 0
         #: why the broker did not grant the readings' subscription at QoS 1 (its SUBACK)
@@ -352,8 +352,7 @@ class MqttAdapter:
         client.publish(self.status_topic, b"online", qos=1, retain=True)
         self.metrics.connected.set(1 if self.output.connected else 0)
         log.info("subscribed", subscription=self.subscription, session_present=session_present)
-        now = time.monotonic()
-        self.heard_at = now if self.heard_at is None else max(self.heard_at, now)
+        self.heard_at = time.monotonic()  # silence is counted from the subscription
         self._intake_connections += 1
         expected = self._intake_connections > 1 or self.expects_session
         # (MQTT 5 with session_expiry_s = 0 keeps no session to find)

@@ -40,7 +40,8 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
             state += flapping_note(body.get("resolve_after"))
         return f"ALERT   {device} {state} [{body['severity']}] {body.get('explanation')}"
     if "total_samples" in body:
-        # a verdict split to fit the broker's packet size (daemon.oversize): totals per part
+        # a verdict split to fit the broker's packet size (daemon.oversize); each part
+        # carries the whole message's totals
         part = f" (part {body['part']} of {body['parts']})" if "part" in body else ""
         return (f"batch   {device} {body['anomalies_detected']}/{body['total_samples']} "
                 f"anomalous{part}")
