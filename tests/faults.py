@@ -9,6 +9,7 @@ quotes from a run of ``ANOMALYD_FAULTS_REPORT=results.json pytest tests/test_fau
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -340,10 +341,11 @@ class DaemonProcess:
         return self
 
     def status(self, path: str) -> int | None:
-        """HTTP status of ``path``; None when nothing answers."""
+        """HTTP status of ``path``; None when nothing answers (or an answer is cut off: a
+        daemon killed while it answered)."""
         try:
             return http_get(self.http_port, path, timeout=1.0)[0]
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return None
 
     def wait_ready(self, timeout: float) -> float:
