@@ -14,6 +14,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
+from daemon.config import Settings
 from tests.broker import Broker
 from tests.broker import acl_broker as make_acl_broker
 from tests.conftest import make_settings
@@ -44,13 +45,19 @@ def acl_broker() -> Iterator[tuple[Broker, Path]]:
         yield pair
 
 
+def _as_anomalyd(broker: Broker, model_dir: Path) -> Settings:
+    """The daemon's settings on the ACL broker: logged in as ``anomalyd``, an alert at the
+    first anomalous verdict."""
+    return _alert_at_once(make_settings(
+        broker, model_dir, username="anomalyd", password=SecretStr("secret")))
+
+
 def test_a_refused_alert_holds_its_reading_until_the_broker_accepts_it(
     acl_broker: tuple[Broker, Path], start_daemon: Any, collector_for: Any,
     publisher_for: Any, trained_model_dir: Path,
 ) -> None:
     broker, acl = acl_broker
-    settings = _alert_at_once(make_settings(
-        broker, trained_model_dir, username="anomalyd", password=SecretStr("secret")))
+    settings = _as_anomalyd(broker, trained_model_dir)
     svc = start_daemon(settings=settings)
     port = svc.http.port
     col = collector_for(broker, ["anomaly/#"])
@@ -95,8 +102,7 @@ def test_a_graceful_stop_does_not_wait_for_a_refused_result(
     publisher_for: Any, trained_model_dir: Path,
 ) -> None:
     broker, _ = acl_broker
-    settings = _alert_at_once(make_settings(
-        broker, trained_model_dir, username="anomalyd", password=SecretStr("secret")))
+    settings = _as_anomalyd(broker, trained_model_dir)
     service = settings.service.model_copy(update={"shutdown_timeout_s": 60.0})
     svc = start_daemon(settings=settings.model_copy(update={"service": service}))
     col = collector_for(broker, ["anomaly/#"])
