@@ -206,6 +206,11 @@ class BaselineConfig(_Strict):
     # largest one of the warm-up's held-back quarter (at least 3 conditional spreads):
     # higher, fewer false alarms and more missed faults (docs/evaluation.md measures it).
     threshold_margin: float = Field(THRESHOLD_MARGIN, ge=1.0, le=100.0)
+    # Log ``baseline_drifted`` (once, until it is back within) when a device's adapted
+    # centre has moved more than this many of its warm-up spreads on any input since the
+    # warm-up: a slow change the baseline is absorbing. 0: off (``anomalyd devices`` shows
+    # each device's drift either way).
+    drift_warn_spreads: float = Field(0.0, ge=0.0)
 
 
 class StateConfig(_Strict):

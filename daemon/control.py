@@ -279,6 +279,9 @@ class DeviceControl:
         shown = {"device_id": device_id, **(device or {}), "alert": alert}
         if shown.get("newest_timestamp") is not None:
             shown["newest_timestamp"] = iso(shown["newest_timestamp"])
+        if shown.get("drift") is not None:  # the input by its name
+            drift = shown["drift"]
+            shown["drift"] = {**drift, "input": p.bundle.model_features[drift["input"]]}
         if p.presence.enabled:
             shown["last_seen"] = None if seen is None else iso(seen["last_seen"])
             shown["quiet"] = seen is not None and seen["quiet"]

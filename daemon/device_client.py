@@ -131,7 +131,7 @@ def parse_duration(text: str) -> float:
 
 def device_table(devices: list[dict[str, Any]]) -> str:
     """One line per device for ``anomalyd devices``."""
-    lines = [f"{'DEVICE':<24} {'WARM-UP':<12} {'THRESHOLD':<10} ALERT"]
+    lines = [f"{'DEVICE':<24} {'WARM-UP':<12} {'THRESHOLD':<10} {'DRIFT':<30} ALERT"]
     for d in devices:
         if not d.get("warmup_readings"):
             warm = "off"
@@ -139,6 +139,8 @@ def device_table(devices: list[dict[str, Any]]) -> str:
             warm = f"{d.get('warmup_seen', 0)}/{d['warmup_readings']}"
             warm += " warming" if d.get("warming_up") else ""
         thr = d.get("baseline_threshold")
+        drift = d.get("drift")
+        moved = "-" if drift is None else f"{drift['spreads']:+.1f} {drift['input']}"
         a = d["alert"]
         alert = f"{a['severity']} since {a['raised_at']}" if a["active"] else "-"
         if d.get("warmup_alerts") is False:  # a device unlike the fleet, while warming up
@@ -152,7 +154,8 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         if d.get("quiet"):
             alert += f" (quiet: last reading {d['last_seen']})"
         name = d["device_id"] + (f" (worker {d['worker']})" if "worker" in d else "")
-        lines.append(f"{name:<24} {warm:<12} {'-' if thr is None else f'{thr:.3g}':<10} {alert}")
+        lines.append(f"{name:<24} {warm:<12} {'-' if thr is None else f'{thr:.3g}':<10} "
+                     f"{moved:<30} {alert}")
     return "\n".join(lines)
 
 

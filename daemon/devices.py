@@ -55,6 +55,22 @@ class DeviceState:
     threshold: float | None = None  # set when warm-up completes
     seqs: SeqWindow = field(default_factory=SeqWindow)  # to know a redelivered reading
     clock: EventClock = field(default_factory=EventClock)  # to know a late reading
+    # The centre as fitted (read-only): how far the adapting centre has moved from it is
+    # the device's drift (``DeviceTracker.drift``).
+    origin: Matrix | None = None
+    # Whether the drift beyond the operator's limit has been reported (``drifted``).
+    drift_reported: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """How far a device's normal has moved since its warm-up: the input whose adapted
+    centre is farthest from the fitted one, and by how many of the device's own warm-up
+    spreads (signed: negative, it fell)."""
+
+    device_id: str
+    input: int
+    spreads: float
 
 
 @dataclass(slots=True)
@@ -252,12 +268,40 @@ class DeviceTracker:
     def _fit(self, st: DeviceState) -> None:
         f = fit(st.normal, st.flagged, st.count, self.n_features, self.global_scale)
         st.trusts_global, st.center, st.scale, st.cond = f.trusts_global, f.center, f.scale, f.cond
-        _freeze(st.scale, st.cond)
+        st.origin = f.center.copy()
+        _freeze(st.scale, st.cond, st.origin)
         st.normal = st.flagged = None
 
     def progress(self, device_id: str) -> int:
         st = self.devices.get(device_id)
         return 0 if st is None else st.count
+
+    # -- drift: what the adapting centre has absorbed ----------------------------------
+
+    def drift(self, device_id: str) -> Drift | None:
+        """How far the device's adapted centre has moved from its fitted one (None before
+        the fit). The centre follows slow change so that it does not page anyone; this
+        is how an operator sees what it has absorbed (a sensor losing calibration, a
+        bearing's vibration creeping up, a plant running warmer), and decides whether it
+        is the device's new normal or a fault the baseline now takes for normal."""
+        st = self.devices.get(device_id)
+        return None if st is None else _drift(device_id, st)
+
+    def drifted(self, limit: float) -> tuple[list[Drift], int]:
+        """The devices whose drift has just exceeded ``limit`` spreads (each reported once
+        until it is back within the limit), and how many are beyond it now."""
+        new: list[Drift] = []
+        beyond = 0
+        for device_id, st in list(self.devices.items()):
+            d = _drift(device_id, st)
+            if d is None or abs(d.spreads) <= limit:
+                st.drift_reported = False
+                continue
+            beyond += 1
+            if not st.drift_reported:
+                st.drift_reported = True
+                new.append(d)
+        return new, beyond
 
     # -- operator view and control (``daemon.control``) ---------------------------------
 
@@ -291,6 +335,9 @@ class DeviceTracker:
             "missing_readings": st.seqs.missing,
             "newest_timestamp": st.clock.newest,  # of its on-time readings (epoch s)
             "late_readings": st.clock.late_count,  # since the daemon started
+            # the adapted centre's largest move since the fit, in warm-up spreads
+            "drift": None if (d := _drift(device_id, st)) is None else {
+                "input": d.input, "spreads": round(d.spreads, 2)},
         }
 
     def forget(self, device_id: str, *, keep_seqs: bool = False) -> DeviceState | None:
@@ -370,6 +417,10 @@ class DeviceTracker:
                 SeqWindow.from_json(raw),
                 EventClock.from_json(raw),
             )
+            st = devices[str(dev)]
+            # state saved before the fitted centre was kept has none: drift counts from here
+            origin = raw.get("origin", raw["center"])
+            st.origin = None if st.center is None else _freeze(arr(origin))
         saved_seqs = data.get("kept_seqs", {})  # state saved before they were kept has none
         if not isinstance(saved_seqs, dict):
             raise ValueError("saved seq windows of re-warmed devices are not a mapping")
@@ -380,8 +431,8 @@ class DeviceTracker:
 
 def _saved(st: DeviceState) -> dict[str, Any]:
     """One device's state as it is now: the arrays that change in place (the centre, the
-    warm-up moments) are copied, the fitted scale and correlations (read-only once fitted)
-    are referenced, and nothing is converted to lists here."""
+    warm-up moments) are copied, the fitted scale, correlations and centre (read-only
+    once fitted) are referenced, and nothing is converted to lists here."""
     def copied(a: Matrix | None) -> Matrix | None:
         return None if a is None else a.copy()
 
@@ -395,6 +446,7 @@ def _saved(st: DeviceState) -> dict[str, Any]:
         "flagged": moments(st.flagged),
         "trusts_global": st.trusts_global,
         "center": copied(st.center),
+        "origin": st.origin,
         "scale": st.scale,
         "cond": st.cond,
         "held_back_max": st.held_back_max,
@@ -402,6 +454,15 @@ def _saved(st: DeviceState) -> dict[str, Any]:
         **st.seqs.to_json(),
         **st.clock.to_json(),
     }
+
+
+def _drift(device_id: str, st: DeviceState) -> Drift | None:
+    c, o, s = st.center, st.origin, st.scale
+    if c is None or o is None or s is None:
+        return None
+    moved = (c - o) / s
+    i = int(np.abs(moved).argmax())
+    return Drift(device_id, i, float(moved[i]))
 
 
 def _freeze(*arrays: Matrix | None) -> Matrix | None:

@@ -129,6 +129,8 @@ class Evaluation:
     rows_left_out: list[tuple[str, int]] = field(default_factory=list)
     #: {variant: the ensemble alert's raises}
     pages: dict[str, Pages] = field(default_factory=dict)
+    #: {variant: {file: the largest drift of its baseline: (input, spreads), or None}}
+    drift: dict[str, dict[str, tuple[str, float] | None]] = field(default_factory=dict)
 
 
 def markdown(results: Evaluation, per_file: bool = False) -> str:
@@ -195,16 +197,22 @@ def markdown(results: Evaluation, per_file: bool = False) -> str:
     if per_file:
         lines += [
             "",
-            "The ensemble on each file alone:",
+            "The ensemble on each file alone; largest drift: how far the device baseline's "
+            "adapting centre moved from its warm-up fit on the input that moved most "
+            "(in warm-up spreads, looked at every 256 readings; `baseline.drift_warn_spreads`):",
             "",
-            "| variant | file | normal | anomalous | F1 | FAR % | MAR % | false alarms |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | file | normal | anomalous | F1 | FAR % | MAR % | false alarms "
+            "| largest drift |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for variant, each in results.per_file.items():
+            drifts = results.drift.get(variant, {})
             for name, f in each:
                 false_alarms = round(f.far * f.n_normal / 100)
+                moved = drifts.get(name)
+                drift = "—" if moved is None else f"{moved[1]:+.1f} {moved[0]}"
                 lines.append(
                     f"| {variant} | {name} | {f.n_normal} | {f.n_anomalous} | {f.f1:.2f} "
-                    f"| {f.far:.2f} | {f.mar:.2f} | {false_alarms} |"
+                    f"| {f.far:.2f} | {f.mar:.2f} | {false_alarms} | {drift} |"
                 )
     return "\n".join(lines) + "\n"

@@ -57,6 +57,9 @@ class Streamed:
     baseline: NDArray[np.bool_]  # the device baseline's own flag
     scores: NDArray[np.float64]  # the detector's anomaly score
     leads: dict[int, str]  # row -> the input its explanation names first (anomalies only)
+    # the largest drift of the device's baseline (input name, spreads), looked at every
+    # ``CHUNK`` readings and at the end; None without a fitted baseline
+    drift: tuple[str, float] | None = None
 
 
 def stream(
@@ -80,6 +83,7 @@ def stream(
     leads: dict[int, str] = {}
     changes: dict[int, bool] = {}
     names = bundle.features
+    drift: tuple[str, float] | None = None
     for start in range(0, n, CHUNK):
         msgs = [
             RawMessage(
@@ -103,12 +107,15 @@ def stream(
                     changes[body["seq"]] = body["active"]
                 else:
                     raise RuntimeError(f"evaluation reading rejected: {body['detail']}")
+        moved = pipeline.devices.drift(device)
+        if moved is not None and (drift is None or abs(moved.spreads) > abs(drift[1])):
+            drift = (bundle.model_features[moved.input], moved.spreads)
     active = np.zeros(n, dtype=bool)
     state = False
     for i in range(n):
         state = changes.get(i, state)
         active[i] = state
-    return Streamed(flags, active, baseline, scores, leads)
+    return Streamed(flags, active, baseline, scores, leads, drift)
 
 
 def evaluate(
@@ -225,6 +232,7 @@ class Pooled:
         self.rows: dict[str, tuple[list[NDArray[np.bool_]], list[NDArray[np.bool_]]]] = {}
         self.aucs: dict[str, list[float]] = {}
         self.leads: dict[str, list[int]] = {}  # input -> false alarms it leads, per file
+        self.drifts: list[tuple[str, float] | None] = []  # the ensemble run's, per file
 
     def add(
         self,
@@ -268,6 +276,7 @@ class Pooled:
         results.per_file[variant] = [
             (name, Figures.of(f, y)) for name, f, y in zip(self.files, flags, ys, strict=True)
         ]
+        results.drift[variant] = dict(zip(self.files, self.drifts, strict=True))
 
 
 def _score_file(
@@ -294,5 +303,6 @@ def _score_file(
             pooled.add(ALERT_ROW, run.active[warmup:], y)
             pooled.add(BASELINE_ROW, run.baseline[warmup:], y)
             pooled.add_false_alarm_leads(run.leads, y, warmup)
+            pooled.drifts.append(run.drift)
 
 

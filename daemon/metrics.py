@@ -195,6 +195,12 @@ class Metrics:
             "Devices announced quiet and not reporting again (alerts.quiet_after_s)",
             registry=r,
         )
+        self.drifted_devices = Gauge(
+            "anomalyd_drifted_devices",
+            "Devices whose adapted baseline centre has moved more than "
+            "baseline.drift_warn_spreads of their warm-up spreads since warm-up (0 when off)",
+            registry=r,
+        )
         self.score_stats = ScoreStats()  # anomalyd_score_margin, anomalyd_input_shift_sigma
         r.register(self.score_stats)
 

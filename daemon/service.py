@@ -39,6 +39,9 @@ log = structlog.get_logger("anomalyd")
 
 #: How often the scorer looks for devices gone quiet (``alerts.quiet_after_s``).
 PRESENCE_CHECK_S = 1.0
+#: How often every device's drift is compared with ``baseline.drift_warn_spreads``: a
+#: centre moves by at most 1 % of a reading's distance per reading, so a minute is plenty.
+DRIFT_CHECK_S = 60.0
 #: A warning when nothing at all has arrived on the readings' subscription for this long.
 NO_READINGS_WARN_S = 300.0
 #: At most one ``result_oversize`` warning this often (each is counted in the metrics).
@@ -97,6 +100,7 @@ class Service:
                                               self.metrics.state_saved.set_to_current_time)
         self._state_saved_at = time.monotonic()
         self._presence_checked_at = 0.0
+        self._drift_checked_at = 0.0
         self._oversize_logged = float("-inf")
         self._silence_warned = False
         # Bounded by batch.queue_size: when full, the intake's network thread waits (the
@@ -162,6 +166,7 @@ class Service:
                     return
                 self.control.drain(self._execute)
                 self._check_presence()
+                self._check_drift()
                 self.state_writer.step()  # a periodic save's next slice, if one is going
         except Exception as exc:
             self.worker_crashed = repr(exc)
@@ -217,6 +222,25 @@ class Service:
                         last_seen=iso(event.last_seen))
             self._publish_now(pipeline.payloads.presence(event))
         self.metrics.quiet_devices.set(len(pipeline.presence.quiet))
+
+    def _check_drift(self) -> None:
+        """Say which devices' baselines have absorbed more change than the operator allows
+        (``baseline.drift_warn_spreads``), at most every ``DRIFT_CHECK_S``."""
+        limit = self.settings.baseline.drift_warn_spreads
+        mono = time.monotonic()
+        if limit <= 0 or mono - self._drift_checked_at < DRIFT_CHECK_S:
+            return
+        self._drift_checked_at = mono
+        pipeline = self.pipeline
+        new, beyond = pipeline.devices.drifted(limit)
+        names = pipeline.bundle.model_features
+        for d in new:
+            log.warning("baseline_drifted", device_id=d.device_id, input=names[d.input],
+                        spreads=round(d.spreads, 2), limit=limit,
+                        hint="its normal has moved this far since its warm-up and the "
+                             "baseline now takes it for normal: if that is not the device's "
+                             f"new normal, look at it; if it is, `anomalyd rewarm {d.device_id}`")
+        self.metrics.drifted_devices.set(beyond)
 
     def _check_silence(self, mono: float) -> None:
         """Warn once when no message at all has arrived on the readings' subscription for

@@ -562,6 +562,7 @@ def test_the_device_table_says_when_alerts_are_held_back() -> None:
          "warmup_alerts": False, "baseline_threshold": None, "alert": {"active": False}},
         {"device_id": "p-2", "warmup_readings": 400, "warmup_seen": 400, "warming_up": False,
          "warmup_alerts": None, "baseline_threshold": 9.5,
+         "drift": {"input": "Temperature [mean 10]", "spreads": -12.34},
          "alert": {"active": True, "severity": "major", "raised_at": "2026-11-27T00:00:00Z",
                    "flapping": True, "resolve_after": 20,
                    "silenced_until": "2026-11-27T02:00:00.000Z"}},
@@ -570,11 +571,12 @@ def test_the_device_table_says_when_alerts_are_held_back() -> None:
                  "alert": {"active": False}, "quiet": True,
                  "last_seen": "2026-11-27T01:00:00.000Z"})
     _, first, second, third = device_table(rows).splitlines()
-    assert first.split() == ["p-1", "12/400", "warming", "-", "-", "(warm-up", "verdicts",
-                             "page", "no", "one)"]
+    assert first.split() == ["p-1", "12/400", "warming", "-", "-", "-", "(warm-up",
+                             "verdicts", "page", "no", "one)"]
+    assert second.split()[:6] == ["p-2", "400/400", "9.5", "-12.3", "Temperature", "[mean"]
     assert second.endswith("major since 2026-11-27T00:00:00Z (flapping: resolves after 20 "
                            "normal readings) (silenced until 2026-11-27T02:00:00.000Z)")
-    assert third.split() == ["p-3", "off", "-", "-", "(quiet:", "last", "reading",
+    assert third.split() == ["p-3", "off", "-", "-", "-", "(quiet:", "last", "reading",
                              "2026-11-27T01:00:00.000Z)"]
 
 

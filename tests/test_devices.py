@@ -285,3 +285,68 @@ def test_state_of_another_format_window_or_warm_up_is_refused() -> None:
         tracker(window=3).restore(saved)
     with pytest.raises(ValueError, match="warm-up"):
         tracker(warmup=9).restore(saved)
+
+
+def test_drift_says_how_far_the_adapting_centre_has_moved_since_the_warm_up() -> None:
+    """The drift the baseline absorbs without flagging it (the slow-drift case above) is
+    what ``drift`` reports: the input, its direction and its size in warm-up spreads."""
+    rng = np.random.default_rng(3)
+    n, warmup = 1500, 400
+    x = rng.normal(size=(n, 2))
+    x[:, 0] -= 0.02 * np.arange(n)  # a channel falling by 0.02σ a reading
+    t = tracker(warmup=warmup, window=1)
+    assert t.drift("d") is None  # never seen
+    feed(t, "d", x[: warmup // 2])
+    assert t.drift("d") is None  # still fitting: no centre to have moved
+    flags = [a.is_anomaly for a in feed(t, "d", x[warmup // 2 :])]
+    assert np.mean(flags) <= 0.02  # absorbed, not flagged ...
+    d = t.drift("d")
+    assert d is not None and d.device_id == "d" and d.input == 0
+    st = t.devices["d"]
+    assert st.origin is not None and st.center is not None and st.scale is not None
+    # ... and reported: the centre lags a ramp by its time constant, so it sits where the
+    # channel was ~100 readings ago; the fit's centre and spread are the fitting part's
+    assert d.spreads == pytest.approx((st.center[0] - st.origin[0]) / st.scale[0])
+    fit = x[: t.n_fit, 0]
+    expected = (-0.02 * (n - 1 - (ADAPT_READINGS - 1)) - fit.mean()) / fit.std()
+    assert d.spreads == pytest.approx(expected, rel=0.02)
+    assert t.summary("d")["drift"] == {"input": 0, "spreads": round(d.spreads, 2)}  # type: ignore[index]
+
+
+def test_drift_beyond_a_limit_is_reported_once_until_it_is_back_within() -> None:
+    t = tracker(warmup=8, window=1)
+    rng = np.random.default_rng(4)
+    for dev in ("steady", "moving"):
+        feed(t, dev, rng.normal(size=(8, 2)), False)
+    assert t.drifted(3.0) == ([], 0)
+    st = t.devices["moving"]
+    assert st.center is not None and st.origin is not None and st.scale is not None
+    st.center[1] = st.origin[1] + 4.0 * st.scale[1]  # as if it had adapted that far
+    new, beyond = t.drifted(3.0)
+    assert beyond == 1 and [(d.device_id, d.input, round(d.spreads, 6)) for d in new] == [
+        ("moving", 1, 4.0)]
+    assert t.drifted(3.0) == ([], 1)  # said once
+    assert t.drifted(5.0) == ([], 0)  # within a wider limit: re-armed ...
+    assert [d.device_id for d in t.drifted(3.0)[0]] == ["moving"]  # ... and said again
+    t.forget("moving")  # a re-warm-up starts from a new fit: no drift
+    assert t.drifted(3.0) == ([], 0) and t.drift("moving") is None
+
+
+def test_the_fitted_centre_is_saved_and_old_state_counts_drift_from_the_restore() -> None:
+    rng = np.random.default_rng(5)
+    a = tracker(warmup=8, window=1)
+    feed(a, "d", rng.normal(size=(8, 2)), False)
+    feed(a, "d", rng.normal(size=(300, 2)) + np.array([3.0, 0.0]), False)  # the centre moves
+    moved = a.drift("d")
+    assert moved is not None and moved.input == 0 and moved.spreads > 1.0
+    saved = orjson.loads(state.encode(a.to_json()))
+    b = tracker(warmup=8, window=1)
+    assert b.restore(saved) == 1
+    assert b.drift("d") == moved
+    del saved["devices"]["d"]["origin"]  # state saved before the fitted centre was kept
+    c = tracker(warmup=8, window=1)
+    assert c.restore(saved) == 1
+    assert c.drift("d") is not None and c.drift("d").spreads == 0.0  # type: ignore[union-attr]
+    saved["devices"]["d"]["origin"] = [1.0, float("nan")]
+    with pytest.raises(ValueError, match="not finite"):
+        tracker(warmup=8, window=1).restore(saved)

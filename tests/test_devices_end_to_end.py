@@ -5,6 +5,7 @@ capitals), windowed features, warm-up that survives a restart, retained alert st
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+import structlog
 
+from daemon import service
 from daemon.config import BaselineConfig, Settings
 from daemon.models import load_bundle
 from daemon.offline import score_file
@@ -20,6 +23,7 @@ from daemon.service import Service
 from daemon.training.train import train
 from tests.broker import Broker
 from tests.conftest import make_settings
+from tests.test_end_to_end import http_get, metric
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +144,43 @@ def test_offline_score_gives_the_daemons_verdicts_for_the_same_stream(
         assert offline[s]["anomaly_score"] == pytest.approx(live[s]["anomaly_score"], rel=1e-9)
     flags = [live[s]["is_anomaly"] for s in range(len(x))]
     assert any(flags[40:48]) and not any(flags[WARMUP:38])  # the stream is not trivial
+
+
+def test_a_normal_that_moves_slowly_is_absorbed_and_shown_as_drift(
+    broker: Broker,
+    settings: Settings,
+    start_skab: Callable[[Settings], Service],
+    collector_for: Any,
+    publisher_for: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The temperature rises by 12 of its σ over 1,200 readings: slow enough for the
+    adapting centre to follow, and what it followed is reported: in the device's view, in
+    the log once, and in the metric."""
+    monkeypatch.setattr(service, "DRIFT_CHECK_S", 0.2)  # 60 s live
+    baseline = settings.baseline.model_copy(update={"drift_warn_spreads": 5.0})
+    dev, n = "warming-pump", 1200
+    x = rows(WARMUP + n, seed=9)
+    x[WARMUP:, 2] += np.linspace(0.0, 12.0, n) * SIGMA[2]
+    col = collector_for(broker, [f"anomaly/{dev}/verdict"])
+    pub = publisher_for(broker)
+    with structlog.testing.capture_logs() as logs:
+        svc = start_skab(settings.model_copy(update={"baseline": baseline}))
+        port = svc.http.port
+        for i, r in enumerate(x):
+            pub.send(f"sensors/{dev}/readings", payload(r, i))
+        col.json_on(f"anomaly/{dev}/verdict", count=len(x))
+        status, shown = http_get(port, f"/devices/{dev}")
+        assert status == 200
+        drift = shown["drift"]
+        assert drift["input"] == "Temperature [mean 5]" and drift["spreads"] > 5.0
+        deadline = time.monotonic() + 10
+        while not (said := [e for e in list(logs) if e.get("event") == "baseline_drifted"]):
+            assert time.monotonic() < deadline, "no baseline_drifted warning"
+            time.sleep(0.05)
+        time.sleep(0.5)  # more checks pass: it is said once
+    (warning,) = [e for e in list(logs) if e.get("event") == "baseline_drifted"]
+    assert warning["device_id"] == dev and warning["input"] == "Temperature [mean 5]"
+    assert warning["spreads"] >= 5.0 and f"anomalyd rewarm {dev}" in warning["hint"]
+    assert said == [warning]
+    assert metric(http_get(port, "/metrics")[1], "anomalyd_drifted_devices") == 1.0

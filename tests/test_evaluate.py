@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from daemon.cli import main
+from daemon.config import AlertConfig
 from daemon.evaluate import ALERT_ROW, ALONE, BASELINE_ROW
+from daemon.models import ENSEMBLE, ModelBundle
+from tests.conftest_models import NORMAL_READING
 
 FEATURES = ("Flow Rate", "Motor Current", "temperature")
 WARMUP = 300
@@ -271,7 +274,7 @@ def test_per_file_rows_add_up_to_the_pooled_ensemble_row(evaluated: tuple[str, s
     rows: dict[str, list[list[str]]] = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 8 and cells[1].endswith(".csv"):
+        if len(cells) == 9 and cells[1].endswith(".csv"):
             rows.setdefault(cells[0], []).append(cells)
     for variant in ("per-device", "global"):
         assert [r[1] for r in rows[variant]] == ["0.csv", "1.csv"]
@@ -317,7 +320,7 @@ def test_the_events_table_agrees_with_the_per_file_figures(evaluated: tuple[str,
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 6 and cells[0] in {"per-device", "global"} and cells[2].isdigit():
             events[(cells[0], cells[1])] = cells[2:]
-        if len(cells) == 8 and cells[1].endswith(".csv"):
+        if len(cells) == 9 and cells[1].endswith(".csv"):
             per_file_mar.setdefault(cells[0], []).append(float(cells[6]))
     for variant in ("per-device", "global"):
         n, caught, median, longest = events[(variant, "ensemble")]
@@ -356,3 +359,26 @@ def test_the_pages_table_counts_the_alert_rows_raises(evaluated: tuple[str, str]
         assert raised == at_fault + false and 0 <= again <= 2
         recall = rows[(variant, ALERT_ROW)]["recall"]
         assert recall is not None and (at_fault >= 1) == (recall > 0)
+
+
+def test_a_run_reports_the_largest_drift_its_baseline_absorbed(model_bundle: ModelBundle) -> None:
+    """The temperature sinks by 3σ over 700 readings and comes back over 500: the baseline
+    follows it (nothing flagged), and the run reports the deepest point it followed, not
+    where it ended."""
+    from daemon.evaluate import stream
+
+    b = model_bundle
+    level = np.array([NORMAL_READING[f] for f in b.features])
+    n, t = 1400, b.features.index("temperature")
+    x = level + np.random.default_rng(1).normal(size=(n, len(level))) * level * 0.01
+    ramp = np.zeros(n)
+    ramp[200:900] = -np.linspace(0.0, 3.0, 700)
+    ramp[900:] = np.linspace(-3.0, 0.0, 500)
+    x[:, t] += ramp * level[t] * 0.01
+    run = stream(b, x, ENSEMBLE, warmup=200, alerts=AlertConfig())
+    assert not run.flags[200:].any()
+    assert run.drift is not None
+    name, spreads = run.drift
+    # the centre trails the ramp by its ~100-reading lag: 3σ less ~0.4σ at the bottom
+    assert name == "temperature" and -3.0 < spreads < -2.0
+    assert stream(b, x, ENSEMBLE, warmup=0, alerts=AlertConfig()).drift is None  # no baseline
