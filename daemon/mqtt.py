@@ -207,6 +207,9 @@ class MqttAdapter:
         #: (re)subscription if later (None before the first): how long nothing has come
         self.heard_at: float | None = None
         self._intake_connections = 0
+        #: connections at which the broker no longer had the session it should have had
+        #: (``broker_session_lost``): its retained messages are then likely gone too
+        self.lost_sessions = 0
         #: why the broker did not grant the readings' subscription at QoS 1 (its SUBACK)
         self.subscription_problem: str | None = None
         cid = client_id or cfg.client_id
@@ -358,6 +361,7 @@ class MqttAdapter:
         # (MQTT 5 with session_expiry_s = 0 keeps no session to find)
         keeps = not self.intake.v5 or self.cfg.session_expiry_s > 0
         if expected and keeps and not session_present:
+            self.lost_sessions += 1
             self.metrics.sessions_lost.inc()
             log.warning(
                 "broker_session_lost", client_id=self.intake.client_id,

@@ -176,6 +176,18 @@ class Payloads:
                 "published_at": iso(now), "acknowledged": acknowledgement(ack)}
         return self.alert(device_id, body)
 
+    def current_alert(self, device_id: str, state: AlertState) -> Outbound:
+        """The device's active alert as it was last published (retained), to publish again:
+        its acknowledgement if it has one (the same bytes: made from the same message at the
+        acknowledgement's time), else the message that raised or escalated it."""
+        if state.acknowledged is not None:
+            ack = state.acknowledged
+            return self.acknowledged_alert(device_id, state, ack, ack.at)
+        # an alert raised before its messages were kept: what its state says
+        message = state.message or {**self.alert_of_state(device_id, state),
+                                    "state": "raised", "active": True}
+        return self.alert(device_id, message)
+
     def alert_of_state(self, device_id: str, state: AlertState) -> dict[str, Any]:
         """The fields of an alert message that the alert's state alone gives, for one no
         verdict caused (an operator's action): the verdict's own fields (key, seq, scores,

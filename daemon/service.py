@@ -31,6 +31,7 @@ from daemon.mqtt import MqttAdapter
 from daemon.partition import TopicOwnership
 from daemon.payloads import Outbound, iso
 from daemon.pipeline import BatchStats, RawMessage
+from daemon.presence import PresenceEvent
 from daemon.reload import ModelReloader, build_scoring, publish_model_info, rate_limiter
 from daemon.status import ServiceStatus
 from daemon.topics import TopicMatcher
@@ -101,6 +102,7 @@ class Service:
         self._state_saved_at = time.monotonic()
         self._presence_checked_at = 0.0
         self._drift_checked_at = 0.0
+        self._retained_restored_for = 0  # the lost sessions whose retained state is re-sent
         self._oversize_logged = float("-inf")
         self._silence_warned = False
         # Bounded by batch.queue_size: when full, the intake's network thread waits (the
@@ -167,6 +169,7 @@ class Service:
                 self.control.drain(self._execute)
                 self._check_presence()
                 self._check_drift()
+                self._restore_retained()
                 self.state_writer.step()  # a periodic save's next slice, if one is going
         except Exception as exc:
             self.worker_crashed = repr(exc)
@@ -222,6 +225,32 @@ class Service:
                         last_seen=iso(event.last_seen))
             self._publish_now(pipeline.payloads.presence(event))
         self.metrics.quiet_devices.set(len(pipeline.presence.quiet))
+
+    def _restore_retained(self) -> None:
+        """After the broker lost this daemon's session (``broker_session_lost``: restarted
+        without its database, most likely), it has lost the retained alerts and presence
+        too, and a dashboard subscribing now would see no alert where one is raised:
+        publish each active alert again as it stands (the same message, so its ``key``
+        lets a consumer drop the copy) and each device known to be quiet."""
+        lost = self.mqtt.lost_sessions
+        if lost == self._retained_restored_for:
+            return
+        self._retained_restored_for = lost
+        p = self.pipeline
+        active = [(d, st) for d, st in list(p.alert_states.devices.items()) if st.active]
+        for device_id, st in active:
+            if not self._publish_now(p.payloads.current_alert(device_id, st)):
+                return  # stopping
+        now = time.time()
+        seen = p.presence.last_seen
+        quiet = sorted(d for d in p.presence.quiet if d in seen)
+        for device_id in quiet:
+            event = PresenceEvent(device_id, "quiet", seen[device_id], now)
+            if not self._publish_now(p.payloads.presence(event)):
+                return
+        log.info("retained_state_published_again", alerts=len(active), quiet_devices=len(quiet),
+                 reason="the broker lost this daemon's session, and with it the retained "
+                        "messages")
 
     def _check_drift(self) -> None:
         """Say which devices' baselines have absorbed more change than the operator allows

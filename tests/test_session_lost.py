@@ -9,9 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
+from daemon.config import AlertConfig
+from daemon.control import Command
 from tests.broker import Broker
 from tests.conftest import make_settings
+from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
 from tests.conftest_models import NORMAL_READING as NORMAL
 
 pytestmark = pytest.mark.integration
@@ -106,3 +110,57 @@ def test_readings_a_full_broker_queue_dropped_are_counted_missing(
         assert summary is not None and summary["missing_readings"] == len(never)
     finally:
         broker.stop()
+
+
+def test_retained_alerts_and_presence_lost_with_the_session_are_published_again(
+    fresh_broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any,
+    trained_model_dir: Any,
+) -> None:
+    """A broker back without its database has lost the retained messages with the session:
+    a dashboard subscribing then would see no alert where one is raised. The daemon
+    publishes each active alert again as it stood (acknowledged too: the same bytes) and
+    each device known to be quiet."""
+    settings = make_settings(fresh_broker, trained_model_dir)
+    settings = settings.model_copy(update={"alerts": AlertConfig(
+        raise_after=1, window=1, quiet_after_s=1.0)})
+    svc = start_daemon(settings=settings)
+    pub = publisher_for(fresh_broker)
+    pub.send("sensors/held-1/readings", {**ANOMALOUS, "seq": 1})
+    pub.send("sensors/held-2/readings", {**ANOMALOUS, "seq": 1})
+    pub.send("sensors/gone-1/readings", {**NORMAL, "seq": 1})
+    watch = collector_for(fresh_broker, ["anomaly/#"])
+    watch.wait_for(lambda t, p: t.endswith("/alert"), count=2)
+    svc.control.call(Command("ack", "held-2", by="alice", note="isolated"))
+    watch.wait_for(lambda t, p: t == "anomaly/held-2/alert"
+                   and orjson.loads(p)["state"] == "acknowledged")
+    watch.wait_for(lambda t, p: t.endswith("/presence") and orjson.loads(p)["state"] == "quiet",
+                   count=3)
+    before = _retained(collector_for(fresh_broker, ["anomaly/+/alert", "anomaly/+/presence"]), 5)
+    assert orjson.loads(before["anomaly/held-2/alert"])["state"] == "acknowledged"
+
+    with structlog.testing.capture_logs() as logs:
+        fresh_broker.stop()
+        (fresh_broker.workdir / "mosquitto.db").unlink()  # back without its database
+        fresh_broker.start()
+        deadline = time.monotonic() + 20
+        while not (done := [e for e in list(logs)
+                            if e.get("event") == "retained_state_published_again"]):
+            assert time.monotonic() < deadline, "retained state was not published again"
+            time.sleep(0.05)
+    assert done[0]["alerts"] == 2 and done[0]["quiet_devices"] == 3
+    after = _retained(collector_for(fresh_broker, ["anomaly/+/alert", "anomaly/+/presence"]), 5)
+    # the alerts as they were, byte for byte (an acknowledged one still acknowledged)
+    assert after["anomaly/held-1/alert"] == before["anomaly/held-1/alert"]
+    assert after["anomaly/held-2/alert"] == before["anomaly/held-2/alert"]
+    for dev in ("held-1", "held-2", "gone-1"):
+        was, now = (orjson.loads(m[f"anomaly/{dev}/presence"]) for m in (before, after))
+        assert now["state"] == "quiet" and now["last_seen"] == was["last_seen"]
+
+
+def _retained(col: Any, count: int) -> dict[str, bytes]:
+    """The retained messages a new subscriber gets: {topic: payload}."""
+    col.wait_for(lambda t, p: True, count=count)
+    time.sleep(0.3)  # no more than these
+    got = {t: p for t, p, retained, _ in col.messages if retained}
+    assert len(got) == count == len(col.messages), [m[0] for m in col.messages]
+    return got
