@@ -136,6 +136,11 @@ class ReadingsConfig(_Strict):
     # "judge": judged against the device's current window, marked "late": true, and kept
     # out of its window, baseline and alert; "drop": dead-lettered as late, unjudged.
     late_policy: Literal["judge", "drop"] = "judge"
+    # A reading the broker delivers with the retain flag is its stored copy of the last one
+    # a device published retained, sent because the daemon (re)subscribed: old, and sent
+    # again at every restart. "skip": acknowledged unjudged and counted; "judge": judged
+    # like any other (each restart then judges it again and counts its device as heard).
+    retained: Literal["skip", "judge"] = "skip"
 
 
 class ModelConfig(_Strict):

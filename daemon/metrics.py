@@ -36,6 +36,12 @@ class Metrics:
             "Messages received for devices another worker owns (WORKERS > 1, device "
             "dispatch): acknowledged unread", registry=r,
         )
+        self.retained_skipped = Counter(
+            "anomalyd_retained_readings_skipped",
+            "Readings delivered with the retain flag (the broker's stored copy, sent at each "
+            "subscription), acknowledged unjudged (readings.retained = \"skip\")",
+            registry=r,
+        )
         self.readings = Counter(
             "anomalyd_readings", "Readings by outcome (normal, anomaly, rejected)",
             ["outcome"], registry=r,

@@ -176,8 +176,13 @@ class MqttAdapter:
         client_id: str | None = None,
         owns: Callable[[str], bool] | None = None,
         stale_subscriptions: tuple[str, ...] = (),
+        skip_retained: bool = True,
     ) -> None:
         self.cfg = cfg
+        # Whether a reading delivered with the retain flag (the broker's stored copy, sent
+        # at each subscription) is acknowledged unread rather than judged.
+        self._skip_retained = skip_retained
+        self._retained_logged = False  # this connection's first skipped one was logged
         self.subscription = subscription
         # Device dispatch (daemon.partition): which topics this worker judges; the others
         # are acknowledged unread. None: every message is ours.
@@ -356,6 +361,7 @@ class MqttAdapter:
         self.metrics.connected.set(1 if self.output.connected else 0)
         log.info("subscribed", subscription=self.subscription, session_present=session_present)
         self.heard_at = time.monotonic()  # silence is counted from the subscription
+        self._retained_logged = False
         self._intake_connections += 1
         expected = self._intake_connections > 1 or self.expects_session
         # (MQTT 5 with session_expiry_s = 0 keeps no session to find)
@@ -421,10 +427,22 @@ class MqttAdapter:
         if self._owns is not None and not self._owns(topic):
             # Another worker's device: that worker has its own copy in its own session.
             self.metrics.others_messages.inc()
-            if msg.qos:
-                other = Inbound(msg.mid, msg.qos, topic, b"", 0.0, 0.0)
-                self.acks.register(other)
-                self.acks.pass_over(other)
+            self._pass_over(msg, topic)
+            return
+        if msg.retain and self._skip_retained:
+            # The broker's stored copy, sent because we subscribed: a live message reaches
+            # an existing subscription with the flag cleared (MQTT 3.1.1 and 5, Retain As
+            # Published off), also when it was queued for our session while we were away.
+            self.metrics.retained_skipped.inc()
+            self._pass_over(msg, topic)
+            if not self._retained_logged:
+                self._retained_logged = True
+                log.info("retained_reading_skipped", topic=topic,
+                         note="the broker's stored copy of a reading its device published "
+                              "retained, sent because this daemon subscribed; old news, "
+                              "acknowledged unjudged (readings.retained); counted in "
+                              "anomalyd_retained_readings_skipped_total, logged once per "
+                              "connection")
             return
         inbound = Inbound(
             msg.mid, msg.qos, topic, bytes(msg.payload), time.monotonic(), time.time()
@@ -438,6 +456,13 @@ class MqttAdapter:
             # session) without blocking the acks of later messages; the guard logs it.
             self.acks.forget(inbound)
             raise
+
+    def _pass_over(self, msg: paho.MQTTMessage, topic: str) -> None:
+        """Acknowledge a received message unread, in its turn."""
+        if msg.qos:
+            other = Inbound(msg.mid, msg.qos, topic, b"", 0.0, 0.0)
+            self.acks.register(other)
+            self.acks.pass_over(other)
 
     def _on_output_acked(self, mid: int, refused: str | None) -> None:
         if refused is not None:

@@ -122,6 +122,7 @@ class Service:
         self.mqtt = MqttAdapter(
             s.mqtt, self.subscription, s.topics.status, self.metrics, self._deliver, client_id,
             owns=owns, stale_subscriptions=stale,
+            skip_retained=s.readings.retained == "skip",
         )
         # Operators' device commands, run by the scorer between batches (daemon.control).
         self.control = ControlQueue(self.metrics)
