@@ -41,6 +41,7 @@ from daemon.rejections import (
     dup_detail,
     entry_fails,
     feature_problem,
+    missing_hint,
     show,
 )
 from daemon.topics import TopicMatcher
@@ -306,8 +307,10 @@ class Decoder:
                 (type(value) is float or type(value) is int)
                 and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE
             ):
-                reason, problem = feature_problem(value, name in source)
-                return entry_fails(reason, f"feature {name!r} {problem}", index)
+                present = name in source
+                reason, problem = feature_problem(value, present)
+                hint = "" if present else missing_hint(name, source)
+                return entry_fails(reason, f"feature {name!r} {problem}{hint}", index)
         raise AssertionError("_feature_rejection called for valid features")
 
 

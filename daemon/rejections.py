@@ -8,14 +8,16 @@ quotes at most ~60 characters of the untrusted input.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from types import MappingProxyType
 
 from daemon.json_guard import MAX_DEPTH
 
 MAX_ABS_VALUE = 1e15  # a feature's largest accepted magnitude
 MAX_STATE_LEN = 64  # operational_state's longest accepted length
+HINT_KEYS = 100  # keys of a payload searched for a missing feature's near namesake
 
 # Every reason code a Rejection can carry, with its meaning (the README lists these).
 REASONS: Mapping[str, str] = MappingProxyType({
@@ -61,6 +63,21 @@ def feature_problem(value: object, present: bool) -> tuple[str, str]:
     if isinstance(value, float) and not math.isfinite(value):
         return "non_finite", f"is not finite ({value!r})"
     return "out_of_range", f"is {show(value)}, beyond ±{MAX_ABS_VALUE:g}"
+
+
+def missing_hint(name: str, keys: Iterable[object]) -> str:
+    """For a missing feature: a key of the payload that differs from its name only in case,
+    spaces, ``_`` or ``-`` (a gateway that renamed it), quoted; else nothing. Looks at the
+    first ``HINT_KEYS`` keys only (a hostile payload may have thousands)."""
+    want = _loose(name)
+    for key in islice(keys, HINT_KEYS):
+        if isinstance(key, str) and key != name and _loose(key) == want:
+            return f" (the payload has {show(key)}: feature names must match exactly)"
+    return ""
+
+
+def _loose(name: str) -> str:
+    return "".join(c for c in name.casefold() if c not in " _-")
 
 
 def dup_detail(key: str) -> str:

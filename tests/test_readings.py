@@ -357,7 +357,26 @@ def test_missing_feature(decoder: Decoder) -> None:
     del doc["Volume Flow RateRMS"]
     rejection = only_rejection(decode(decoder, doc))
     assert rejection.reason == "missing_feature"
-    assert "'Volume Flow RateRMS'" in rejection.detail
+    assert rejection.detail == "feature 'Volume Flow RateRMS' is missing"
+
+
+@pytest.mark.parametrize("sent", ["volume flow raterms", "Volume_Flow_RateRMS",
+                                  "VOLUME-FLOW-RATERMS"])
+def test_a_missing_feature_sent_under_a_near_name_is_pointed_at(
+    decoder: Decoder, sent: str
+) -> None:
+    """A gateway that changed a name's case or spacing: the dead letter says which key it
+    saw (names must still match exactly: two near names could be two sensors)."""
+    doc = features()
+    doc[sent] = doc.pop("Volume Flow RateRMS")
+    rejection = only_rejection(decode(decoder, doc))
+    assert rejection.reason == "missing_feature"
+    assert rejection.detail == (f"feature 'Volume Flow RateRMS' is missing (the payload has "
+                                f"{sent!r}: feature names must match exactly)")
+    batch = decode(decoder, {"readings": [features(), doc]})
+    (entry,) = batch.rejections
+    assert entry.index == 1 and entry.detail.startswith("readings[1]: feature 'Volume Flow")
+    assert f"the payload has {sent!r}" in entry.detail
 
 
 @pytest.mark.parametrize("value", ["45.3", True, False, None, [1.0], {"v": 1.0}])
