@@ -110,8 +110,9 @@ def train(
         name: {**cal.to_dict(), "validation": _figures(cal.is_anomaly(all_scores[name]), y_val)}
         for name, cal in calibrations.items()
     }
-    for name, entry in report.items():
-        say(f"{name}: {json.dumps(entry['validation'])}")
+    n_bad = int(y_val.sum())
+    say(f"validated on {len(y_val)} readings ({len(y_val) - n_bad} normal, {n_bad} anomalous)"
+        if n_bad else f"validated on {len(y_val)} held-back normal readings")
 
     manifest = {
         "format_version": FORMAT_VERSION,
