@@ -367,6 +367,7 @@ class DeviceControl:
             device_id=device_id,
             warmup_seen=before.get("warmup_seen"),
             baseline_threshold=before.get("baseline_threshold"),
+            drift=before.get("drift"),  # what its baseline had absorbed since its warm-up
             alert_was_active=before["alert"]["active"],
             alert_cleared=cleared,
         )

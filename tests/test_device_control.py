@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
@@ -212,9 +213,15 @@ def test_rewarm_forgets_publishes_a_retained_cleared_alert_saves_and_counts(
     listing = control.execute(Command("list"))
     assert [d["device_id"] for d in listing["devices"]] == ["p-1", "p-2"]
     assert listing["devices"][0]["alert"]["active"] is True
+    drift = listing["devices"][0]["drift"]  # fitted: its drift, the input by its name
+    assert drift["input"] in model_bundle.model_features and isinstance(drift["spreads"], float)
+    assert listing["devices"][1]["drift"] is None  # still warming up
 
-    done = control.execute(Command("rewarm", "p-1"))
+    with structlog.testing.capture_logs() as logs:
+        done = control.execute(Command("rewarm", "p-1"))
     assert done["alert_cleared"] is True and done["before"]["warming_up"] is False
+    (said,) = [e for e in logs if e["event"] == "device_rewarmed"]
+    assert said["drift"] == drift  # what it had absorbed, on record
     (out,) = published
     body = orjson.loads(out.payload)
     assert out.topic == "anomaly/p-1/alert" and out.retain is True
