@@ -36,6 +36,12 @@ class Metrics:
             "Messages received for devices another worker owns (WORKERS > 1, device "
             "dispatch): acknowledged unread", registry=r,
         )
+        self.qos0_readings = Counter(
+            "anomalyd_qos0_readings",
+            "Messages on the readings subscription that their device published at QoS 0 "
+            "(judged; but the broker keeps none for anomalyd while it is away)",
+            registry=r,
+        )
         self.retained_skipped = Counter(
             "anomalyd_retained_readings_skipped",
             "Readings delivered with the retain flag (the broker's stored copy, sent at each "

@@ -183,6 +183,7 @@ class MqttAdapter:
         # at each subscription) is acknowledged unread rather than judged.
         self._skip_retained = skip_retained
         self._retained_logged = False  # this connection's first skipped one was logged
+        self._qos0_logged = False  # this connection's first reading sent at QoS 0 was logged
         self.subscription = subscription
         # Device dispatch (daemon.partition): which topics this worker judges; the others
         # are acknowledged unread. None: every message is ours.
@@ -361,7 +362,7 @@ class MqttAdapter:
         self.metrics.connected.set(1 if self.output.connected else 0)
         log.info("subscribed", subscription=self.subscription, session_present=session_present)
         self.heard_at = time.monotonic()  # silence is counted from the subscription
-        self._retained_logged = False
+        self._retained_logged = self._qos0_logged = False
         self._intake_connections += 1
         expected = self._intake_connections > 1 or self.expects_session
         # (MQTT 5 with session_expiry_s = 0 keeps no session to find)
@@ -444,6 +445,8 @@ class MqttAdapter:
                               "anomalyd_retained_readings_skipped_total, logged once per "
                               "connection")
             return
+        if not msg.qos:  # its device published at QoS 0 (the subscription is QoS 1)
+            self._note_qos0(topic)
         inbound = Inbound(
             msg.mid, msg.qos, topic, bytes(msg.payload), time.monotonic(), time.time()
         )
@@ -456,6 +459,20 @@ class MqttAdapter:
             # session) without blocking the acks of later messages; the guard logs it.
             self.acks.forget(inbound)
             raise
+
+    def _note_qos0(self, topic: str) -> None:
+        """A reading its device published at QoS 0: judged as usual, but the broker keeps
+        no such reading for anomalyd while it is away (a restart, a network cut), so they
+        are lost then without a trace. Counted; the first of each connection is logged."""
+        self.metrics.qos0_readings.inc()
+        if not self._qos0_logged:
+            self._qos0_logged = True
+            log.warning("readings_at_qos0", topic=topic,
+                        hint="this device publishes at QoS 0: the broker keeps none of its "
+                             "readings while anomalyd is away or reconnecting (Mosquitto's "
+                             "queue_qos0_messages is off by default); publish at QoS 1. "
+                             "Counted in anomalyd_qos0_readings_total, logged once per "
+                             "connection")
 
     def _pass_over(self, msg: paho.MQTTMessage, topic: str) -> None:
         """Acknowledge a received message unread, in its turn."""

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -16,6 +17,7 @@ from daemon.errors import BrokerError
 from daemon.metrics import Metrics
 from daemon.mqtt import MqttAdapter
 from tests.broker import Broker
+from tests.conftest_models import NORMAL_READING as NORMAL
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +66,22 @@ def test_a_subscription_not_granted_at_qos_1_makes_the_daemon_unready_until_it_i
     assert adapter.metrics.connection_errors.labels("subscription")._value.get() == 1
     adapter._intake_subscribed([ReasonCode(PacketTypes.SUBACK, identifier=1)])  # QoS 1
     assert adapter.subscription_problem is None
+
+
+def test_readings_a_device_publishes_at_qos_0_are_judged_and_said_to_be_at_risk(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any,
+) -> None:
+    """Delivered at the lower of the two QoS, a reading its device sent at QoS 0 arrives at
+    QoS 0: judged, but the broker would have kept none for a daemon away. Counted, and the
+    first of the connection logged."""
+    col = collector_for(broker, ["anomaly/+/verdict"])
+    with structlog.testing.capture_logs() as logs:
+        svc = start_daemon(broker)
+        pub = publisher_for(broker)
+        for seq in (1, 2):
+            pub.send("sensors/q0-1/readings", {**NORMAL, "seq": seq}, qos=0)
+        pub.send("sensors/q1-1/readings", {**NORMAL, "seq": 3})  # QoS 1
+        col.wait_for(lambda t, p: True, count=3)
+    assert svc.metrics.qos0_readings._value.get() == 2
+    (said,) = [e for e in logs if e.get("event") == "readings_at_qos0"]
+    assert said["topic"] == "sensors/q0-1/readings" and "publish at QoS 1" in said["hint"]
