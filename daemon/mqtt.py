@@ -182,8 +182,8 @@ class MqttAdapter:
         # Whether a reading delivered with the retain flag (the broker's stored copy, sent
         # at each subscription) is acknowledged unread rather than judged.
         self._skip_retained = skip_retained
-        self._retained_logged = False  # this connection's first skipped one was logged
-        self._qos0_logged = False  # this connection's first reading sent at QoS 0 was logged
+        # What this connection has logged once already (``_once``): counted every time.
+        self._said: set[str] = set()
         self.subscription = subscription
         # Device dispatch (daemon.partition): which topics this worker judges; the others
         # are acknowledged unread. None: every message is ours.
@@ -362,7 +362,7 @@ class MqttAdapter:
         self.metrics.connected.set(1 if self.output.connected else 0)
         log.info("subscribed", subscription=self.subscription, session_present=session_present)
         self.heard_at = time.monotonic()  # silence is counted from the subscription
-        self._retained_logged = self._qos0_logged = False
+        self._said.clear()
         self._intake_connections += 1
         expected = self._intake_connections > 1 or self.expects_session
         # (MQTT 5 with session_expiry_s = 0 keeps no session to find)
@@ -436,17 +436,21 @@ class MqttAdapter:
             # Published off), also when it was queued for our session while we were away.
             self.metrics.retained_skipped.inc()
             self._pass_over(msg, topic)
-            if not self._retained_logged:
-                self._retained_logged = True
-                log.info("retained_reading_skipped", topic=topic,
-                         note="the broker's stored copy of a reading its device published "
-                              "retained, sent because this daemon subscribed; old news, "
-                              "acknowledged unjudged (readings.retained); counted in "
-                              "anomalyd_retained_readings_skipped_total, logged once per "
-                              "connection")
+            self._once(log.info, "retained_reading_skipped", topic,
+                       "the broker's stored copy of a reading its device published retained, "
+                       "sent because this daemon subscribed; old news, acknowledged unjudged "
+                       "(readings.retained); counted in "
+                       "anomalyd_retained_readings_skipped_total")
             return
-        if not msg.qos:  # its device published at QoS 0 (the subscription is QoS 1)
-            self._note_qos0(topic)
+        if not msg.qos:
+            # Its device published at QoS 0 (the subscription is QoS 1): judged as usual,
+            # but the broker keeps no such reading for anomalyd while it is away.
+            self.metrics.qos0_readings.inc()
+            self._once(log.warning, "readings_at_qos0", topic,
+                       "this device publishes at QoS 0: the broker keeps none of its readings "
+                       "while anomalyd is away or reconnecting (Mosquitto's "
+                       "queue_qos0_messages is off by default); publish at QoS 1. Counted in "
+                       "anomalyd_qos0_readings_total")
         inbound = Inbound(
             msg.mid, msg.qos, topic, bytes(msg.payload), time.monotonic(), time.time()
         )
@@ -460,19 +464,12 @@ class MqttAdapter:
             self.acks.forget(inbound)
             raise
 
-    def _note_qos0(self, topic: str) -> None:
-        """A reading its device published at QoS 0: judged as usual, but the broker keeps
-        no such reading for anomalyd while it is away (a restart, a network cut), so they
-        are lost then without a trace. Counted; the first of each connection is logged."""
-        self.metrics.qos0_readings.inc()
-        if not self._qos0_logged:
-            self._qos0_logged = True
-            log.warning("readings_at_qos0", topic=topic,
-                        hint="this device publishes at QoS 0: the broker keeps none of its "
-                             "readings while anomalyd is away or reconnecting (Mosquitto's "
-                             "queue_qos0_messages is off by default); publish at QoS 1. "
-                             "Counted in anomalyd_qos0_readings_total, logged once per "
-                             "connection")
+    def _once(self, say: Callable[..., Any], event: str, topic: str, hint: str) -> None:
+        """Log ``event`` for the first message of its kind on this connection only (each
+        is counted in the metrics): thousands of devices must not flood the log."""
+        if event not in self._said:
+            self._said.add(event)
+            say(event, topic=topic, hint=f"{hint}; logged once per connection")
 
     def _pass_over(self, msg: paho.MQTTMessage, topic: str) -> None:
         """Acknowledge a received message unread, in its turn."""
