@@ -217,6 +217,14 @@ class BaselineConfig(_Strict):
     # each device's drift either way).
     drift_warn_spreads: float = Field(0.0, ge=0.0)
 
+    @model_validator(mode="after")
+    def _check(self) -> BaselineConfig:
+        if self.drift_warn_spreads and not self.warmup_readings:
+            raise ValueError(
+                "drift_warn_spreads needs warmup_readings > 0: without per-device baselines "
+                "no device has a centre to drift, and the warning could never come")
+        return self
+
 
 class StateConfig(_Strict):
     dir: Path = Path("state")

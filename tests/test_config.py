@@ -54,6 +54,15 @@ def test_a_packet_limit_too_small_for_a_verdict_is_refused(tmp_path: Path) -> No
     cfg.write_text("[mqtt]\nmax_packet_bytes = 131072\n")
     assert load_settings(cfg, env={}).mqtt.max_packet_bytes == 131072
 
+def test_a_drift_warning_without_baselines_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[baseline]\ndrift_warn_spreads = 8\n")
+    with pytest.raises(ConfigError, match=r"drift_warn_spreads needs warmup_readings > 0"):
+        load_settings(cfg, env={})
+    cfg.write_text("[baseline]\ndrift_warn_spreads = 8\nwarmup_readings = 400\n")
+    assert load_settings(cfg, env={}).baseline.drift_warn_spreads == 8.0
+
+
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.port"):
         load_settings(None, env={"MQTT_PORT": "not-a-port"})
