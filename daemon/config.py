@@ -212,9 +212,10 @@ class BaselineConfig(_Strict):
     # higher, fewer false alarms and more missed faults (docs/evaluation.md measures it).
     threshold_margin: float = Field(THRESHOLD_MARGIN, ge=1.0, le=100.0)
     # Log ``baseline_drifted`` (once, until it is back within) when a device's adapted
-    # centre has moved more than this many of its warm-up spreads on any input since the
-    # warm-up: a slow change the baseline is absorbing. 0: off (``anomalyd devices`` shows
-    # each device's drift either way).
+    # centre, judged against its fitted one as the baseline judges a reading, deviates by
+    # more than this many conditional spreads on any input (the units of the device's
+    # threshold): a slow change the baseline is absorbing. 0: off (``anomalyd devices``
+    # shows each device's drift either way).
     drift_warn_spreads: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")

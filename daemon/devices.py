@@ -64,9 +64,13 @@ class DeviceState:
 
 @dataclass(frozen=True, slots=True)
 class Drift:
-    """How far a device's normal has moved since its warm-up: the input whose adapted
-    centre is farthest from the fitted one, and by how many of the device's own warm-up
-    spreads (signed: negative, it fell)."""
+    """How far a device's normal has moved since its warm-up, in the baseline's own terms:
+    the adapted centre judged against the fitted one as a reading would be (each input's
+    distance from what the device's other inputs predict for it, in conditional spreads,
+    the units of its threshold), for the input that moved most (signed: negative, it fell
+    below what the others predict). A move to another operating regime, where the inputs
+    move together as they did in the warm-up, is hardly drift; a sensor or a part that
+    changes on its own is."""
 
     device_id: str
     input: int
@@ -279,8 +283,8 @@ class DeviceTracker:
     # -- drift: what the adapting centre has absorbed ----------------------------------
 
     def drift(self, device_id: str) -> Drift | None:
-        """How far the device's adapted centre has moved from its fitted one (None before
-        the fit). The centre follows slow change so that it does not page anyone; this
+        """How far the device's adapted centre has moved from its fitted one (``Drift``;
+        None before the fit). The centre follows slow change so that it does not page anyone; this
         is how an operator sees what it has absorbed (a sensor losing calibration, a
         bearing's vibration creeping up, a plant running warmer), and decides whether it
         is the device's new normal or a fault the baseline now takes for normal."""
@@ -335,7 +339,7 @@ class DeviceTracker:
             "missing_readings": st.seqs.missing,
             "newest_timestamp": st.clock.newest,  # of its on-time readings (epoch s)
             "late_readings": st.clock.late_count,  # since the daemon started
-            # the adapted centre's largest move since the fit, in warm-up spreads
+            # the adapted centre's largest move since the fit, in conditional spreads
             "drift": None if (d := _drift(device_id, st)) is None else {
                 "input": d.input, "spreads": round(d.spreads, 2)},
         }
@@ -457,10 +461,10 @@ def _saved(st: DeviceState) -> dict[str, Any]:
 
 
 def _drift(device_id: str, st: DeviceState) -> Drift | None:
-    c, o, s = st.center, st.origin, st.scale
-    if c is None or o is None or s is None:
+    c, o, s, w = st.center, st.origin, st.scale, st.cond
+    if c is None or o is None or s is None or w is None:
         return None
-    moved = (c - o) / s
+    moved = w @ ((c - o) / s)
     i = int(np.abs(moved).argmax())
     return Drift(device_id, i, float(moved[i]))
 

@@ -198,8 +198,9 @@ def markdown(results: Evaluation, per_file: bool = False) -> str:
         lines += [
             "",
             "The ensemble on each file alone; largest drift: how far the device baseline's "
-            "adapting centre moved from its warm-up fit on the input that moved most "
-            "(in warm-up spreads, looked at every 256 readings; `baseline.drift_warn_spreads`):",
+            "adapting centre moved from its warm-up fit, judged as a reading is (the input "
+            "farthest from what the others predict, in conditional spreads), looked at every "
+            "256 readings (`baseline.drift_warn_spreads`):",
             "",
             "| variant | file | normal | anomalous | F1 | FAR % | MAR % | false alarms "
             "| largest drift |",

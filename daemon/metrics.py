@@ -209,8 +209,8 @@ class Metrics:
         )
         self.drifted_devices = Gauge(
             "anomalyd_drifted_devices",
-            "Devices whose adapted baseline centre has moved more than "
-            "baseline.drift_warn_spreads of their warm-up spreads since warm-up (0 when off)",
+            "Devices whose adapted baseline centre has drifted more than "
+            "baseline.drift_warn_spreads conditional spreads from its warm-up fit (0 when off)",
             registry=r,
         )
         self.score_stats = ScoreStats()  # anomalyd_score_margin, anomalyd_input_shift_sigma

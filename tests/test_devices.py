@@ -289,7 +289,7 @@ def test_state_of_another_format_window_or_warm_up_is_refused() -> None:
 
 def test_drift_says_how_far_the_adapting_centre_has_moved_since_the_warm_up() -> None:
     """The drift the baseline absorbs without flagging it (the slow-drift case above) is
-    what ``drift`` reports: the input, its direction and its size in warm-up spreads."""
+    what ``drift`` reports: the input, its direction and its size in conditional spreads."""
     rng = np.random.default_rng(3)
     n, warmup = 1500, 400
     x = rng.normal(size=(n, 2))
@@ -304,9 +304,13 @@ def test_drift_says_how_far_the_adapting_centre_has_moved_since_the_warm_up() ->
     assert d is not None and d.device_id == "d" and d.input == 0
     st = t.devices["d"]
     assert st.origin is not None and st.center is not None and st.scale is not None
-    # ... and reported: the centre lags a ramp by its time constant, so it sits where the
-    # channel was ~100 readings ago; the fit's centre and spread are the fitting part's
-    assert d.spreads == pytest.approx((st.center[0] - st.origin[0]) / st.scale[0])
+    assert st.cond is not None
+    # ... and reported, as the baseline judges a reading: the centre's move in conditional
+    # spreads (the two channels are independent, so about its move in plain spreads); the
+    # centre lags a ramp by its time constant, so it sits where the channel was ~100
+    # readings ago; the fit's centre and spread are the fitting part's
+    moved = st.cond @ ((st.center - st.origin) / st.scale)
+    assert d.spreads == pytest.approx(moved[0]) and abs(moved[1]) < abs(moved[0]) / 10
     fit = x[: t.n_fit, 0]
     expected = (-0.02 * (n - 1 - (ADAPT_READINGS - 1)) - fit.mean()) / fit.std()
     assert d.spreads == pytest.approx(expected, rel=0.02)
@@ -321,12 +325,16 @@ def test_drift_beyond_a_limit_is_reported_once_until_it_is_back_within() -> None
     assert t.drifted(3.0) == ([], 0)
     st = t.devices["moving"]
     assert st.center is not None and st.origin is not None and st.scale is not None
+    assert st.cond is not None
     st.center[1] = st.origin[1] + 4.0 * st.scale[1]  # as if it had adapted that far
+    # input 1 moved (almost) alone: judged against what input 0 predicts, the farther
+    moved = st.cond @ ((st.center - st.origin) / st.scale)
+    assert abs(moved[1]) >= 4.0 and abs(moved[1]) > abs(moved[0])
     new, beyond = t.drifted(3.0)
-    assert beyond == 1 and [(d.device_id, d.input, round(d.spreads, 6)) for d in new] == [
-        ("moving", 1, 4.0)]
+    assert beyond == 1 and [(d.device_id, d.input, d.spreads) for d in new] == [
+        ("moving", 1, pytest.approx(moved[1]))]
     assert t.drifted(3.0) == ([], 1)  # said once
-    assert t.drifted(5.0) == ([], 0)  # within a wider limit: re-armed ...
+    assert t.drifted(abs(moved[1]) + 0.1) == ([], 0)  # within a wider limit: re-armed ...
     assert [d.device_id for d in t.drifted(3.0)[0]] == ["moving"]  # ... and said again
     t.forget("moving")  # a re-warm-up starts from a new fit: no drift
     assert t.drifted(3.0) == ([], 0) and t.drift("moving") is None
@@ -350,3 +358,28 @@ def test_the_fitted_centre_is_saved_and_old_state_counts_drift_from_the_restore(
     saved["devices"]["d"]["origin"] = [1.0, float("nan")]
     with pytest.raises(ValueError, match="not finite"):
         tracker(warmup=8, window=1).restore(saved)
+
+
+def test_drift_is_judged_against_the_other_inputs_so_a_change_of_duty_is_hardly_drift() -> None:
+    """Flow and current follow the pump's duty (correlated through the warm-up, whose duty
+    varies). Afterwards the duty creeps up by 6 of the warm-up's spreads: both follow, and
+    the centre's move is what the warm-up's relation predicts. The same creep in the
+    current alone (a motor drawing more at the same flow) is drift."""
+    rng = np.random.default_rng(6)
+    n, warmup = 1400, 400
+
+    def pump(current_alone: bool) -> DeviceTracker:
+        duty = rng.normal(size=n)
+        duty[warmup:] += np.linspace(0.0, 6.0, n - warmup)
+        flow = duty + 0.1 * rng.normal(size=n)
+        current = duty + 0.1 * rng.normal(size=n)
+        if current_alone:
+            flow[warmup:] -= np.linspace(0.0, 6.0, n - warmup)  # flow stays where it was
+        t = tracker(warmup=warmup, window=1)
+        feed(t, "p", np.column_stack([flow, current]), False)
+        return t
+
+    duty_change, current_alone = pump(False).drift("p"), pump(True).drift("p")
+    assert duty_change is not None and current_alone is not None
+    assert abs(duty_change.spreads) < 3.0  # within any threshold (at least 3)
+    assert abs(current_alone.spreads) > 10.0

@@ -158,10 +158,13 @@ def test_a_normal_that_moves_slowly_is_absorbed_and_shown_as_drift(
     adapting centre to follow, and what it followed is reported: in the device's view, in
     the log once, and in the metric."""
     monkeypatch.setattr(service, "DRIFT_CHECK_S", 0.2)  # 60 s live
-    baseline = settings.baseline.model_copy(update={"drift_warn_spreads": 5.0})
+    # a warm-up long enough to learn how its 6 inputs go together (the drift is judged
+    # against what the others predict, as readings are)
+    warmup = 100
+    baseline = BaselineConfig(warmup_readings=warmup, drift_warn_spreads=5.0)
     dev, n = "warming-pump", 1200
-    x = rows(WARMUP + n, seed=9)
-    x[WARMUP:, 2] += np.linspace(0.0, 12.0, n) * SIGMA[2]
+    x = rows(warmup + n, seed=9)
+    x[warmup:, 2] += np.linspace(0.0, 12.0, n) * SIGMA[2]
     col = collector_for(broker, [f"anomaly/{dev}/verdict"])
     pub = publisher_for(broker)
     with structlog.testing.capture_logs() as logs:
