@@ -209,8 +209,18 @@ def record(
     inbox: queue.SimpleQueue[tuple[str, bytes, float]] = queue.SimpleQueue()
     stop = threading.Event()
 
+    retained = [0]  # copies skipped (counted on the network thread)
+
     def on_message(c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.retain:  # the broker's stored copy of an old reading, sent as we subscribed
+            retained[0] += 1
+            return
         inbox.put((msg.topic, bytes(msg.payload), time.time()))
+
+    def with_retained(text: str) -> str:
+        n = retained[0]
+        return text + (f"; {n:,} retained {'copy' if n == 1 else 'copies'} of old readings "
+                       "skipped" if n else "")
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -287,10 +297,10 @@ def record(
                 if rec is not None:
                     rec.flush()
                     left = None if duration_s is None else duration_s - (now - start)
-                    say(rec.progress(left))
+                    say(with_retained(rec.progress(left)))
                 else:
-                    say(f"waiting for a reading with numeric fields ({len(pending)} messages "
-                        "without any so far)")
+                    say(with_retained(f"waiting for a reading with numeric fields "
+                                      f"({len(pending)} messages without any so far)"))
     finally:
         if handlers:
             signal.signal(signal.SIGTERM, previous[0])
@@ -306,7 +316,7 @@ def record(
         except queue.Empty:
             break
     rec.flush()
-    say(rec.progress(None))
+    say(with_retained(rec.progress(None)))
     for device_id, n in sorted(rec.per_device.items()):
         say(f"  {out / file_name(device_id)}: {n:,} readings")
     if rec.recorded:

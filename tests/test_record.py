@@ -174,6 +174,10 @@ def test_recording_from_the_broker(broker: Broker, tmp_path: Path, publisher_for
     said: list[str] = []
     got: list[int] = []
     out = tmp_path / "rec"
+    pub = publisher_for(broker)
+    # a device that publishes retained left the broker a copy of an old reading
+    pub.client.publish("sensors/rec-0/readings", orjson.dumps(
+        {"temperature": 999, "vibration": 9.0, "seq": 999}), qos=1, retain=True).wait_for_publish(5)
     worker = threading.Thread(target=lambda: got.append(record(
         settings, out, duration_s=None, max_readings=30, devices=None, features=None,
         say=said.append)))
@@ -183,7 +187,6 @@ def test_recording_from_the_broker(broker: Broker, tmp_path: Path, publisher_for
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.5)  # subscribed
-    pub = publisher_for(broker)
     pub.client.publish("sensors/rec-1/readings", b"{not json", qos=1)
     for i in range(20):
         pub.client.publish(f"sensors/rec-{i % 2}/readings",
@@ -196,7 +199,8 @@ def test_recording_from_the_broker(broker: Broker, tmp_path: Path, publisher_for
     assert any("features (the numeric fields of the first reading" in line
                and "temperature, vibration" in line for line in said)
     assert any("1 not_json" in line for line in said)
-    zero = load_csv(out / "rec-0.csv")
+    assert any("1 retained copy of old readings skipped" in line for line in said)
+    zero = load_csv(out / "rec-0.csv")  # without the old reading
     assert zero.X[:, 0].tolist() == [20, 22, 24, 26, 28, 30, 32, 34, 36, 38] + [50] * 10
     assert load_csv(out / "rec-1.csv").X.shape == (10, 2)
 
