@@ -95,7 +95,13 @@ def test_device_dispatch_keeps_each_device_on_one_worker_after_a_shared_session(
 ) -> None:
     """The default. The same client ids ran with shared dispatch first: their persistent
     sessions still hold the shared subscription, which must be dropped, or readings
-    would arrive twice."""
+    would arrive twice.
+
+    The daemon subscribes its filter first and only then drops the stale one (the other
+    order would lose what arrives in between), so a reading published in that instant
+    may reach a worker twice, which at-least-once allows (a repeat, or another worker's
+    reading passed over). A first round of readings lets the switch settle; the counts
+    are checked on the second."""
     base, cid = free_port(), f"anomalyd-d-{free_port()}"
     with workers(broker, trained_model_dir, tmp_path, "shared", cid, base):
         pass
@@ -103,13 +109,24 @@ def test_device_dispatch_keeps_each_device_on_one_worker_after_a_shared_session(
         col = collector_for(broker, ["anomaly/+/verdict"])
         pub = publisher_for(broker)
         n, devices = 400, 8
-        for seq in range(n):
+        first = [f"sensors/d-{k}/readings" for k in range(devices)]
+        for k, topic in enumerate(first):
+            pub.client.publish(topic, orjson.dumps({**NORMAL_READING, "seq": k}), qos=1)
+        col.wait_for(lambda t, p: t.startswith("anomaly/d-"), count=devices, timeout=60)
+        time.sleep(1.0)
+        ports = (base, base + 1)
+        before = [(_metric(port, "anomalyd_messages_received_total"),
+                   _metric(port, "anomalyd_messages_for_other_workers_total")) for port in ports]
+        with col._cond:  # the collector's network thread appends under it
+            col.messages.clear()
+        for seq in range(devices, devices + n):
             pub.client.publish(f"sensors/d-{seq % devices}/readings",
                                orjson.dumps({**NORMAL_READING, "seq": seq}), qos=1)
         got = col.wait_for(lambda t, p: t.startswith("anomaly/d-"), count=n, timeout=60)
-        assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(n))
+        assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(devices, devices + n))
         time.sleep(1.0)
         assert len([1 for t, *_ in col.messages if t.startswith("anomaly/d-")]) == n
+        n += devices  # every reading of both rounds, for the last seq each device sent
         held: dict[str, int] = {}
         for i, port in enumerate((base, base + 1)):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/devices", timeout=5) as r:
@@ -120,10 +137,11 @@ def test_device_dispatch_keeps_each_device_on_one_worker_after_a_shared_session(
                 # every one of its readings went to this worker: the highest seq it sent
                 k = int(d["device_id"].split("-")[1])
                 assert d["last_seq"] == max(range(k, n, devices))
-            own = _metric(port, "anomalyd_messages_received_total")
-            others = _metric(port, "anomalyd_messages_for_other_workers_total")
-            assert own == sum(n // devices for dev, w in held.items() if w == i)
-            assert own + others == n  # each worker heard every reading
+            own = _metric(port, "anomalyd_messages_received_total") - before[i][0]
+            others = _metric(port, "anomalyd_messages_for_other_workers_total") - before[i][1]
+            second = n - devices  # the second round's readings
+            assert own == sum(second // devices for dev, w in held.items() if w == i)
+            assert own + others == second  # each worker heard every reading, once
         assert set(held) == {f"d-{k}" for k in range(devices)}
         assert set(held.values()) == {0, 1}
 
