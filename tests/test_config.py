@@ -46,21 +46,30 @@ def test_bad_values_are_errors(tmp_path: Path) -> None:
 
 
 
-def test_a_packet_limit_too_small_for_a_verdict_is_refused(tmp_path: Path) -> None:
+def _refused_then_loaded(tmp_path: Path, refused: str, match: str, loaded: str) -> Settings:
+    """The configuration ``refused`` is an error matching ``match``; ``loaded`` is not:
+    its settings."""
     cfg = tmp_path / "a.toml"
-    cfg.write_text("[mqtt]\nmax_packet_bytes = 500\n")
-    with pytest.raises(ConfigError, match=r"max_packet_bytes must be 0 .* or at least 1024"):
+    cfg.write_text(refused)
+    with pytest.raises(ConfigError, match=match):
         load_settings(cfg, env={})
-    cfg.write_text("[mqtt]\nmax_packet_bytes = 131072\n")
-    assert load_settings(cfg, env={}).mqtt.max_packet_bytes == 131072
+    cfg.write_text(loaded)
+    return load_settings(cfg, env={})
+
+
+def test_a_packet_limit_too_small_for_a_verdict_is_refused(tmp_path: Path) -> None:
+    settings = _refused_then_loaded(
+        tmp_path, "[mqtt]\nmax_packet_bytes = 500\n",
+        r"max_packet_bytes must be 0 .* or at least 1024", "[mqtt]\nmax_packet_bytes = 131072\n")
+    assert settings.mqtt.max_packet_bytes == 131072
+
 
 def test_a_drift_warning_without_baselines_is_refused(tmp_path: Path) -> None:
-    cfg = tmp_path / "a.toml"
-    cfg.write_text("[baseline]\ndrift_warn_spreads = 8\n")
-    with pytest.raises(ConfigError, match=r"drift_warn_spreads needs warmup_readings > 0"):
-        load_settings(cfg, env={})
-    cfg.write_text("[baseline]\ndrift_warn_spreads = 8\nwarmup_readings = 400\n")
-    assert load_settings(cfg, env={}).baseline.drift_warn_spreads == 8.0
+    settings = _refused_then_loaded(
+        tmp_path, "[baseline]\ndrift_warn_spreads = 8\n",
+        r"drift_warn_spreads needs warmup_readings > 0",
+        "[baseline]\ndrift_warn_spreads = 8\nwarmup_readings = 400\n")
+    assert settings.baseline.drift_warn_spreads == 8.0
 
 
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
