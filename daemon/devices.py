@@ -407,24 +407,24 @@ class DeviceTracker:
             held_back_max = float(raw["held_back_max"])
             # a fitted threshold follows the configured margin (it may have changed since)
             threshold = None if raw["threshold"] is None else self._threshold(held_back_max)
+            center = arr(raw["center"])
+            # state saved before the fitted centre was kept has none: drift counts from here
+            origin = None if center is None else _freeze(arr(raw.get("origin", raw["center"])))
             devices[str(dev)] = DeviceState(
                 recent,
                 int(raw["count"]),
                 moments(raw["normal"]),
                 moments(raw["flagged"]),
                 bool(raw["trusts_global"]),
-                arr(raw["center"]),
+                center,
                 _freeze(arr(raw["scale"])),
                 _freeze(arr(raw["cond"], (width, width))),
                 held_back_max,
                 threshold,
                 SeqWindow.from_json(raw),
                 EventClock.from_json(raw),
+                origin=origin,
             )
-            st = devices[str(dev)]
-            # state saved before the fitted centre was kept has none: drift counts from here
-            origin = raw.get("origin", raw["center"])
-            st.origin = None if st.center is None else _freeze(arr(origin))
         saved_seqs = data.get("kept_seqs", {})  # state saved before they were kept has none
         if not isinstance(saved_seqs, dict):
             raise ValueError("saved seq windows of re-warmed devices are not a mapping")
