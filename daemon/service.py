@@ -138,6 +138,7 @@ class Service:
         self._stopping = threading.Event()
         self._forced = threading.Event()
         self._signalled = threading.Event()
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.worker_crashed: str | None = None
         publish_model_info(self.metrics, bundle, self.pipeline.default_detector)
 
@@ -400,15 +401,39 @@ class Service:
         self._stopping.set()
         self._signalled.set()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _hand_over_signal(self, signum: int, frame: FrameType | None) -> None:
+        """The handler run() installs: it only hands the signal to the ``signals`` thread.
+
+        Python runs a handler on the main thread between two of its bytecodes, possibly
+        while that thread holds a lock: a log line's, or an event's. Logging or setting an
+        event here would then wait forever for a lock its own thread holds (seen: a second
+        SIGTERM that arrived while the first one's log line was being written hung the
+        daemon until SIGKILL). ``SimpleQueue.put`` is safe there."""
+        self._signals.put(signum)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop (a second one forces the stop), SIGHUP reloads the model
+        set. Call from the main thread."""
+        threading.Thread(target=self._take_signals, name="signals", daemon=True).start()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._hand_over_signal)
+
+    def _take_signals(self) -> None:
+        while True:
+            signum = self._signals.get()
+            if signum == signal.SIGHUP:
+                self._on_reload_signal(signum)
+            else:
+                self._on_stop_signal(signum)
+
+    def _on_stop_signal(self, signum: int) -> None:
         first = not self._stopping.is_set()
         log.warning("signal", signal=signal.Signals(signum).name,
                     action="graceful stop" if first else "forced stop")
         self.request_stop(force=not first)
 
-    def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
-        """SIGHUP: queue a model reload for the scorer, which logs its outcome. Loads
-        nothing here: a signal handler must not block the main thread."""
+    def _on_reload_signal(self, signum: int) -> None:
+        """SIGHUP: queue a model reload for the scorer, which logs its outcome."""
         queued = self.control.submit(Command("reload"))
         log.info("signal", signal=signal.Signals(signum).name,
                  action="reload the model set" if queued else "ignored: stopping")
@@ -424,9 +449,7 @@ class Service:
         # and show up as latency spikes.
         gc.collect()
         gc.freeze()
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_reload_signal)
+        self.install_signal_handlers()
         self.start()
         while not self._signalled.wait(1.0):
             if self.worker_crashed or not self.mqtt.loop_alive:

@@ -4,13 +4,22 @@ Each worker is a full daemon (``anomalyd run --worker-index i``) with its own cl
 its own persistent session, state file and HTTP port (``HEALTH_PORT + i``). With device
 dispatch (the default) every worker subscribes to all readings and judges those of the
 devices it owns (``daemon.partition``); with shared dispatch the broker spreads readings
-over them through ``$share/<group>/<filter>``. SIGTERM, SIGINT and SIGHUP (reload
-the model set: ``systemctl reload``) are forwarded to every worker; the supervisor exits
-with the worst exit code of its workers.
+over them through ``$share/<group>/<filter>``.
+
+SIGTERM, SIGINT and SIGHUP (reload the model set: ``systemctl reload``) are forwarded to
+every worker, once: the workers run in their own session, so a Ctrl-C in a terminal
+reaches them through the supervisor only (a second signal would force their stop). A
+worker that exits while nobody asked it to (killed by the kernel's OOM killer, its scorer
+crashed, the broker unreachable at its start) is started again after a delay that doubles
+while it keeps failing; its persistent session has kept its readings meanwhile. A worker
+that exits with a configuration or model error (exit 2) stops them all: the others would
+meet the same error. The supervisor exits with the worst exit code of its workers (a
+worker killed by a signal counts as 128 + the signal's number).
 """
 
 from __future__ import annotations
 
+import queue
 import signal
 import subprocess
 import sys
@@ -22,8 +31,66 @@ import structlog
 
 from daemon import state
 from daemon.config import Settings
+from daemon.exit_codes import EXIT_OK, EXIT_USAGE
 
 log = structlog.get_logger("anomalyd.supervisor")
+
+#: The first restart of a worker that exited waits this long; each further exit within
+#: ``STABLE_S`` of its start doubles the wait, up to ``RESTART_MAX_S``.
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0
+POLL_S = 0.2
+
+
+def exit_code(returncode: int) -> int:
+    """A process's exit status as a shell reports it: killed by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Worker:
+    """One worker process, started again after an exit nobody asked for."""
+
+    def __init__(self, index: int, command: list[str]) -> None:
+        self.index = index
+        self.command = command
+        self.delay = RESTART_FIRST_S
+        self.restart_at: float | None = None
+        self.started_at = 0.0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        # Its own session: signals sent to the supervisor's process group (a terminal's
+        # Ctrl-C) do not reach it twice.
+        self.proc = subprocess.Popen(self.command, start_new_session=True)  # noqa: S603
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signum)
+
+    def exited(self) -> int | None:
+        """The exit code of a process that has exited and not been handled yet."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        code = exit_code(self.proc.returncode)
+        self.proc = None
+        return code
+
+    def schedule_restart(self, now: float) -> float:
+        if now - self.started_at >= STABLE_S:
+            self.delay = RESTART_FIRST_S
+        wait = self.delay
+        self.restart_at = now + wait
+        self.delay = min(self.delay * 2, RESTART_MAX_S)
+        return wait
 
 
 def run_workers(settings: Settings, config: Path | None) -> int:
@@ -32,23 +99,53 @@ def run_workers(settings: Settings, config: Path | None) -> int:
     # owns it now (the number of workers or the dispatch may have changed).
     state.check_writable(settings.state.dir)
     state.repartition(settings.state.dir, n, settings.service.dispatch)
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def hand_over(signum: int, frame: FrameType | None) -> None:
+        signals.put(signum)  # acted on below: a handler must take no lock
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, hand_over)
     base = [sys.executable, "-m", "daemon"] + (["--config", str(config)] if config else [])
-    procs = [
-        subprocess.Popen([*base, "run", "--worker-index", str(i)])  # noqa: S603
-        for i in range(n)
-    ]
-    log.info("workers_started", workers=n, pids=[p.pid for p in procs])
+    workers = [Worker(i, [*base, "run", "--worker-index", str(i)]) for i in range(n)]
+    log.info("workers_started", workers=n, pids=[w.proc.pid for w in workers if w.proc])
+    return _supervise(workers, signals)
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)
-    while any(p.poll() is None for p in procs):
-        time.sleep(0.2)
-    codes = [p.returncode for p in procs]
-    log.info("workers_stopped", exit_codes=codes)
-    return max(codes)
+def _supervise(workers: list[Worker], signals: queue.SimpleQueue[int]) -> int:
+    stopping = False
+    worst = EXIT_OK
+    codes: dict[int, int] = {}
+    while True:
+        try:
+            signum: int | None = signals.get(timeout=POLL_S)
+        except queue.Empty:
+            signum = None
+        if signum is not None:
+            stopping = stopping or signum != signal.SIGHUP
+            for w in workers:
+                w.signal(signum)
+        now = time.monotonic()
+        for w in workers:
+            code = w.exited()
+            if code is not None:
+                codes[w.index] = code
+                if stopping:
+                    continue
+                if code == EXIT_USAGE:
+                    log.error("worker_failed", worker=w.index, exit_code=code,
+                              action="stopping every worker: they share its configuration "
+                                     "and models")
+                    worst, stopping = code, True
+                    for other in workers:
+                        other.signal(signal.SIGTERM)
+                    continue
+                wait = w.schedule_restart(now)
+                log.warning("worker_exited", worker=w.index, exit_code=code,
+                            restart_in_s=wait)
+            elif not stopping and w.restart_at is not None and now >= w.restart_at:
+                w.start()
+                log.info("worker_restarted", worker=w.index, pid=w.proc.pid if w.proc else None)
+        if stopping and not any(w.running for w in workers):
+            log.info("workers_stopped", exit_codes=[codes.get(w.index) for w in workers])
+            return max([worst, *codes.values()])

@@ -237,7 +237,7 @@ def test_sighup_queues_a_reload_that_the_scorer_runs(
     pub = publisher_for(broker)
     svc = start_daemon(settings=reload_settings)
     set_version(model_copy, NEW_VERSION)
-    svc._on_reload_signal(signal.SIGHUP, None)  # what run() installs for SIGHUP
+    svc._on_reload_signal(signal.SIGHUP)  # what the signals thread runs for SIGHUP
     # Commands run in order: once this one is answered, the queued reload has run.
     svc.control.call(Command("list"))
     assert svc.bundle.version == NEW_VERSION and reloads(svc, "ok") == 1
@@ -245,7 +245,7 @@ def test_sighup_queues_a_reload_that_the_scorer_runs(
     assert after["model_version"] == NEW_VERSION
 
     corrupt_an_artifact(model_copy)  # a failed reload by signal is logged and counted
-    svc._on_reload_signal(signal.SIGHUP, None)
+    svc._on_reload_signal(signal.SIGHUP)
     svc.control.call(Command("list"))
     assert reloads(svc, "failed") == 1 and svc.bundle.version == NEW_VERSION
 
@@ -256,7 +256,7 @@ def test_sighup_after_the_scorer_stopped_is_ignored(
 ) -> None:
     svc = start_daemon(broker)
     svc.shutdown()
-    svc._on_reload_signal(signal.SIGHUP, None)  # neither raises nor queues
+    svc._on_reload_signal(signal.SIGHUP)  # neither raises nor queues
     assert svc.control._queue.empty()
 
 

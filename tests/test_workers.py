@@ -38,33 +38,69 @@ def _metric(port: int, name: str) -> float:
 
 @contextmanager
 def workers(broker: Broker, model_dir: Path, tmp_path: Path, dispatch: str,
-            client_id: str, base: int, extra: str = "") -> Iterator[None]:
+            client_id: str, base: int, extra: str = "",
+            ctrl_c: bool = False) -> Iterator[subprocess.Popen[bytes]]:
     """WORKERS=2 under the supervisor, with ``dispatch`` (and ``extra`` configuration);
-    stopped with SIGTERM (exit 0)."""
+    stopped with SIGTERM, or with ``ctrl_c`` as a terminal's Ctrl-C stops it (SIGINT to
+    its whole process group); either must end in exit 0. Their log is ``<tmp>/workers.log``."""
     config = tmp_path / f"{dispatch}.toml"
     config.write_text(f'[service]\ndispatch = "{dispatch}"\n{extra}')
     env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port),
                MODEL_DIR=str(model_dir), HEALTH_PORT=str(base), WORKERS="2",
                MQTT_CLIENT_ID=client_id,
                STATE_DIR=str(tmp_path / "state"))  # not the repository's state/
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config), "run"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with (tmp_path / "workers.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(config), "run"],
+            cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
     try:
         for port in (base, base + 1):
             wait_for_port("127.0.0.1", port, timeout=60)
-        deadline = time.monotonic() + 60
-        while not (_ready(base) and _ready(base + 1)):
-            assert time.monotonic() < deadline, "workers never became ready"
-            time.sleep(0.1)
-        yield
+        _until_ready(base, base + 1)
+        yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert code == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    assert code == 0, _log(tmp_path)[-2000:]
+
+
+def _log(tmp_path: Path) -> str:
+    return (tmp_path / "workers.log").read_text(errors="replace")
+
+
+def _events(tmp_path: Path, event: str) -> list[dict[str, Any]]:
+    """The log's lines for ``event`` (the JSON log format, the default)."""
+    lines = [orjson.loads(line) for line in _log(tmp_path).splitlines()
+             if line.startswith("{")]
+    return [e for e in lines if e.get("event") == event]
+
+
+def _until_ready(*ports: int) -> None:
+    deadline = time.monotonic() + 60
+    while not all(_ready(port) for port in ports):
+        assert time.monotonic() < deadline, "workers never became ready"
+        time.sleep(0.1)
+
+
+def _worker_pid(supervisor: int, index: int) -> int:
+    """The pid of the supervisor's child running ``--worker-index index``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == supervisor and b"--worker-index" in args and \
+                args[args.index(b"--worker-index") + 1] == str(index).encode():
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker {index} under {supervisor}")
 
 
 def test_shared_dispatch_spreads_the_readings_and_judges_each_once(
@@ -168,3 +204,44 @@ def test_devices_gone_quiet_are_announced_once_each_with_two_workers(
         for dev in devices:
             states = [m["state"] for t, m in ours if t == f"anomaly/{dev}/presence"]
             assert states == ["reporting", "quiet"], (dev, states)
+
+
+def test_a_worker_killed_is_started_again_and_judges_its_devices(
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
+    tmp_path: Path,
+) -> None:
+    """As the kernel's OOM killer would: SIGKILL one worker. The supervisor starts it
+    again, and its devices' readings, held by its persistent session meanwhile, are
+    judged."""
+    base = free_port()
+    with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-k-{base}",
+                 base) as supervisor:
+        col = collector_for(broker, ["anomaly/+/verdict"])
+        pub = publisher_for(broker)
+        killed = _worker_pid(supervisor.pid, 1)
+        os.kill(killed, signal.SIGKILL)
+        devices = [f"k-{base}-{k}" for k in range(8)]
+        for seq, dev in enumerate(devices):  # some are worker 1's: it is down
+            pub.client.publish(f"sensors/{dev}/readings",
+                               orjson.dumps({**NORMAL_READING, "seq": seq}), qos=1)
+        got = col.wait_for(lambda t, p: t.split("/")[1] in devices, count=len(devices),
+                           timeout=60)
+        assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(len(devices)))
+        _until_ready(base, base + 1)
+        assert _worker_pid(supervisor.pid, 1) != killed
+    exits = _events(tmp_path, "worker_exited")
+    assert [(e["worker"], e["exit_code"]) for e in exits] == [(1, 128 + signal.SIGKILL)]
+    assert [e["worker"] for e in _events(tmp_path, "worker_restarted")] == [1]
+
+
+def test_ctrl_c_stops_each_worker_gracefully_once(
+    broker: Broker, trained_model_dir: Path, tmp_path: Path,
+) -> None:
+    """A terminal sends SIGINT to the whole process group; the workers must hear it once,
+    from the supervisor (a second signal would force their stop)."""
+    base = free_port()
+    with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-c-{base}", base,
+                 ctrl_c=True):
+        pass
+    actions = sorted((e["signal"], e["action"]) for e in _events(tmp_path, "signal"))
+    assert actions == [("SIGINT", "graceful stop")] * 2  # one per worker, none forced
