@@ -4,7 +4,8 @@
 # OUTDIR (default mosquitto/secure/certs) receives: ca.crt/ca.key, server.crt/server.key
 # (for localhost, 127.0.0.1 and the compose host name "mosquitto"), client.crt/client.key
 # (for mutual TLS), passwd (Mosquitto password file) and one <user>.password file per user
-# (anomalyd, alerts, and each DEVICE; default devices pump-001 pump-002 pump-003).
+# (anomalyd, alerts, and each DEVICE; default devices pump-001 pump-002 pump-003), and
+# http.token (the bearer token for anomalyd's HTTP requests that change state).
 # Development only: the CA key sits beside the certificates. Never commit OUTDIR.
 # CERTS_FOR_CONTAINERS=1 makes keys and passwords readable by the containers' users.
 set -euo pipefail
@@ -42,10 +43,12 @@ for user in anomalyd alerts "${devices[@]}"; do
   printf '%s' "$pw" > "$user.password"
   "$passwd_bin" -b passwd "$user" "$pw"
 done
+# The bearer token for anomalyd's HTTP requests that change state (HEALTH_TOKEN_FILE).
+openssl rand -hex 32 > http.token
 chmod 644 ca.crt server.crt client.crt
 if [ "${CERTS_FOR_CONTAINERS:-0}" = 1 ]; then
   # docker compose: the broker and the daemon run as their own users in their containers
   # and must read the keys and password files. Development only.
-  chmod 644 server.key client.key passwd ./*.password
+  chmod 644 server.key client.key passwd ./*.password http.token
 fi
 echo "done: users anomalyd, alerts, ${devices[*]} (passwords in $out/<user>.password)" >&2
