@@ -123,20 +123,37 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    import os
+
     from daemon.models import load_bundle
-    from daemon.offline import score_file
+    from daemon.offline import detector_problem, score_file
 
     settings = _settings(args)
     bundle = load_bundle(settings.model.dir)
+    problem = detector_problem(bundle, args.model, settings)
+    if problem:  # before --out is opened (and emptied)
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
     try:
         counts = score_file(Path(args.input), out, settings, bundle, device=args.device,
                             detector=args.model, progress=_progress)
+        out.flush()
+    except BrokenPipeError:
+        # stdout closed early (`anomalyd score FILE | head`): stop quietly. What is still
+        # buffered for stdout goes to devnull, or its flush at exit would complain too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     finally:
         if out is not sys.stdout.buffer:
             out.close()
     print(f"scored {counts['readings']} readings: {counts['anomalies']} anomalies, "
           f"{counts['rejected']} rejected", file=sys.stderr)
+    if not counts["readings"]:
+        why = (f"the first refused as {counts.first_rejection}" if counts.first_rejection
+               else "it holds no readings")
+        print(f"error: no reading of {args.input} could be scored: {why}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -362,6 +362,7 @@ class DeviceControl:
                 )
         self.save()
         self.metrics.rewarms.inc()
+        self.metrics.devices.set(len(p.devices.devices))  # else stale until the next batch
         log.info(
             "device_rewarmed",
             device_id=device_id,
@@ -400,6 +401,7 @@ class DeviceControl:
                         note="stopping before the broker took the empty retained messages")
         self.save()
         self.metrics.forgets.inc()
+        self.metrics.devices.set(len(p.devices.devices))
         result = {"device_id": device_id, "known": before is not None,
                   "retained_cleared": cleared, "before": before}
         log.info("device_forgotten", device_id=device_id, known=before is not None,

@@ -205,6 +205,12 @@ class DeviceTracker:
             return np.array(values, dtype=np.float64)
         return window_stats(np.array(rows, dtype=np.float64))
 
+    def filling(self, device_id: str) -> bool:
+        """Whether the device's window holds fewer than ``window`` readings (after
+        ``observe``): its inputs are a partial window's, unlike those the model was trained
+        on (one reading's ``[std w]`` is 0)."""
+        return len(self.devices[device_id].recent) < self.window
+
     def _threshold(self, held_back_max: float) -> float:
         """A fitted baseline's threshold: the margin times the largest deviation of the
         held-back readings, and never below ``MIN_THRESHOLD``."""

@@ -37,10 +37,13 @@ class Contribution:
 
     def describe(self) -> str:
         decimals = _decimals(self.expected)
+        # the value to its own three digits, but no finer than the normal it is set
+        # against: a window's spread of identical readings is 0 give or take 1e-14
+        shown = min(_decimals(self.value), max(decimals, _decimals(self.spread)))
         side = "above" if self.direction == "high" else "below"
         return (
-            f"{self.feature} {_fmt(self.value)} is {abs(self.deviation_sigma):.1f}σ {side} "
-            f"normal ({self.expected:.{decimals}f} ± {self.spread:.{decimals}f})"
+            f"{self.feature} {self.value:.{shown}f} is {abs(self.deviation_sigma):.1f}σ "
+            f"{side} normal ({self.expected:.{decimals}f} ± {self.spread:.{decimals}f})"
         )
 
 
@@ -118,6 +121,3 @@ def _decimals(x: float) -> int:
         return 2
     return max(0, 2 - math.floor(math.log10(abs(x))))
 
-
-def _fmt(x: float) -> str:
-    return f"{x:.{_decimals(x)}f}"

@@ -13,6 +13,12 @@ then, a schema changed since) can be judged once the cause is dealt with. Of a b
 message only the refused entries are judged again: the others had their verdicts. A
 ``result_too_large`` record (a result the broker could not take) carries no reading and
 is skipped.
+
+A CSV's columns are told apart as training tells them (``daemon.training.datasets``): its
+time column (``datetime``, ``timestamp``, ``time``, or one whose first value is an ISO
+date) gives each reading its ``timestamp``, read as the decoder reads a payload's; the
+label columns (``anomaly``, ``label``, ...) are left out. A column the model set has as a
+feature is a feature whatever its name.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import base64
 import binascii
 import csv
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +39,7 @@ from daemon.models import ModelBundle
 from daemon.oversize import RESULT_TOO_LARGE
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
+from daemon.training.datasets import LABEL_COLUMNS, is_time_column
 
 CHUNK = 512
 #: At most this often ``score_file`` reports its running counts.
@@ -42,9 +50,28 @@ PROGRESS_SECONDS = 2.0
 _DEAD_LETTER_KEYS = frozenset(("reason", "topic", "rejections", "payload", "payload_encoding"))
 
 
-def _rows(path: Path) -> Iterator[tuple[str | None, bytes]]:
-    """(device id or None, payload bytes) for each record of the input file."""
-    with path.open("r", encoding="utf-8", newline="") as fh:
+class Counts(dict[str, int]):
+    """``score_file``'s counts (readings, anomalies, rejected), and why the first
+    rejected message was refused ("reason: detail"), None when none was."""
+
+    first_rejection: str | None = None
+
+
+def detector_problem(bundle: ModelBundle, detector: str | None, settings: Settings) -> str | None:
+    """What is wrong with the detector a backtest would judge with (``--model``, else the
+    configuration's ``model.default_detector``, else the model set's own), or None."""
+    chosen = detector or settings.model.default_detector or bundle.default_detector
+    if chosen in bundle.detector_names:
+        return None
+    where = "--model" if detector else "model.default_detector"
+    return (f"{where}: no detector {chosen!r} in the model set "
+            f"{bundle.version}; it has {', '.join(bundle.detector_names)}")
+
+
+def _rows(path: Path, features: Collection[str]) -> Iterator[tuple[str | None, bytes]]:
+    """(device id or None, payload bytes) for each record of the input file; ``features``
+    are the model set's, never taken for a CSV's time or label column."""
+    with path.open("r", encoding="utf-8-sig", newline="") as fh:
         head = fh.readline()
         fh.seek(0)
         if head.lstrip().startswith("{"):
@@ -63,14 +90,39 @@ def _rows(path: Path) -> Iterator[tuple[str | None, bytes]]:
                     yield (device if isinstance(device, str) else None), raw
             return
         delimiter = ";" if head.count(";") > head.count(",") else ","
-        for rec in csv.DictReader(fh, delimiter=delimiter):
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = [name.strip() for name in next(reader, [])]
+        first = next(reader, None)
+        if first is None:
+            return
+        time_col, dropped = _special_columns(header, first, features)
+        for row in chain([first], reader):
+            if not row:
+                continue  # a blank line
             body: dict[str, Any] = {}
-            device = rec.pop("device_id", None)
-            for k, v in rec.items():
-                if k is None or v is None:
-                    continue
-                body[k] = _cell(v)
-            yield device, orjson.dumps(body)
+            named: str | None = None  # the row's device_id
+            for i, (name, cell) in enumerate(zip(header, row, strict=False)):
+                if name == "device_id":
+                    named = cell
+                elif i == time_col:
+                    body["timestamp"] = _cell(cell)
+                elif i not in dropped:
+                    body[name] = _cell(cell)
+            yield named, orjson.dumps(body)
+
+
+def _special_columns(
+    header: list[str], first: list[str], features: Collection[str]
+) -> tuple[int | None, set[int]]:
+    """A CSV's time column (the one named ``timestamp``, else the first, as training
+    decides: ``daemon.training.datasets``), and the other time and label columns, which
+    are not part of a reading; a column named as a model feature is neither."""
+    times = [i for i, name in enumerate(header) if name != "device_id"
+             and name not in features and is_time_column(name, first, i)]
+    time_col = next((i for i in times if header[i] == "timestamp"), times[0] if times else None)
+    labels = {i for i, name in enumerate(header)
+              if name.lower() in LABEL_COLUMNS and name not in features}
+    return time_col, (set(times) | labels) - {time_col}
 
 
 def _refused_payload(record: dict[str, Any]) -> bytes:
@@ -119,7 +171,7 @@ def _cell(text: str) -> int | float | str:
 def score_file(
     path: Path, out: IO[bytes], settings: Settings, bundle: ModelBundle, *,
     device: str, detector: str | None, progress: Callable[[str], None] | None = None,
-) -> dict[str, int]:
+) -> Counts:
     """Score the file's rows in chunks through the daemon's pipeline; ``progress`` hears
     the running counts at most every ``PROGRESS_SECONDS``."""
     decoder = Decoder(
@@ -134,7 +186,7 @@ def score_file(
                         warmup=settings.baseline.warmup_readings,
                         threshold_margin=settings.baseline.threshold_margin,
                         readings=settings.readings)
-    counts = {"readings": 0, "anomalies": 0, "rejected": 0}
+    counts = Counts(readings=0, anomalies=0, rejected=0)
     chunk: list[RawMessage] = []
     last_said = time.monotonic()
 
@@ -147,6 +199,9 @@ def score_file(
             for o in outs:
                 if o.kind in ("verdict", "dead_letter"):
                     out.write(o.payload + b"\n")
+                if o.kind == "dead_letter" and counts.first_rejection is None:
+                    record = orjson.loads(o.payload)
+                    counts.first_rejection = f"{record['reason']}: {record['detail']}"
         chunk.clear()
         nonlocal last_said
         if progress is not None and time.monotonic() - last_said >= PROGRESS_SECONDS:
@@ -154,7 +209,7 @@ def score_file(
             progress(f"scored {counts['readings']} readings so far: {counts['anomalies']} "
                      f"anomalies, {counts['rejected']} rejected")
 
-    for dev, payload in _rows(path):
+    for dev, payload in _rows(path, bundle.features):
         chunk.append(RawMessage(f"offline/{dev or device}", payload, time.time()))
         if len(chunk) >= CHUNK:
             flush()

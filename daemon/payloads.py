@@ -117,6 +117,8 @@ class Payloads:
             v["repeat"] = True
         if j.late:
             v["late"] = True
+        if j.filling:
+            v["window_filling"] = True
         if j.silenced_until is not None:
             v["silenced_until"] = iso(j.silenced_until)
         if j.members is not None:
@@ -232,6 +234,8 @@ class Payloads:
                 p["repeat"] = True
             if j.late:
                 p["late"] = True
+            if j.filling:
+                p["window_filling"] = True
             if j.silenced_until is not None:
                 p["silenced_until"] = iso(j.silenced_until)
             preds.append(p)

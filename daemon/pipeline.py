@@ -21,6 +21,7 @@ from daemon.alerts import AlertEvent, AlertTracker
 from daemon.baseline import THRESHOLD_MARGIN
 from daemon.config import AlertConfig, ReadingsConfig, TopicsConfig
 from daemon.devices import DeviceTracker
+from daemon.errors import ConfigError
 from daemon.fleet import Fleet
 from daemon.models import BatchScores, ModelBundle
 from daemon.payloads import Outbound, Payloads, iso, severity
@@ -72,6 +73,9 @@ class Judgement:
     silenced_until: float | None = None
     #: this reading says the device is reporting: its first, or back from quiet
     presence: PresenceEvent | None = None
+    #: the device's window held fewer than ``window`` readings (its first ones, or after a
+    #: rewarm): judged on a partial window, and it feeds no alert
+    filling: bool = False
 
     @property
     def members(self) -> dict[str, float] | None:
@@ -141,7 +145,10 @@ class Pipeline:
         self.limiter = limiter
         self.default_detector = default_detector or bundle.default_detector
         if self.default_detector not in bundle.detector_names:
-            raise ValueError(f"default detector {self.default_detector!r} is not in the model set")
+            raise ConfigError(
+                f"model.default_detector = {self.default_detector!r} is not in the model set "
+                f"{bundle.version} (it has: {', '.join(bundle.detector_names)}); set one of "
+                f"those, or train a set with it (anomalyd train --detectors ...)")
         # A candidate model set judging the same readings, compared only (daemon.shadow).
         self.shadow = shadow
         self.shadow_tally: ShadowTally | None = None
@@ -189,10 +196,17 @@ class Pipeline:
         repeats = [devices.repeat(r.device_id, r.seq) for r in readings]
         stats.missing = devices.missing - missing
         flags = [False] * len(readings) if late is None else late
-        observed = [
-            devices.observe(r.device_id, r.values, learn=not rep, late=lt)
-            for r, rep, lt in zip(readings, repeats, flags, strict=True)
-        ]
+        filling: list[bool] | None = None
+        if devices.window == 1:
+            observed = [
+                devices.observe(r.device_id, r.values, learn=not rep, late=lt)
+                for r, rep, lt in zip(readings, repeats, flags, strict=True)
+            ]
+        else:  # whether each one's window was still filling (a batch message can fill it)
+            observed, filling = [], []
+            for r, rep, lt in zip(readings, repeats, flags, strict=True):
+                observed.append(devices.observe(r.device_id, r.values, learn=not rep, late=lt))
+                filling.append(devices.filling(r.device_id))
         for i, r in enumerate(readings):
             groups.setdefault(r.model_name or default, []).append(i)
         out: list[Judgement | None] = [None] * len(readings)
@@ -214,6 +228,9 @@ class Pipeline:
         if late is not None:
             for j, lt in zip(judged, late, strict=True):
                 j.late = lt
+        if filling is not None and any(filling):
+            for j, f in zip(judged, filling, strict=True):
+                j.filling = f
         alert_states = self.alert_states
         if alert_states.silences:
             for j in judged:
@@ -335,8 +352,9 @@ class Pipeline:
                 if j.presence is not None:
                     stats.reporting += 1
             # a repeat's first verdict already counted; a late one is old news; an
-            # untrusted warm-up verdict or a silenced device's counts for nothing
-            if j.repeat or j.late or not j.alerts or j.silenced_until is not None:
+            # untrusted warm-up verdict, a partial window's or a silenced device's counts
+            # for nothing
+            if j.repeat or j.late or not j.alerts or j.filling or j.silenced_until is not None:
                 continue
             sev = severity(j.margin, self.alerts)
             dev = j.reading.device_id

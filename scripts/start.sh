@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run anomalyd locally: environment, default models, a local broker, the daemon, the
 # simulator, and a live view of verdicts and alerts. Ctrl-C stops everything.
-#   MQTT_HOST=broker.example MQTT_PORT=1883 scripts/start.sh   uses your broker instead
+#   MQTT_HOST=broker.example MQTT_PORT=1883 scripts/start.sh   uses your broker instead;
+#   the simulator then publishes nothing there unless SIMULATE=1 (its pumps would be
+#   judged, and alerted on, as real devices by anything else subscribed)
 source "$(dirname "$0")/env.sh"
 ensure_venv "train"
 cd "$ROOT"
@@ -22,6 +24,7 @@ if [ ! -f "${MODEL_DIR:-models}/manifest.json" ]; then
 fi
 
 if [ -z "${MQTT_HOST:-}" ]; then
+  SIMULATE=${SIMULATE:-1}
   MOSQ=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   [ -x "$MOSQ" ] || { echo "no MQTT_HOST set and no mosquitto binary: install mosquitto or set MQTT_HOST" >&2; exit 1; }
   port=${MQTT_PORT:-$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
@@ -45,7 +48,11 @@ for _ in $(seq 1 60); do
   kill -0 "${pids[-1]}" 2>/dev/null || { echo "anomalyd exited; see run/anomalyd.log:" >&2; tail -20 run/anomalyd.log >&2; exit 1; }
   sleep 0.5
 done
-"$ANOMALYD" simulate --devices 5 --rate 2 --fault-rate 0.01 2> run/simulate.log &
-pids+=($!)
-echo "== simulator publishing 5 pumps at 2 readings/s (log: run/simulate.log); verdicts and alerts:" >&2
+if [ "${SIMULATE:-0}" = 1 ]; then
+  "$ANOMALYD" simulate --devices 5 --rate 2 --fault-rate 0.01 2> run/simulate.log &
+  pids+=($!)
+  echo "== simulator publishing 5 pumps at 2 readings/s (log: run/simulate.log); verdicts and alerts:" >&2
+else
+  echo "== no simulator on $MQTT_HOST (SIMULATE=1 publishes 5 simulated pumps there); verdicts and alerts:" >&2
+fi
 "$ANOMALYD" watch

@@ -335,3 +335,17 @@ def test_run_with_its_http_port_taken_says_so_and_exits_2(trained_model_dir: Pat
     assert f"cannot serve HTTP on 127.0.0.1:{port}" in res.stderr
     assert "HEALTH_PORT" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_run_with_a_default_detector_the_model_set_lacks_exits_2(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "detector.toml"
+    config.write_text('[model]\ndefault_detector = "forest"\n')
+    res = anomalyd("--config", str(config), "run",
+                   env={"MODEL_DIR": str(trained_model_dir), "HEALTH_PORT": "0",
+                        "STATE_DIR": str(tmp_path / "state")})
+    assert res.returncode == 2, res.stderr
+    assert "model.default_detector = 'forest' is not in the model set" in res.stderr
+    assert "isolation_forest" in res.stderr  # what it has
+    assert "Traceback" not in res.stderr

@@ -229,6 +229,7 @@ def test_rewarm_forgets_publishes_a_retained_cleared_alert_saves_and_counts(
     assert body["reason"] == "rewarm" and body["severity"] == done["before"]["alert"]["severity"]
     assert saves == [1]
     assert metrics.registry.get_sample_value("anomalyd_device_rewarms_total") == 1
+    assert metrics.registry.get_sample_value("anomalyd_devices") == 1  # p-2 only, at once
     with pytest.raises(UnknownDeviceError):
         control.execute(Command("show", "p-1"))
     verdict = orjson.loads(feed("p-1", normal(20))[0][0].payload)

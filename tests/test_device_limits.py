@@ -108,6 +108,7 @@ def test_forget_drops_every_state_and_deletes_the_retained_messages(
         control.show("gone")
     assert "gone" not in p.alert_states.silences and "gone" not in p.presence.last_seen
     assert [d["device_id"] for d in control.execute(Command("list"))["devices"]] == ["kept"]
+    assert registry.get_sample_value("anomalyd_devices") == 1  # at once, not at the next batch
     assert saves == [1, 1]  # the silence, then the forget: written at once
     # unknown here (a typo, or a device another worker held): deleted at the broker anyway
     again = control.execute(Command("forget", "never-seen"))

@@ -273,3 +273,13 @@ def test_contribution_to_dict_carries_every_field() -> None:
 
     c = Contribution("Volume Flow RateRMS", 21.5, 32.0, 0.4, -26.2, "low")
     assert c.to_dict() == asdict(c)
+
+
+def test_a_value_is_written_no_finer_than_the_normal_it_is_set_against() -> None:
+    from daemon.explain import Contribution
+
+    # a window of identical readings: its spread is 0 give or take floating-point noise
+    noise = Contribution("Voltage [std 10]", 2.84e-14, 0.52, 0.12, -4.2, "low")
+    assert noise.describe() == "Voltage [std 10] 0.000 is 4.2σ below normal (0.520 ± 0.120)"
+    small = Contribution("t", 0.00123, 0.00100, 0.0001, 2.3, "high")
+    assert small.describe() == "t 0.00123 is 2.3σ above normal (0.00100 ± 0.00010)"

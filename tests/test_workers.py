@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.broker import REPO, Broker, free_port, wait_for_port
+from tests.broker import REPO, Broker, free_port, free_ports, wait_for_port
 from tests.conftest_models import NORMAL_READING
 from tests.faults import metric
 
@@ -107,7 +107,7 @@ def test_shared_dispatch_spreads_the_readings_and_judges_each_once(
     broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
     tmp_path: Path,
 ) -> None:
-    base = free_port()  # worker i listens on base + i
+    base = free_ports(2)  # worker i listens on base + i
     with workers(broker, trained_model_dir, tmp_path, "shared", f"anomalyd-w-{base}", base):
         col = collector_for(broker, ["anomaly/+/verdict"])
         pub = publisher_for(broker)
@@ -138,7 +138,7 @@ def test_device_dispatch_keeps_each_device_on_one_worker_after_a_shared_session(
     may reach a worker twice, which at-least-once allows (a repeat, or another worker's
     reading passed over). A first round of readings lets the switch settle; the counts
     are checked on the second."""
-    base, cid = free_port(), f"anomalyd-d-{free_port()}"
+    base, cid = free_ports(2), f"anomalyd-d-{free_port()}"
     with workers(broker, trained_model_dir, tmp_path, "shared", cid, base):
         pass
     with workers(broker, trained_model_dir, tmp_path, "device", cid, base):
@@ -188,7 +188,7 @@ def test_devices_gone_quiet_are_announced_once_each_with_two_workers(
 ) -> None:
     """Only the owner judges a device, so only the owner announces it: one "reporting"
     and one "quiet" per device, not one per worker."""
-    base = free_port()
+    base = free_ports(2)
     devices = [f"q-{base}-{k}" for k in range(6)]
     with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-q-{base}", base,
                  "[alerts]\nquiet_after_s = 1.0\n"):
@@ -213,7 +213,7 @@ def test_a_worker_killed_is_started_again_and_judges_its_devices(
     """As the kernel's OOM killer would: SIGKILL one worker. The supervisor starts it
     again, and its devices' readings, held by its persistent session meanwhile, are
     judged."""
-    base = free_port()
+    base = free_ports(2)
     with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-k-{base}",
                  base) as supervisor:
         col = collector_for(broker, ["anomaly/+/verdict"])
@@ -239,7 +239,7 @@ def test_ctrl_c_stops_each_worker_gracefully_once(
 ) -> None:
     """A terminal sends SIGINT to the whole process group; the workers must hear it once,
     from the supervisor (a second signal would force their stop)."""
-    base = free_port()
+    base = free_ports(2)
     with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-c-{base}", base,
                  ctrl_c=True):
         pass

@@ -73,7 +73,7 @@ def load_csv(
     lowered = {name.lower(): i for i, name in enumerate(header)}
     label_idx = next((lowered[c] for c in LABEL_COLUMNS if c in lowered), None)
     excluded = {i for i, name in enumerate(header) if name.lower() in LABEL_COLUMNS}
-    excluded |= {i for i, name in enumerate(header) if _is_time_column(name, body[0], i)}
+    excluded |= {i for i, name in enumerate(header) if is_time_column(name, body[0], i)}
     if features is None:
         columns = [i for i in range(len(header)) if i not in excluded]
     else:
@@ -128,7 +128,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _is_time_column(name: str, first_row: list[str], index: int) -> bool:
+def is_time_column(name: str, first_row: list[str], index: int) -> bool:
     if name.lower() in TIME_COLUMNS:
         return True
     cell = first_row[index].strip() if index < len(first_row) else ""
