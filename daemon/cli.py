@@ -363,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="publish realistic pump readings with injected faults")
     sim.add_argument("--devices", type=int, default=5)
     sim.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
-    sim.add_argument("--duration", type=float, default=0,
-                     help="seconds to run (default 0: until interrupted)")
+    sim.add_argument("--duration", type=_duration, default=0,
+                     help="how long: 90s, 30m, 2h (default: until interrupted)")
     sim.add_argument("--fault-rate", type=float, default=0.02,
                      help="chance per reading that a fault episode starts (default 0.02)")
     sim.add_argument("--batch", type=int, default=0,
@@ -456,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
     check.set_defaults(func=cmd_check_config)
+    # `anomalyd check-config --config F` as well as `anomalyd --config F check-config`
+    for command in sub.choices.values():
+        command.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS,
+                             help="configuration file (also accepted before the command)")
     return p
 
 
@@ -469,7 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKER
     except (ConfigError, ModelLoadError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if isinstance(exc, ModelLoadError):
+        from daemon.shadow import ShadowMismatchError  # (its message says what to do)
+
+        if isinstance(exc, ModelLoadError) and not isinstance(exc, ShadowMismatchError):
             print("hint: train a model set with `anomalyd train` "
                   "(add --force to replace an unusable one)", file=sys.stderr)
         return EXIT_USAGE

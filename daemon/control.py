@@ -276,7 +276,8 @@ class DeviceControl:
             if alert["acknowledged"] is not None:
                 alert["acknowledged"]["at"] = iso(alert["acknowledged"]["at"])
         alert["silenced_until"] = None if until is None else iso(until)
-        shown = {"device_id": device_id, **(device or {}), "alert": alert}
+        shown = {"device_id": device_id, **(device or p.devices.unseen_summary()),
+                 "alert": alert}
         if shown.get("newest_timestamp") is not None:
             shown["newest_timestamp"] = iso(shown["newest_timestamp"])
         if shown.get("drift") is not None:  # the input by its name

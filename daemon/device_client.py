@@ -272,8 +272,11 @@ def reload(settings: Settings) -> int:
     done = ask_workers(settings, "POST", "/models/reload", RELOAD_TIMEOUT_S + 5, errors)
     for d in done:
         where = f"worker {d['worker']}: " if "worker" in d else ""
-        print(f"{where}model {d['old_version']} -> {d['new_version']}; "
-              f"{d['devices_kept']} devices and {d['alert_states_kept']} alert states kept")
+        # (counted apart: a device may have an alert state and no window, or the reverse;
+        # a device only silenced has neither, and its silence is always kept)
+        print(f"{where}model {d['old_version']} -> {d['new_version']}; kept the windows "
+              f"and baselines of {d['devices_kept']} device(s) and "
+              f"{d['alert_states_kept']} alert state(s)")
         for problem in d["problems"]:
             print(f"  {where}discarded: {problem}")
     for error in errors:

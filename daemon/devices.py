@@ -350,6 +350,20 @@ class DeviceTracker:
                 "input": d.input, "spreads": round(d.spreads, 2)},
         }
 
+    def unseen_summary(self) -> dict[str, Any]:
+        """``summary``'s fields for a device with no window or baseline yet (silenced
+        before its first reading, or re-warmed since): the same keys, so a client can read
+        every entry alike."""
+        warming = self.warmup > 0
+        return {
+            "warming_up": warming, "warmup_seen": 0, "warmup_readings": self.warmup,
+            "warmup_flagged": 0 if warming else None, "warmup_fit": None,
+            "warmup_alerts": True if warming else None, "baseline_threshold": None,
+            "window_filled": 0, "window": self.window, "last_seq": None,
+            "missing_readings": 0, "newest_timestamp": None, "late_readings": 0,
+            "drift": None,
+        }
+
     def forget(self, device_id: str, *, keep_seqs: bool = False) -> DeviceState | None:
         """Drop the device's window and baseline: its next reading starts a new warm-up
         (``keep_seqs``, a re-warm-up: which ``seq`` values it sent is still known then).

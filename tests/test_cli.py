@@ -349,3 +349,22 @@ def test_run_with_a_default_detector_the_model_set_lacks_exits_2(
     assert "model.default_detector = 'forest' is not in the model set" in res.stderr
     assert "isolation_forest" in res.stderr  # what it has
     assert "Traceback" not in res.stderr
+
+
+def test_config_may_follow_the_command_too(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[batch]\nmax_wait_ms = 7\n")
+    for args in (("--config", str(config), "check-config"),
+                 ("check-config", "--config", str(config)),
+                 ("check-config", "-c", str(config))):
+        res = anomalyd(*args)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["batch"]["max_wait_ms"] == 7.0
+
+
+def test_simulate_takes_a_duration_as_record_does() -> None:
+    from daemon.cli import build_parser
+
+    assert build_parser().parse_args(["simulate", "--duration", "2m"]).duration == 120.0
+    res = anomalyd("simulate", "--duration", "soon")
+    assert res.returncode == 2 and "not a duration" in res.stderr

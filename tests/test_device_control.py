@@ -475,8 +475,13 @@ def test_a_silenced_device_raises_nothing_until_the_silence_ends(
 
     early = control.execute(Command("silence", "p-1", 30.0))  # before its first reading
     assert early["known"] is False and early["silenced_until"] == "1970-01-01T00:17:10.000Z"
-    assert [d["device_id"] for d in control.execute(Command("list"))["devices"]] == ["p-1"]
+    (listed,) = control.execute(Command("list"))["devices"]
+    assert listed["device_id"] == "p-1"
+    # never seen: the same fields as a device that has been
+    assert listed["window_filled"] == 0 and listed["last_seq"] is None
     feed(NORMAL)
+    (again,) = control.execute(Command("list"))["devices"]
+    assert set(again) == set(listed) and again["window_filled"] == pipeline.devices.window
     done = control.execute(Command("silence", "p-1", 60.0))
     assert done["silenced_until"] == "1970-01-01T00:17:40.000Z" and done["known"] is True
     assert done["alert_active"] is False

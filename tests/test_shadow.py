@@ -120,6 +120,7 @@ def test_a_candidate_reading_other_features_is_refused(
     assert "cannot shadow the serving one: it reads features ['Bearing Temp', 'Flow']" in (
         res.stderr
     )
+    assert "anomalyd train" not in res.stderr  # no hint that does not apply
 
 
 @pytest.mark.integration
