@@ -165,13 +165,24 @@ class HttpConfig(_Strict):
         return self
 
     def secret(self) -> str | None:
+        """The token; an empty one is refused (ConfigError), not taken for none: it would
+        turn the guard off without a word."""
         if self.token is not None:
-            return self.token.get_secret_value()
+            value = self.token.get_secret_value()
+            if not value.strip():
+                raise ConfigError("http.token (HEALTH_TOKEN) is empty: set a token, or "
+                                  "leave the setting out for none")
+            return value
         if self.token_file is not None:
             try:
-                return self.token_file.read_text(encoding="utf-8").strip() or None
+                value = self.token_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ConfigError(f"cannot read http.token_file: {exc.strerror}") from exc
+            if not value:
+                raise ConfigError(f"http.token_file (HEALTH_TOKEN_FILE) {self.token_file} is "
+                                  "empty: write the token in it, or leave the setting out "
+                                  "for none")
+            return value
         return None
 
 

@@ -17,7 +17,9 @@ import hmac
 import ipaddress
 import math
 import re
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -156,6 +158,55 @@ class Router:
             return _error(400, str(exc))
 
 
+#: A connection that sends nothing for this long is closed (a client that opens
+#: connections and never finishes a request would otherwise hold a thread each).
+CLIENT_TIMEOUT_S = 10.0
+#: Connections served at once; more are closed at once, unanswered.
+MAX_CONNECTIONS = 64
+#: At most one ``http_busy`` log line this often.
+BUSY_LOG_S = 60.0
+
+
+class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most ``MAX_CONNECTIONS`` of them; a connection's
+    failure is one log line, not a traceback on stderr."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        self._refused_logged_at = -math.inf
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged_at >= BUSY_LOG_S:
+                self._refused_logged_at = now
+                log.warning("http_busy", connections=MAX_CONNECTIONS, refused=self.refused,
+                            note="connections beyond the limit are closed unanswered")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        log.info("http_connection_failed", client=str(client_address[0]),
+                 error=type(error).__name__, detail=str(error)[:200])
+
+
 class HttpServer:
     """A small threaded HTTP server running in a background thread."""
 
@@ -180,6 +231,7 @@ class HttpServer:
         class Handler(BaseHTTPRequestHandler):
             server_version = "anomalyd"
             sys_version = ""
+            timeout = CLIENT_TIMEOUT_S
 
             def _handle(self) -> None:
                 if not self._discard_body():
@@ -257,15 +309,19 @@ class HttpServer:
                 pass  # requests are not logged: /metrics is scraped every few seconds
 
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            self._server = _Server((host, port), Handler)
         except OSError as exc:  # the port taken (a second anomalyd?), or no such address
             raise ConfigError(
                 f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}; choose another "
                 "http.port (HEALTH_PORT) or http.host (HEALTH_HOST), or stop what holds it"
             ) from exc
-        self._server.daemon_threads = True
         #: bound to a loopback address: POST without a token is then allowed
         self.loopback = _is_loopback(str(self._server.server_address[0]))
+        if expected is None and not self.loopback:
+            log.warning("http_without_token", host=host,
+                        note="anyone who can reach this port can read the devices, "
+                             "models and metrics; requests that change state are refused. "
+                             "Set http.token_file (HEALTH_TOKEN_FILE)")
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="http", daemon=True
         )

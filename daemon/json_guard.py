@@ -18,8 +18,11 @@ import orjson
 MAX_DEPTH = 8  # a batch of nested readings needs 4 levels; orjson alone would allow 1,024
 TOO_DEEP = f"JSON nesting is deeper than {MAX_DEPTH} levels"
 
-# A JSON string literal, written so that an unterminated one cannot backtrack exponentially.
-_STRING_LITERAL = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string literal, or an unterminated one up to the end of the payload. Possessive,
+# and it cannot fail once it has its opening quote, so every byte is read once: a literal
+# that had to end in '"' made each of an unterminated string's escaped quotes the start
+# of another scan to the end, quadratic (a 64 KB payload of them held the GIL for 21 s).
+_STRING_LITERAL = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 _TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 

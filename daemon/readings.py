@@ -56,6 +56,8 @@ _NESTED = "sensor_data"
 _BATCH = "readings"
 #: Payload fields that are never features.
 META_FIELDS = ("timestamp", "seq", "operational_state", "model_name")
+#: Payload fields that can never be a feature's name.
+RESERVED_FIELDS = frozenset((*META_FIELDS, _NESTED, _BATCH))
 
 _NUMBER_TYPES = frozenset((float, int))
 
@@ -101,7 +103,7 @@ class Decoder:
         self._features = tuple(features)
         if not self._features or len(set(self._features)) != len(self._features):
             raise ConfigError("features must be a non-empty list of distinct names")
-        reserved = set(self._features) & {*META_FIELDS, _NESTED, _BATCH}
+        reserved = set(self._features) & RESERVED_FIELDS
         if reserved:
             raise ConfigError(f"feature names clash with payload fields: {sorted(reserved)}")
         if max_payload_bytes < 1 or max_batch_readings < 1:

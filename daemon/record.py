@@ -42,7 +42,7 @@ import paho.mqtt.client as paho
 from daemon.config import Settings
 from daemon.errors import AnomalydError, ConfigError
 from daemon.models import ENSEMBLE
-from daemon.readings import META_FIELDS, Decoded, Decoder
+from daemon.readings import RESERVED_FIELDS, Decoded, Decoder
 from daemon.repeats import SeqWindow
 from daemon.tool_client import RESUMED, connect_tool_client, end_session
 from daemon.topics import TopicMatcher
@@ -63,10 +63,18 @@ class RecordError(AnomalydError):
     """A recording cannot go on (a file of another schema in the way, a full disk)."""
 
 
+#: The most features taken from a first reading; --features names more.
+MAX_INFERRED = 64
+#: A name taken from a payload for the CSV's header: printable, not too long, and not
+#: starting as a spreadsheet formula does (= + - @), since the files are opened in them.
+_INFERABLE = re.compile(r"[^=+\-@\s][^\x00-\x1f\x7f]{0,99}")
+
+
 def infer_features(payload: bytes) -> tuple[str, ...] | None:
     """The numeric fields of the first reading in ``payload`` (a flat reading, its
-    ``sensor_data``, or the first entry of a batch), in the payload's order; None if it
-    has none or is not a JSON object."""
+    ``sensor_data``, or the first entry of a batch), in the payload's order, leaving out
+    names a reading's own fields use and names unfit for a CSV header (``_INFERABLE``),
+    at most ``MAX_INFERRED``; None if it has none or is not a JSON object."""
     try:
         doc: Any = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -78,8 +86,9 @@ def infer_features(payload: bytes) -> tuple[str, ...] | None:
     if not isinstance(doc, dict):
         return None
     names = tuple(k for k, v in doc.items()
-                  if k not in META_FIELDS and type(v) in (int, float))
-    return names or None
+                  if type(v) in (int, float) and _INFERABLE.fullmatch(k)
+                  and k not in RESERVED_FIELDS)
+    return names[:MAX_INFERRED] or None
 
 
 def file_name(device_id: str) -> str:

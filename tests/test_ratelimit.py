@@ -30,6 +30,18 @@ def test_memory_is_bounded_by_max_devices() -> None:
     assert len(lim) <= 100
 
 
+def test_a_flood_of_new_ids_pushes_out_the_devices_heard_from_least_recently() -> None:
+    lim = DeviceRateLimiter(rate_per_s=0.001, burst=2, max_devices=3)
+    for d in ("a", "b", "c"):
+        lim.allow(d, 0.0)  # one token left each, refilling slowly
+    lim.allow("a", 1.0)  # "a" was heard from again: "b" is now the least recent
+    lim.allow("new", 2.0)
+    assert lim.allow("a", 3.0) is False  # its bucket was kept: still empty
+    assert lim.allow("c", 3.0) is True and lim.allow("c", 3.0) is False  # kept too
+    assert lim.allow("b", 3.0) is True and lim.allow("b", 3.0) is True  # dropped: anew
+    assert len(lim) == 3
+
+
 @pytest.mark.parametrize(("rate", "burst"), [(0.0, 1), (1.0, 0)])
 def test_nonsense_settings_are_refused(rate: float, burst: int) -> None:
     with pytest.raises(ValueError, match="rate_per_s"):

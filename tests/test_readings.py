@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +279,31 @@ def test_byte_level_depth_check_agrees_with_the_parsed_one(depth: int) -> None:
     payload = b'["]]]",' * (depth - 1) + b'{"a":"[[[["}' + b"]" * (depth - 1)
     assert json_guard.nesting_exceeds(payload, 8) == (depth > 8)
     assert (json_guard.shape(orjson.loads(payload), 8)[1] > 8) == (depth > 8)
+
+
+@pytest.mark.parametrize("tail", [b"", b"\\"])
+def test_an_unterminated_string_ends_the_depth_check_where_it_starts(tail: bytes) -> None:
+    deep = b"[" * 10 + b"]" * 10  # ten levels, then a string that never closes
+    assert json_guard.nesting_exceeds(deep + b',"abc\\"' + tail, 8) is True
+    assert json_guard.nesting_exceeds(b"[" * 9 + b'"' + b"]" * 9 + tail, 8) is False
+
+
+def test_a_hostile_unterminated_string_is_refused_without_hanging() -> None:
+    """A hang guard, not a speed target: 1 MB of escaped quotes in an unterminated string
+    took the depth check's string-stripping pattern time quadratic in the size (21 s for
+    64 KB, so well over an hour here, holding the GIL: every thread of the daemon stood
+    still). Now each byte is read once (milliseconds). In a subprocess, so that a hang
+    fails the test instead of freezing the run."""
+    script = (
+        "from daemon.readings import Decoder\n"
+        "d = Decoder(('temperature',), set(), max_payload_bytes=1 << 21)\n"
+        "p = b'[' * 9 + b'\"' + b'\\\\\"' * 500_000\n"
+        "(r,) = d.decode('sensors/x/readings', p, 0.0).rejections\n"
+        "print(r.reason)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.stdout.strip() == "not_json", done.stderr
 
 
 @pytest.mark.parametrize("doc", [[features()], "text", 3, None])

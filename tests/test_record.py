@@ -38,6 +38,21 @@ def test_features_are_the_first_readings_numeric_fields_in_its_order() -> None:
         assert infer_features(nothing) is None
 
 
+def test_features_are_never_a_readings_own_fields_nor_unfit_for_a_csv_header() -> None:
+    """One hostile first message decides the recording's columns: it must neither stop
+    the recording (a feature named like a payload field is refused by the decoder) nor
+    put formulas or thousands of columns into the file."""
+    assert infer_features(b'{"readings": 1, "sensor_data": 2, "temperature": 3}') == (
+        "temperature",)
+    assert infer_features(b'{"=HYPERLINK(1)": 1, "@x": 2, "Volume Flow RateRMS": 3}') == (
+        "Volume Flow RateRMS",)
+    assert infer_features(b'{"a\\nb": 1, "' + b"x" * 101 + b'": 2, "ok": 3}') == ("ok",)
+    many = orjson.dumps({f"f{i}": i for i in range(500)})
+    assert infer_features(many) == tuple(f"f{i}" for i in range(64))
+    # and what it infers, the decoder accepts
+    Decoder(infer_features(b'{"readings": 1, "t": 2}') or (), set())
+
+
 def test_file_names_are_the_device_ids_or_encoded() -> None:
     assert file_name("pump-1.a_b") == "pump-1.a_b.csv"
     assert file_name("plant:pump/1") == "plant%3Apump%2F1.csv"
