@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the preprocessor, the detectors and the ensemble")
     train.add_argument("--data", help="CSV of normal operation, or a folder of them, one per "
                                       "device (default: synthetic pump data)")
-    train.add_argument("--features", help="comma-separated feature columns (default: all numeric)")
+    train.add_argument("--features", help="comma-separated feature columns (default: every "
+                                          "column but the time and label columns)")
     train.add_argument("--out", help="model directory (default: model.dir / MODEL_DIR)")
     train.add_argument("--rows", type=_at_least(MIN_ROWS), default=20000,
                        help="synthetic rows (default 20000)")

@@ -76,6 +76,13 @@ def load_csv(
     excluded |= {i for i, name in enumerate(header) if is_time_column(name, body[0], i)}
     if features is None:
         columns = [i for i in range(len(header)) if i not in excluded]
+        text = [i for i in columns if _is_text_column(body, i)]
+        if text:
+            numeric = [header[i] for i in columns if i not in text]
+            raise TrainingError(
+                f"{path}: column(s) {[header[i] for i in text]} hold text, not readings "
+                f"(e.g. {body[0][text[0]]!r}); name the feature columns with --features"
+                + (f", e.g. --features {','.join(numeric)!r}" if numeric else ""))
     else:
         missing = [f for f in features if f not in header]
         if missing:
@@ -118,6 +125,14 @@ def _number(cell: str, column: str) -> float:
     if not math.isfinite(value):
         raise _BadRowError(f"column {column!r}: not finite: {cell!r}")
     return value
+
+
+def _is_text_column(body: list[list[str]], column: int, look: int = 20) -> bool:
+    """No number among the column's first ``look`` filled cells (a status or a name, not
+    a reading; a column with a few bad cells is left to the row-by-row check)."""
+    cells = [row[column].strip() for row in body[:look] if len(row) > column]
+    filled = [c for c in cells if c]
+    return bool(filled) and not any(_is_number(c) for c in filled)
 
 
 def _is_number(text: str) -> bool:
