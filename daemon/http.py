@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import math
 import re
+import socket
 import sys
 import threading
 import time
@@ -54,6 +55,13 @@ POST_REFUSED = (
     "is not bound to a loopback address: set http.token or http.token_file (HEALTH_TOKEN, "
     "HEALTH_TOKEN_FILE)"
 )
+FOREIGN_HOST = (
+    "a server bound to loopback without a token answers requests for localhost, a "
+    "loopback address or this machine's name only (the Host header); set http.token to be "
+    "reached by another name"
+)
+#: This machine's name: Debian resolves it to 127.0.1.1, a loopback address.
+_HOSTNAME = socket.gethostname().lower()
 FROM_BROWSER = (
     "requests from a web page (with an Origin header) may not change device state or the "
     "model set: use anomalyd rewarm / reload, curl or another client that is not a browser"
@@ -243,6 +251,13 @@ class HttpServer:
                     self._send(_error(401, "a bearer token is required"),
                                {"WWW-Authenticate": 'Bearer realm="anomalyd"'})
                     return
+                if expected is None and outer.loopback and path != "/health" and not (
+                    _loopback_host(self.headers.get("Host"))
+                ):
+                    # A page whose name was made to resolve to 127.0.0.1 (DNS rebinding)
+                    # would send its own name: it may not read a token-less port.
+                    self._send(_error(403, FOREIGN_HOST))
+                    return
                 if self.command == "POST" and expected is None and not outer.loopback:
                     self._send(_error(403, POST_REFUSED))
                     return
@@ -364,6 +379,20 @@ def _number(text: str) -> float:
 
 def _authorized(header: str | None, expected: bytes) -> bool:
     return header is not None and hmac.compare_digest(header.encode(), expected)
+
+
+def _loopback_host(header: str | None) -> bool:
+    """Whether a request's ``Host`` names this machine's loopback (``localhost``,
+    ``127.x.y.z``, ``::1``, with any port); a request without one (HTTP/1.0) passes."""
+    if header is None:
+        return True
+    host = header.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return (host in ("localhost", _HOSTNAME) or host.endswith(".localhost")
+            or _is_loopback(host))
 
 
 def _is_loopback(address: str) -> bool:

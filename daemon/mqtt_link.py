@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import socket
 import ssl
 import threading
@@ -61,6 +62,19 @@ def guard(metrics: Metrics, where: str, fn: F) -> F:
             return None
 
     return wrapper  # type: ignore[return-value]
+
+
+def password_in_clear(cfg: MqttConfig) -> bool:
+    """Whether a username and password would cross a network unencrypted: given, without
+    TLS, to a broker not on this machine's loopback."""
+    if not cfg.username or cfg.tls.enabled:
+        return False
+    if cfg.host.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(cfg.host).is_loopback
+    except ValueError:  # a host name
+        return True
 
 
 def set_credentials(client: paho.Client, cfg: MqttConfig) -> None:

@@ -28,6 +28,7 @@ from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
 from daemon.mqtt import MqttAdapter
+from daemon.mqtt_link import password_in_clear
 from daemon.partition import TopicOwnership
 from daemon.payloads import Outbound, iso
 from daemon.pipeline import BatchStats, RawMessage
@@ -382,6 +383,10 @@ class Service:
         self._restore_state()
         self.http.start()
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)
+        if password_in_clear(self.settings.mqtt):
+            log.warning("mqtt_password_in_clear", host=self.settings.mqtt.host,
+                        note="the broker username and password cross the network "
+                             "unencrypted: set mqtt.tls.enabled (MQTT_TLS=true)")
         try:
             self.mqtt.start()
         except BaseException:

@@ -87,3 +87,20 @@ def test_an_empty_token_is_refused_not_taken_for_none(value: str, tmp_path: Path
     path.write_text(value)
     with pytest.raises(ConfigError, match=r"http\.token_file \(HEALTH_TOKEN_FILE\) .* is empty"):
         HttpConfig(token_file=path).secret()
+
+
+def test_a_tokenless_loopback_port_answers_loopback_names_only() -> None:
+    """DNS rebinding: a web page whose name was made to resolve to 127.0.0.1 reaches the
+    port, but its requests carry its own name as Host."""
+    with bare_server("127.0.0.1") as server:
+        port = server.port
+        status, body, _ = request(port, "GET", "/devices", Host=f"evil.example:{port}")
+        assert status == 403 and "Host header" in body["error"]
+        assert request(port, "GET", "/health", Host="evil.example")[0] == 200
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}",
+                     socket.gethostname()):
+            assert request(port, "GET", "/devices", Host=host)[0] != 403, host
+    with bare_server("127.0.0.1", token="t" * 32) as server:  # the token guards instead
+        status = request(server.port, "GET", "/devices", token="t" * 32,
+                         Host="evil.example")[0]
+        assert status != 403

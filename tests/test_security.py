@@ -367,3 +367,26 @@ def test_the_tools_say_when_the_broker_refuses_them(sbroker: Broker, certs: Path
         c.disconnect()
     assert heard[0][0] is False and heard[0][1].startswith("the broker refused the connection: ")
     assert all(reason != "connection lost" for _, reason in heard)  # said once, as a refusal
+
+
+@pytest.mark.parametrize(
+    ("host", "username", "tls", "in_clear"),
+    [
+        ("broker.plant.local", "anomalyd", False, True),
+        ("10.0.0.5", "anomalyd", False, True),
+        ("broker.plant.local", "anomalyd", True, False),
+        ("127.0.0.1", "anomalyd", False, False),
+        ("localhost", "anomalyd", False, False),
+        ("::1", "anomalyd", False, False),
+        ("broker.plant.local", None, False, False),
+    ],
+)
+def test_a_password_sent_unencrypted_over_a_network_is_named(
+    host: str, username: str | None, tls: bool, in_clear: bool
+) -> None:
+    from daemon.config import MqttConfig, TlsConfig
+    from daemon.mqtt_link import password_in_clear
+
+    cfg = MqttConfig(host=host, username=username, password="pw" if username else None,
+                     tls=TlsConfig(enabled=tls))
+    assert password_in_clear(cfg) is in_clear
