@@ -81,8 +81,9 @@ def load_csv(
             numeric = [header[i] for i in columns if i not in text]
             raise TrainingError(
                 f"{path}: column(s) {[header[i] for i in text]} hold text, not readings "
-                f"(e.g. {body[0][text[0]]!r}); name the feature columns with --features"
-                + (f", e.g. --features {','.join(numeric)!r}" if numeric else ""))
+                f"(e.g. {body[0][text[0]]!r}): leave them out of the file"
+                + (f", or train on the others: --features {','.join(numeric)!r}"
+                   if numeric else ""))
     else:
         missing = [f for f in features if f not in header]
         if missing:
@@ -128,11 +129,12 @@ def _number(cell: str, column: str) -> float:
 
 
 def _is_text_column(body: list[list[str]], column: int, look: int = 20) -> bool:
-    """No number among the column's first ``look`` filled cells (a status or a name, not
-    a reading; a column with a few bad cells is left to the row-by-row check)."""
+    """No number among the column's first ``look`` filled cells, and at least 3 of them
+    (a status or a name, not a reading; a few bad cells are left to the row-by-row
+    check, which names each)."""
     cells = [row[column].strip() for row in body[:look] if len(row) > column]
     filled = [c for c in cells if c]
-    return bool(filled) and not any(_is_number(c) for c in filled)
+    return len(filled) >= 3 and not any(_is_number(c) for c in filled)
 
 
 def _is_number(text: str) -> bool:
