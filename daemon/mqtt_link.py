@@ -64,6 +64,22 @@ def guard(metrics: Metrics, where: str, fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def ping(client: paho.Client) -> None:
+    """Send a PINGREQ from a thread other than paho's network thread.
+
+    paho's own ``_send_pingreq`` marks the ping as unanswered (``_ping_t``) only after
+    queueing it, which is right on the network thread, the only one that handles the
+    PINGRESP. From another thread the answer can be handled in between: its mark (0) is
+    then overwritten, the ping looks unanswered forever, and a healthy link is dropped
+    ("Keep alive timeout", or our watchdog's ``broker_silent``; seen once in 200 pings).
+    Here the mark is set first. (``_ping_t``, ``_send_simple_command``: paho 2.x
+    internals, as in the watchdog; tests/test_faults.py and tests/test_mqtt_ping.py fail
+    if they change.)"""
+    client._ping_t = paho.time_func()
+    if client._send_simple_command(paho.PINGREQ) != paho.MQTT_ERR_SUCCESS:
+        client._ping_t = 0  # not sent (not connected): nothing to wait for
+
+
 def password_in_clear(cfg: MqttConfig) -> bool:
     """Whether a username and password would cross a network unencrypted: given, without
     TLS, to a broker not on this machine's loopback."""
@@ -304,7 +320,7 @@ class Link:
                 if pinged_at is None:
                     if now - heard >= half:
                         pinged_at = now
-                        client._send_pingreq()
+                        ping(client)
                 elif now - pinged_at >= half:
                     pinged_at = None
                     self.metrics.connection_errors.labels("keepalive").inc()
