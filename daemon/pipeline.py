@@ -102,6 +102,7 @@ class BatchStats:
     by_detector: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     rejections: list[str] = field(default_factory=list)
     alert_severities: list[str] = field(default_factory=list)
+    alert_transitions: int = 0  # raised, escalated, resolved: what the state file must keep
     #: each detector group's margins, and the model inputs' z-scores (``daemon.score_stats``)
     margins: dict[str, np.ndarray] = field(default_factory=dict)
     zscores: list[np.ndarray] = field(default_factory=list)
@@ -360,6 +361,7 @@ class Pipeline:
             dev = j.reading.device_id
             j.alert = alert_states.observe(dev, j.is_anomaly, sev, j.margin, j.reading.timestamp)
             if j.alert is not None:
+                stats.alert_transitions += 1
                 j.alert_message = self.payloads.alert_message(j, j.alert, scored_at)
                 if j.alert.transition != "resolved":
                     stats.alert_severities.append(sev)

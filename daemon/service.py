@@ -51,6 +51,8 @@ OVERSIZE_LOG_S = 10.0
 #: How long an operator's command or the shutdown waits for the state file to be written
 #: (at 10,000 devices with baselines, encoding and writing take ~0.2 s).
 STATE_FLUSH_TIMEOUT_S = 10.0
+#: After an alert transition the state is saved within this long (not over a save going on).
+ALERT_SAVE_S = 1.0
 
 
 def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
@@ -101,6 +103,7 @@ class Service:
         self.state_writer = state.StateWriter(self.state_path, self._state_save_failed,
                                               self.metrics.state_saved.set_to_current_time)
         self._state_saved_at = time.monotonic()
+        self._alerts_unsaved = False  # an alert changed since the last snapshot was taken
         self._presence_checked_at = 0.0
         self._drift_checked_at = 0.0
         self._retained_restored_for = 0  # the lost sessions whose retained state is re-sent
@@ -174,6 +177,7 @@ class Service:
                 self._check_drift()
                 self._restore_retained()
                 self.state_writer.step()  # a periodic save's next slice, if one is going
+                self._save_alert_changes()
         except Exception as exc:
             self.worker_crashed = repr(exc)
             log.exception("worker_crashed")
@@ -206,6 +210,8 @@ class Service:
                         return
             self.mqtt.acks.release(msg)
         self.metrics.last_reading.set(batch[-1].received_wall)
+        if stats.alert_transitions:
+            self._alerts_unsaved = True
         self._record(stats, time.perf_counter() - t0)
 
     def _check_presence(self) -> None:
@@ -362,6 +368,7 @@ class Service:
         writes it (the periodic save; ``daemon.state.StateWriter``)."""
         self.state_writer.submit(self.pipeline.fleet.snapshot())
         self._state_saved_at = time.monotonic()
+        self._alerts_unsaved = False
         if wait and not self.state_writer.flush(STATE_FLUSH_TIMEOUT_S):
             log.warning("state_save_slow", path=str(self.state_path),
                         timeout_s=STATE_FLUSH_TIMEOUT_S,
@@ -371,6 +378,16 @@ class Service:
         """The writer thread could not write the state file (it tries again next time)."""
         log.error("state_save_failed", path=str(self.state_path), error=repr(exc))
         self.metrics.callback_errors.labels("state").inc()
+
+    def _save_alert_changes(self) -> None:
+        """Save soon after an alert was raised, escalated or resolved (at most every
+        ``ALERT_SAVE_S``, and not over a save still being encoded, which a new one would
+        start over): the readings that changed it are acknowledged already, so a daemon
+        killed before the periodic save would forget a raised alert whose retained state
+        the broker keeps, and never resolve it."""
+        if (self._alerts_unsaved and not self.state_writer.busy
+                and time.monotonic() - self._state_saved_at >= ALERT_SAVE_S):
+            self.save_state(wait=False)
 
     def _save_state_every(self, interval_s: float) -> None:
         if time.monotonic() - self._state_saved_at >= interval_s:

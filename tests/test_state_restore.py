@@ -258,3 +258,31 @@ def test_a_malformed_part_of_the_state_is_dropped_and_the_rest_restored(
     assert (devices, alerts) == (0, 1)
     assert len(problems) == 1 and problems[0].startswith("device state:")
     assert after.alert_states.is_active("p-1")
+
+
+def test_a_raised_alert_is_saved_at_once_not_at_the_next_periodic_save(
+    broker: Any, trained_model_dir: Path, start_daemon: Any, publisher_for: Any,
+    collector_for: Any, model_bundle: ModelBundle,
+) -> None:
+    """The readings that raised it are acknowledged already: a daemon killed before its
+    periodic save (an hour away here) would restart without the alert, while the broker
+    keeps it retained as raised, and nothing would ever resolve it."""
+    settings = make_settings(broker, trained_model_dir)
+    settings = settings.model_copy(update={
+        "state": StateConfig(dir=settings.state.dir, save_interval_s=3600.0),
+        "alerts": ALERTS})
+    svc = start_daemon(settings=settings)
+    col = collector_for(broker, ["anomaly/saved-2/alert"])
+    pub = publisher_for(broker)
+    pub.send("sensors/saved-2/readings", {**ANOMALOUS_READING, "seq": 1})
+    (raised,) = col.json_on("anomaly/saved-2/alert", count=1)
+    assert raised["state"] == "raised"
+    restarted = pipeline(model_bundle, warmup=0)
+    deadline = time.monotonic() + 15.0
+    while not restarted.alert_states.is_active("saved-2"):
+        assert time.monotonic() < deadline, "the raised alert was not saved within 15 s"
+        loaded = state.load(svc.state_path) if svc.state_path.exists() else None
+        if loaded is not None:
+            restarted.fleet.restore(loaded)
+        time.sleep(0.05)
+    assert svc.mqtt.loop_alive  # saved while running, not at a stop
