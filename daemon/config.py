@@ -8,6 +8,7 @@ else. Runtime objects are built by the wiring code (``daemon.service``), not her
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +45,7 @@ class TlsConfig(_Strict):
 
 
 class MqttConfig(_Strict):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
     client_id: str = Field("anomalyd", min_length=1, max_length=128)
@@ -103,9 +104,16 @@ class TopicsConfig(_Strict):
             template = getattr(self, name)
             if "{device_id}" not in template:
                 raise ValueError(f"topics.{name} must contain '{{device_id}}'")
-        for name in ("verdict", "alert", "dead_letter", "status", "presence"):
+        names = ("verdict", "alert", "dead_letter", "status", "presence")
+        for name in names:
             if any(c in getattr(self, name).replace("{device_id}", "") for c in "+#"):
                 raise ValueError(f"topics.{name} must not contain MQTT wildcards")
+            if not getattr(self, name).strip("/"):
+                raise ValueError(f"topics.{name} is empty")
+        templates = [getattr(self, name) for name in names]
+        if len(set(templates)) != len(templates):
+            raise ValueError("topics: each kind of result needs its own topic (verdicts, "
+                             "alerts, dead letters, status and presence would mix)")
         return self
 
 
@@ -126,6 +134,14 @@ class LimitsConfig(_Strict):
     # Devices anomalyd keeps state for (window, baseline, alert); readings of further
     # devices are dead-lettered as too_many_devices. Bounds memory and the state file.
     max_devices: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitsConfig:
+        try:
+            re.compile(self.device_id_pattern)
+        except re.error as exc:
+            raise ValueError(f"device_id_pattern does not compile: {exc}") from None
+        return self
 
 
 class ReadingsConfig(_Strict):
@@ -211,6 +227,9 @@ class AlertConfig(_Strict):
             raise ValueError("raise_after must be <= window")
         if 0 < self.quiet_after_s < 1:
             raise ValueError("quiet_after_s is 0 (off) or at least 1 second")
+        if not self.minor_margin <= self.major_margin <= self.critical_margin:
+            raise ValueError("minor_margin <= major_margin <= critical_margin, or severities "
+                             "would skip levels")
         return self
 
 
@@ -251,7 +270,8 @@ class ServiceConfig(_Strict):
     # judges only its own devices: one device, one worker, with any broker) or "shared"
     # (an MQTT shared subscription: the broker hands each message to one worker).
     dispatch: Literal["device", "shared"] = "device"
-    share_group: str = "anomalyd"
+    # one topic level: the group of $share/<group>/<filter>
+    share_group: str = Field("anomalyd", min_length=1, pattern=r"^[^/+#]+$")
 
 
 class Settings(_Strict):
@@ -278,6 +298,10 @@ class Settings(_Strict):
                 "reading to one worker, while service.dispatch = \"device\" has every worker "
                 "keep only its own devices' readings: the others' would be lost. Give the "
                 "plain filter (e.g. sensors/+/readings), or set service.dispatch = \"shared\"")
+        if self.http.port and self.http.port + svc.workers - 1 > 65535:
+            raise ValueError(
+                f"http.port {self.http.port} with {svc.workers} workers: worker i listens on "
+                f"http.port + i, beyond 65535 for the last one")
         if svc.workers > 1 and svc.dispatch == "shared" and self.alerts.quiet_after_s:
             raise ValueError(
                 "alerts.quiet_after_s needs service.dispatch = \"device\" (the default) or "

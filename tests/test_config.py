@@ -57,6 +57,34 @@ def _refused_then_loaded(tmp_path: Path, refused: str, match: str, loaded: str) 
     return load_settings(cfg, env={})
 
 
+@pytest.mark.parametrize(
+    ("refused", "match", "loaded"),
+    [
+        ('[limits]\ndevice_id_pattern = "[a-"\n', r"limits.*does not compile",
+         '[limits]\ndevice_id_pattern = "[a-z]+"\n'),
+        ('[service]\nshare_group = "a/b+"\n', r"service\.share_group",
+         '[service]\nshare_group = "line-2"\n'),
+        ("[alerts]\nminor_margin = 20\nmajor_margin = 5\ncritical_margin = 1\n",
+         r"minor_margin <= major_margin <= critical_margin",
+         "[alerts]\nminor_margin = 1\nmajor_margin = 5\ncritical_margin = 20\n"),
+        ('[topics]\nalert = "anomaly/{device_id}/verdict"\n', r"its own topic",
+         '[topics]\nalert = "plant/{device_id}/alarm"\n'),
+        ('[topics]\nstatus = "/"\n', r"topics\.status is empty",
+         '[topics]\nstatus = "plant/anomalyd"\n'),
+        ('[mqtt]\nhost = ""\n', r"mqtt\.host", '[mqtt]\nhost = "broker"\n'),
+        ("[http]\nport = 65535\n[service]\nworkers = 2\n", r"beyond 65535",
+         "[http]\nport = 65534\n[service]\nworkers = 2\n"),
+    ],
+)
+def test_settings_that_run_would_refuse_are_refused_by_check_config_too(
+    tmp_path: Path, refused: str, match: str, loaded: str
+) -> None:
+    """Each of these passed validation and then failed at start (a compile error, a
+    wildcard in a topic filter, worker 1's port beyond 65535: a crash loop) or did
+    something no one wants (every alert critical, alerts and verdicts on one topic)."""
+    _refused_then_loaded(tmp_path, refused, match, loaded)
+
+
 def test_a_packet_limit_too_small_for_a_verdict_is_refused(tmp_path: Path) -> None:
     settings = _refused_then_loaded(
         tmp_path, "[mqtt]\nmax_packet_bytes = 500\n",
