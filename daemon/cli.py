@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # is being loaded anyway. (Inherited by workers, which install their own handler.)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _settings(args)
-    logs.configure(settings.logging.level, settings.logging.format)
+    logs.configure(settings.logging.level, settings.logging.format, worker=args.worker_index)
     bundle = load_bundle(settings.model.dir)
     if settings.service.workers > 1 and args.worker_index is None:
         from daemon.supervisor import run_workers

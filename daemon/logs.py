@@ -10,13 +10,20 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
 
-def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog (and stdlib logging, which paho and others use) once per process."""
+def configure(
+    level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None,
+    worker: int | None = None,
+) -> None:
+    """Configure structlog (and stdlib logging, which paho and others use) once per process.
+
+    ``worker``: this process is worker ``worker`` of ``WORKERS=N``; every line says so
+    (the workers share one log)."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     numeric = logging.getLevelName(level.upper())
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *([] if worker is None else [_add_worker(worker)]),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -41,3 +48,11 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _add_worker(index: int) -> Any:
+    def add(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("worker", index)
+        return event
+
+    return add

@@ -51,6 +51,16 @@ def describe(topic: str, payload: bytes, settings: Settings) -> str:
             f" conf={body.get('confidence', 0):.2f}{tags} {body.get('explanation', '')}")
 
 
+def line_for(topic: str, payload: bytes, retained: bool, settings: Settings) -> str:
+    """``describe``, saying which lines are the broker's retained copies (each device's
+    last alert state and presence, sent at subscription: not news) and which are the
+    deletion of one (an empty retained message: ``anomalyd forget``)."""
+    if not payload:
+        return f"CLEARED {topic} (its retained state deleted)"
+    line = describe(topic, payload, settings)
+    return f"{line} (retained: the last state, not new)" if retained else line
+
+
 def flapping_note(resolve_after: object) -> str:
     """What ``watch`` and ``anomalyd devices`` add to a flapping alert."""
     return f" (flapping: resolves after {resolve_after} normal readings)"
@@ -68,7 +78,7 @@ def watch(settings: Settings, anomalies_only: bool = False) -> int:
     presence_filter = settings.topics.presence.replace("{device_id}", "+")
 
     def on_message(c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        line = describe(msg.topic, bytes(msg.payload), settings)
+        line = line_for(msg.topic, bytes(msg.payload), msg.retain, settings)
         if anomalies_only and line.startswith("normal"):
             return
         print(line, flush=True)

@@ -64,3 +64,17 @@ def test_a_batch_verdict_in_parts_says_which_part() -> None:
     part = {**whole, "part": 2, "parts": 3}
     assert describe("anomaly/p5/verdict", orjson.dumps(part), S) == (
         "batch   p5 2/30 anomalous (part 2 of 3)")
+
+
+def test_retained_states_and_deletions_are_told_from_news() -> None:
+    from daemon.watch import line_for
+
+    settings = Settings()
+    alert = orjson.dumps({"device_id": "p-1", "state": "raised", "severity": "major",
+                          "explanation": "x"})
+    news = line_for("anomaly/p-1/alert", alert, False, settings)
+    assert news.startswith("ALERT   p-1 raised") and "retained" not in news
+    old = line_for("anomaly/p-1/alert", alert, True, settings)
+    assert old == news + " (retained: the last state, not new)"
+    assert line_for("anomaly/p-1/alert", b"", True, settings) == (
+        "CLEARED anomaly/p-1/alert (its retained state deleted)")

@@ -243,5 +243,7 @@ def test_ctrl_c_stops_each_worker_gracefully_once(
     with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-c-{base}", base,
                  ctrl_c=True):
         pass
-    actions = sorted((e["signal"], e["action"]) for e in _events(tmp_path, "signal"))
-    assert actions == [("SIGINT", "graceful stop")] * 2  # one per worker, none forced
+    signals = _events(tmp_path, "signal")
+    assert sorted((e["signal"], e["action"]) for e in signals) == [
+        ("SIGINT", "graceful stop")] * 2  # one per worker, none forced
+    assert sorted(e["worker"] for e in signals) == [0, 1]  # each line says whose it is
