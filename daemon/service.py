@@ -443,10 +443,13 @@ class Service:
     def _take_signals(self) -> None:
         while True:
             signum = self._signals.get()
-            if signum == signal.SIGHUP:
-                self._on_reload_signal(signum)
-            else:
-                self._on_stop_signal(signum)
+            try:
+                if signum == signal.SIGHUP:
+                    self._on_reload_signal(signum)
+                else:
+                    self._on_stop_signal(signum)
+            except Exception:  # this thread must outlive a failure: the next signal counts
+                log.exception("signal_handling_failed", signal=signum)
 
     def _on_stop_signal(self, signum: int) -> None:
         first = not self._stopping.is_set()
