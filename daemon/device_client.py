@@ -212,8 +212,11 @@ def forget(settings: Settings, device_id: str) -> int:
               "messages were deleted anyway", file=sys.stderr)
     failed = False
     for d in done:
+        # (with several workers, each deletes the retained messages; only the one that
+        # held the device forgot anything)
+        what = "forgotten" if d["known"] or len(done) == 1 else "not held by this worker"
         if d["retained_cleared"]:
-            print(f"{d['device_id']}{_on_worker(d)}: forgotten; its retained alert and "
+            print(f"{d['device_id']}{_on_worker(d)}: {what}; its retained alert and "
                   "presence were deleted")
         else:
             failed = True

@@ -164,3 +164,22 @@ def test_forgetting_a_device_of_the_running_daemon_deletes_its_retained_alert(
     assert res.returncode == 0 and "does not know device 'no-such-pump'" in res.stderr
     _, text, _ = request(svc.http.port, "GET", "/metrics", TOKEN)
     assert "anomalyd_device_forgets_total 2.0" in text
+
+
+def test_forget_with_two_workers_says_which_one_held_the_device(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daemon import device_client
+    from daemon.config import Settings
+
+    answers = [
+        {"device_id": "p-1", "known": False, "retained_cleared": True, "worker": 0},
+        {"device_id": "p-1", "known": True, "retained_cleared": True, "worker": 1},
+    ]
+    monkeypatch.setattr(device_client, "ask_workers", lambda *a, **k: answers)
+    assert device_client.forget(Settings(), "p-1") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "p-1 on worker 0: not held by this worker; its retained alert and presence were deleted",
+        "p-1 on worker 1: forgotten; its retained alert and presence were deleted",
+    ]
