@@ -385,7 +385,7 @@ class Service:
         start over): the readings that changed it are acknowledged already, so a daemon
         killed before the periodic save would forget a raised alert whose retained state
         the broker keeps, and never resolve it."""
-        if (self._alerts_unsaved and not self.state_writer.busy
+        if (self._alerts_unsaved and not self.state_writer.encoding
                 and time.monotonic() - self._state_saved_at >= ALERT_SAVE_S):
             self.save_state(wait=False)
 

@@ -237,11 +237,6 @@ class StateWriter:
         with self._cond:
             return self._encoding is None and self._finished >= self._handed
 
-    @property
-    def busy(self) -> bool:
-        """A snapshot is being encoded (a new ``submit`` would start it over)."""
-        return self._encoding is not None
-
     def submit(self, snapshot: dict[str, Any]) -> None:
         """Start encoding ``snapshot`` (dropping one not yet encoded in full)."""
         self._encoding = _chunks({"format": FORMAT, **snapshot}, 0)
