@@ -43,7 +43,10 @@ def configure(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per line, newline included (print() writes the newline apart): the
+        # workers of WORKERS=N share one stderr, and two lines written at once must not
+        # be glued into one that no JSON reader can parse (seen).
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream,

@@ -42,3 +42,30 @@ def test_json_lines_when_not_on_a_terminal() -> None:
     assert record["event"] == "batch"
     assert record["size"] == 3
     assert record["level"] == "info"
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.calls.append(s)
+        return super().write(s)
+
+
+def test_each_line_is_one_write_with_its_newline_and_says_its_worker() -> None:
+    """The workers of WORKERS=N share one stderr: a line written in two parts (text, then
+    newline) let another worker's line in between, gluing two JSON documents into one
+    line (seen in a test's log)."""
+    stream = _Writes()
+    logs.configure("INFO", "json", stream, worker=1)
+    try:
+        structlog.get_logger().info("batch", size=3)
+        structlog.get_logger().warning("signal", action="graceful stop")
+    finally:
+        structlog.reset_defaults()
+    assert len(stream.calls) == 2 and all(c.endswith("}\n") for c in stream.calls)
+    assert [json.loads(c)["worker"] for c in stream.calls] == [1, 1]

@@ -76,10 +76,17 @@ def _log(tmp_path: Path) -> str:
 
 
 def _events(tmp_path: Path, event: str) -> list[dict[str, Any]]:
-    """The log's lines for ``event`` (the JSON log format, the default)."""
-    lines = [orjson.loads(line) for line in _log(tmp_path).splitlines()
-             if line.startswith("{")]
-    return [e for e in lines if e.get("event") == event]
+    """The log's lines for ``event`` (the JSON log format, the default). A line cut off
+    by a worker's SIGKILL, and the next line glued to it, are not JSON: passed over."""
+    found = []
+    for line in _log(tmp_path).splitlines():
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == event:
+            found.append(entry)
+    return found
 
 
 def _until_ready(*ports: int) -> None:
