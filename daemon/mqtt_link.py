@@ -267,12 +267,23 @@ class Link:
                             clean_start=not self.persistent, properties=props)
 
     def stop(self, timeout: float) -> None:
-        """Disconnect cleanly and join the network thread."""
+        """Disconnect cleanly and join the network thread (within ``timeout``).
+
+        A reconnection under way in the network thread when ``disconnect`` is called can
+        overwrite paho's "disconnecting" state and connect again after it; the thread then
+        lives on, reconnecting for ever (seen: a stopped daemon's output link kept taking
+        over its namesake's connection every second). So the disconnect is said again
+        until the thread has ended."""
         self._stopped.set()
-        self.client.disconnect()
+        deadline = time.monotonic() + timeout
         thread = self.thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        while True:
+            self.client.disconnect()
+            if thread is None or thread is threading.current_thread():
+                return
+            thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+            if not thread.is_alive() or time.monotonic() >= deadline:
+                return
 
     @property
     def thread(self) -> threading.Thread | None:
