@@ -318,8 +318,15 @@ class DeviceTracker:
     def summary(self, device_id: str) -> dict[str, Any] | None:
         """What an operator needs to see of a device, without its arrays; None if unknown."""
         st = self.devices.get(device_id)
-        if st is None:
-            return None
+        return None if st is None else self._summary(device_id, st)
+
+    def unseen_summary(self) -> dict[str, Any]:
+        """``summary``'s fields for a device with no window or baseline yet (silenced
+        before its first reading, or re-warmed since): those of a device about to take its
+        first reading, so a client can read every entry alike."""
+        return self._summary("", DeviceState(deque(maxlen=self.window)))
+
+    def _summary(self, device_id: str, st: DeviceState) -> dict[str, Any]:
         fitted = st.center is not None
         return {
             "warming_up": self.warmup > 0 and st.threshold is None,
@@ -348,20 +355,6 @@ class DeviceTracker:
             # the adapted centre's largest move since the fit, in conditional spreads
             "drift": None if (d := _drift(device_id, st)) is None else {
                 "input": d.input, "spreads": round(d.spreads, 2)},
-        }
-
-    def unseen_summary(self) -> dict[str, Any]:
-        """``summary``'s fields for a device with no window or baseline yet (silenced
-        before its first reading, or re-warmed since): the same keys, so a client can read
-        every entry alike."""
-        warming = self.warmup > 0
-        return {
-            "warming_up": warming, "warmup_seen": 0, "warmup_readings": self.warmup,
-            "warmup_flagged": 0 if warming else None, "warmup_fit": None,
-            "warmup_alerts": True if warming else None, "baseline_threshold": None,
-            "window_filled": 0, "window": self.window, "last_seq": None,
-            "missing_readings": 0, "newest_timestamp": None, "late_readings": 0,
-            "drift": None,
         }
 
     def forget(self, device_id: str, *, keep_seqs: bool = False) -> DeviceState | None:
