@@ -14,7 +14,6 @@ commands and the reload run on the scorer thread through ``daemon.control``; err
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import math
 import re
 import socket
@@ -45,6 +44,7 @@ from daemon.control import (
     check_silence,
 )
 from daemon.errors import ConfigError
+from daemon.hosts import is_loopback
 
 log = structlog.get_logger("anomalyd.http")
 
@@ -331,7 +331,7 @@ class HttpServer:
                 "http.port (HEALTH_PORT) or http.host (HEALTH_HOST), or stop what holds it"
             ) from exc
         #: bound to a loopback address: POST without a token is then allowed
-        self.loopback = _is_loopback(str(self._server.server_address[0]))
+        self.loopback = is_loopback(str(self._server.server_address[0]))
         if expected is None and not self.loopback:
             log.warning("http_without_token", host=host,
                         note="anyone who can reach this port can read the devices, "
@@ -391,15 +391,7 @@ def _loopback_host(header: str | None) -> bool:
         host = host[1:].partition("]")[0]
     elif host.count(":") == 1:
         host = host.partition(":")[0]
-    return (host in ("localhost", _HOSTNAME) or host.endswith(".localhost")
-            or _is_loopback(host))
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+    return host == _HOSTNAME or is_loopback(host)
 
 
 def _status(ok: bool, body: dict[str, Any]) -> Response:

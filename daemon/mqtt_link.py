@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import socket
 import ssl
 import threading
@@ -27,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 from daemon.config import MqttConfig
 from daemon.errors import BrokerError
+from daemon.hosts import is_loopback
 from daemon.metrics import Metrics
 from daemon.tls import client_context, describe_failure
 
@@ -83,14 +83,7 @@ def ping(client: paho.Client) -> None:
 def password_in_clear(cfg: MqttConfig) -> bool:
     """Whether a username and password would cross a network unencrypted: given, without
     TLS, to a broker not on this machine's loopback."""
-    if not cfg.username or cfg.tls.enabled:
-        return False
-    if cfg.host.lower() == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(cfg.host).is_loopback
-    except ValueError:  # a host name
-        return True
+    return bool(cfg.username) and not cfg.tls.enabled and not is_loopback(cfg.host)
 
 
 def set_credentials(client: paho.Client, cfg: MqttConfig) -> None:
