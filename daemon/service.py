@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__, oversize, state
+from daemon import __version__, oversize, sessions, state
 from daemon.acks import Inbound
 from daemon.batching import next_batch
 from daemon.config import Settings
@@ -34,6 +34,7 @@ from daemon.payloads import Outbound, iso
 from daemon.pipeline import BatchStats, RawMessage
 from daemon.presence import PresenceEvent
 from daemon.reload import ModelReloader, build_scoring, publish_model_info, rate_limiter
+from daemon.sessions import intake_client_id, subscriptions
 from daemon.status import ServiceStatus
 from daemon.topics import TopicMatcher
 
@@ -64,23 +65,6 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
 
 def _payload_size(msg: Inbound) -> int:
     return len(msg.payload)
-
-
-def subscriptions(settings: Settings) -> tuple[str, tuple[str, ...]]:
-    """(the filter to subscribe to, filters an old session of another layout may hold).
-
-    With several workers and shared dispatch the subscription is shared (each reading goes
-    to one of them); otherwise every worker subscribes to the filter itself (device
-    dispatch: each keeps its own devices, ``daemon.partition``). A filter the user wrote
-    as ``$share/...`` is left as it is.
-    """
-    plain, svc = settings.mqtt.subscription, settings.service
-    if plain.startswith("$share/"):
-        return plain, ()
-    shared = f"$share/{svc.share_group}/{plain}"
-    if svc.workers > 1 and svc.dispatch == "shared":
-        return shared, (plain,)
-    return plain, (shared,) if svc.workers > 1 else ()
 
 
 class Service:
@@ -114,10 +98,9 @@ class Service:
         # the readings. SimpleQueue: a C queue, ~20x cheaper per message than queue.Queue.
         self.queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.queue_bound = s.batch.queue_size
-        client_id = s.mqtt.client_id
+        client_id = intake_client_id(s, worker_index)
         port = s.http.port
         if worker_index is not None:
-            client_id = f"{client_id}-{worker_index}"
             port = port + worker_index if port else 0
         owns = None
         if worker_index is not None and s.service.dispatch == "device":
@@ -396,7 +379,8 @@ class Service:
     def start(self) -> None:
         state.check_writable(self.state_path.parent)  # before anything is judged
         if self._worker_index is None:  # workers: the supervisor did it before starting them
-            state.repartition(self.state_path.parent, 1, self.settings.service.dispatch)
+            layout = state.repartition(self.state_path.parent, 1, self.settings.service.dispatch)
+            sessions.hand_over(self.settings, self.state_path.parent, layout)
         self._restore_state()
         self.http.start()
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)

@@ -50,7 +50,7 @@ def state_file(directory: Path, worker_index: int | None) -> Path:
 LAYOUT_FILE = "layout.json"
 
 
-def repartition(directory: Path, workers: int, dispatch: str) -> None:
+def repartition(directory: Path, workers: int, dispatch: str) -> dict[str, Any] | None:
     """Give every device's saved state to the worker that owns it under this layout.
 
     Run once, before any worker starts (by the supervisor, or by a single daemon). With one
@@ -62,7 +62,7 @@ def repartition(directory: Path, workers: int, dispatch: str) -> None:
     ``*.unreadable``. Under shared dispatch each worker keeps its own view of every device:
     its files are left alone, except when the daemon comes to shared dispatch from another
     layout, where every worker starts from the same copy of every device (re-cut for one
-    owner). What is done is logged.
+    owner). What is done is logged. Returns the layout recorded before (None if none was).
     """
     layout = {"workers": workers, "dispatch": "single" if workers == 1 else dispatch}
     layout_path = directory / LAYOUT_FILE
@@ -81,7 +81,7 @@ def repartition(directory: Path, workers: int, dispatch: str) -> None:
     if not present or as_written:
         if recorded != layout:
             write_bytes(layout_path, orjson.dumps(layout))
-        return
+        return recorded if isinstance(recorded, dict) else None
     sources: list[tuple[str, dict[str, Any]]] = []
     newest_first = sorted(present, key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for path in newest_first:
@@ -112,6 +112,7 @@ def repartition(directory: Path, workers: int, dispatch: str) -> None:
         read=[name for name, _ in sources], retired=[p.name for p in strays],
         devices=[len(part.get("devices", {}).get("devices", {})) for part in parts],
         alert_states=[len(part.get("alerts", {}).get("devices", {})) for part in parts])
+    return recorded if isinstance(recorded, dict) else None
 
 
 def check_writable(directory: Path) -> None:

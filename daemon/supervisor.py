@@ -29,7 +29,7 @@ from types import FrameType
 
 import structlog
 
-from daemon import state
+from daemon import sessions, state
 from daemon.config import Settings
 from daemon.exit_codes import EXIT_OK, EXIT_USAGE
 
@@ -98,7 +98,9 @@ def run_workers(settings: Settings, config: Path | None) -> int:
     # Before any worker reads its file: each device's saved state to the worker that
     # owns it now (the number of workers or the dispatch may have changed).
     state.check_writable(settings.state.dir)
-    state.repartition(settings.state.dir, n, settings.service.dispatch)
+    layout = state.repartition(settings.state.dir, n, settings.service.dispatch)
+    # ... and the broker sessions of another layout ended, those of this one started
+    sessions.hand_over(settings, settings.state.dir, layout)
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def hand_over(signum: int, frame: FrameType | None) -> None:

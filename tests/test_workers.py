@@ -187,6 +187,9 @@ def test_device_dispatch_keeps_each_device_on_one_worker_after_a_shared_session(
             assert own + others == second  # each worker heard every reading, once
         assert set(held) == {f"d-{k}" for k in range(devices)}
         assert set(held.values()) == {0, 1}
+    # the sessions the workers keep, recorded for the next change of layout
+    recorded = orjson.loads((tmp_path / "state" / "sessions.json").read_bytes())
+    assert recorded["sessions"] == {f"{cid}-{i}": "sensors/+/readings" for i in range(2)}
 
 
 def test_devices_gone_quiet_are_announced_once_each_with_two_workers(

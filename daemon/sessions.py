@@ -1,0 +1,275 @@
+"""The broker sessions a worker layout keeps, and handing them over when the layout changes.
+
+Each layout reads through its own persistent sessions: ``<client_id>`` for one daemon,
+``<client_id>-<i>`` for worker ``i``. The broker keeps a session, queueing every reading
+for it, for ``mqtt.session_expiry_s`` after its last use, whether or not a daemon will
+ever use it again. So after a change of ``WORKERS`` or of ``service.dispatch``, the
+sessions of the previous layout would go on queueing readings no one judges, and a later
+return to that layout would replay them all as if they were live (stale verdicts and
+alerts for readings hours old); a session of the new layout left from an older use would
+do the same at once.
+
+So before anything connects, the state directory's record of the sessions this daemon
+keeps (``sessions.json``: the broker and each client id with its subscription) is compared
+with the new layout's (:func:`plan`, pure), and the difference is settled at the broker
+(:func:`hand_over`): a session the new layout does not use is ended; one it uses but did
+not keep last time is started afresh, subscribed, so that it queues from this moment; a
+session kept with the same subscription is left alone, its queued readings (those of the
+restart) judged as usual. One exception: coming to shared dispatch from device dispatch,
+each old session queued every reading, so only one of them is kept (its backlog judged
+once), the others started afresh. The record is written once the broker has done it all.
+
+What an ended session had queued (readings of the restart, for the devices whose worker
+changed) is not judged. Without a record (a new state directory, or one from before this
+record, with no ``layout.json`` either), or after a change of broker, nothing is ended:
+what is there is unknown.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from daemon.config import MqttConfig, Settings
+from daemon.errors import BrokerError
+from daemon.mqtt_link import connect_failure, set_credentials
+from daemon.state import write_bytes
+
+log = structlog.get_logger("anomalyd.sessions")
+
+#: The sessions the daemon of a state directory keeps at its broker.
+SESSIONS_FILE = "sessions.json"
+#: How long one exchange with the broker (CONNACK, SUBACK) may take once connected.
+ANSWER_S = 10.0
+
+
+def subscriptions(settings: Settings) -> tuple[str, tuple[str, ...]]:
+    """(the filter to subscribe to, filters an old session of another layout may hold).
+
+    With several workers and shared dispatch the subscription is shared (each reading goes
+    to one of them); otherwise every worker subscribes to the filter itself (device
+    dispatch: each keeps its own devices, ``daemon.partition``). A filter the user wrote
+    as ``$share/...`` is left as it is.
+    """
+    plain, svc = settings.mqtt.subscription, settings.service
+    if plain.startswith("$share/"):
+        return plain, ()
+    shared = f"$share/{svc.share_group}/{plain}"
+    if svc.workers > 1 and svc.dispatch == "shared":
+        return shared, (plain,)
+    return plain, (shared,) if svc.workers > 1 else ()
+
+
+def intake_client_id(settings: Settings, worker_index: int | None) -> str:
+    """The client id of a daemon's (``None``) or a worker's persistent session."""
+    base = settings.mqtt.client_id
+    return base if worker_index is None else f"{base}-{worker_index}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """The persistent sessions of one layout at one broker: client id → subscription."""
+
+    broker: str
+    dispatch: str  # "single", "device" or "shared"
+    sessions: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"broker": self.broker, "dispatch": self.dispatch,
+                "sessions": dict(self.sessions)}
+
+
+def current(settings: Settings) -> Record:
+    """The sessions this configuration's daemon (or its workers) will use."""
+    n = settings.service.workers
+    subscription, _ = subscriptions(settings)
+    ids = [intake_client_id(settings, None)] if n == 1 else [
+        intake_client_id(settings, i) for i in range(n)]
+    return Record(broker=_broker(settings.mqtt),
+                  dispatch="single" if n == 1 else settings.service.dispatch,
+                  sessions=dict.fromkeys(ids, subscription))
+
+
+def previous(
+    directory: Path, settings: Settings, layout: Mapping[str, Any] | None
+) -> Record | None:
+    """What the state directory says the last daemon kept: its ``sessions.json``, or for a
+    directory from before that file, its ``layout.json`` (``layout``, as it was before this
+    start) read with this configuration's client id and broker. None if neither says."""
+    try:
+        raw = orjson.loads((directory / SESSIONS_FILE).read_bytes())
+        sessions = raw["sessions"]
+        if isinstance(raw["broker"], str) and isinstance(sessions, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in sessions.items()):
+            return Record(raw["broker"], str(raw.get("dispatch", "")), sessions)
+        log.warning("sessions_record_unreadable", path=str(directory / SESSIONS_FILE),
+                    note="the previous layout's broker sessions are left as they are")
+        return None
+    except FileNotFoundError:
+        pass
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        log.warning("sessions_record_unreadable", path=str(directory / SESSIONS_FILE),
+                    error=str(exc), note="the previous layout's broker sessions are left "
+                    "as they are")
+        return None
+    if layout is None:
+        return None
+    try:
+        workers, dispatch = int(layout["workers"]), str(layout["dispatch"])
+        if workers < 1:
+            return None
+        svc = settings.service.model_copy(update={
+            "workers": workers, "dispatch": "device" if dispatch == "single" else dispatch})
+        return current(settings.model_copy(update={"service": svc}))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    end: tuple[str, ...] = ()  # sessions no longer used: ended, with what they queued
+    fresh: tuple[str, ...] = ()  # sessions started anew (and subscribed) before use
+    keep: tuple[str, ...] = ()  # sessions used as they are
+
+
+def plan(before: Record | None, now: Record) -> Plan:
+    """What to do at the broker so that ``now``'s sessions judge each reading once.
+
+    Unknown ``before`` (or another broker's): nothing; each session is used as it is.
+    """
+    if before is None or before.broker != now.broker:
+        return Plan(keep=tuple(now.sessions))
+    kept = [cid for cid, sub in now.sessions.items()
+            if cid in before.sessions and _resumable(before.sessions[cid], sub)]
+    if now.dispatch == "shared" and before.dispatch != "shared":
+        # every session of a device-dispatch layout queued every reading: each shared
+        # worker would judge all of its backlog, so each reading as often as there are
+        # workers. One such backlog is enough.
+        kept = kept[:1]
+    keep = tuple(cid for cid in now.sessions if cid in kept)
+    fresh = tuple(cid for cid in now.sessions if cid not in kept)
+    end = tuple(cid for cid in before.sessions if cid not in now.sessions)
+    return Plan(end=end, fresh=fresh, keep=keep)
+
+
+def _resumable(before: str, now: str) -> bool:
+    """Whether a session subscribed to ``before`` may serve a daemon subscribing to
+    ``now``: the same filter, or the same one shared and not (a change of dispatch: the
+    daemon unsubscribes the other form at each connect, ``MqttAdapter``). Any other
+    subscription would stay in the session beside the new one."""
+    if before == now:
+        return True
+    one_plain = not before.startswith("$share/") or not now.startswith("$share/")
+    return one_plain and _unshared(before) == _unshared(now)
+
+
+def _unshared(subscription: str) -> str:
+    if subscription.startswith("$share/"):
+        return subscription.split("/", 2)[2] if subscription.count("/") >= 2 else ""
+    return subscription
+
+
+def _broker(cfg: MqttConfig) -> str:
+    return f"{cfg.host}:{cfg.port}"
+
+
+def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | None) -> Plan:
+    """Settle the broker sessions for this layout (see the module's docstring); run once,
+    before the daemon or any worker connects. ``layout``: the ``layout.json`` this start
+    found (``daemon.state.repartition`` returns it).
+
+    Raises BrokerError when the broker cannot be reached within ``mqtt.connect_timeout_s``
+    (the record is then left as it was, and the next start tries again).
+    """
+    cfg = settings.mqtt
+    now = current(settings)
+    todo = plan(previous(directory, settings, layout), now)
+    if todo.end or todo.fresh:
+        timeout = cfg.connect_timeout_s
+        deadline = time.monotonic() + timeout if timeout else float("inf")
+        keeps = cfg.protocol != "5" or cfg.session_expiry_s > 0
+        for cid in todo.fresh:  # first: what is published from now on is queued
+            _connect_once(cfg, cid, deadline, keep=False)
+            if keeps:  # else the daemon's own connections keep nothing to find
+                _connect_once(cfg, cid, deadline, keep=True, subscription=now.sessions[cid])
+        for cid in todo.end:
+            _connect_once(cfg, cid, deadline, keep=False)
+        log.info("broker_sessions_handed_over", ended=list(todo.end), started=list(todo.fresh),
+                 kept=list(todo.keep),
+                 note="the previous layout's sessions (and what they queued) are ended; "
+                      "new ones queue readings from now")
+    write_bytes(directory / SESSIONS_FILE, orjson.dumps(now.to_json()))
+    return todo
+
+
+def _connect_once(cfg: MqttConfig, client_id: str, deadline: float, *, keep: bool,
+                  subscription: str | None = None) -> None:
+    """One connection as ``client_id`` with a clean start: ``keep`` False ends its session
+    (and drops what it queued) at the disconnect; True leaves a new one, subscribed to
+    ``subscription`` at QoS 1, that the broker keeps for ``mqtt.session_expiry_s``."""
+    v5 = cfg.protocol == "5"
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         clean_session=None if v5 else not keep,
+                         protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
+    set_credentials(client, cfg)
+    answered = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def connected(c: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        outcome["refused"] = str(reason) if reason.is_failure else None
+        answered.set()
+
+    def subscribed(c: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        answered.set()
+
+    client.on_connect = connected
+    client.on_subscribe = subscribed
+    delay = cfg.reconnect_min_delay_s
+    while True:
+        try:
+            if v5:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = cfg.session_expiry_s if keep else 0
+                client.connect(cfg.host, cfg.port, cfg.keepalive_s, clean_start=True,
+                               properties=props)
+            else:
+                client.connect(cfg.host, cfg.port, cfg.keepalive_s)
+            break
+        except OSError as exc:  # ssl.SSLError included: retrying cannot mend a certificate
+            if isinstance(exc, ssl.SSLError) or time.monotonic() + delay > deadline:
+                raise BrokerError(connect_failure(cfg, exc)) from exc
+            log.warning("broker_unreachable", host=cfg.host, port=cfg.port, error=str(exc),
+                        retry_in_s=delay)
+            time.sleep(delay)
+            delay = min(delay * 2, cfg.reconnect_max_delay_s)
+    client.loop_start()
+    try:
+        _await(answered, f"no answer to CONNECT as {client_id!r}", cfg)
+        if outcome["refused"] is not None:
+            raise BrokerError(f"broker at {cfg.host}:{cfg.port} refused the connection as "
+                              f"{client_id!r}: {outcome['refused']}")
+        if subscription is not None:
+            answered.clear()
+            client.subscribe(subscription, qos=1)
+            _await(answered, f"no answer to SUBSCRIBE as {client_id!r}", cfg)
+            # a refusal is the daemon's to report, at its own subscription (same filter)
+        client.disconnect()
+    finally:
+        client.loop_stop()
+
+
+def _await(event: threading.Event, what: str, cfg: MqttConfig) -> None:
+    if not event.wait(ANSWER_S):
+        raise BrokerError(f"broker at {cfg.host}:{cfg.port}: {what} within {ANSWER_S:.0f}s")

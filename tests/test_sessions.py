@@ -1,0 +1,265 @@
+"""The broker sessions of a worker layout: which are ended, started afresh or kept when
+the layout changes (``daemon.sessions``), on a real Mosquitto."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from daemon import sessions, state
+from daemon.config import MqttConfig, ServiceConfig, Settings, StateConfig
+from tests.broker import Broker
+
+BROKER = "127.0.0.1:1"
+
+
+def record(dispatch: str, ids: list[str], sub: str = "sensors/+/readings") -> sessions.Record:
+    return sessions.Record(BROKER, dispatch, dict.fromkeys(ids, sub))
+
+
+def shared(ids: list[str], group: str = "anomalyd") -> sessions.Record:
+    return record("shared", ids, f"$share/{group}/sensors/+/readings")
+
+
+# -- the plan (pure) -------------------------------------------------------------------
+
+
+def test_unknown_or_unchanged_layout_keeps_every_session() -> None:
+    now = record("device", ["a-0", "a-1"])
+    assert sessions.plan(None, now) == sessions.Plan(keep=("a-0", "a-1"))
+    assert sessions.plan(now, now) == sessions.Plan(keep=("a-0", "a-1"))
+    elsewhere = sessions.Record("broker.example:1883", "single", {"a": "sensors/+/readings"})
+    assert sessions.plan(elsewhere, now) == sessions.Plan(keep=("a-0", "a-1"))
+
+
+def test_one_daemon_to_workers_ends_its_session_and_starts_theirs() -> None:
+    got = sessions.plan(record("single", ["a"]), record("device", ["a-0", "a-1"]))
+    assert got == sessions.Plan(end=("a",), fresh=("a-0", "a-1"))
+    back = sessions.plan(record("device", ["a-0", "a-1"]), record("single", ["a"]))
+    assert back == sessions.Plan(end=("a-0", "a-1"), fresh=("a",))
+
+
+def test_more_or_fewer_workers_keep_the_sessions_in_both_layouts() -> None:
+    two, three = record("device", ["a-0", "a-1"]), record("device", ["a-0", "a-1", "a-2"])
+    assert sessions.plan(two, three) == sessions.Plan(fresh=("a-2",), keep=("a-0", "a-1"))
+    assert sessions.plan(three, two) == sessions.Plan(end=("a-2",), keep=("a-0", "a-1"))
+
+
+def test_device_to_shared_dispatch_keeps_one_backlog_only() -> None:
+    # each device-dispatch session queued every reading: two kept would judge each twice
+    got = sessions.plan(record("device", ["a-0", "a-1"]), shared(["a-0", "a-1"]))
+    assert got == sessions.Plan(fresh=("a-1",), keep=("a-0",))
+    # the other way each shared session queued its own part: both are kept
+    back = sessions.plan(shared(["a-0", "a-1"]), record("device", ["a-0", "a-1"]))
+    assert back == sessions.Plan(keep=("a-0", "a-1"))
+
+
+def test_another_subscription_starts_the_sessions_afresh() -> None:
+    # the old filter would stay subscribed in a kept session beside the new one
+    assert sessions.plan(shared(["a-0"], "g1"), shared(["a-0"], "g2")) == sessions.Plan(
+        fresh=("a-0",))
+    moved = sessions.plan(record("single", ["a"]), record("single", ["a"], "plant/+/data"))
+    assert moved == sessions.Plan(fresh=("a",))
+
+
+def settings_for(host: str, port: int, directory: Path, workers: int = 1,
+                 dispatch: str = "device", client_id: str = "a") -> Settings:
+    return Settings(
+        mqtt=MqttConfig(host=host, port=port, client_id=client_id, connect_timeout_s=5),
+        service=ServiceConfig(workers=workers, dispatch=dispatch),  # type: ignore[arg-type]
+        state=StateConfig(dir=directory),
+    )
+
+
+def test_a_directory_from_before_the_record_is_read_from_its_layout(tmp_path: Path) -> None:
+    s = settings_for("127.0.0.1", 1, tmp_path, workers=1)
+    before = sessions.previous(tmp_path, s, {"workers": 2, "dispatch": "shared"})
+    assert before == sessions.Record("127.0.0.1:1", "shared", {
+        "a-0": "$share/anomalyd/sensors/+/readings", "a-1": "$share/anomalyd/sensors/+/readings"})
+    assert sessions.previous(tmp_path, s, None) is None
+    (tmp_path / sessions.SESSIONS_FILE).write_bytes(b"[1, 2]")
+    assert sessions.previous(tmp_path, s, {"workers": 2, "dispatch": "shared"}) is None
+
+
+# -- at the broker -----------------------------------------------------------------------
+
+
+class Probe:
+    """Resume ``client_id``'s session (no clean start, as the daemon does), take what it
+    had queued, then end it; ``queued`` is complete once a marker published after the
+    connection has arrived behind the backlog."""
+
+    def __init__(self, b: Broker, client_id: str, marker_topic: str) -> None:
+        self.session_present: bool | None = None
+        self.topics: list[str] = []
+        self._marker = marker_topic
+        self._done = threading.Event()
+        self._up = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        c.on_connect = self._connected
+        c.on_message = self._message
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 0  # ended at the disconnect
+        c.connect(b.host, b.port, 30, clean_start=False, properties=props)
+        c.loop_start()
+        self.client = c
+
+    def _connected(self, c: paho.Client, u: Any, flags: Any, reason: Any, p: Any) -> None:
+        self.session_present = bool(flags.session_present)
+        self._up.set()
+
+    def _message(self, c: paho.Client, u: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic == self._marker:
+            self._done.set()
+        elif not msg.retain:  # a broker's stored copy is not queued: the daemon skips it
+            self.topics.append(msg.topic)
+
+    def take(self, b: Broker, subscribe: str | None = None) -> list[str]:
+        assert self._up.wait(5)
+        if subscribe is not None:  # a session that has none: the marker needs one
+            self.client.subscribe(subscribe, qos=1)
+            time.sleep(0.2)
+        publish(b, [self._marker])
+        assert self._done.wait(5), "the marker did not arrive"
+        self.client.disconnect()
+        self.client.loop_stop()
+        return self.topics
+
+
+def publish(b: Broker, topics: list[str]) -> None:
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    for topic in topics:
+        c.publish(topic, b'{"x": 1}', qos=1).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+
+
+def daemon_session(b: Broker, client_id: str, subscription: str) -> None:
+    """What a daemon leaves behind when it stops: its session, subscribed, kept."""
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 3600
+    c.connect(b.host, b.port, 30, clean_start=False, properties=props)
+    c.loop_start()
+    c.subscribe(subscription, qos=1)[1]
+    time.sleep(0.2)
+    c.disconnect()
+    c.loop_stop()
+
+
+MARKER = "sensors/marker/readings"
+
+
+def start_layout(b: Broker, directory: Path, workers: int,
+                 dispatch: str = "device") -> sessions.Plan:
+    """What a start of the daemon (``workers`` 1) or of the supervisor does first."""
+    s = settings_for(b.host, b.port, directory, workers=workers, dispatch=dispatch)
+    return sessions.hand_over(s, directory, state.repartition(directory, workers, dispatch))
+
+
+def test_a_layout_change_ends_the_old_sessions_and_starts_the_new(
+    fresh_broker: Broker, tmp_path: Path
+) -> None:
+    broker = fresh_broker
+    # a single daemon ran: its session is recorded and left subscribed at the broker
+    assert start_layout(broker, tmp_path, 1).keep == ("a",)
+    daemon_session(broker, "a", "sensors/+/readings")
+    # ... and two workers replace it
+    assert start_layout(broker, tmp_path, 2) == sessions.Plan(end=("a",), fresh=("a-0", "a-1"))
+    publish(broker, ["sensors/p1/readings", "sensors/p2/readings"])
+
+    # the old session is gone with what it would have queued; the new ones queued
+    old = Probe(broker, "a", MARKER)
+    assert old.take(broker, subscribe="sensors/+/readings") == []
+    assert old.session_present is False
+    for i in range(2):
+        worker = Probe(broker, f"a-{i}", MARKER)
+        assert worker.take(broker) == ["sensors/p1/readings", "sensors/p2/readings"]
+        assert worker.session_present is True
+    assert orjson.loads((tmp_path / sessions.SESSIONS_FILE).read_bytes())["sessions"] == {
+        "a-0": "sensors/+/readings", "a-1": "sensors/+/readings"}
+
+
+def test_returning_to_a_layout_does_not_replay_its_old_backlog(
+    fresh_broker: Broker, tmp_path: Path
+) -> None:
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 2)
+    # a session of the single daemon's id left from long ago (another start that did not
+    # end it, or before this record) has queued hours of readings the workers judged
+    daemon_session(broker, "a", "sensors/+/readings")
+    publish(broker, ["sensors/old/readings"])
+
+    assert start_layout(broker, tmp_path, 1) == sessions.Plan(end=("a-0", "a-1"), fresh=("a",))
+    publish(broker, ["sensors/new/readings"])
+    probe = Probe(broker, "a", MARKER)
+    assert probe.take(broker) == ["sensors/new/readings"]  # the old reading is not replayed
+    assert probe.session_present is True
+
+
+def test_device_to_shared_dispatch_judges_the_restarts_readings_once(
+    fresh_broker: Broker, tmp_path: Path
+) -> None:
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 2)
+    for i in range(2):
+        daemon_session(broker, f"a-{i}", "sensors/+/readings")
+    publish(broker, ["sensors/p1/readings"])  # during the restart: queued in both
+
+    plan = start_layout(broker, tmp_path, 2, "shared")
+    assert plan == sessions.Plan(fresh=("a-1",), keep=("a-0",))
+    taken = [Probe(broker, f"a-{i}", MARKER).take(broker) for i in range(2)]
+    assert taken[0] == ["sensors/p1/readings"]
+    assert "sensors/p1/readings" not in taken[1]
+
+
+def test_an_unreachable_broker_leaves_the_record_for_the_next_start(tmp_path: Path) -> None:
+    from tests.broker import free_port
+
+    s = settings_for("127.0.0.1", free_port(), tmp_path, workers=2)
+    (tmp_path / sessions.SESSIONS_FILE).write_bytes(orjson.dumps(
+        sessions.Record(f"127.0.0.1:{s.mqtt.port}", "single", {"a": "sensors/+/readings"})
+        .to_json()))
+    before = (tmp_path / sessions.SESSIONS_FILE).read_bytes()
+    s = s.model_copy(update={"mqtt": s.mqtt.model_copy(update={"connect_timeout_s": 0.5})})
+    with pytest.raises(sessions.BrokerError, match="cannot reach broker"):
+        sessions.hand_over(s, tmp_path, None)
+    assert (tmp_path / sessions.SESSIONS_FILE).read_bytes() == before
+
+
+def test_the_daemon_hands_over_before_it_connects(
+    fresh_broker: Broker, start_daemon: Any, trained_model_dir: Path
+) -> None:
+    """A daemon started where workers ran ends their sessions and keeps its own record."""
+    broker = fresh_broker
+    from tests.conftest import make_settings
+
+    s = make_settings(broker, trained_model_dir)
+    cid, directory = s.mqtt.client_id, s.state.dir
+    workers = {f"{cid}-{i}": "sensors/+/readings" for i in range(2)}
+    for worker_id in workers:
+        daemon_session(broker, worker_id, "sensors/+/readings")
+    state.write_bytes(directory / sessions.SESSIONS_FILE, orjson.dumps(sessions.Record(
+        f"{broker.host}:{broker.port}", "device", workers).to_json()))
+    publish(broker, ["sensors/p1/readings"])
+
+    svc = start_daemon(settings=s)
+    assert svc.mqtt.intake.connected
+    marker = f"sensors/marker-{cid}/readings"
+    for worker_id in workers:
+        probe = Probe(broker, worker_id, marker)
+        assert probe.take(broker, subscribe="sensors/+/readings") == []
+        assert probe.session_present is False
+    assert orjson.loads((directory / sessions.SESSIONS_FILE).read_bytes())["sessions"] == {
+        cid: "sensors/+/readings"}
