@@ -265,8 +265,8 @@ def _connect_once(cfg: MqttConfig, client_id: str, deadline: float, *, keep: boo
             client.subscribe(subscription, qos=1)
             _await(answered, f"no answer to SUBSCRIBE as {client_id!r}", cfg)
             # a refusal is the daemon's to report, at its own subscription (same filter)
-        client.disconnect()
     finally:
+        client.disconnect()  # (MQTT 5: an unanswered one ends an expiry-0 session too)
         client.loop_stop()
 
 

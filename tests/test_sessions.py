@@ -72,9 +72,11 @@ def test_another_subscription_starts_the_sessions_afresh() -> None:
 
 
 def settings_for(host: str, port: int, directory: Path, workers: int = 1,
-                 dispatch: str = "device", client_id: str = "a") -> Settings:
+                 dispatch: str = "device", client_id: str = "a",
+                 protocol: str = "5") -> Settings:
     return Settings(
-        mqtt=MqttConfig(host=host, port=port, client_id=client_id, connect_timeout_s=5),
+        mqtt=MqttConfig(host=host, port=port, client_id=client_id, connect_timeout_s=5,
+                        protocol=protocol),  # type: ignore[arg-type]
         service=ServiceConfig(workers=workers, dispatch=dispatch),  # type: ignore[arg-type]
         state=StateConfig(dir=directory),
     )
@@ -162,21 +164,24 @@ MARKER = "sensors/marker/readings"
 
 
 def start_layout(b: Broker, directory: Path, workers: int,
-                 dispatch: str = "device") -> sessions.Plan:
+                 dispatch: str = "device", protocol: str = "5") -> sessions.Plan:
     """What a start of the daemon (``workers`` 1) or of the supervisor does first."""
-    s = settings_for(b.host, b.port, directory, workers=workers, dispatch=dispatch)
+    s = settings_for(b.host, b.port, directory, workers=workers, dispatch=dispatch,
+                     protocol=protocol)
     return sessions.hand_over(s, directory, state.repartition(directory, workers, dispatch))
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_layout_change_ends_the_old_sessions_and_starts_the_new(
-    fresh_broker: Broker, tmp_path: Path
+    fresh_broker: Broker, tmp_path: Path, protocol: str
 ) -> None:
     broker = fresh_broker
     # a single daemon ran: its session is recorded and left subscribed at the broker
-    assert start_layout(broker, tmp_path, 1).keep == ("a",)
+    assert start_layout(broker, tmp_path, 1, protocol=protocol).keep == ("a",)
     daemon_session(broker, "a", "sensors/+/readings")
     # ... and two workers replace it
-    assert start_layout(broker, tmp_path, 2) == sessions.Plan(end=("a",), fresh=("a-0", "a-1"))
+    assert start_layout(broker, tmp_path, 2, protocol=protocol) == sessions.Plan(
+        end=("a",), fresh=("a-0", "a-1"))
     publish(broker, ["sensors/p1/readings", "sensors/p2/readings"])
 
     # the old session is gone with what it would have queued; the new ones queued
