@@ -9,6 +9,7 @@ is logged, and the broker still holds every reading that was not acknowledged.
 from __future__ import annotations
 
 import gc
+import os
 import queue
 import signal
 import sys
@@ -88,6 +89,7 @@ class Service:
                                               self.metrics.state_saved.set_to_current_time)
         self._state_saved_at = time.monotonic()
         self._alerts_unsaved = False  # an alert changed since the last snapshot was taken
+        self._state_lock: int | None = None  # the state directory's lock (a single daemon)
         self._presence_checked_at = 0.0
         self._drift_checked_at = 0.0
         self._retained_restored_for = 0  # the lost sessions whose retained state is re-sent
@@ -379,8 +381,14 @@ class Service:
     def start(self) -> None:
         state.check_writable(self.state_path.parent)  # before anything is judged
         if self._worker_index is None:  # workers: the supervisor did it before starting them
-            layout = state.repartition(self.state_path.parent, 1, self.settings.service.dispatch)
-            sessions.hand_over(self.settings, self.state_path.parent, layout)
+            self._state_lock = state.lock(self.state_path.parent)
+            try:
+                layout = state.repartition(self.state_path.parent, 1,
+                                           self.settings.service.dispatch)
+                sessions.hand_over(self.settings, self.state_path.parent, layout)
+            except BaseException:
+                self._release_state()
+                raise
         self._restore_state()
         self.http.start()
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)
@@ -392,6 +400,7 @@ class Service:
             self.mqtt.start()
         except BaseException:
             self.http.stop()
+            self._release_state()
             raise
         self._worker.start()
         shadow = self.pipeline.shadow
@@ -497,12 +506,20 @@ class Service:
             self.state_writer.close(max(1.0, deadline - time.monotonic()))
         self.mqtt.stop(max(1.0, deadline - time.monotonic()))
         self.http.stop()
+        if self.state_writer.idle:  # else a save still being written keeps the directory
+            self._release_state()
         if clean:
             log.info("stopped", uptime_s=round(time.time() - self.started_at, 1))
         else:
             log.warning("stopped_with_work_left", **left,
                         note="unacknowledged readings stay at the broker for redelivery")
         return clean
+
+    def _release_state(self) -> None:
+        """Let the state directory go (``state.lock``), if this daemon took it."""
+        fd, self._state_lock = self._state_lock, None
+        if fd is not None:
+            os.close(fd)
 
     def _abandon_queued(self) -> int:
         """Readings that arrived while the scorer was finishing: leave them unacknowledged

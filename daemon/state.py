@@ -12,6 +12,8 @@ micro-batches; :class:`StateWriter` says why, and writes the bytes on a thread o
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import math
 import os
 import tempfile
@@ -113,6 +115,43 @@ def repartition(directory: Path, workers: int, dispatch: str) -> dict[str, Any] 
         devices=[len(part.get("devices", {}).get("devices", {})) for part in parts],
         alert_states=[len(part.get("alerts", {}).get("devices", {})) for part in parts])
     return recorded if isinstance(recorded, dict) else None
+
+
+#: Held (``flock``) by the process that owns a state directory while it runs.
+LOCK_FILE = ".lock"
+
+
+class StateDirInUseError(ConfigError):
+    """Another anomalyd runs on this state directory."""
+
+
+def lock(directory: Path) -> int:
+    """Take the state directory for this process; returns the descriptor that holds it
+    (closing it, or the process's end however it comes, lets it go).
+
+    Two daemons (or a daemon and the supervisor of others) on one directory would
+    overwrite each other's device state, re-cut each other's files and end each other's
+    broker sessions (``daemon.sessions``): the second is refused with the first's pid.
+    Taken by a single daemon or the supervisor, never by its workers.
+    """
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        try:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"cannot lock state.dir {directory}: {exc.strerror}") from exc
+        raise StateDirInUseError(
+            f"state.dir {directory} is in use by another anomalyd (pid {holder}): two on "
+            "one directory would overwrite each other's device state and broker sessions; "
+            "stop it, or give this one its own [state] dir (STATE_DIR)") from exc
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def check_writable(directory: Path) -> None:

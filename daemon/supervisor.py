@@ -98,6 +98,7 @@ def run_workers(settings: Settings, config: Path | None) -> int:
     # Before any worker reads its file: each device's saved state to the worker that
     # owns it now (the number of workers or the dispatch may have changed).
     state.check_writable(settings.state.dir)
+    state.lock(settings.state.dir)  # held until the supervisor's process ends
     layout = state.repartition(settings.state.dir, n, settings.service.dispatch)
     # ... and the broker sessions of another layout ended, those of this one started
     sessions.hand_over(settings, settings.state.dir, layout)
