@@ -14,9 +14,10 @@ message only the refused entries are judged again: the others had their verdicts
 ``result_too_large`` record (a result the broker could not take) carries no reading and
 is skipped.
 
-A CSV's columns are told apart as training tells them (``daemon.training.datasets``): its
-time column (``datetime``, ``timestamp``, ``time``, or one whose first value is an ISO
-date) gives each reading its ``timestamp``, read as the decoder reads a payload's; the
+A CSV is read by training's reader and its columns told apart as training tells them
+(``daemon.training.datasets``): its time column gives each reading its ``timestamp``, read
+as the decoder reads a payload's (epoch milliseconds are given as seconds); its device
+column (``device_id``, ``device``, ``asset``, ``asset_id``) each reading's device; the
 label columns (``anomaly``, ``label``, ...) are left out. A column the model set has as a
 feature is a feature whatever its name.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
+import itertools
 import time
 from collections.abc import Callable, Collection, Iterator
 from itertools import chain
@@ -39,7 +40,15 @@ from daemon.models import ModelBundle
 from daemon.oversize import RESULT_TOO_LARGE
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
-from daemon.training.datasets import LABEL_COLUMNS, is_time_column
+from daemon.training.datasets import (
+    DEVICE_COLUMNS,
+    LABEL_COLUMNS,
+    LOOK_ROWS,
+    epoch_scale,
+    is_time_column,
+    number,
+    open_table,
+)
 
 CHUNK = 512
 #: At most this often ``score_file`` reports its running counts.
@@ -71,54 +80,74 @@ def detector_problem(bundle: ModelBundle, detector: str | None, settings: Settin
 def _rows(path: Path, features: Collection[str]) -> Iterator[tuple[str | None, bytes]]:
     """(device id or None, payload bytes) for each record of the input file; ``features``
     are the model set's, never taken for a CSV's time or label column."""
-    with path.open("r", encoding="utf-8-sig", newline="") as fh:
-        head = fh.readline()
-        fh.seek(0)
-        if head.lstrip().startswith("{"):
+    if _is_json_lines(path):
+        with path.open("rb") as fh:
             for line in fh:
-                if line.strip():
-                    raw = line.strip().encode()
-                    try:
-                        obj = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        obj = None
-                    if isinstance(obj, dict) and obj.get("reason") == RESULT_TOO_LARGE:
-                        continue  # about a result the broker could not take: no reading
-                    device = obj.get("device_id") if isinstance(obj, dict) else None
-                    if isinstance(obj, dict) and obj.keys() >= _DEAD_LETTER_KEYS:
-                        raw = _refused_payload(obj)
-                    yield (device if isinstance(device, str) else None), raw
+                raw = line.strip()
+                if raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a byte-order mark
+                if not raw:
+                    continue
+                try:
+                    obj = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    obj = None  # refused by the decoder, with the reason
+                if isinstance(obj, dict) and obj.get("reason") == RESULT_TOO_LARGE:
+                    continue  # about a result the broker could not take: no reading
+                device = obj.get("device_id") if isinstance(obj, dict) else None
+                if isinstance(obj, dict) and obj.keys() >= _DEAD_LETTER_KEYS:
+                    raw = _refused_payload(obj)
+                yield (device if isinstance(device, str) else None), raw
+        return
+    with open_table(path) as table:
+        header, rows = table.header, table.rows
+        first = list(itertools.islice(rows, LOOK_ROWS))
+        if not first:
             return
-        delimiter = ";" if head.count(";") > head.count(",") else ","
-        reader = csv.reader(fh, delimiter=delimiter)
-        header = [name.strip() for name in next(reader, [])]
-        first = next(reader, None)
-        if first is None:
-            return
-        time_col, dropped = _special_columns(header, first, features)
-        for row in chain([first], reader):
-            if not row:
-                continue  # a blank line
-            body: dict[str, Any] = {}
-            named: str | None = None  # the row's device_id
+        body = [row for _, row in first]
+        lowered = [name.lower() for name in header]
+        device_col = next((lowered.index(c) for c in DEVICE_COLUMNS
+                           if c in lowered and header[lowered.index(c)] not in features), None)
+        time_col, dropped = _special_columns(header, body, features, device_col)
+        scale = None
+        if time_col is not None:
+            scale = epoch_scale([row[time_col].strip() for row in body if len(row) > time_col])
+        comma = table.decimal_comma
+        for _, row in chain(first, rows):
+            payload: dict[str, Any] = {}
+            named: str | None = None  # the row's device
             for i, (name, cell) in enumerate(zip(header, row, strict=False)):
-                if name == "device_id":
-                    named = cell
+                if i == device_col:
+                    named = cell.strip()
                 elif i == time_col:
-                    body["timestamp"] = _cell(cell)
+                    value = _cell(cell, comma)
+                    if scale == 1000.0 and isinstance(value, (int, float)):
+                        value = value / 1000.0  # epoch milliseconds: the decoder reads seconds
+                    payload["timestamp"] = value
                 elif i not in dropped:
-                    body[name] = _cell(cell)
-            yield named, orjson.dumps(body)
+                    payload[name] = _cell(cell, comma)
+            yield named, orjson.dumps(payload)
+
+
+def _is_json_lines(path: Path) -> bool:
+    """Whether the file's first text is a JSON object (else it is read as a CSV, which
+    says what is wrong with a file that is neither)."""
+    try:
+        with path.open("rb") as fh:
+            start = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
+        return False  # open_table names the problem
+    return start.startswith(b"{")
 
 
 def _special_columns(
-    header: list[str], first: list[str], features: Collection[str]
+    header: list[str], body: list[list[str]], features: Collection[str], device_col: int | None
 ) -> tuple[int | None, set[int]]:
     """A CSV's time column (the one named ``timestamp``, else the first, as training
     decides: ``daemon.training.datasets``), and the other time and label columns, which
     are not part of a reading; a column named as a model feature is neither."""
-    times = [i for i, name in enumerate(header) if name != "device_id"
-             and name not in features and is_time_column(name, first, i)]
+    times = [i for i, name in enumerate(header) if i != device_col
+             and name not in features and is_time_column(name, body, i)]
     time_col = next((i for i in times if header[i] == "timestamp"), times[0] if times else None)
     labels = {i for i, name in enumerate(header)
               if name.lower() in LABEL_COLUMNS and name not in features}
@@ -156,14 +185,14 @@ def _refused_payload(record: dict[str, Any]) -> bytes:
     return orjson.dumps({**doc, "readings": [entries[i] for i in refused]})
 
 
-def _cell(text: str) -> int | float | str:
+def _cell(text: str, decimal_comma: bool = False) -> int | float | str:
     """A CSV cell as the JSON value a device would have sent: int, float or string."""
     try:
         return int(text)
     except ValueError:
         pass
     try:
-        return float(text)
+        return number(text, decimal_comma)
     except ValueError:
         return text
 

@@ -196,13 +196,14 @@ def test_unusable_files_are_skipped_and_named_the_rest_evaluated(
     (tmp_path / "valve1").mkdir()
     (tmp_path / "anomaly-free").mkdir()
     write_run(tmp_path / "valve1" / "0.csv", 400, seed=1, fault=(350, 380))
-    (tmp_path / "valve1" / "1.csv").write_text("datetime;x;anomaly\n2020-03-09 10:00:00;;0\n")
+    (tmp_path / "valve1" / "1.csv").write_text(
+        "datetime;x;anomaly\n2020-03-09 10:00:00;;0\n2020-03-09 10:00:01;y;0\n")
     (tmp_path / "anomaly-free" / "free.csv").write_text("datetime;x\n2020-03-09 10:00:00;1\n")
     out = tmp_path / "table.md"
     assert main(["evaluate", str(tmp_path), "--warmup", str(WARMUP), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     table = out.read_text()
-    unreadable = "1 of 1 rows cannot be used: line 2: column 'x': not a number: ''"
+    unreadable = "2 of 2 rows cannot be used: line 2: column 'x': not a number: ''"
     for name, why in (("anomaly-free/free.csv", "no label column"),
                       ("valve1/1.csv", unreadable)):
         assert f"skipped {name}: {why}" in err

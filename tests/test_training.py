@@ -70,7 +70,10 @@ def test_comma_csv_with_unnamed_date_column_and_selected_features(tmp_path: Path
     [
         ("t,v\n1,2\n", "header"),
         ("v,w\n1,2\n3,oops\n", r"1 of 2 rows cannot be used: line 3: column 'w': not a number"),
-        ("v,w\n1,\n", r"line 2: column 'w': not a number: ''; no row is usable"),
+        ("v,w\n1,\n2,x\n", r"line 2: column 'w': not a number: ''; line 3: column 'w': not "
+                            r"a number: 'x'; no row is usable"),
+        ("v,w\n1,\n2,\n", r"column\(s\) \['w'\] are empty in every row: leave them out of the "
+                           r"file, or train on the others: --features 'v'"),
         ("v,w\n1,nan\n", r"line 2: column 'w': not finite"),
         ("v,w\n1,2,3\n", r"line 2: 3 cells, header has 2"),
     ],

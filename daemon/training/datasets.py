@@ -1,9 +1,17 @@
 """Reading training data from CSV files such as SKAB's.
 
-Rules: a header row is required; the delimiter (``,`` or ``;``) is taken from the header
-line; a time column (``datetime``, ``timestamp``, ``time`` or any column whose first value
-parses as an ISO date) and label columns (``anomaly``, ``is_anomaly``, ``label``,
-``changepoint``) are never features. The first label column present in that order is
+Rules: a header row of distinct column names is required; the delimiter (``,`` or ``;``)
+is the one that splits the header line into more columns (quoted names may hold the
+other); with ``;`` a decimal comma (``45,3``) is read as a decimal point. Blank lines are
+passed over, and so is an unnamed empty last column (a ``;`` ending every line). One
+reader (:func:`open_table`) serves training, evaluation and ``anomalyd score``, and says
+plainly what a file is when it is not CSV text (a workbook, a compressed file, another
+text encoding). A time column (one named like ``datetime``, ``timestamp``, ``time``,
+``ts``, ``date``, or whose first value parses as an ISO date, or whose first values are
+epoch seconds or milliseconds, never decreasing), label columns (``anomaly``,
+``is_anomaly``, ``label``, ``changepoint``) and a device column (``device_id``,
+``device``, ``asset``, ``asset_id``: the rows of several devices, each windowed on its
+own) are never features. The first label column present in that order is
 returned as the labels. Every feature cell must be a finite number. A row with anything
 else (an empty cell from a sensor dropout, ``NaN``, text, a missing cell) raises
 :class:`TrainingError` that counts every such row and names the first few by line and
@@ -15,20 +23,38 @@ noticing; with ``skip_bad_rows`` those rows are left out instead and listed in
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from numpy.typing import NDArray
 
 from daemon.errors import TrainingError
+from daemon.rejections import MAX_ABS_VALUE
 
-TIME_COLUMNS = frozenset({"datetime", "timestamp", "time"})
+TIME_COLUMNS = frozenset({"datetime", "timestamp", "time", "ts", "date", "date/time",
+                          "date_time", "time_stamp", "epoch", "zeit", "datum"})
 LABEL_COLUMNS = ("anomaly", "is_anomaly", "label", "changepoint")
+#: A column naming each row's device (lower case), as ``anomalyd score`` reads it too.
+DEVICE_COLUMNS = ("device_id", "device", "asset", "asset_id")
+#: Epoch seconds (2001-09 to 2286) and milliseconds over the same span: a clock, not a
+#: sensor, in a column whose first values never decrease.
+EPOCH_SECONDS = (1e9, 1e10)
+EPOCH_MILLISECONDS = (1e12, 1e13)
+#: How many rows the column rules look at.
+LOOK_ROWS = 20
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+(?:[eE][+-]?\d+)?")
+#: What a file that is not CSV text starts with, and what it then is.
+_MAGIC = ((b"\x1f\x8b", "a gzip-compressed file"),
+          (b"PK\x03\x04", "an Excel workbook (.xlsx) or another zip archive"),
+          (b"\xd0\xcf\x11\xe0", "an old Excel workbook (.xls)"))
 #: How many bad rows a message names (all are counted).
 NAMED_ROWS = 5
 
@@ -40,6 +66,79 @@ class TrainingData:
     labels: NDArray[np.bool_] | None
     #: Rows left out with ``skip_bad_rows``: "line N: why", in file order.
     skipped: tuple[str, ...] = ()
+    #: Each kept row's device, where the file has a device column (else None).
+    devices: tuple[str, ...] | None = None
+
+
+@dataclass
+class Table:
+    """A CSV file's header and, lazily, its rows as (line number, cells)."""
+
+    header: list[str]
+    delimiter: str
+    rows: Iterator[tuple[int, list[str]]]
+
+    @property
+    def decimal_comma(self) -> bool:
+        return self.delimiter == ";"
+
+
+@contextmanager
+def open_table(path: Path) -> Iterator[Table]:
+    """Open a CSV file (see the module's rules); TrainingError says what is wrong with it.
+
+    An empty file gives an empty header."""
+    if path.is_dir():
+        raise TrainingError(f"{path}: is a folder, not a file")
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise TrainingError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    with fh:
+        start = fh.read(8)
+        for magic, what in _MAGIC:
+            if start.startswith(magic):
+                raise TrainingError(f"{path}: is {what}, not CSV text: export or save it as "
+                                    "CSV (UTF-8) first")
+        fh.seek(0)
+        lines = _decoded(fh, path)
+        header_line = next(lines, "")
+        delimiter = max((",", ";"), key=lambda d: len(next(csv.reader([header_line],
+                                                                        delimiter=d), [])))
+        header = [name.strip() for name in next(csv.reader([header_line],
+                                                             delimiter=delimiter), [])]
+        trailing = len(header) > 1 and header[-1] == ""  # every line ends with a delimiter
+        if trailing:
+            header = header[:-1]
+        empty = [i + 1 for i, name in enumerate(header) if not name]
+        if empty:
+            raise TrainingError(f"{path}: column(s) {empty} of the header have no name")
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise TrainingError(f"{path}: column name(s) {twice} appear more than once: "
+                                "rename them so each column has its own")
+
+        def rows() -> Iterator[tuple[int, list[str]]]:
+            reader = csv.reader(lines, delimiter=delimiter)
+            for row in reader:
+                if not row:
+                    continue  # a blank line
+                if trailing and len(row) == len(header) + 1 and not row[-1].strip():
+                    row = row[:-1]
+                yield reader.line_num + 1, row  # 1-based, after the header line
+
+        yield Table(header, delimiter, rows())
+
+
+def _decoded(fh: IO[bytes], path: Path) -> Iterator[str]:
+    """The file's lines as text (UTF-8, a leading byte-order mark dropped)."""
+    for line, raw in enumerate(fh, 1):
+        try:
+            yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise TrainingError(
+                f"{path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}): save "
+                "the file as CSV (UTF-8)") from exc
 
 
 class _BadRowError(ValueError):
@@ -56,33 +155,39 @@ def bad_rows(problems: Sequence[str]) -> str:
 def load_csv(
     path: Path, features: Sequence[str] | None = None, *, skip_bad_rows: bool = False
 ) -> TrainingData:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            header_line = fh.readline()
-            delimiter = ";" if header_line.count(";") > header_line.count(",") else ","
-            fh.seek(0)
-            rows = list(csv.reader(fh, delimiter=delimiter))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TrainingError(f"{path}: cannot read: {exc}") from exc
-    if len(rows) < 2:
+    with open_table(path) as table:
+        header, numbered = table.header, list(table.rows)
+    if not numbered:
         raise TrainingError(f"{path}: needs a header row and at least one data row")
-    header = [name.strip() for name in rows[0]]
     if all(_is_number(name) for name in header):
         raise TrainingError(f"{path}: the first row must be a header of column names")
-    body = rows[1:]
+    comma = table.decimal_comma
+    body = [row for _, row in numbered]
     lowered = {name.lower(): i for i, name in enumerate(header)}
     label_idx = next((lowered[c] for c in LABEL_COLUMNS if c in lowered), None)
+    device_idx = next((lowered[c] for c in DEVICE_COLUMNS if c in lowered), None)
+    if features is not None and device_idx is not None and header[device_idx] in features:
+        device_idx = None  # a feature, whatever its name
     excluded = {i for i, name in enumerate(header) if name.lower() in LABEL_COLUMNS}
-    excluded |= {i for i, name in enumerate(header) if is_time_column(name, body[0], i)}
+    excluded |= {i for i, name in enumerate(header) if is_time_column(name, body, i)}
+    if device_idx is not None:
+        excluded.add(device_idx)
     if features is None:
         columns = [i for i in range(len(header)) if i not in excluded]
-        text = [i for i in columns if _is_text_column(body, i)]
+        blank = [i for i in columns if not any(len(r) > i and r[i].strip() for r in body)]
+        if blank:
+            others = [header[i] for i in columns if i not in blank]
+            raise TrainingError(
+                f"{path}: column(s) {[header[i] for i in blank]} are empty in every row"
+                + (f": leave them out of the file, or train on the others: --features "
+                   f"{_listed(others)}" if others else ""))
+        text = [i for i in columns if _is_text_column(body, i, comma)]
         if text:
             numeric = [header[i] for i in columns if i not in text]
             raise TrainingError(
                 f"{path}: column(s) {[header[i] for i in text]} hold text, not readings "
                 f"(e.g. {body[0][text[0]]!r}): leave them out of the file"
-                + (f", or train on the others: --features {','.join(numeric)!r}"
+                + (f", or train on the others: --features {_listed(numeric)}"
                    if numeric else ""))
     else:
         missing = [f for f in features if f not in header]
@@ -93,18 +198,21 @@ def load_csv(
         raise TrainingError(f"{path}: no feature columns left after excluding time/labels")
     x = np.empty((len(body), len(columns)))
     labels = np.zeros(len(body), dtype=bool) if label_idx is not None else None
+    devices: list[str] = []
     kept = 0
     problems: list[str] = []
-    for r, row in enumerate(body):
+    for line, row in numbered:
         try:
             if len(row) != len(header):
                 raise _BadRowError(f"{len(row)} cells, header has {len(header)}")
-            x[kept] = [_number(row[col], header[col]) for col in columns]
+            x[kept] = [_number(row[col], header[col], comma) for col in columns]
             if labels is not None and label_idx is not None:
-                labels[kept] = _number(row[label_idx], header[label_idx]) != 0
+                labels[kept] = _number(row[label_idx], header[label_idx], comma) != 0
         except _BadRowError as exc:
-            problems.append(f"line {r + 2}: {exc}")  # 1-based, after the header
+            problems.append(f"line {line}: {exc}")
             continue
+        if device_idx is not None:
+            devices.append(row[device_idx].strip())
         kept += 1
     if problems and (not skip_bad_rows or not kept):
         what = "no row is usable" if not kept else "fix them, or --skip-bad-rows leaves them out"
@@ -115,47 +223,83 @@ def load_csv(
         features=tuple(header[c] for c in columns),
         labels=None if labels is None else labels[:kept],
         skipped=tuple(problems),
+        devices=tuple(devices) if device_idx is not None else None,
     )
 
 
-def _number(cell: str, column: str) -> float:
+def _listed(names: Sequence[str]) -> str:
+    """Names for ``--features``, quoted for a shell (one may hold a comma: refused there)."""
+    return repr(",".join(names))
+
+
+def number(cell: str, decimal_comma: bool = False) -> float:
+    """A cell's number (ValueError if it is none); ``45,3`` too with ``decimal_comma``."""
+    if decimal_comma and _DECIMAL_COMMA.fullmatch(cell.strip()):
+        cell = cell.replace(",", ".")
+    return float(cell)
+
+
+def _number(cell: str, column: str, decimal_comma: bool = False) -> float:
     try:
-        value = float(cell)
+        value = number(cell, decimal_comma)
     except ValueError:
         raise _BadRowError(f"column {column!r}: not a number: {cell!r}") from None
     if not math.isfinite(value):
         raise _BadRowError(f"column {column!r}: not finite: {cell!r}")
+    if abs(value) > MAX_ABS_VALUE:
+        raise _BadRowError(f"column {column!r}: {cell} is beyond ±{MAX_ABS_VALUE:g}, which "
+                           "the daemon refuses in a reading")
     return value
 
 
-def _is_text_column(body: list[list[str]], column: int, look: int = 20) -> bool:
-    """No number among the column's first ``look`` filled cells, and at least 3 of them
-    (a status or a name, not a reading; a few bad cells are left to the row-by-row
+def _is_text_column(body: list[list[str]], column: int, decimal_comma: bool = False) -> bool:
+    """No number among the column's first ``LOOK_ROWS`` filled cells, and at least 3 of
+    them (a status or a name, not a reading; a few bad cells are left to the row-by-row
     check, which names each)."""
-    cells = [row[column].strip() for row in body[:look] if len(row) > column]
+    cells = [row[column].strip() for row in body[:LOOK_ROWS] if len(row) > column]
     filled = [c for c in cells if c]
-    return len(filled) >= 3 and not any(_is_number(c) for c in filled)
+    return len(filled) >= 3 and not any(_is_number(c, decimal_comma) for c in filled)
 
 
-def _is_number(text: str) -> bool:
+def _is_number(text: str, decimal_comma: bool = False) -> bool:
     try:
-        float(text)
+        number(text, decimal_comma)
     except ValueError:
         return False
     return True
 
 
-def is_time_column(name: str, first_row: list[str], index: int) -> bool:
+def is_time_column(name: str, body: Sequence[Sequence[str]], index: int) -> bool:
+    """Whether the column ``index`` (named ``name``) of rows ``body`` (the first few are
+    looked at) holds times: by its name, an ISO date in its first cell, or epoch seconds
+    or milliseconds that never decrease in its first cells."""
     if name.lower() in TIME_COLUMNS:
         return True
-    cell = first_row[index].strip() if index < len(first_row) else ""
-    if _is_number(cell):
+    cells = [row[index].strip() for row in body[:LOOK_ROWS] if index < len(row)]
+    if not cells:
         return False
+    if not _is_number(cells[0]):
+        try:
+            datetime.fromisoformat(cells[0])
+        except ValueError:
+            return False
+        return True
+    return epoch_scale(cells) is not None
+
+
+def epoch_scale(cells: Sequence[str]) -> float | None:
+    """1 if ``cells`` are epoch seconds that never decrease, 1000 if milliseconds, else
+    None."""
     try:
-        datetime.fromisoformat(cell)
+        values = [float(c) for c in cells]
     except ValueError:
-        return False
-    return True
+        return None
+    if any(b < a for a, b in itertools.pairwise(values)):
+        return None
+    for scale, (low, high) in ((1.0, EPOCH_SECONDS), (1000.0, EPOCH_MILLISECONDS)):
+        if all(low <= v < high for v in values):
+            return scale
+    return None
 
 
 def csv_files(folder: Path) -> list[Path]:

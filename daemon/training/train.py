@@ -196,8 +196,9 @@ def train_csv(
     """Train on a CSV's rows, or on every CSV of a folder (one device each, e.g. from
     ``anomalyd record``); labelled anomalous rows are kept out of fitting and validate.
 
-    A file's rows are taken as consecutive readings of one device, windowed (each file on
-    its own) before the labelled rows are set aside, exactly as the daemon would have seen
+    A file's rows are taken as consecutive readings of one device (of each device named
+    in its device column, ``daemon.training.datasets``), windowed (each on its own)
+    before the labelled rows are set aside, exactly as the daemon would have seen
     them. Every file of a folder must have the first one's features (or ``features``).
     With ``skip_bad_rows`` rows that are not all finite numbers are left out (said in the
     progress and in the manifest's ``training.source``) instead of refusing the file.
@@ -217,8 +218,22 @@ def train_csv(
             if progress:
                 progress(f"{label}: left out {len(data.skipped)} bad rows: "
                          f"{bad_rows(data.skipped)}")
-        parts.append((windowed_matrix(_checked(data.X, names, min_rows=1), window),
-                      data.labels))
+        x_file = _checked(data.X, names, min_rows=1)
+        if data.devices is None:
+            parts.append((windowed_matrix(x_file, window), data.labels))
+        else:  # several devices' rows interleaved: each windowed on its own
+            order = _by_device(data.devices)
+            for rows in order.values():
+                parts.append((windowed_matrix(x_file[rows], window),
+                              None if data.labels is None else data.labels[rows]))
+            if progress:
+                progress(f"{label}: {len(order)} device(s) in its device column, each "
+                         "windowed on its own")
+        still = [n for n, spread in zip(names, np.ptp(x_file, axis=0), strict=True)
+                 if spread == 0]
+        if still and progress:
+            progress(f"{label}: column(s) {still} never change: the model cannot learn how "
+                     "they vary, and will not notice when they do")
         if progress and len(files) > 1:
             progress(f"{label}: {data.X.shape[0]} rows ({i + 1} of {len(files)} files)")
     inputs = np.concatenate([x for x, _ in parts])
@@ -249,6 +264,14 @@ def train_csv(
         windowed=True,
         detectors=detectors,
     )
+
+
+def _by_device(devices: Sequence[str]) -> dict[str, NDArray[np.intp]]:
+    """Each device's row indexes, in file order (devices in order of first appearance)."""
+    rows: dict[str, list[int]] = {}
+    for i, device in enumerate(devices):
+        rows.setdefault(device, []).append(i)
+    return {d: np.asarray(r, dtype=np.intp) for d, r in rows.items()}
 
 
 def fingerprint(x: NDArray[np.float64], features: Sequence[str]) -> str:

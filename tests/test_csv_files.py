@@ -1,0 +1,125 @@
+"""CSV files as plants export them, read alike by training and ``anomalyd score``
+(``daemon.training.datasets.open_table``): each case either read as meant or refused with
+a message that says what the file is and what to do."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from daemon.errors import TrainingError
+from daemon.offline import _rows
+from daemon.training.datasets import load_csv
+from daemon.training.train import train_csv
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def payloads(path: Path, features: tuple[str, ...] = ()) -> list[tuple[str | None, dict]]:
+    return [(device, orjson.loads(raw)) for device, raw in _rows(path, features)]
+
+
+def test_an_epoch_time_column_is_a_time_not_a_feature(tmp_path: Path) -> None:
+    ms = write(tmp_path / "ms.csv", "ts2,temp\n1795853700000,45.3\n1795853701000,45.4\n")
+    assert load_csv(ms).features == ("temp",)  # by its values: milliseconds, rising
+    # ... and the backtest stamps each reading with it, in the seconds the daemon reads
+    assert payloads(ms) == [(None, {"timestamp": 1795853700.0, "temp": 45.3}),
+                            (None, {"timestamp": 1795853701.0, "temp": 45.4})]
+    named = write(tmp_path / "named.csv", "Zeit;temp\n28.11.2026 10:15:00;45,3\n")
+    assert load_csv(named).features == ("temp",)  # by its name
+    # a counter that is not a clock (too small, or falling) stays a feature
+    counter = write(tmp_path / "counter.csv", "t,runs\n1,2000000000\n2,1999999999\n")
+    assert load_csv(counter).features == ("t", "runs")
+
+
+def test_a_device_column_splits_the_rows_into_devices_windowed_each_on_its_own(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    rows = {d: rng.normal(loc, 1.0, size=(120, 2)) for d, loc in (("p1", 40), ("p2", 70))}
+    lines = ["device_id,temp,flow"]
+    for i in range(120):  # interleaved, as a historian exports a fleet
+        lines += [f"{d},{float(rows[d][i][0])!r},{float(rows[d][i][1])!r}" for d in ("p1", "p2")]
+    mixed = write(tmp_path / "fleet.csv", "\n".join(lines) + "\n")
+    data = load_csv(mixed)
+    assert data.features == ("temp", "flow")
+    assert data.devices is not None and data.devices[:3] == ("p1", "p2", "p1")
+
+    folder = tmp_path / "fleet"
+    folder.mkdir()
+    for d in ("p1", "p2"):  # the same readings, one file per device
+        body = "\n".join(f"{float(a)!r},{float(b)!r}" for a, b in rows[d])
+        write(folder / f"{d}.csv", f"temp,flow\n{body}\n")
+    said: list[str] = []
+    one = train_csv(mixed, tmp_path / "m1", window=5, detectors=["isolation_forest"],
+                    progress=said.append)
+    two = train_csv(folder, tmp_path / "m2", window=5, detectors=["isolation_forest"])
+    # the model's inputs are the same windows: no window spans the two pumps
+    assert one["training"]["fingerprint"] == two["training"]["fingerprint"]
+    assert any("2 device(s) in its device column" in line for line in said)
+    assert [d for d, _ in payloads(mixed)][:2] == ["p1", "p2"]
+
+
+def test_a_column_name_twice_is_refused_by_training_and_scoring(tmp_path: Path) -> None:
+    path = write(tmp_path / "twice.csv", "timestamp,temp,temp,flow\n2026-01-01T00:00:00,1,2,3\n")
+    for read in (lambda: load_csv(path, features=["temp", "flow"]), lambda: payloads(path)):
+        with pytest.raises(TrainingError, match=r"column name\(s\) \['temp'\] appear more "
+                                                r"than once"):
+            read()
+
+
+def test_decimal_commas_blank_lines_and_a_delimiter_ending_each_line(tmp_path: Path) -> None:
+    text = ('"Druck, bar";"Temperatur, °C";Durchfluss;\r\n"1,5";45,3;-2,25e1;\r\n\r\n'
+            '1,6;45,4;120;\r\n\r\n')
+    path = write(tmp_path / "de.csv", text)
+    data = load_csv(path)
+    assert data.features == ("Druck, bar", "Temperatur, °C", "Durchfluss")
+    np.testing.assert_array_equal(data.X, [[1.5, 45.3, -22.5], [1.6, 45.4, 120.0]])
+    assert payloads(path) == [
+        (None, {"Druck, bar": 1.5, "Temperatur, °C": 45.3, "Durchfluss": -22.5}),
+        (None, {"Druck, bar": 1.6, "Temperatur, °C": 45.4, "Durchfluss": 120})]
+    # with "," as the delimiter a decimal comma cannot be: "45,3" stays two cells
+    with pytest.raises(TrainingError, match="3 cells, header has 2"):
+        load_csv(write(tmp_path / "en.csv", "a,b\n45,3,1\n"))
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p.write_bytes(gzip.compress(b"a,b\n1,2\n")), "is a gzip-compressed file"),
+    (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(40)), "is an Excel workbook"),
+    (lambda p: p.write_bytes("a;Temperatur °C\n1;2\n".encode("cp1252")),
+     r"line 1 is not UTF-8 text \(byte 0xb0\): save the file as CSV \(UTF-8\)"),
+    (lambda p: p.write_bytes(b"a,b\n1,2\n3,S\xfcd\n"), "line 3 is not UTF-8 text"),
+    (lambda p: p.mkdir(), "is a folder, not a file"),
+])
+def test_a_file_that_is_not_csv_text_says_what_it_is(
+    tmp_path: Path, make: object, message: str
+) -> None:
+    path = tmp_path / "export.csv"
+    make(path)  # type: ignore[operator]
+    with pytest.raises(TrainingError, match=message):
+        load_csv(path)
+    with pytest.raises(TrainingError, match=message):
+        payloads(path)
+
+
+def test_values_the_daemon_refuses_are_refused_for_training(tmp_path: Path) -> None:
+    path = write(tmp_path / "big.csv", "a,b\n1,2e15\n2,3\n")
+    with pytest.raises(TrainingError, match=r"line 2: column 'b': 2e15 is beyond ±1e\+15"):
+        load_csv(path)
+
+
+def test_a_column_that_never_changes_is_pointed_out(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    body = "\n".join(f"{float(v)!r},7.5" for v in rng.normal(size=80))
+    said: list[str] = []
+    train_csv(write(tmp_path / "stuck.csv", f"temp,stuck\n{body}\n"), tmp_path / "m",
+              detectors=["isolation_forest"], progress=said.append)
+    assert any("['stuck'] never change" in line for line in said), json.dumps(said)
