@@ -126,7 +126,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     import os
 
     from daemon.models import load_bundle
-    from daemon.offline import detector_problem, score_file
+    from daemon.offline import check_input, detector_problem, score_file
 
     settings = _settings(args)
     bundle = load_bundle(settings.model.dir)
@@ -134,6 +134,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if problem:  # before --out is opened (and emptied)
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    check_input(Path(args.input))  # the same: a file that is not CSV text is refused first
     out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
     try:
         counts = score_file(Path(args.input), out, settings, bundle, device=args.device,

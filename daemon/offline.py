@@ -129,6 +129,15 @@ def _rows(path: Path, features: Collection[str]) -> Iterator[tuple[str | None, b
             yield named, orjson.dumps(payload)
 
 
+def check_input(path: Path) -> None:
+    """Raise TrainingError if ``path`` cannot be read as a CSV or JSON-lines file (what a
+    bad file is, before ``score``'s ``--out`` is opened and emptied); a bad row further on
+    is found while scoring."""
+    if not _is_json_lines(path):
+        with open_table(path) as table:
+            next(table.rows, None)
+
+
 def _is_json_lines(path: Path) -> bool:
     """Whether the file's first text is a JSON object (else it is read as a CSV, which
     says what is wrong with a file that is neither)."""

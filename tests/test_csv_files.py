@@ -38,6 +38,9 @@ def test_an_epoch_time_column_is_a_time_not_a_feature(tmp_path: Path) -> None:
     # a counter that is not a clock (too small, or falling) stays a feature
     counter = write(tmp_path / "counter.csv", "t,runs\n1,2000000000\n2,1999999999\n")
     assert load_csv(counter).features == ("t", "runs")
+    # a data frame's row number is no reading either
+    frame = write(tmp_path / "frame.csv", "Unnamed: 0,temp\n0,45.3\n1,45.4\n")
+    assert load_csv(frame).features == ("temp",)
 
 
 def test_a_device_column_splits_the_rows_into_devices_windowed_each_on_its_own(

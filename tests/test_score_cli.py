@@ -115,3 +115,17 @@ def test_an_unknown_detector_exits_2_naming_the_model_sets_before_touching_out(
     names = load_bundle(model_env).detector_names
     assert "--model: no detector 'bogus' in the model set" in err
     assert f"it has {', '.join(names)}" in err and "Traceback" not in err
+
+
+def test_a_file_that_is_not_csv_text_exits_2_saying_so_before_touching_out(
+    model_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "run.csv"
+    data.write_bytes("Temperatur °C;x\n1;2\n".encode("cp1252"))
+    out = tmp_path / "earlier.jsonl"
+    out.write_text("an earlier backtest\n")
+    code = main(["score", str(data), "--out", str(out)])
+    assert code == 2
+    assert out.read_text() == "an earlier backtest\n"
+    err = capsys.readouterr().err
+    assert "line 1 is not UTF-8 text" in err and "Traceback" not in err

@@ -11,7 +11,8 @@ text encoding). A time column (one named like ``datetime``, ``timestamp``, ``tim
 epoch seconds or milliseconds, never decreasing), label columns (``anomaly``,
 ``is_anomaly``, ``label``, ``changepoint``) and a device column (``device_id``,
 ``device``, ``asset``, ``asset_id``: the rows of several devices, each windowed on its
-own) are never features. The first label column present in that order is
+own) are never features, nor is a data frame's row number (``Unnamed: 0``, ``index``)
+unless named in ``features``. The first label column present in that order is
 returned as the labels. Every feature cell must be a finite number. A row with anything
 else (an empty cell from a sensor dropout, ``NaN``, text, a missing cell) raises
 :class:`TrainingError` that counts every such row and names the first few by line and
@@ -48,6 +49,8 @@ DEVICE_COLUMNS = ("device_id", "device", "asset", "asset_id")
 #: sensor, in a column whose first values never decrease.
 EPOCH_SECONDS = (1e9, 1e10)
 EPOCH_MILLISECONDS = (1e12, 1e13)
+#: A row number a data frame wrote along (pandas' ``Unnamed: 0``): not a reading.
+_INDEX_COLUMN = re.compile(r"unnamed: \d+|index")
 #: How many rows the column rules look at.
 LOOK_ROWS = 20
 _DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+(?:[eE][+-]?\d+)?")
@@ -172,6 +175,7 @@ def load_csv(
     excluded |= {i for i, name in enumerate(header) if is_time_column(name, body, i)}
     if device_idx is not None:
         excluded.add(device_idx)
+    excluded |= {i for i, name in enumerate(header) if _INDEX_COLUMN.fullmatch(name.lower())}
     if features is None:
         columns = [i for i in range(len(header)) if i not in excluded]
         blank = [i for i in columns if not any(len(r) > i and r[i].strip() for r in body)]
