@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__, oversize, sessions, state
+from daemon import __version__, oversize, sessions, spool, state
 from daemon.acks import Inbound
 from daemon.batching import next_batch
 from daemon.config import Settings
@@ -90,6 +90,10 @@ class Service:
         self._state_saved_at = time.monotonic()
         self._alerts_unsaved = False  # an alert changed since the last snapshot was taken
         self._state_lock: int | None = None  # the state directory's lock (a single daemon)
+        # readings taken over from a previous layout's session (daemon.spool), until judged
+        self._spooled: list[Inbound] = []
+        self._spool_path = spool.spool_file(self.state_path.parent, worker_index)
+        self._handover_checked_at = 0.0
         self._presence_checked_at = 0.0
         self._drift_checked_at = 0.0
         self._retained_restored_for = 0  # the lost sessions whose retained state is re-sent
@@ -161,6 +165,7 @@ class Service:
                 self._check_presence()
                 self._check_drift()
                 self._restore_retained()
+                self._finish_handover()
                 self.state_writer.step()  # a periodic save's next slice, if one is going
                 self._save_alert_changes()
         except Exception as exc:
@@ -390,6 +395,7 @@ class Service:
                 self._release_state()
                 raise
         self._restore_state()
+        self._take_over_handover()
         self.http.start()
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)
         if password_in_clear(self.settings.mqtt):
@@ -514,6 +520,29 @@ class Service:
             log.warning("stopped_with_work_left", **left,
                         note="unacknowledged readings stay at the broker for redelivery")
         return clean
+
+    def _take_over_handover(self) -> None:
+        """Queue, before any live reading, the readings a previous layout's session had
+        queued for this daemon's devices (``daemon.spool``)."""
+        self._spool_path, queued = spool.take(self.state_path.parent, self._worker_index)
+        now = time.monotonic()
+        self._spooled = [Inbound(0, 0, q.topic, q.payload, now, q.received) for q in queued]
+        for msg in self._spooled:  # QoS 0 to the acks: there is no broker message to ack
+            self.queue.put(msg)
+        if self._spooled:
+            log.info("handover_judging", readings=len(self._spooled),
+                     path=str(self._spool_path))
+
+    def _finish_handover(self) -> None:
+        """Once every reading taken over is judged and its results safe with the broker
+        (looked at once a second), its file goes."""
+        if not self._spooled or time.monotonic() - self._handover_checked_at < 1.0:
+            return
+        self._handover_checked_at = time.monotonic()
+        if all(msg.done for msg in self._spooled):
+            self._spool_path.unlink(missing_ok=True)
+            log.info("handover_judged", readings=len(self._spooled))
+            self._spooled = []
 
     def _release_state(self) -> None:
         """Let the state directory go (``state.lock``), if this daemon took it."""

@@ -12,17 +12,19 @@ do the same at once.
 So before anything connects, the state directory's record of the sessions this daemon
 keeps (``sessions.json``: the broker and each client id with its subscription) is compared
 with the new layout's (:func:`plan`, pure), and the difference is settled at the broker
-(:func:`hand_over`): a session the new layout does not use is ended; one it uses but did
-not keep last time is started afresh, subscribed, so that it queues from this moment; a
-session kept with the same subscription is left alone, its queued readings (those of the
-restart) judged as usual. One exception: coming to shared dispatch from device dispatch,
-each old session queued every reading, so only one of them is kept (its backlog judged
-once), the others started afresh. The record is written once the broker has done it all.
+(:func:`hand_over`): a session the new layout uses but did not keep last time is started
+afresh, subscribed, so that it queues from this moment; a session the new layout does not
+use is drained (what it had queued, the readings of the restart, is written for the
+devices' new workers to judge first: ``daemon.spool``) and then ended; a session kept with
+the same subscription is left alone, its queued readings judged as usual. One exception:
+coming to shared dispatch from device dispatch, each old session queued every reading, so
+only one of them is kept (its backlog judged once), the others started afresh. The record
+is written once the broker has done it all.
 
-What an ended session had queued (readings of the restart, for the devices whose worker
-changed) is not judged. Without a record (a new state directory, or one from before this
-record, with no ``layout.json`` either), or after a change of broker, nothing is ended:
-what is there is unknown.
+Still not judged: with device dispatch on both sides, a kept session's readings of the
+devices that moved to another worker (its worker passes them over). Without a record (a
+new state directory, or one from before this record, with no ``layout.json`` either), or
+after a change of broker, nothing is ended: what is there is unknown.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +44,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from daemon import partition, spool
 from daemon.config import MqttConfig, Settings
 from daemon.errors import BrokerError
 from daemon.mqtt_link import connect_failure, set_credentials
 from daemon.state import write_bytes
+from daemon.topics import TopicMatcher
 
 log = structlog.get_logger("anomalyd.sessions")
 
@@ -53,6 +57,10 @@ log = structlog.get_logger("anomalyd.sessions")
 SESSIONS_FILE = "sessions.json"
 #: How long one exchange with the broker (CONNACK, SUBACK) may take once connected.
 ANSWER_S = 10.0
+#: A session being drained has given all it queued once nothing has come for this long...
+QUIET_S = 0.5
+#: ... and is given at most this long (a backlog of hours at a high rate).
+DRAIN_MAX_S = 120.0
 
 
 def subscriptions(settings: Settings) -> tuple[str, tuple[str, ...]]:
@@ -164,6 +172,17 @@ def plan(before: Record | None, now: Record) -> Plan:
     return Plan(end=end, fresh=fresh, keep=keep)
 
 
+def _owner(settings: Settings) -> Callable[[str], int | None]:
+    """Which worker of this layout judges a reading on ``topic`` (None: the one daemon)."""
+    n, svc = settings.service.workers, settings.service
+    if n == 1:
+        return lambda topic: None
+    if svc.dispatch == "shared":
+        return lambda topic: 0
+    matcher = TopicMatcher(subscriptions(settings)[0], settings.limits.device_id_pattern)
+    return lambda topic: partition.owner(matcher.device_id(topic) or topic, n)
+
+
 def _resumable(before: str, now: str) -> bool:
     """Whether a session subscribed to ``before`` may serve a daemon subscribing to
     ``now``: the same filter, or the same one shared and not (a change of dispatch: the
@@ -195,7 +214,8 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
     """
     cfg = settings.mqtt
     now = current(settings)
-    todo = plan(previous(directory, settings, layout), now)
+    before = previous(directory, settings, layout)
+    todo = plan(before, now)
     if todo.end or todo.fresh:
         timeout = cfg.connect_timeout_s
         deadline = time.monotonic() + timeout if timeout else float("inf")
@@ -204,14 +224,92 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
             _connect_once(cfg, cid, deadline, keep=False)
             if keeps:  # else the daemon's own connections keep nothing to find
                 _connect_once(cfg, cid, deadline, keep=True, subscription=now.sessions[cid])
+        queued: list[spool.Queued] = []
+        for cid in todo.end:
+            if before is not None and cid in before.sessions:
+                queued += _drain(cfg, cid, before.sessions[cid], deadline,
+                                 _was_owned(settings, before, cid))
+        if queued:  # on disk before the sessions holding them are ended
+            spool.hand_to_workers(directory, queued, _owner(settings))
         for cid in todo.end:
             _connect_once(cfg, cid, deadline, keep=False)
         log.info("broker_sessions_handed_over", ended=list(todo.end), started=list(todo.fresh),
-                 kept=list(todo.keep),
-                 note="the previous layout's sessions (and what they queued) are ended; "
-                      "new ones queue readings from now")
+                 kept=list(todo.keep), readings_taken_over=len(queued),
+                 note="the previous layout's sessions are ended, what they had queued is "
+                      "judged by the devices' new workers; new sessions queue from now")
     write_bytes(directory / SESSIONS_FILE, orjson.dumps(now.to_json()))
     return todo
+
+
+class _Session:
+    """One connection as a client id, made synchronously (the handover runs before the
+    daemon's own links): ``resume`` the session or start it clean; ``keep`` it after the
+    disconnect (for ``mqtt.session_expiry_s`` with MQTT 5) or end it then. Raises
+    BrokerError if the broker cannot be reached by ``deadline`` or refuses the connection."""
+
+    def __init__(self, cfg: MqttConfig, client_id: str, deadline: float, *, resume: bool,
+                 keep: bool, on_message: Callable[[paho.MQTTMessage], None] | None = None
+                 ) -> None:
+        self.cfg, self.client_id = cfg, client_id
+        v5 = cfg.protocol == "5"
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             clean_session=None if v5 else not (resume or keep),
+                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
+        set_credentials(client, cfg)
+        self.answered = threading.Event()
+        refused: list[str | None] = [None]
+
+        def connected(c: paho.Client, userdata: Any, flags: Any, reason: Any,
+                      props: Any) -> None:
+            refused[0] = str(reason) if reason.is_failure else None
+            self.answered.set()
+
+        def answered(*_: Any) -> None:
+            self.answered.set()
+
+        client.on_connect = connected
+        client.on_subscribe = answered
+        client.on_unsubscribe = answered
+        if on_message is not None:
+            client.on_message = lambda c, u, msg: on_message(msg)
+        delay = cfg.reconnect_min_delay_s
+        while True:
+            try:
+                if v5:
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    props.SessionExpiryInterval = cfg.session_expiry_s if keep else 0
+                    client.connect(cfg.host, cfg.port, cfg.keepalive_s, clean_start=not resume,
+                                   properties=props)
+                else:
+                    client.connect(cfg.host, cfg.port, cfg.keepalive_s)
+                break
+            except OSError as exc:  # ssl.SSLError included: retrying cannot mend a certificate
+                if isinstance(exc, ssl.SSLError) or time.monotonic() + delay > deadline:
+                    raise BrokerError(connect_failure(cfg, exc)) from exc
+                log.warning("broker_unreachable", host=cfg.host, port=cfg.port, error=str(exc),
+                            retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, cfg.reconnect_max_delay_s)
+        self.client = client
+        client.loop_start()
+        try:
+            self.wait("CONNECT")
+            if refused[0] is not None:
+                raise BrokerError(f"broker at {cfg.host}:{cfg.port} refused the connection "
+                                  f"as {client_id!r}: {refused[0]}")
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self, what: str) -> None:
+        if not self.answered.wait(ANSWER_S):
+            raise BrokerError(f"broker at {self.cfg.host}:{self.cfg.port}: no answer to "
+                              f"{what} as {self.client_id!r} within {ANSWER_S:.0f}s")
+        self.answered.clear()
+
+    def close(self) -> None:
+        self.client.disconnect()  # (MQTT 5: an unanswered one ends an expiry-0 session too)
+        self.client.loop_stop()
 
 
 def _connect_once(cfg: MqttConfig, client_id: str, deadline: float, *, keep: bool,
@@ -219,57 +317,60 @@ def _connect_once(cfg: MqttConfig, client_id: str, deadline: float, *, keep: boo
     """One connection as ``client_id`` with a clean start: ``keep`` False ends its session
     (and drops what it queued) at the disconnect; True leaves a new one, subscribed to
     ``subscription`` at QoS 1, that the broker keeps for ``mqtt.session_expiry_s``."""
-    v5 = cfg.protocol == "5"
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         clean_session=None if v5 else not keep,
-                         protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
-    set_credentials(client, cfg)
-    answered = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def connected(c: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        outcome["refused"] = str(reason) if reason.is_failure else None
-        answered.set()
-
-    def subscribed(c: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        answered.set()
-
-    client.on_connect = connected
-    client.on_subscribe = subscribed
-    delay = cfg.reconnect_min_delay_s
-    while True:
-        try:
-            if v5:
-                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                props.SessionExpiryInterval = cfg.session_expiry_s if keep else 0
-                client.connect(cfg.host, cfg.port, cfg.keepalive_s, clean_start=True,
-                               properties=props)
-            else:
-                client.connect(cfg.host, cfg.port, cfg.keepalive_s)
-            break
-        except OSError as exc:  # ssl.SSLError included: retrying cannot mend a certificate
-            if isinstance(exc, ssl.SSLError) or time.monotonic() + delay > deadline:
-                raise BrokerError(connect_failure(cfg, exc)) from exc
-            log.warning("broker_unreachable", host=cfg.host, port=cfg.port, error=str(exc),
-                        retry_in_s=delay)
-            time.sleep(delay)
-            delay = min(delay * 2, cfg.reconnect_max_delay_s)
-    client.loop_start()
+    session = _Session(cfg, client_id, deadline, resume=False, keep=keep)
     try:
-        _await(answered, f"no answer to CONNECT as {client_id!r}", cfg)
-        if outcome["refused"] is not None:
-            raise BrokerError(f"broker at {cfg.host}:{cfg.port} refused the connection as "
-                              f"{client_id!r}: {outcome['refused']}")
         if subscription is not None:
-            answered.clear()
-            client.subscribe(subscription, qos=1)
-            _await(answered, f"no answer to SUBSCRIBE as {client_id!r}", cfg)
+            session.client.subscribe(subscription, qos=1)
+            session.wait("SUBSCRIBE")
             # a refusal is the daemon's to report, at its own subscription (same filter)
     finally:
-        client.disconnect()  # (MQTT 5: an unanswered one ends an expiry-0 session too)
-        client.loop_stop()
+        session.close()
 
 
-def _await(event: threading.Event, what: str, cfg: MqttConfig) -> None:
-    if not event.wait(ANSWER_S):
-        raise BrokerError(f"broker at {cfg.host}:{cfg.port}: {what} within {ANSWER_S:.0f}s")
+def _was_owned(settings: Settings, before: Record, cid: str) -> Callable[[str], bool]:
+    """Whether the previous layout's session ``cid`` judged a reading on a topic: under
+    device dispatch every session queued every reading and each worker judged its own
+    devices' (the others are the other sessions' to hand over); else all of them."""
+    if before.dispatch != "device" or len(before.sessions) < 2:
+        return lambda topic: True
+    ids = list(before.sessions)
+    n, index = len(ids), ids.index(cid)
+    matcher = TopicMatcher(before.sessions[cid], settings.limits.device_id_pattern)
+    return lambda topic: partition.owner(matcher.device_id(topic) or topic, n) == index
+
+
+def _drain(cfg: MqttConfig, client_id: str, subscription: str, deadline: float,
+           owned: Callable[[str], bool]) -> list[spool.Queued]:
+    """Take what a session had queued: resume it, unsubscribe (nothing more joins), and
+    receive until nothing has come for ``QUIET_S`` (at most ``DRAIN_MAX_S``); each message
+    is acknowledged as it arrives (the caller writes them to disk before the session is
+    ended). Kept: the readings its worker would have judged (``owned(topic)``); a
+    retained copy (not queued, sent at a subscription) is passed over."""
+    got: list[spool.Queued] = []
+    heard = [time.monotonic()]
+
+    def arrived(msg: paho.MQTTMessage) -> None:  # on paho's thread: must not raise
+        heard[0] = time.monotonic()
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # the decoder dead-letters it, as it would have live
+            topic = msg._topic.decode("utf-8", "replace")
+        if not msg.retain and owned(topic):
+            got.append(spool.Queued(topic, bytes(msg.payload), time.time()))
+
+    session = _Session(cfg, client_id, deadline, resume=True, keep=True, on_message=arrived)
+    try:
+        session.client.unsubscribe(subscription)
+        session.wait("UNSUBSCRIBE")
+        heard[0] = time.monotonic()
+        limit = time.monotonic() + DRAIN_MAX_S
+        while time.monotonic() - heard[0] < QUIET_S:
+            if time.monotonic() > limit:
+                log.warning("broker_session_not_drained", client_id=client_id,
+                            taken=len(got), note=f"still receiving after {DRAIN_MAX_S:.0f}s: "
+                            "the rest of what it queued is dropped with it")
+                break
+            time.sleep(0.05)
+    finally:
+        session.close()
+    return got

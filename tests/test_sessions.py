@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon import sessions, state
+from daemon import partition, sessions, spool, state
 from daemon.config import MqttConfig, ServiceConfig, Settings, StateConfig
 from tests.broker import Broker
 
@@ -179,9 +179,17 @@ def test_a_layout_change_ends_the_old_sessions_and_starts_the_new(
     # a single daemon ran: its session is recorded and left subscribed at the broker
     assert start_layout(broker, tmp_path, 1, protocol=protocol).keep == ("a",)
     daemon_session(broker, "a", "sensors/+/readings")
+    restart = [f"sensors/d{k}/readings" for k in range(6)]
+    publish(broker, restart)  # while it is down: queued in its session
     # ... and two workers replace it
     assert start_layout(broker, tmp_path, 2, protocol=protocol) == sessions.Plan(
         end=("a",), fresh=("a-0", "a-1"))
+    # what it had queued waits for each device's new worker, in order
+    handed = {i: [q.topic for q in spool.take(tmp_path, i)[1]] for i in range(2)}
+    assert sorted(handed[0] + handed[1]) == restart
+    for i, topics in handed.items():
+        assert topics == [t for t in restart if partition.owner(t.split("/")[1], 2) == i]
+    assert handed[0] and handed[1]
     publish(broker, ["sensors/p1/readings", "sensors/p2/readings"])
 
     # the old session is gone with what it would have queued; the new ones queued
@@ -201,12 +209,17 @@ def test_returning_to_a_layout_does_not_replay_its_old_backlog(
 ) -> None:
     broker = fresh_broker
     start_layout(broker, tmp_path, 2)
+    for i in range(2):  # the workers ran and stopped
+        daemon_session(broker, f"a-{i}", "sensors/+/readings")
     # a session of the single daemon's id left from long ago (another start that did not
-    # end it, or before this record) has queued hours of readings the workers judged
+    # end it, or before this record): it queues what the workers' sessions queue
     daemon_session(broker, "a", "sensors/+/readings")
     publish(broker, ["sensors/old/readings"])
 
     assert start_layout(broker, tmp_path, 1) == sessions.Plan(end=("a-0", "a-1"), fresh=("a",))
+    # taken over once, from the worker that owned its device, for the daemon to judge;
+    # the stale session's copy goes with it
+    assert [q.topic for q in spool.take(tmp_path, None)[1]] == ["sensors/old/readings"]
     publish(broker, ["sensors/new/readings"])
     probe = Probe(broker, "a", MARKER)
     assert probe.take(broker) == ["sensors/new/readings"]  # the old reading is not replayed
@@ -244,11 +257,13 @@ def test_an_unreachable_broker_leaves_the_record_for_the_next_start(tmp_path: Pa
 
 
 def test_the_daemon_hands_over_before_it_connects(
-    fresh_broker: Broker, start_daemon: Any, trained_model_dir: Path
+    fresh_broker: Broker, start_daemon: Any, trained_model_dir: Path, collector_for: Any
 ) -> None:
-    """A daemon started where workers ran ends their sessions and keeps its own record."""
+    """A daemon started where workers ran judges what their sessions queued while they
+    were down (each reading once, before any live one), ends them, and keeps its record."""
     broker = fresh_broker
     from tests.conftest import make_settings
+    from tests.conftest_models import NORMAL_READING
 
     s = make_settings(broker, trained_model_dir)
     cid, directory = s.mqtt.client_id, s.state.dir
@@ -257,13 +272,30 @@ def test_the_daemon_hands_over_before_it_connects(
         daemon_session(broker, worker_id, "sensors/+/readings")
     state.write_bytes(directory / sessions.SESSIONS_FILE, orjson.dumps(sessions.Record(
         f"{broker.host}:{broker.port}", "device", workers).to_json()))
-    publish(broker, ["sensors/p1/readings"])
+    col = collector_for(broker, ["anomaly/+/verdict"])
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    devices = [f"h{k}" for k in range(6)]
+    for seq, device in enumerate(devices):  # while the workers are down
+        c.publish(f"sensors/{device}/readings", orjson.dumps({**NORMAL_READING, "seq": seq}),
+                  qos=1).wait_for_publish(5)
 
     svc = start_daemon(settings=s)
     assert svc.mqtt.intake.connected
-    marker = f"sensors/marker-{cid}/readings"
+    got = col.wait_for(lambda t, p: t.startswith("anomaly/h"), count=len(devices), timeout=30)
+    assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(len(devices)))
+    c.publish("sensors/h0/readings", orjson.dumps({**NORMAL_READING, "seq": 99}),
+              qos=1).wait_for_publish(5)  # live, after them
+    col.wait_for(lambda t, p: orjson.loads(p).get("seq") == 99, count=1, timeout=30)
+    c.disconnect()
+    c.loop_stop()
+    time.sleep(1.5)  # the handover's file goes within a second of its last verdict
+    assert [orjson.loads(p)["seq"] for t, p, *_ in col.messages
+            if t.startswith("anomaly/h")] == [*range(len(devices)), 99]
+    assert not spool.spool_file(directory, None).exists()
     for worker_id in workers:
-        probe = Probe(broker, worker_id, marker)
+        probe = Probe(broker, worker_id, MARKER)
         assert probe.take(broker, subscribe="sensors/+/readings") == []
         assert probe.session_present is False
     assert orjson.loads((directory / sessions.SESSIONS_FILE).read_bytes())["sessions"] == {

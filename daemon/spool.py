@@ -1,0 +1,90 @@
+"""Readings taken over from a previous layout's broker session, waiting for their new owner.
+
+When a change of layout ends a session (``daemon.sessions``), what it had queued (the
+readings published during the restart) is taken from the broker and written here before
+the session is ended: one file per new owner in the state directory (``handover.jsonl``
+for one daemon, ``handover-<i>.jsonl`` for worker ``i``; under device dispatch each
+reading goes to its device's worker, under shared dispatch all to worker 0). The daemon or
+worker judges its file's readings before any live one, in the order they were queued, and
+removes the file once every verdict they caused is safe with the broker; one that dies
+first judges them again at its next start (at least once, like the broker's own
+redelivery). A file of an earlier handover not yet judged is re-cut with the new readings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import structlog
+
+from daemon.state import write_bytes
+
+log = structlog.get_logger("anomalyd.spool")
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One reading as the broker had queued it."""
+
+    topic: str
+    payload: bytes
+    received: float  # time.time() when it was taken from the broker
+
+
+def spool_file(directory: Path, worker_index: int | None) -> Path:
+    return directory / ("handover.jsonl" if worker_index is None
+                        else f"handover-{worker_index}.jsonl")
+
+
+def hand_to_workers(directory: Path, queued: Sequence[Queued],
+                    owner: Callable[[str], int | None]) -> None:
+    """Write ``queued`` (and what earlier files still hold, first) to the file of each
+    reading's owner (``owner(topic)``: a worker index, None for a single daemon)."""
+    earlier = sorted(directory.glob("handover*.jsonl"))
+    readings = [q for path in earlier for q in _read(path)] + list(queued)
+    parts: dict[int | None, list[bytes]] = {}
+    for q in readings:
+        parts.setdefault(owner(q.topic), []).append(orjson.dumps({
+            "topic": q.topic, "payload": base64.b64encode(q.payload).decode("ascii"),
+            "received": q.received}) + b"\n")
+    written = set()
+    for index, lines in parts.items():
+        path = spool_file(directory, index)
+        write_bytes(path, lines)
+        written.add(path)
+    for path in earlier:
+        if path not in written:
+            path.unlink(missing_ok=True)
+
+
+def take(directory: Path, worker_index: int | None) -> tuple[Path, list[Queued]]:
+    """This daemon's or worker's file and its readings (none if there is no file)."""
+    path = spool_file(directory, worker_index)
+    return path, _read(path)
+
+
+def _read(path: Path) -> list[Queued]:
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("handover_unreadable", path=str(path), error=str(exc),
+                    note="the readings taken over from the previous layout are not judged")
+        return []
+    readings, bad = [], 0
+    for line in lines:
+        try:
+            entry = orjson.loads(line)
+            readings.append(Queued(str(entry["topic"]), base64.b64decode(entry["payload"]),
+                                   float(entry["received"])))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error):
+            bad += 1
+    if bad:
+        log.warning("handover_lines_unreadable", path=str(path), lines=bad)
+    return readings
