@@ -225,11 +225,15 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
             if keeps:  # else the daemon's own connections keep nothing to find
                 _connect_once(cfg, cid, deadline, keep=True, subscription=now.sessions[cid])
         queued: list[spool.Queued] = []
-        for cid in todo.end:
-            if before is not None and cid in before.sessions:
-                queued += _drain(cfg, cid, before.sessions[cid], deadline,
-                                 _was_owned(settings, before, cid))
-        if queued:  # on disk before the sessions holding them are ended
+        try:
+            for cid in todo.end:
+                if before is not None and cid in before.sessions:
+                    _drain(cfg, cid, before.sessions[cid], deadline,
+                           _was_owned(settings, before, cid), queued)
+        finally:
+            # on disk before the sessions holding them are ended (each was acknowledged
+            # as it came, so also when a drain failed); an earlier handover's files not
+            # judged yet are re-cut for this layout with them
             spool.hand_to_workers(directory, queued, _owner(settings))
         for cid in todo.end:
             _connect_once(cfg, cid, deadline, keep=False)
@@ -340,13 +344,13 @@ def _was_owned(settings: Settings, before: Record, cid: str) -> Callable[[str], 
 
 
 def _drain(cfg: MqttConfig, client_id: str, subscription: str, deadline: float,
-           owned: Callable[[str], bool]) -> list[spool.Queued]:
+           owned: Callable[[str], bool], got: list[spool.Queued]) -> None:
     """Take what a session had queued: resume it, unsubscribe (nothing more joins), and
     receive until nothing has come for ``QUIET_S`` (at most ``DRAIN_MAX_S``); each message
     is acknowledged as it arrives (the caller writes them to disk before the session is
-    ended). Kept: the readings its worker would have judged (``owned(topic)``); a
-    retained copy (not queued, sent at a subscription) is passed over."""
-    got: list[spool.Queued] = []
+    ended). Kept, appended to ``got``: the readings its worker would have judged
+    (``owned(topic)``); a retained copy (not queued, sent at a subscription) is passed
+    over."""
     heard = [time.monotonic()]
 
     def arrived(msg: paho.MQTTMessage) -> None:  # on paho's thread: must not raise
@@ -373,4 +377,3 @@ def _drain(cfg: MqttConfig, client_id: str, subscription: str, deadline: float,
             time.sleep(0.05)
     finally:
         session.close()
-    return got

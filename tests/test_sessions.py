@@ -300,3 +300,20 @@ def test_the_daemon_hands_over_before_it_connects(
         assert probe.session_present is False
     assert orjson.loads((directory / sessions.SESSIONS_FILE).read_bytes())["sessions"] == {
         cid: "sensors/+/readings"}
+
+
+def test_an_earlier_handover_not_yet_judged_is_recut_for_the_new_layout(
+    tmp_path: Path,
+) -> None:
+    readings = [spool.Queued(f"sensors/d{k}/readings", b'{"x": %d}' % k, float(k))
+                for k in range(6)]
+    spool.hand_to_workers(tmp_path, readings, lambda topic: int(topic[9]) % 2)
+    assert [q.topic for q in spool.take(tmp_path, 1)[1]] == [
+        "sensors/d1/readings", "sensors/d3/readings", "sensors/d5/readings"]
+    # the workers stopped before judging them; one daemon now, with a reading of its own
+    later = spool.Queued("sensors/d9/readings", b"{}", 9.0)
+    spool.hand_to_workers(tmp_path, [later], lambda topic: None)
+    assert sorted(p.name for p in tmp_path.glob("handover*")) == ["handover.jsonl"]
+    taken = spool.take(tmp_path, None)[1]
+    assert sorted(q.topic for q in taken[:-1]) == [q.topic for q in readings]
+    assert taken[-1] == later and taken[0].payload == b'{"x": 0}'
