@@ -32,7 +32,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,10 +226,9 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
                 _connect_once(cfg, cid, deadline, keep=True, subscription=now.sessions[cid])
         queued: list[spool.Queued] = []
         try:
-            for cid in todo.end:
-                if before is not None and cid in before.sessions:
-                    _drain(cfg, cid, before.sessions[cid], deadline,
-                           _was_owned(settings, before, cid), queued)
+            if before is not None:
+                _drain(cfg, [(cid, before.sessions[cid], _was_owned(settings, before, cid))
+                             for cid in todo.end if cid in before.sessions], deadline, queued)
         finally:
             # on disk before the sessions holding them are ended (each was acknowledged
             # as it came, so also when a drain failed); an earlier handover's files not
@@ -343,37 +342,54 @@ def _was_owned(settings: Settings, before: Record, cid: str) -> Callable[[str], 
     return lambda topic: partition.owner(matcher.device_id(topic) or topic, n) == index
 
 
-def _drain(cfg: MqttConfig, client_id: str, subscription: str, deadline: float,
-           owned: Callable[[str], bool], got: list[spool.Queued]) -> None:
-    """Take what a session had queued: resume it, unsubscribe (nothing more joins), and
-    receive until nothing has come for ``QUIET_S`` (at most ``DRAIN_MAX_S``); each message
-    is acknowledged as it arrives (the caller writes them to disk before the session is
-    ended). Kept, appended to ``got``: the readings its worker would have judged
-    (``owned(topic)``); a retained copy (not queued, sent at a subscription) is passed
-    over."""
+def _drain(cfg: MqttConfig, olds: Sequence[tuple[str, str, Callable[[str], bool]]],
+           deadline: float, got: list[spool.Queued]) -> None:
+    """Take what sessions had queued: resume each of ``olds`` (client id, subscription,
+    ``owned``), unsubscribe them all at once (nothing more joins; the new sessions exist
+    already, so a reading published meanwhile is in both, never in neither), and receive
+    until nothing has come for ``QUIET_S`` (at most ``DRAIN_MAX_S``). Each message is
+    acknowledged as it arrives (the caller writes them to disk before the sessions are
+    ended). Appended to ``got``, a session after the other: the readings its worker would
+    have judged (``owned(topic)``); a retained copy (sent at a subscription, not queued)
+    is passed over."""
+    if not olds:
+        return
     heard = [time.monotonic()]
+    taken: list[list[spool.Queued]] = []
+    opened: list[_Session] = []
 
-    def arrived(msg: paho.MQTTMessage) -> None:  # on paho's thread: must not raise
-        heard[0] = time.monotonic()
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:  # the decoder dead-letters it, as it would have live
-            topic = msg._topic.decode("utf-8", "replace")
-        if not msg.retain and owned(topic):
-            got.append(spool.Queued(topic, bytes(msg.payload), time.time()))
+    def receiver(into: list[spool.Queued], owned: Callable[[str], bool]
+                 ) -> Callable[[paho.MQTTMessage], None]:
+        def arrived(msg: paho.MQTTMessage) -> None:  # on paho's thread: must not raise
+            heard[0] = time.monotonic()
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:  # the decoder dead-letters it, as it would live
+                topic = msg._topic.decode("utf-8", "replace")
+            if not msg.retain and owned(topic):
+                into.append(spool.Queued(topic, bytes(msg.payload), time.time()))
+        return arrived
 
-    session = _Session(cfg, client_id, deadline, resume=True, keep=True, on_message=arrived)
     try:
-        session.client.unsubscribe(subscription)
-        session.wait("UNSUBSCRIBE")
+        for client_id, _, owned in olds:
+            taken.append([])
+            opened.append(_Session(cfg, client_id, deadline, resume=True, keep=True,
+                                   on_message=receiver(taken[-1], owned)))
+        for session, (_, subscription, _) in zip(opened, olds, strict=True):
+            session.client.unsubscribe(subscription)
+        for session in opened:
+            session.wait("UNSUBSCRIBE")
         heard[0] = time.monotonic()
         limit = time.monotonic() + DRAIN_MAX_S
         while time.monotonic() - heard[0] < QUIET_S:
             if time.monotonic() > limit:
-                log.warning("broker_session_not_drained", client_id=client_id,
-                            taken=len(got), note=f"still receiving after {DRAIN_MAX_S:.0f}s: "
-                            "the rest of what it queued is dropped with it")
+                log.warning("broker_sessions_not_drained", client_ids=[c for c, _, _ in olds],
+                            taken=sum(map(len, taken)), note=f"still receiving after "
+                            f"{DRAIN_MAX_S:.0f}s: the rest of what they queued goes with them")
                 break
             time.sleep(0.05)
     finally:
-        session.close()
+        for session in opened:
+            session.close()
+        for part in taken:
+            got += part
