@@ -39,7 +39,7 @@ from daemon.config import Settings
 from daemon.models import ModelBundle
 from daemon.oversize import RESULT_TOO_LARGE
 from daemon.pipeline import Pipeline, RawMessage
-from daemon.readings import Decoder
+from daemon.readings import Decoder, parse_timestamp
 from daemon.training.datasets import (
     DEVICE_COLUMNS,
     LABEL_COLUMNS,
@@ -77,9 +77,11 @@ def detector_problem(bundle: ModelBundle, detector: str | None, settings: Settin
             f"{bundle.version}; it has {', '.join(bundle.detector_names)}")
 
 
-def _rows(path: Path, features: Collection[str]) -> Iterator[tuple[str | None, bytes]]:
+def _rows(path: Path, features: Collection[str], note: Callable[[str], None] | None = None
+          ) -> Iterator[tuple[str | None, bytes]]:
     """(device id or None, payload bytes) for each record of the input file; ``features``
-    are the model set's, never taken for a CSV's time or label column."""
+    are the model set's, never taken for a CSV's time or label column. ``note`` hears
+    what was made of the file's columns where a person should know."""
     if _is_json_lines(path):
         with path.open("rb") as fh:
             for line in fh:
@@ -112,6 +114,14 @@ def _rows(path: Path, features: Collection[str]) -> Iterator[tuple[str | None, b
         scale = None
         if time_col is not None:
             scale = epoch_scale([row[time_col].strip() for row in body if len(row) > time_col])
+            cell = body[0][time_col].strip() if len(body[0]) > time_col else ""
+            if scale is None and isinstance(parse_timestamp(_cell(cell)), str):
+                if note is not None:
+                    note(f"column {header[time_col]!r} holds times the daemon cannot read "
+                         f"(e.g. {cell!r}; it reads ISO 8601 or epoch seconds): left out, "
+                         "each reading is stamped with the time it is scored")
+                dropped.add(time_col)
+                time_col = None
         comma = table.decimal_comma
         for _, row in chain(first, rows):
             payload: dict[str, Any] = {}
@@ -247,7 +257,7 @@ def score_file(
             progress(f"scored {counts['readings']} readings so far: {counts['anomalies']} "
                      f"anomalies, {counts['rejected']} rejected")
 
-    for dev, payload in _rows(path, bundle.features):
+    for dev, payload in _rows(path, bundle.features, progress):
         chunk.append(RawMessage(f"offline/{dev or device}", payload, time.time()))
         if len(chunk) >= CHUNK:
             flush()

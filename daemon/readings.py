@@ -268,7 +268,7 @@ class Decoder:
         if timestamp is None:
             timestamp = received_at
         elif not (type(timestamp) is float and _MIN_EPOCH <= timestamp < _MAX_EPOCH):
-            parsed = _parse_timestamp(timestamp)
+            parsed = parse_timestamp(timestamp)
             if isinstance(parsed, str):
                 return entry_fails("bad_timestamp", f"timestamp {parsed}", index)
             timestamp = parsed
@@ -327,7 +327,7 @@ def _message_fails(device_id: str, reason: str, detail: str, is_batch: bool = Fa
     return Decoded(device_id, (), (Rejection(reason, detail),), is_batch, None)
 
 
-def _parse_timestamp(raw: object) -> float | str:
+def parse_timestamp(raw: object) -> float | str:
     """Epoch seconds, or a description of what is wrong (no exceptions on bad input)."""
     if type(raw) is str:
         if len(raw) > _MAX_TIMESTAMP_LEN:

@@ -35,6 +35,10 @@ def test_an_epoch_time_column_is_a_time_not_a_feature(tmp_path: Path) -> None:
                             (None, {"timestamp": 1795853701.0, "temp": 45.4})]
     named = write(tmp_path / "named.csv", "Zeit;temp\n28.11.2026 10:15:00;45,3\n")
     assert load_csv(named).features == ("temp",)  # by its name
+    # times the decoder cannot read are left out of the backtest's readings, saying so
+    said: list[str] = []
+    assert [orjson.loads(raw) for _, raw in _rows(named, (), said.append)] == [{"temp": 45.3}]
+    assert said and "column 'Zeit' holds times the daemon cannot read" in said[0]
     # a counter that is not a clock (too small, or falling) stays a feature
     counter = write(tmp_path / "counter.csv", "t,runs\n1,2000000000\n2,1999999999\n")
     assert load_csv(counter).features == ("t", "runs")
