@@ -130,3 +130,14 @@ def test_a_column_that_never_changes_is_pointed_out(tmp_path: Path) -> None:
     train_csv(write(tmp_path / "stuck.csv", f"temp,stuck\n{body}\n"), tmp_path / "m",
               detectors=["isolation_forest"], progress=said.append)
     assert any("['stuck'] never change" in line for line in said), json.dumps(said)
+
+
+def test_rows_out_of_time_order_are_pointed_out(tmp_path: Path) -> None:
+    rows = ["2026-11-28T10:00:0%d,%d" % (s, s) for s in (0, 1, 3, 2, 4, 4, 5)]
+    path = write(tmp_path / "order.csv", "timestamp,temp\n" + "\n".join(rows) + "\n")
+    assert load_csv(path).notes == (
+        "column 'timestamp': 1 row(s) go back in time (the first on line 5) and 1 row(s) "
+        "repeat the time before them; windows are made in file order, so sort the file by "
+        "time (and drop repeated rows) if this is not intended",)
+    ordered = write(tmp_path / "ordered.csv", "ts,temp\n1795853700,1\n1795853701,2\n")
+    assert load_csv(ordered).notes == ()

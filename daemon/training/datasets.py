@@ -71,6 +71,8 @@ class TrainingData:
     skipped: tuple[str, ...] = ()
     #: Each kept row's device, where the file has a device column (else None).
     devices: tuple[str, ...] | None = None
+    #: What a person training on the file should know (rows out of time order).
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -172,7 +174,8 @@ def load_csv(
     if features is not None and device_idx is not None and header[device_idx] in features:
         device_idx = None  # a feature, whatever its name
     excluded = {i for i, name in enumerate(header) if name.lower() in LABEL_COLUMNS}
-    excluded |= {i for i, name in enumerate(header) if is_time_column(name, body, i)}
+    times = [i for i, name in enumerate(header) if is_time_column(name, body, i)]
+    excluded |= set(times)
     if device_idx is not None:
         excluded.add(device_idx)
     excluded |= {i for i, name in enumerate(header) if _INDEX_COLUMN.fullmatch(name.lower())}
@@ -222,13 +225,51 @@ def load_csv(
         what = "no row is usable" if not kept else "fix them, or --skip-bad-rows leaves them out"
         raise TrainingError(f"{path}: {len(problems)} of {len(body)} rows cannot be used: "
                             f"{bad_rows(problems)}; {what}")
+    order = _time_order(numbered, times[0], header[times[0]]) if times else None
+    notes = [order] if order else []
     return TrainingData(
         X=x[:kept],
         features=tuple(header[c] for c in columns),
         labels=None if labels is None else labels[:kept],
         skipped=tuple(problems),
         devices=tuple(devices) if device_idx is not None else None,
+        notes=tuple(notes),
     )
+
+
+def _time_order(numbered: Sequence[tuple[int, list[str]]], column: int, name: str
+                ) -> str | None:
+    """What a person should know if the rows do not follow their time column (windows
+    are made in file order), or None; times that cannot be read are not judged."""
+    back, same, first = 0, 0, None
+    previous: float | None = None
+    for line, row in numbered:
+        moment = _moment(row[column].strip()) if len(row) > column else None
+        if moment is None:
+            continue
+        if previous is not None and moment < previous:
+            back += 1
+            first = first or line
+        elif previous is not None and moment == previous:
+            same += 1
+        previous = moment
+    if not back and not same:
+        return None
+    parts = ([f"{back} row(s) go back in time (the first on line {first})"] if back else []) + (
+        [f"{same} row(s) repeat the time before them"] if same else [])
+    return (f"column {name!r}: {' and '.join(parts)}; windows are made in file order, so "
+            "sort the file by time (and drop repeated rows) if this is not intended")
+
+
+def _moment(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(cell).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _listed(names: Sequence[str]) -> str:

@@ -219,6 +219,9 @@ def train_csv(
                 progress(f"{label}: left out {len(data.skipped)} bad rows: "
                          f"{bad_rows(data.skipped)}")
         x_file = _checked(data.X, names, min_rows=1)
+        if progress:
+            for note in data.notes:
+                progress(f"{label}: {note}")
         if data.devices is None:
             parts.append((windowed_matrix(x_file, window), data.labels))
         else:  # several devices' rows interleaved: each windowed on its own
