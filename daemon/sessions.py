@@ -216,6 +216,11 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
     now = current(settings)
     before = previous(directory, settings, layout)
     todo = plan(before, now)
+    record = directory / SESSIONS_FILE
+    if before is not None and not record.exists():
+        # read from layout.json, which this start has rewritten already: kept, so that a
+        # start that fails below leaves the next one the same work to do
+        write_bytes(record, orjson.dumps(before.to_json()))
     if todo.end or todo.fresh:
         timeout = cfg.connect_timeout_s
         deadline = time.monotonic() + timeout if timeout else float("inf")
@@ -232,16 +237,35 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
         finally:
             # on disk before the sessions holding them are ended (each was acknowledged
             # as it came, so also when a drain failed); an earlier handover's files not
-            # judged yet are re-cut for this layout with them
-            spool.hand_to_workers(directory, queued, _owner(settings))
+            # judged yet are re-cut for this layout with them. A device's readings from
+            # several sessions (shared dispatch) in the order they came.
+            queued.sort(key=lambda q: q.received)
+            owner = _owner(settings)
+            if before is not None and before.dispatch == "device":
+                # each kept session queued every reading: its worker judges its own devices'
+                kept = {i for i, cid in enumerate(now.sessions) if cid in todo.keep}
+                queued[:] = [q for q in queued if owner(q.topic) not in kept]
+            spool.hand_to_workers(directory, queued, owner)
         for cid in todo.end:
-            _connect_once(cfg, cid, deadline, keep=False)
+            _end(cfg, cid, deadline)
         log.info("broker_sessions_handed_over", ended=list(todo.end), started=list(todo.fresh),
                  kept=list(todo.keep), readings_taken_over=len(queued),
                  note="the previous layout's sessions are ended, what they had queued is "
                       "judged by the devices' new workers; new sessions queue from now")
-    write_bytes(directory / SESSIONS_FILE, orjson.dumps(now.to_json()))
+    write_bytes(record, orjson.dumps(now.to_json()))
     return todo
+
+
+def _end(cfg: MqttConfig, client_id: str, deadline: float) -> None:
+    """End a session the new layout does not use; one the broker will not let us end (its
+    ACL, after a change of login or client id) is left to its expiry, said once here."""
+    try:
+        _connect_once(cfg, client_id, deadline, keep=False)
+    except BrokerError as exc:
+        if "refused the connection" not in str(exc):
+            raise
+        log.warning("broker_session_not_ended", client_id=client_id, error=str(exc),
+                    note="the broker keeps it until mqtt.session_expiry_s after its last use")
 
 
 class _Session:
@@ -371,11 +395,20 @@ def _drain(cfg: MqttConfig, olds: Sequence[tuple[str, str, Callable[[str], bool]
         return arrived
 
     try:
-        for client_id, _, owned in olds:
+        subscribed: list[str] = []
+        for client_id, subscription, owned in olds:
             taken.append([])
-            opened.append(_Session(cfg, client_id, deadline, resume=True, keep=True,
-                                   on_message=receiver(taken[-1], owned)))
-        for session, (_, subscription, _) in zip(opened, olds, strict=True):
+            try:
+                opened.append(_Session(cfg, client_id, deadline, resume=True, keep=True,
+                                       on_message=receiver(taken[-1], owned)))
+            except BrokerError as exc:
+                if "refused the connection" not in str(exc):
+                    raise
+                log.warning("broker_session_not_drained", client_id=client_id,
+                            error=str(exc), note="what it queued is not judged")
+                continue
+            subscribed.append(subscription)
+        for session, subscription in zip(opened, subscribed, strict=True):
             session.client.unsubscribe(subscription)
         for session in opened:
             session.wait("UNSUBSCRIBE")

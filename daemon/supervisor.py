@@ -51,9 +51,10 @@ def exit_code(returncode: int) -> int:
 class Worker:
     """One worker process, started again after an exit nobody asked for."""
 
-    def __init__(self, index: int, command: list[str]) -> None:
+    def __init__(self, index: int, command: list[str], keep_fds: tuple[int, ...] = ()) -> None:
         self.index = index
         self.command = command
+        self._keep_fds = keep_fds
         self.delay = RESTART_FIRST_S
         self.restart_at: float | None = None
         self.started_at = 0.0
@@ -63,7 +64,10 @@ class Worker:
     def start(self) -> None:
         # Its own session: signals sent to the supervisor's process group (a terminal's
         # Ctrl-C) do not reach it twice.
-        self.proc = subprocess.Popen(self.command, start_new_session=True)  # noqa: S603
+        # The state directory's lock goes with it (``keep_fds``): a worker that outlives a
+        # killed supervisor still holds the directory against a second daemon.
+        self.proc = subprocess.Popen(self.command, start_new_session=True,  # noqa: S603
+                                     pass_fds=self._keep_fds)
         self.started_at = time.monotonic()
         self.restart_at = None
 
@@ -98,19 +102,21 @@ def run_workers(settings: Settings, config: Path | None) -> int:
     # Before any worker reads its file: each device's saved state to the worker that
     # owns it now (the number of workers or the dispatch may have changed).
     state.check_writable(settings.state.dir)
-    state.lock(settings.state.dir)  # held until the supervisor's process ends
-    layout = state.repartition(settings.state.dir, n, settings.service.dispatch)
-    # ... and the broker sessions of another layout ended, those of this one started
-    sessions.hand_over(settings, settings.state.dir, layout)
+    lock = state.lock(settings.state.dir)  # held until the supervisor and its workers end
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def hand_over(signum: int, frame: FrameType | None) -> None:
         signals.put(signum)  # acted on below: a handler must take no lock
 
+    # Before the broker sessions' handover: a stop asked for during it is acted on after
+    # it, never in the middle of taking readings over.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, hand_over)
+    layout = state.repartition(settings.state.dir, n, settings.service.dispatch)
+    # ... and the broker sessions of another layout handed over to this one's
+    sessions.hand_over(settings, settings.state.dir, layout)
     base = [sys.executable, "-m", "daemon"] + (["--config", str(config)] if config else [])
-    workers = [Worker(i, [*base, "run", "--worker-index", str(i)]) for i in range(n)]
+    workers = [Worker(i, [*base, "run", "--worker-index", str(i)], (lock,)) for i in range(n)]
     log.info("workers_started", workers=n, pids=[w.proc.pid for w in workers if w.proc])
     return _supervise(workers, signals)
 

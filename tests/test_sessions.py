@@ -317,3 +317,16 @@ def test_an_earlier_handover_not_yet_judged_is_recut_for_the_new_layout(
     taken = spool.take(tmp_path, None)[1]
     assert sorted(q.topic for q in taken[:-1]) == [q.topic for q in readings]
     assert taken[-1] == later and taken[0].payload == b'{"x": 0}'
+
+
+def test_fewer_workers_judge_the_restart_from_their_kept_sessions_not_twice(
+    fresh_broker: Broker, tmp_path: Path
+) -> None:
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 3)
+    for i in range(3):  # each device-dispatch worker's session queues every reading
+        daemon_session(broker, f"a-{i}", "sensors/+/readings")
+    publish(broker, [f"sensors/d{k}/readings" for k in range(12)])
+    assert start_layout(broker, tmp_path, 2) == sessions.Plan(end=("a-2",), keep=("a-0", "a-1"))
+    # the kept sessions hold every reading, each for its new owner: nothing more to hand
+    assert spool.take(tmp_path, 0)[1] == [] and spool.take(tmp_path, 1)[1] == []
