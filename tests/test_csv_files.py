@@ -133,7 +133,7 @@ def test_a_column_that_never_changes_is_pointed_out(tmp_path: Path) -> None:
 
 
 def test_rows_out_of_time_order_are_pointed_out(tmp_path: Path) -> None:
-    rows = ["2026-11-28T10:00:0%d,%d" % (s, s) for s in (0, 1, 3, 2, 4, 4, 5)]
+    rows = [f"2026-11-28T10:00:0{s},{s}" for s in (0, 1, 3, 2, 4, 4, 5)]
     path = write(tmp_path / "order.csv", "timestamp,temp\n" + "\n".join(rows) + "\n")
     assert load_csv(path).notes == (
         "column 'timestamp': 1 row(s) go back in time (the first on line 5) and 1 row(s) "
@@ -141,3 +141,18 @@ def test_rows_out_of_time_order_are_pointed_out(tmp_path: Path) -> None:
         "time (and drop repeated rows) if this is not intended",)
     ordered = write(tmp_path / "ordered.csv", "ts,temp\n1795853700,1\n1795853701,2\n")
     assert load_csv(ordered).notes == ()
+
+
+def test_lone_carriage_returns_and_oversized_fields(tmp_path: Path) -> None:
+    old_mac = write(tmp_path / "mac.csv", "a;b\r1;2\r3;4\r")
+    np.testing.assert_array_equal(load_csv(old_mac).X, [[1, 2], [3, 4]])
+    assert payloads(old_mac) == [(None, {"a": 1, "b": 2}), (None, {"a": 3, "b": 4})]
+    huge = write(tmp_path / "huge.csv", 'a,b\n1,"' + "x" * 200_000 + '"\n')
+    with pytest.raises(TrainingError, match="line 2: field larger than field limit"):
+        load_csv(huge)
+
+
+def test_time_order_is_judged_device_by_device(tmp_path: Path) -> None:
+    rows = [f"2026-11-28T10:00:0{s},p{d},{s}" for s in range(5) for d in range(3)]
+    fleet = write(tmp_path / "fleet.csv", "timestamp,device_id,temp\n" + "\n".join(rows) + "\n")
+    assert load_csv(fleet).notes == ()  # sorted by time: each pump's rows in order

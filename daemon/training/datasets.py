@@ -108,10 +108,13 @@ def open_table(path: Path) -> Iterator[Table]:
         fh.seek(0)
         lines = _decoded(fh, path)
         header_line = next(lines, "")
-        delimiter = max((",", ";"), key=lambda d: len(next(csv.reader([header_line],
-                                                                        delimiter=d), [])))
-        header = [name.strip() for name in next(csv.reader([header_line],
-                                                             delimiter=delimiter), [])]
+        try:
+            delimiter = max((",", ";"), key=lambda d: len(next(csv.reader([header_line],
+                                                                            delimiter=d), [])))
+            header = [name.strip() for name in next(csv.reader([header_line],
+                                                                 delimiter=delimiter), [])]
+        except csv.Error as exc:
+            raise TrainingError(f"{path}: line 1, the header: {exc}") from exc
         trailing = len(header) > 1 and header[-1] == ""  # every line ends with a delimiter
         if trailing:
             header = header[:-1]
@@ -125,25 +128,32 @@ def open_table(path: Path) -> Iterator[Table]:
 
         def rows() -> Iterator[tuple[int, list[str]]]:
             reader = csv.reader(lines, delimiter=delimiter)
-            for row in reader:
-                if not row:
-                    continue  # a blank line
-                if trailing and len(row) == len(header) + 1 and not row[-1].strip():
-                    row = row[:-1]
-                yield reader.line_num + 1, row  # 1-based, after the header line
+            try:
+                for row in reader:
+                    if not row:
+                        continue  # a blank line
+                    if trailing and len(row) == len(header) + 1 and not row[-1].strip():
+                        row = row[:-1]
+                    yield reader.line_num + 1, row  # 1-based, after the header line
+            except csv.Error as exc:  # e.g. a field over the csv module's size limit
+                raise TrainingError(f"{path}: line {reader.line_num + 1}: {exc}") from exc
 
         yield Table(header, delimiter, rows())
 
 
 def _decoded(fh: IO[bytes], path: Path) -> Iterator[str]:
-    """The file's lines as text (UTF-8, a leading byte-order mark dropped)."""
-    for line, raw in enumerate(fh, 1):
-        try:
-            yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise TrainingError(
-                f"{path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}): save "
-                "the file as CSV (UTF-8)") from exc
+    """The file's lines as text (UTF-8, a leading byte-order mark dropped), ended by
+    ``\n``, ``\r\n`` or a lone ``\r`` (old spreadsheet exports)."""
+    line = 0
+    for chunk in fh:
+        for raw in chunk.splitlines(keepends=True) if b"\r" in chunk[:-2] else (chunk,):
+            line += 1
+            try:
+                yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise TrainingError(
+                    f"{path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}): "
+                    "save the file as CSV (UTF-8)") from exc
 
 
 class _BadRowError(ValueError):
@@ -225,7 +235,7 @@ def load_csv(
         what = "no row is usable" if not kept else "fix them, or --skip-bad-rows leaves them out"
         raise TrainingError(f"{path}: {len(problems)} of {len(body)} rows cannot be used: "
                             f"{bad_rows(problems)}; {what}")
-    order = _time_order(numbered, times[0], header[times[0]]) if times else None
+    order = _time_order(numbered, times[0], header[times[0]], device_idx) if times else None
     notes = [order] if order else []
     return TrainingData(
         X=x[:kept],
@@ -237,22 +247,25 @@ def load_csv(
     )
 
 
-def _time_order(numbered: Sequence[tuple[int, list[str]]], column: int, name: str
-                ) -> str | None:
-    """What a person should know if the rows do not follow their time column (windows
-    are made in file order), or None; times that cannot be read are not judged."""
+def _time_order(numbered: Sequence[tuple[int, list[str]]], column: int, name: str,
+                device: int | None) -> str | None:
+    """What a person should know if each device's rows (the file's, without a ``device``
+    column) do not follow their time column (windows are made in file order), or None;
+    times that cannot be read are not judged."""
     back, same, first = 0, 0, None
-    previous: float | None = None
+    latest: dict[str, float] = {}
     for line, row in numbered:
         moment = _moment(row[column].strip()) if len(row) > column else None
         if moment is None:
             continue
+        key = row[device].strip() if device is not None and len(row) > device else ""
+        previous = latest.get(key)
         if previous is not None and moment < previous:
             back += 1
             first = first or line
         elif previous is not None and moment == previous:
             same += 1
-        previous = moment
+        latest[key] = moment
     if not back and not same:
         return None
     parts = ([f"{back} row(s) go back in time (the first on line {first})"] if back else []) + (
