@@ -21,10 +21,13 @@ coming to shared dispatch from device dispatch, each old session queued every re
 only one of them is kept (its backlog judged once), the others started afresh. The record
 is written once the broker has done it all.
 
-Still not judged: with device dispatch on both sides, a kept session's readings of the
-devices that moved to another worker (its worker passes them over). Without a record (a
-new state directory, or one from before this record, with no ``layout.json`` either), or
-after a change of broker, nothing is ended: what is there is unknown.
+Still not judged, the restart's readings held only by a session kept for a worker that
+no longer owns their device: with device dispatch on both sides, those of the devices
+that move to a new worker (2 to 3 workers: every session kept queued every reading, the
+new one none); from shared to device dispatch, those a kept session held for devices
+another worker now owns. Without a record (a new state directory, or one from before
+this record, with no ``layout.json`` either), or after a change of broker, nothing is
+ended: what is there is unknown.
 """
 
 from __future__ import annotations
@@ -252,6 +255,8 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
                  kept=list(todo.keep), readings_taken_over=len(queued),
                  note="the previous layout's sessions are ended, what they had queued is "
                       "judged by the devices' new workers; new sessions queue from now")
+    elif before != now:  # another layout, every session kept: a handover not yet judged
+        spool.hand_to_workers(directory, [], _owner(settings))  # goes to its new owners
     write_bytes(record, orjson.dumps(now.to_json()))
     return todo
 

@@ -330,3 +330,18 @@ def test_fewer_workers_judge_the_restart_from_their_kept_sessions_not_twice(
     assert start_layout(broker, tmp_path, 2) == sessions.Plan(end=("a-2",), keep=("a-0", "a-1"))
     # the kept sessions hold every reading, each for its new owner: nothing more to hand
     assert spool.take(tmp_path, 0)[1] == [] and spool.take(tmp_path, 1)[1] == []
+
+
+def test_a_handover_not_yet_judged_follows_a_layout_that_keeps_every_session(
+    tmp_path: Path,
+) -> None:
+    shared_ = settings_for("127.0.0.1", 1, tmp_path, workers=2, dispatch="shared")
+    sessions.hand_over(shared_, tmp_path, state.repartition(tmp_path, 2, "shared"))
+    readings = [spool.Queued(f"sensors/d{k}/readings", b"{}", float(k)) for k in range(8)]
+    spool.hand_to_workers(tmp_path, readings, lambda topic: 0)  # shared: all to worker 0
+    device = settings_for("127.0.0.1", 1, tmp_path, workers=2, dispatch="device")
+    plan = sessions.hand_over(device, tmp_path, state.repartition(tmp_path, 2, "device"))
+    assert plan == sessions.Plan(keep=("a-0", "a-1"))  # (the broker is not asked)
+    for i in range(2):
+        assert [q.topic for q in spool.take(tmp_path, i)[1]] == [
+            q.topic for q in readings if partition.owner(q.topic.split("/")[1], 2) == i]
