@@ -396,7 +396,11 @@ class Service:
                 raise
         self._restore_state()
         self._take_over_handover()
-        self.http.start()
+        try:
+            self.http.start()
+        except BaseException:
+            self._release_state()
+            raise
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)
         if password_in_clear(self.settings.mqtt):
             log.warning("mqtt_password_in_clear", host=self.settings.mqtt.host,
