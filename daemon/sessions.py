@@ -11,23 +11,22 @@ do the same at once.
 
 So before anything connects, the state directory's record of the sessions this daemon
 keeps (``sessions.json``: the broker and each client id with its subscription) is compared
-with the new layout's (:func:`plan`, pure), and the difference is settled at the broker
-(:func:`hand_over`): a session the new layout uses but did not keep last time is started
-afresh, subscribed, so that it queues from this moment; a session the new layout does not
-use is drained (what it had queued, the readings of the restart, is written for the
-devices' new workers to judge first: ``daemon.spool``) and then ended; a session kept with
-the same subscription is left alone, its queued readings judged as usual. One exception:
-coming to shared dispatch from device dispatch, each old session queued every reading, so
-only one of them is kept (its backlog judged once), the others started afresh. The record
-is written once the broker has done it all.
+with the new layout's (:func:`plan`, pure). The same sessions: nothing to do. Otherwise
+(:func:`hand_over`), in this order: a bridging session (``<client_id>-handover``) is
+subscribed to every reading; every old session is resumed, unsubscribed (all at once) and
+drained, each reading kept from the session whose worker judged it, into a file per new
+owner (``daemon.spool``), judged there before any live reading; every new session is made
+afresh and subscribed; the bridge, which held what was published in between, is drained
+the same way; the sessions no longer used and the bridge are ended. A reading published in
+the instant of a switch may be judged twice (at least once); in a handover that completes
+none is lost, and none is judged as live hours later. The record is written once the
+broker has done it all (with the bridge's name while it may be left at the broker).
 
-Still not judged, the restart's readings held only by a session kept for a worker that
-no longer owns their device: with device dispatch on both sides, those of the devices
-that move to a new worker (2 to 3 workers: every session kept queued every reading, the
-new one none); from shared to device dispatch, those a kept session held for devices
-another worker now owns. Without a record (a new state directory, or one from before
-this record, with no ``layout.json`` either), or after a change of broker, nothing is
-ended: what is there is unknown.
+Left: a change of broker ends nothing at the old one; without a record (a new state
+directory, or one from before this record, with no ``layout.json`` either) nothing is
+done: what the broker holds is unknown. A bridge the broker refuses (its ACL) is done
+without, said in the log. A handover cut short is done again at the next start; the
+bridge, resumed then, still holds what came meanwhile.
 """
 
 from __future__ import annotations
@@ -150,7 +149,8 @@ def previous(
 
 @dataclass(frozen=True)
 class Plan:
-    end: tuple[str, ...] = ()  # sessions no longer used: ended, with what they queued
+    drain: tuple[str, ...] = ()  # old sessions whose queued readings are taken over
+    end: tuple[str, ...] = ()  # sessions no longer used: ended once drained
     fresh: tuple[str, ...] = ()  # sessions started anew (and subscribed) before use
     keep: tuple[str, ...] = ()  # sessions used as they are
 
@@ -158,21 +158,15 @@ class Plan:
 def plan(before: Record | None, now: Record) -> Plan:
     """What to do at the broker so that ``now``'s sessions judge each reading once.
 
-    Unknown ``before`` (or another broker's): nothing; each session is used as it is.
+    Unknown ``before`` (or another broker's), or the same sessions: nothing; each session
+    is used as it is. Else every old session is drained and every new one started afresh
+    (a session kept across a change of layout would hold readings for devices its worker
+    no longer owns, or not hold readings it now owns).
     """
-    if before is None or before.broker != now.broker:
+    if before is None or before.broker != now.broker or before == now:
         return Plan(keep=tuple(now.sessions))
-    kept = [cid for cid, sub in now.sessions.items()
-            if cid in before.sessions and _resumable(before.sessions[cid], sub)]
-    if now.dispatch == "shared" and before.dispatch != "shared":
-        # every session of a device-dispatch layout queued every reading: each shared
-        # worker would judge all of its backlog, so each reading as often as there are
-        # workers. One such backlog is enough.
-        kept = kept[:1]
-    keep = tuple(cid for cid in now.sessions if cid in kept)
-    fresh = tuple(cid for cid in now.sessions if cid not in kept)
-    end = tuple(cid for cid in before.sessions if cid not in now.sessions)
-    return Plan(end=end, fresh=fresh, keep=keep)
+    return Plan(drain=tuple(before.sessions), fresh=tuple(now.sessions),
+                end=tuple(cid for cid in before.sessions if cid not in now.sessions))
 
 
 def _owner(settings: Settings) -> Callable[[str], int | None]:
@@ -184,17 +178,6 @@ def _owner(settings: Settings) -> Callable[[str], int | None]:
         return lambda topic: 0
     matcher = TopicMatcher(subscriptions(settings)[0], settings.limits.device_id_pattern)
     return lambda topic: partition.owner(matcher.device_id(topic) or topic, n)
-
-
-def _resumable(before: str, now: str) -> bool:
-    """Whether a session subscribed to ``before`` may serve a daemon subscribing to
-    ``now``: the same filter, or the same one shared and not (a change of dispatch: the
-    daemon unsubscribes the other form at each connect, ``MqttAdapter``). Any other
-    subscription would stay in the session beside the new one."""
-    if before == now:
-        return True
-    one_plain = not before.startswith("$share/") or not now.startswith("$share/")
-    return one_plain and _unshared(before) == _unshared(now)
 
 
 def _unshared(subscription: str) -> str:
@@ -224,41 +207,79 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
         # read from layout.json, which this start has rewritten already: kept, so that a
         # start that fails below leaves the next one the same work to do
         write_bytes(record, orjson.dumps(before.to_json()))
-    if todo.end or todo.fresh:
-        timeout = cfg.connect_timeout_s
-        deadline = time.monotonic() + timeout if timeout else float("inf")
-        keeps = cfg.protocol != "5" or cfg.session_expiry_s > 0
-        for cid in todo.fresh:  # first: what is published from now on is queued
-            _connect_once(cfg, cid, deadline, keep=False)
-            if keeps:  # else the daemon's own connections keep nothing to find
-                _connect_once(cfg, cid, deadline, keep=True, subscription=now.sessions[cid])
+    keeps = cfg.protocol != "5" or cfg.session_expiry_s > 0  # else no session outlives us
+    timeout = cfg.connect_timeout_s
+    deadline = time.monotonic() + timeout if timeout else float("inf")
+    everything = _unshared(next(iter(now.sessions.values())))
+    left = _bridge_left(record)
+    if todo.fresh and before is not None and keeps:
+        owner = _owner(settings)
+        # 1. a bridging session, subscribed to every reading: what is published while the
+        #    old sessions are drained and the new ones made waits there. Resumed: one left
+        #    by a handover cut short still holds what came after it. Recorded first, so
+        #    that a start after one cut short knows to take it over.
+        bridge: str | None = f"{cfg.client_id}-handover"
+        write_bytes(record, orjson.dumps({**before.to_json(), "bridge": bridge}))
+        try:
+            _connect_once(cfg, str(bridge), deadline, keep=True, subscription=everything,
+                          resume=True)
+        except BrokerError as exc:
+            if "refused the connection" not in str(exc):
+                raise
+            log.warning("handover_bridge_refused", client_id=bridge, error=str(exc),
+                        note="readings published during the handover may be lost")
+            bridge = None
+        # 2. the old sessions, unsubscribed at once and drained, each reading taken from
+        #    the session whose worker judged it; on disk before anything is ended
         queued: list[spool.Queued] = []
         try:
-            if before is not None:
-                _drain(cfg, [(cid, before.sessions[cid], _was_owned(settings, before, cid))
-                             for cid in todo.end if cid in before.sessions], deadline, queued)
+            _drain(cfg, [(cid, before.sessions[cid], _was_owned(settings, before, cid))
+                         for cid in todo.drain], deadline, queued)
         finally:
-            # on disk before the sessions holding them are ended (each was acknowledged
-            # as it came, so also when a drain failed); an earlier handover's files not
-            # judged yet are re-cut for this layout with them. A device's readings from
-            # several sessions (shared dispatch) in the order they came.
-            queued.sort(key=lambda q: q.received)
-            owner = _owner(settings)
-            if before is not None and before.dispatch == "device":
-                # each kept session queued every reading: its worker judges its own devices'
-                kept = {i for i, cid in enumerate(now.sessions) if cid in todo.keep}
-                queued[:] = [q for q in queued if owner(q.topic) not in kept]
+            queued.sort(key=lambda q: q.received)  # a device's readings in their order
             spool.hand_to_workers(directory, queued, owner)
-        for cid in todo.end:
+        # 3. the new sessions, made afresh and subscribed: they queue from now on
+        for cid in todo.fresh:
+            _connect_once(cfg, cid, deadline, keep=False)
+            _connect_once(cfg, cid, deadline, keep=True, subscription=now.sessions[cid])
+        # 4. what the bridge holds, after the old sessions' readings; then it goes
+        bridged: list[spool.Queued] = []
+        if bridge is not None:
+            try:
+                _drain(cfg, [(bridge, everything, lambda topic: True)], deadline, bridged)
+            finally:
+                spool.hand_to_workers(directory, bridged, owner)
+        for cid in (*todo.end, *([bridge] if bridge else [])):
             _end(cfg, cid, deadline)
-        log.info("broker_sessions_handed_over", ended=list(todo.end), started=list(todo.fresh),
-                 kept=list(todo.keep), readings_taken_over=len(queued),
-                 note="the previous layout's sessions are ended, what they had queued is "
-                      "judged by the devices' new workers; new sessions queue from now")
-    elif before != now:  # another layout, every session kept: a handover not yet judged
-        spool.hand_to_workers(directory, [], _owner(settings))  # goes to its new owners
+        log.info("broker_sessions_handed_over", drained=list(todo.drain),
+                 ended=list(todo.end), started=list(todo.fresh),
+                 readings_taken_over=len(queued) + len(bridged),
+                 note="what the previous layout's sessions had queued is judged by each "
+                      "device's new worker before any live reading")
+    else:
+        bridged = []
+        if left is not None and keeps:
+            # a handover cut short, and this start asks for no other: what its bridge
+            # holds (published since) is judged, and the bridge goes
+            try:
+                _drain(cfg, [(left, everything, lambda topic: True)], deadline, bridged)
+            finally:
+                spool.hand_to_workers(directory, bridged, _owner(settings))
+            _end(cfg, left, deadline)
+            log.info("handover_bridge_taken_over", client_id=left, readings=len(bridged))
+        elif before != now:  # a handover not yet judged goes to its new owners
+            spool.hand_to_workers(directory, [], _owner(settings))
     write_bytes(record, orjson.dumps(now.to_json()))
     return todo
+
+
+def _bridge_left(record: Path) -> str | None:
+    """The bridging session a handover cut short left at the broker (its record says)."""
+    try:
+        bridge = orjson.loads(record.read_bytes()).get("bridge")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return None
+    return bridge if isinstance(bridge, str) else None
 
 
 def _end(cfg: MqttConfig, client_id: str, deadline: float) -> None:
@@ -345,11 +366,12 @@ class _Session:
 
 
 def _connect_once(cfg: MqttConfig, client_id: str, deadline: float, *, keep: bool,
-                  subscription: str | None = None) -> None:
-    """One connection as ``client_id`` with a clean start: ``keep`` False ends its session
-    (and drops what it queued) at the disconnect; True leaves a new one, subscribed to
-    ``subscription`` at QoS 1, that the broker keeps for ``mqtt.session_expiry_s``."""
-    session = _Session(cfg, client_id, deadline, resume=False, keep=keep)
+                  subscription: str | None = None, resume: bool = False) -> None:
+    """One connection as ``client_id``, with a clean start unless ``resume``: ``keep``
+    False ends its session (and drops what it queued) at the disconnect; True leaves it,
+    subscribed to ``subscription`` at QoS 1, for the broker to keep for
+    ``mqtt.session_expiry_s``."""
+    session = _Session(cfg, client_id, deadline, resume=resume, keep=keep)
     try:
         if subscription is not None:
             session.client.subscribe(subscription, qos=1)

@@ -41,34 +41,22 @@ def test_unknown_or_unchanged_layout_keeps_every_session() -> None:
     assert sessions.plan(elsewhere, now) == sessions.Plan(keep=("a-0", "a-1"))
 
 
-def test_one_daemon_to_workers_ends_its_session_and_starts_theirs() -> None:
+def test_any_other_layout_drains_every_old_session_and_starts_every_new_one() -> None:
     got = sessions.plan(record("single", ["a"]), record("device", ["a-0", "a-1"]))
-    assert got == sessions.Plan(end=("a",), fresh=("a-0", "a-1"))
+    assert got == sessions.Plan(drain=("a",), end=("a",), fresh=("a-0", "a-1"))
     back = sessions.plan(record("device", ["a-0", "a-1"]), record("single", ["a"]))
-    assert back == sessions.Plan(end=("a-0", "a-1"), fresh=("a",))
-
-
-def test_more_or_fewer_workers_keep_the_sessions_in_both_layouts() -> None:
+    assert back == sessions.Plan(drain=("a-0", "a-1"), end=("a-0", "a-1"), fresh=("a",))
     two, three = record("device", ["a-0", "a-1"]), record("device", ["a-0", "a-1", "a-2"])
-    assert sessions.plan(two, three) == sessions.Plan(fresh=("a-2",), keep=("a-0", "a-1"))
-    assert sessions.plan(three, two) == sessions.Plan(end=("a-2",), keep=("a-0", "a-1"))
-
-
-def test_device_to_shared_dispatch_keeps_one_backlog_only() -> None:
-    # each device-dispatch session queued every reading: two kept would judge each twice
-    got = sessions.plan(record("device", ["a-0", "a-1"]), shared(["a-0", "a-1"]))
-    assert got == sessions.Plan(fresh=("a-1",), keep=("a-0",))
-    # the other way each shared session queued its own part: both are kept
-    back = sessions.plan(shared(["a-0", "a-1"]), record("device", ["a-0", "a-1"]))
-    assert back == sessions.Plan(keep=("a-0", "a-1"))
-
-
-def test_another_subscription_starts_the_sessions_afresh() -> None:
-    # the old filter would stay subscribed in a kept session beside the new one
-    assert sessions.plan(shared(["a-0"], "g1"), shared(["a-0"], "g2")) == sessions.Plan(
-        fresh=("a-0",))
+    # a kept session would hold readings of devices its worker no longer owns
+    assert sessions.plan(two, three) == sessions.Plan(
+        drain=("a-0", "a-1"), fresh=("a-0", "a-1", "a-2"))
+    assert sessions.plan(three, two) == sessions.Plan(
+        drain=("a-0", "a-1", "a-2"), end=("a-2",), fresh=("a-0", "a-1"))
+    assert sessions.plan(two, shared(["a-0", "a-1"])) == sessions.Plan(
+        drain=("a-0", "a-1"), fresh=("a-0", "a-1"))
+    # another subscription: the old filter would stay in a kept session beside the new one
     moved = sessions.plan(record("single", ["a"]), record("single", ["a"], "plant/+/data"))
-    assert moved == sessions.Plan(fresh=("a",))
+    assert moved == sessions.Plan(drain=("a",), fresh=("a",))
 
 
 def settings_for(host: str, port: int, directory: Path, workers: int = 1,
@@ -183,7 +171,7 @@ def test_a_layout_change_ends_the_old_sessions_and_starts_the_new(
     publish(broker, restart)  # while it is down: queued in its session
     # ... and two workers replace it
     assert start_layout(broker, tmp_path, 2, protocol=protocol) == sessions.Plan(
-        end=("a",), fresh=("a-0", "a-1"))
+        drain=("a",), end=("a",), fresh=("a-0", "a-1"))
     # what it had queued waits for each device's new worker, in order
     handed = {i: [q.topic for q in spool.take(tmp_path, i)[1]] for i in range(2)}
     assert sorted(handed[0] + handed[1]) == restart
@@ -216,7 +204,8 @@ def test_returning_to_a_layout_does_not_replay_its_old_backlog(
     daemon_session(broker, "a", "sensors/+/readings")
     publish(broker, ["sensors/old/readings"])
 
-    assert start_layout(broker, tmp_path, 1) == sessions.Plan(end=("a-0", "a-1"), fresh=("a",))
+    assert start_layout(broker, tmp_path, 1) == sessions.Plan(
+        drain=("a-0", "a-1"), end=("a-0", "a-1"), fresh=("a",))
     # taken over once, from the worker that owned its device, for the daemon to judge;
     # the stale session's copy goes with it
     assert [q.topic for q in spool.take(tmp_path, None)[1]] == ["sensors/old/readings"]
@@ -236,10 +225,39 @@ def test_device_to_shared_dispatch_judges_the_restarts_readings_once(
     publish(broker, ["sensors/p1/readings"])  # during the restart: queued in both
 
     plan = start_layout(broker, tmp_path, 2, "shared")
-    assert plan == sessions.Plan(fresh=("a-1",), keep=("a-0",))
-    taken = [Probe(broker, f"a-{i}", MARKER).take(broker) for i in range(2)]
-    assert taken[0] == ["sensors/p1/readings"]
-    assert "sensors/p1/readings" not in taken[1]
+    assert plan == sessions.Plan(drain=("a-0", "a-1"), fresh=("a-0", "a-1"))
+    # taken once, from the session whose worker owned p1; shared: worker 0 judges it
+    assert [q.topic for q in spool.take(tmp_path, 0)[1]] == ["sensors/p1/readings"]
+    assert spool.take(tmp_path, 1)[1] == []
+    assert [Probe(broker, f"a-{i}", MARKER).take(broker) for i in range(2)] == [[], []]
+
+
+def test_readings_published_during_the_handover_wait_in_its_bridge(
+    fresh_broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the old sessions' unsubscribing and the new ones' making, only the bridging
+    session holds what is published: it is handed over with the rest, once."""
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 1)
+    daemon_session(broker, "a", "sensors/+/readings")
+    drain = sessions._drain
+    calls: list[int] = []
+
+    def drain_then_publish(*args: Any, **kwargs: Any) -> None:
+        drain(*args, **kwargs)
+        if not calls:  # the old sessions are drained, the new ones not made yet
+            publish(broker, ["sensors/gap/readings"])
+        calls.append(1)
+
+    monkeypatch.setattr(sessions, "_drain", drain_then_publish)
+    start_layout(broker, tmp_path, 2)
+    owner = partition.owner("gap", 2)
+    assert [q.topic for q in spool.take(tmp_path, owner)[1]] == ["sensors/gap/readings"]
+    assert spool.take(tmp_path, 1 - owner)[1] == []
+    for i in range(2):  # not in the new sessions: made after it was published
+        assert Probe(broker, f"a-{i}", MARKER).take(broker) == []
+    assert Probe(broker, "a-handover", MARKER).take(
+        broker, subscribe="sensors/+/readings") == []  # the bridge is gone
 
 
 def test_an_unreachable_broker_leaves_the_record_for_the_next_start(tmp_path: Path) -> None:
@@ -249,11 +267,12 @@ def test_an_unreachable_broker_leaves_the_record_for_the_next_start(tmp_path: Pa
     (tmp_path / sessions.SESSIONS_FILE).write_bytes(orjson.dumps(
         sessions.Record(f"127.0.0.1:{s.mqtt.port}", "single", {"a": "sensors/+/readings"})
         .to_json()))
-    before = (tmp_path / sessions.SESSIONS_FILE).read_bytes()
     s = s.model_copy(update={"mqtt": s.mqtt.model_copy(update={"connect_timeout_s": 0.5})})
     with pytest.raises(sessions.BrokerError, match="cannot reach broker"):
         sessions.hand_over(s, tmp_path, None)
-    assert (tmp_path / sessions.SESSIONS_FILE).read_bytes() == before
+    left = orjson.loads((tmp_path / sessions.SESSIONS_FILE).read_bytes())
+    assert left["sessions"] == {"a": "sensors/+/readings"}  # still the previous layout's
+    assert left["bridge"] == "a-handover"  # which the next start may find at the broker
 
 
 def test_the_daemon_hands_over_before_it_connects(
@@ -319,29 +338,65 @@ def test_an_earlier_handover_not_yet_judged_is_recut_for_the_new_layout(
     assert taken[-1] == later and taken[0].payload == b'{"x": 0}'
 
 
-def test_fewer_workers_judge_the_restart_from_their_kept_sessions_not_twice(
+def test_fewer_workers_judge_each_restart_reading_once(
     fresh_broker: Broker, tmp_path: Path
 ) -> None:
     broker = fresh_broker
     start_layout(broker, tmp_path, 3)
     for i in range(3):  # each device-dispatch worker's session queues every reading
         daemon_session(broker, f"a-{i}", "sensors/+/readings")
-    publish(broker, [f"sensors/d{k}/readings" for k in range(12)])
-    assert start_layout(broker, tmp_path, 2) == sessions.Plan(end=("a-2",), keep=("a-0", "a-1"))
-    # the kept sessions hold every reading, each for its new owner: nothing more to hand
-    assert spool.take(tmp_path, 0)[1] == [] and spool.take(tmp_path, 1)[1] == []
+    topics = [f"sensors/d{k}/readings" for k in range(12)]
+    publish(broker, topics)
+    assert start_layout(broker, tmp_path, 2) == sessions.Plan(
+        drain=("a-0", "a-1", "a-2"), end=("a-2",), fresh=("a-0", "a-1"))
+    for i in range(2):  # each reading once, for its device's new worker
+        assert sorted(q.topic for q in spool.take(tmp_path, i)[1]) == sorted(
+            t for t in topics if partition.owner(t.split("/")[1], 2) == i)
 
 
-def test_a_handover_not_yet_judged_follows_a_layout_that_keeps_every_session(
-    tmp_path: Path,
+def test_a_handover_not_yet_judged_follows_the_next_layout(
+    fresh_broker: Broker, tmp_path: Path
 ) -> None:
-    shared_ = settings_for("127.0.0.1", 1, tmp_path, workers=2, dispatch="shared")
-    sessions.hand_over(shared_, tmp_path, state.repartition(tmp_path, 2, "shared"))
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 2, "shared")
     readings = [spool.Queued(f"sensors/d{k}/readings", b"{}", float(k)) for k in range(8)]
     spool.hand_to_workers(tmp_path, readings, lambda topic: 0)  # shared: all to worker 0
-    device = settings_for("127.0.0.1", 1, tmp_path, workers=2, dispatch="device")
-    plan = sessions.hand_over(device, tmp_path, state.repartition(tmp_path, 2, "device"))
-    assert plan == sessions.Plan(keep=("a-0", "a-1"))  # (the broker is not asked)
+    start_layout(broker, tmp_path, 2, "device")
     for i in range(2):
         assert [q.topic for q in spool.take(tmp_path, i)[1]] == [
             q.topic for q in readings if partition.owner(q.topic.split("/")[1], 2) == i]
+
+
+def test_a_handover_cut_short_is_finished_by_the_next_start(
+    fresh_broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the old session was drained: the next start (the configuration put
+    back) takes over what the bridge held meanwhile, and ends it."""
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 1)
+    daemon_session(broker, "a", "sensors/+/readings")
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # as a SIGKILL would stop it, before the new sessions
+
+    monkeypatch.setattr(sessions, "_connect_once", _cut_after_bridge(killed))
+    with pytest.raises(KeyboardInterrupt):
+        start_layout(broker, tmp_path, 2)
+    monkeypatch.undo()
+    publish(broker, ["sensors/meanwhile/readings"])  # only the bridge is subscribed now
+    start_layout(broker, tmp_path, 1)  # the layout put back: no other handover asked for
+    assert [q.topic for q in spool.take(tmp_path, None)[1]] == ["sensors/meanwhile/readings"]
+    assert Probe(broker, "a-handover", MARKER).take(
+        broker, subscribe="sensors/+/readings") == []  # the bridge is gone
+
+
+def _cut_after_bridge(fail: Any) -> Any:
+    real = sessions._connect_once
+    calls: list[int] = []
+
+    def connect_once(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) > 1:  # the bridge is made; the first new session is not
+            fail()
+        real(*args, **kwargs)
+    return connect_once
