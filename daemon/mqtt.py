@@ -213,6 +213,7 @@ class MqttAdapter:
         #: (re)subscription if later (None before the first): how long nothing has come
         self.heard_at: float | None = None
         self._intake_connections = 0
+        self._intake_started = False  # start_intake has connected it (it may be later)
         #: connections at which the broker no longer had the session it should have had
         #: (``broker_session_lost``): its retained messages are then likely gone too
         self.lost_sessions = 0
@@ -232,22 +233,32 @@ class MqttAdapter:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Connect both links (retrying until ``connect_timeout_s``), output first.
+    def start(self, intake: bool = True) -> None:
+        """Connect both links (retrying until ``connect_timeout_s``), output first; the
+        intake later (``start_intake``) if not ``intake``: readings taken over from a
+        previous layout are judged first, while the broker keeps the live ones.
 
         Raises BrokerError when the broker cannot be reached in time or refuses us.
         """
-        timeout = self.cfg.connect_timeout_s
-        deadline = time.monotonic() + timeout if timeout else float("inf")
-        self.output.start(deadline)
-        try:
-            self.intake.start(deadline)
-        except BaseException:
-            self.output.stop(1.0)
-            raise
+        self.output.start(self._deadline())
+        if intake:
+            try:
+                self.start_intake()
+            except BaseException:
+                self.output.stop(1.0)
+                raise
         self._retrier = threading.Thread(target=self._retry_loop, name="publish-retry",
                                          daemon=True)
         self._retrier.start()
+
+    def start_intake(self) -> None:
+        """Connect the intake (the readings' session); BrokerError as ``start``'s."""
+        self.intake.start(self._deadline())
+        self._intake_started = True
+
+    def _deadline(self) -> float:
+        timeout = self.cfg.connect_timeout_s
+        return time.monotonic() + timeout if timeout else float("inf")
 
     @property
     def last_error(self) -> str | None:
@@ -281,7 +292,7 @@ class MqttAdapter:
 
     @property
     def loop_alive(self) -> bool:
-        return self.intake.alive and self.output.alive
+        return (self.intake.alive or not self._intake_started) and self.output.alive
 
     @property
     def connected(self) -> bool:

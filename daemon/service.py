@@ -407,7 +407,9 @@ class Service:
                         note="the broker username and password cross the network "
                              "unencrypted: set mqtt.tls.enabled (MQTT_TLS=true)")
         try:
-            self.mqtt.start()
+            # readings taken over are judged before the intake connects: live ones wait at
+            # the broker, not in the intake's network thread (which would miss keepalives)
+            self.mqtt.start(intake=not self._spooled)
         except BaseException:
             self.http.stop()
             self._release_state()
@@ -539,7 +541,8 @@ class Service:
 
     def _finish_handover(self) -> None:
         """Once every reading taken over is judged and its results safe with the broker
-        (looked at once a second), its file goes."""
+        (looked at once a second), its file goes and the intake connects. A broker that
+        cannot be reached then (BrokerError) stops the daemon as at its start."""
         if not self._spooled or time.monotonic() - self._handover_checked_at < 1.0:
             return
         self._handover_checked_at = time.monotonic()
@@ -547,6 +550,7 @@ class Service:
             self._spool_path.unlink(missing_ok=True)
             log.info("handover_judged", readings=len(self._spooled))
             self._spooled = []
+            self.mqtt.start_intake()
 
     def _release_state(self) -> None:
         """Let the state directory go (``state.lock``), if this daemon took it."""

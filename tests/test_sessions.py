@@ -276,7 +276,8 @@ def test_an_unreachable_broker_leaves_the_record_for_the_next_start(tmp_path: Pa
 
 
 def test_the_daemon_hands_over_before_it_connects(
-    fresh_broker: Broker, start_daemon: Any, trained_model_dir: Path, collector_for: Any
+    fresh_broker: Broker, start_daemon: Any, trained_model_dir: Path, collector_for: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A daemon started where workers ran judges what their sessions queued while they
     were down (each reading once, before any live one), ends them, and keeps its record."""
@@ -301,7 +302,6 @@ def test_the_daemon_hands_over_before_it_connects(
                   qos=1).wait_for_publish(5)
 
     svc = start_daemon(settings=s)
-    assert svc.mqtt.intake.connected
     got = col.wait_for(lambda t, p: t.startswith("anomaly/h"), count=len(devices), timeout=30)
     assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(len(devices)))
     c.publish("sensors/h0/readings", orjson.dumps({**NORMAL_READING, "seq": 99}),
@@ -312,6 +312,11 @@ def test_the_daemon_hands_over_before_it_connects(
     time.sleep(1.5)  # the handover's file goes within a second of its last verdict
     assert [orjson.loads(p)["seq"] for t, p, *_ in col.messages
             if t.startswith("anomaly/h")] == [*range(len(devices)), 99]
+    assert svc.mqtt.intake.connected
+    # the intake subscribed only once the handover was judged: live readings waited at
+    # the broker, not in its network thread
+    out = capsys.readouterr().out
+    assert out.index("handover_judged") < out.index("subscribed ")
     assert not spool.spool_file(directory, None).exists()
     for worker_id in workers:
         probe = Probe(broker, worker_id, MARKER)
