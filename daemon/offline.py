@@ -41,9 +41,9 @@ from daemon.oversize import RESULT_TOO_LARGE
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder, parse_timestamp
 from daemon.training.datasets import (
-    DEVICE_COLUMNS,
     LABEL_COLUMNS,
     LOOK_ROWS,
+    device_column,
     epoch_scale,
     is_time_column,
     number,
@@ -107,9 +107,7 @@ def _rows(path: Path, features: Collection[str], note: Callable[[str], None] | N
         if not first:
             return
         body = [row for _, row in first]
-        lowered = [name.lower() for name in header]
-        device_col = next((lowered.index(c) for c in DEVICE_COLUMNS
-                           if c in lowered and header[lowered.index(c)] not in features), None)
+        device_col = device_column(header, features)
         time_col, dropped = _special_columns(header, body, features, device_col)
         scale = None
         if time_col is not None:

@@ -27,7 +27,7 @@ import csv
 import itertools
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -180,9 +180,7 @@ def load_csv(
     body = [row for _, row in numbered]
     lowered = {name.lower(): i for i, name in enumerate(header)}
     label_idx = next((lowered[c] for c in LABEL_COLUMNS if c in lowered), None)
-    device_idx = next((lowered[c] for c in DEVICE_COLUMNS if c in lowered), None)
-    if features is not None and device_idx is not None and header[device_idx] in features:
-        device_idx = None  # a feature, whatever its name
+    device_idx = device_column(header, features or ())
     excluded = {i for i, name in enumerate(header) if name.lower() in LABEL_COLUMNS}
     times = [i for i, name in enumerate(header) if is_time_column(name, body, i)]
     excluded |= set(times)
@@ -245,6 +243,14 @@ def load_csv(
         devices=tuple(devices) if device_idx is not None else None,
         notes=tuple(notes),
     )
+
+
+def device_column(header: Sequence[str], features: Collection[str]) -> int | None:
+    """The index of the column naming each row's device (``DEVICE_COLUMNS``, in that order
+    of preference, any case), or None; a column named in ``features`` is a feature."""
+    lowered = [name.lower() for name in header]
+    return next((lowered.index(c) for c in DEVICE_COLUMNS
+                 if c in lowered and header[lowered.index(c)] not in features), None)
 
 
 def _time_order(numbered: Sequence[tuple[int, list[str]]], column: int, name: str,
