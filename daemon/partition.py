@@ -52,8 +52,12 @@ class TopicOwnership:
         self.workers = workers
 
     def owns(self, topic: str) -> bool:
+        return self.owner_of(topic) == self.index
+
+    def owner_of(self, topic: str) -> int:
+        """The index of the worker that judges a message on ``topic``."""
         device_id = self._matcher.device_id(topic)
-        return owner(topic if device_id is None else device_id, self.workers) == self.index
+        return owner(topic if device_id is None else device_id, self.workers)
 
 
 def split(

@@ -386,14 +386,7 @@ class Service:
     def start(self) -> None:
         state.check_writable(self.state_path.parent)  # before anything is judged
         if self._worker_index is None:  # workers: the supervisor did it before starting them
-            self._state_lock = state.lock(self.state_path.parent)
-            try:
-                layout = state.repartition(self.state_path.parent, 1,
-                                           self.settings.service.dispatch)
-                sessions.hand_over(self.settings, self.state_path.parent, layout)
-            except BaseException:
-                self._release_state()
-                raise
+            self._state_lock = sessions.take_over(self.settings, self.state_path.parent, 1)
         self._restore_state()
         self._take_over_handover()
         try:
@@ -530,7 +523,7 @@ class Service:
     def _take_over_handover(self) -> None:
         """Queue, before any live reading, the readings a previous layout's session had
         queued for this daemon's devices (``daemon.spool``)."""
-        self._spool_path, queued = spool.take(self.state_path.parent, self._worker_index)
+        queued = spool.take(self.state_path.parent, self._worker_index)
         now = time.monotonic()
         self._spooled = [Inbound(0, 0, q.topic, q.payload, now, q.received) for q in queued]
         for msg in self._spooled:  # QoS 0 to the acks: there is no broker message to ack

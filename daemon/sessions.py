@@ -31,6 +31,7 @@ bridge, resumed then, still holds what came meanwhile.
 
 from __future__ import annotations
 
+import os
 import ssl
 import threading
 import time
@@ -46,10 +47,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon import partition, spool
+from daemon import spool, state
 from daemon.config import MqttConfig, Settings
 from daemon.errors import BrokerError
 from daemon.mqtt_link import connect_failure, set_credentials
+from daemon.partition import TopicOwnership
 from daemon.state import write_bytes
 from daemon.topics import TopicMatcher
 
@@ -177,7 +179,7 @@ def _owner(settings: Settings) -> Callable[[str], int | None]:
     if svc.dispatch == "shared":
         return lambda topic: 0
     matcher = TopicMatcher(subscriptions(settings)[0], settings.limits.device_id_pattern)
-    return lambda topic: partition.owner(matcher.device_id(topic) or topic, n)
+    return TopicOwnership(matcher, 0, n).owner_of
 
 
 def _unshared(subscription: str) -> str:
@@ -188,6 +190,22 @@ def _unshared(subscription: str) -> str:
 
 def _broker(cfg: MqttConfig) -> str:
     return f"{cfg.host}:{cfg.port}"
+
+
+def take_over(settings: Settings, directory: Path, workers: int) -> int:
+    """Take the state directory for this process (``state.lock``) and settle what the
+    previous layout left in it and at the broker: each device's saved state re-cut for
+    its owner (``state.repartition``), the broker sessions handed over. Run once, before
+    any worker starts (by the supervisor, or a single daemon with ``workers`` 1). Returns
+    the lock's descriptor; if anything fails the directory is let go."""
+    lock = state.lock(directory)
+    try:
+        hand_over(settings, directory,
+                  state.repartition(directory, workers, settings.service.dispatch))
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
 
 
 def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | None) -> Plan:
@@ -388,9 +406,8 @@ def _was_owned(settings: Settings, before: Record, cid: str) -> Callable[[str], 
     if before.dispatch != "device" or len(before.sessions) < 2:
         return lambda topic: True
     ids = list(before.sessions)
-    n, index = len(ids), ids.index(cid)
     matcher = TopicMatcher(before.sessions[cid], settings.limits.device_id_pattern)
-    return lambda topic: partition.owner(matcher.device_id(topic) or topic, n) == index
+    return TopicOwnership(matcher, ids.index(cid), len(ids)).owns
 
 
 def _drain(cfg: MqttConfig, olds: Sequence[tuple[str, str, Callable[[str], bool]]],

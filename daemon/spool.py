@@ -62,10 +62,10 @@ def hand_to_workers(directory: Path, queued: Sequence[Queued],
             path.unlink(missing_ok=True)
 
 
-def take(directory: Path, worker_index: int | None) -> tuple[Path, list[Queued]]:
-    """This daemon's or worker's file and its readings (none if there is no file)."""
-    path = spool_file(directory, worker_index)
-    return path, _read(path)
+def take(directory: Path, worker_index: int | None) -> list[Queued]:
+    """The readings in this daemon's or worker's file (``spool_file``; none if there is
+    no file)."""
+    return _read(spool_file(directory, worker_index))
 
 
 def _read(path: Path) -> list[Queued]:

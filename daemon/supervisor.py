@@ -99,22 +99,21 @@ class Worker:
 
 def run_workers(settings: Settings, config: Path | None) -> int:
     n = settings.service.workers
-    # Before any worker reads its file: each device's saved state to the worker that
-    # owns it now (the number of workers or the dispatch may have changed).
     state.check_writable(settings.state.dir)
-    lock = state.lock(settings.state.dir)  # held until the supervisor and its workers end
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def hand_over(signum: int, frame: FrameType | None) -> None:
         signals.put(signum)  # acted on below: a handler must take no lock
 
-    # Before the broker sessions' handover: a stop asked for during it is acted on after
-    # it, never in the middle of taking readings over.
+    # Before the handover below: a stop asked for during it is acted on after it, never
+    # in the middle of taking readings over.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, hand_over)
-    layout = state.repartition(settings.state.dir, n, settings.service.dispatch)
-    # ... and the broker sessions of another layout handed over to this one's
-    sessions.hand_over(settings, settings.state.dir, layout)
+    # Before any worker reads its file: each device's saved state to the worker that owns
+    # it now, the previous layout's broker sessions handed over to this one's (the number
+    # of workers or the dispatch may have changed). The lock is held until the supervisor
+    # and its workers end.
+    lock = sessions.take_over(settings, settings.state.dir, n)
     base = [sys.executable, "-m", "daemon"] + (["--config", str(config)] if config else [])
     workers = [Worker(i, [*base, "run", "--worker-index", str(i)], (lock,)) for i in range(n)]
     log.info("workers_started", workers=n, pids=[w.proc.pid for w in workers if w.proc])

@@ -142,7 +142,7 @@ def daemon_session(b: Broker, client_id: str, subscription: str) -> None:
     props.SessionExpiryInterval = 3600
     c.connect(b.host, b.port, 30, clean_start=False, properties=props)
     c.loop_start()
-    c.subscribe(subscription, qos=1)[1]
+    c.subscribe(subscription, qos=1)
     time.sleep(0.2)
     c.disconnect()
     c.loop_stop()
@@ -173,7 +173,7 @@ def test_a_layout_change_ends_the_old_sessions_and_starts_the_new(
     assert start_layout(broker, tmp_path, 2, protocol=protocol) == sessions.Plan(
         drain=("a",), end=("a",), fresh=("a-0", "a-1"))
     # what it had queued waits for each device's new worker, in order
-    handed = {i: [q.topic for q in spool.take(tmp_path, i)[1]] for i in range(2)}
+    handed = {i: [q.topic for q in spool.take(tmp_path, i)] for i in range(2)}
     assert sorted(handed[0] + handed[1]) == restart
     for i, topics in handed.items():
         assert topics == [t for t in restart if partition.owner(t.split("/")[1], 2) == i]
@@ -208,7 +208,7 @@ def test_returning_to_a_layout_does_not_replay_its_old_backlog(
         drain=("a-0", "a-1"), end=("a-0", "a-1"), fresh=("a",))
     # taken over once, from the worker that owned its device, for the daemon to judge;
     # the stale session's copy goes with it
-    assert [q.topic for q in spool.take(tmp_path, None)[1]] == ["sensors/old/readings"]
+    assert [q.topic for q in spool.take(tmp_path, None)] == ["sensors/old/readings"]
     publish(broker, ["sensors/new/readings"])
     probe = Probe(broker, "a", MARKER)
     assert probe.take(broker) == ["sensors/new/readings"]  # the old reading is not replayed
@@ -227,8 +227,8 @@ def test_device_to_shared_dispatch_judges_the_restarts_readings_once(
     plan = start_layout(broker, tmp_path, 2, "shared")
     assert plan == sessions.Plan(drain=("a-0", "a-1"), fresh=("a-0", "a-1"))
     # taken once, from the session whose worker owned p1; shared: worker 0 judges it
-    assert [q.topic for q in spool.take(tmp_path, 0)[1]] == ["sensors/p1/readings"]
-    assert spool.take(tmp_path, 1)[1] == []
+    assert [q.topic for q in spool.take(tmp_path, 0)] == ["sensors/p1/readings"]
+    assert spool.take(tmp_path, 1) == []
     assert [Probe(broker, f"a-{i}", MARKER).take(broker) for i in range(2)] == [[], []]
 
 
@@ -252,8 +252,8 @@ def test_readings_published_during_the_handover_wait_in_its_bridge(
     monkeypatch.setattr(sessions, "_drain", drain_then_publish)
     start_layout(broker, tmp_path, 2)
     owner = partition.owner("gap", 2)
-    assert [q.topic for q in spool.take(tmp_path, owner)[1]] == ["sensors/gap/readings"]
-    assert spool.take(tmp_path, 1 - owner)[1] == []
+    assert [q.topic for q in spool.take(tmp_path, owner)] == ["sensors/gap/readings"]
+    assert spool.take(tmp_path, 1 - owner) == []
     for i in range(2):  # not in the new sessions: made after it was published
         assert Probe(broker, f"a-{i}", MARKER).take(broker) == []
     assert Probe(broker, "a-handover", MARKER).take(
@@ -334,13 +334,13 @@ def test_an_earlier_handover_not_yet_judged_is_recut_for_the_new_layout(
     readings = [spool.Queued(f"sensors/d{k}/readings", b'{"x": %d}' % k, float(k))
                 for k in range(6)]
     spool.hand_to_workers(tmp_path, readings, lambda topic: int(topic[9]) % 2)
-    assert [q.topic for q in spool.take(tmp_path, 1)[1]] == [
+    assert [q.topic for q in spool.take(tmp_path, 1)] == [
         "sensors/d1/readings", "sensors/d3/readings", "sensors/d5/readings"]
     # the workers stopped before judging them; one daemon now, with a reading of its own
     later = spool.Queued("sensors/d9/readings", b"{}", 9.0)
     spool.hand_to_workers(tmp_path, [later], lambda topic: None)
     assert sorted(p.name for p in tmp_path.glob("handover*")) == ["handover.jsonl"]
-    taken = spool.take(tmp_path, None)[1]
+    taken = spool.take(tmp_path, None)
     assert sorted(q.topic for q in taken[:-1]) == [q.topic for q in readings]
     assert taken[-1] == later and taken[0].payload == b'{"x": 0}'
 
@@ -357,7 +357,7 @@ def test_fewer_workers_judge_each_restart_reading_once(
     assert start_layout(broker, tmp_path, 2) == sessions.Plan(
         drain=("a-0", "a-1", "a-2"), end=("a-2",), fresh=("a-0", "a-1"))
     for i in range(2):  # each reading once, for its device's new worker
-        assert sorted(q.topic for q in spool.take(tmp_path, i)[1]) == sorted(
+        assert sorted(q.topic for q in spool.take(tmp_path, i)) == sorted(
             t for t in topics if partition.owner(t.split("/")[1], 2) == i)
 
 
@@ -370,7 +370,7 @@ def test_a_handover_not_yet_judged_follows_the_next_layout(
     spool.hand_to_workers(tmp_path, readings, lambda topic: 0)  # shared: all to worker 0
     start_layout(broker, tmp_path, 2, "device")
     for i in range(2):
-        assert [q.topic for q in spool.take(tmp_path, i)[1]] == [
+        assert [q.topic for q in spool.take(tmp_path, i)] == [
             q.topic for q in readings if partition.owner(q.topic.split("/")[1], 2) == i]
 
 
@@ -392,7 +392,7 @@ def test_a_handover_cut_short_is_finished_by_the_next_start(
     monkeypatch.undo()
     publish(broker, ["sensors/meanwhile/readings"])  # only the bridge is subscribed now
     start_layout(broker, tmp_path, 1)  # the layout put back: no other handover asked for
-    assert [q.topic for q in spool.take(tmp_path, None)[1]] == ["sensors/meanwhile/readings"]
+    assert [q.topic for q in spool.take(tmp_path, None)] == ["sensors/meanwhile/readings"]
     assert Probe(broker, "a-handover", MARKER).take(
         broker, subscribe="sensors/+/readings") == []  # the bridge is gone
 
