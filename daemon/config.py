@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from daemon.alerts import MAX_BACKOFF
 from daemon.baseline import THRESHOLD_MARGIN
 from daemon.errors import ConfigError
+from daemon.topics import could_match
 
 DEFAULT_CONFIG_PATH = Path("config/anomalyd.toml")
 MASK = "********"  # what a secret looks like in /info and check-config
@@ -302,6 +303,21 @@ class Settings(_Strict):
             raise ValueError(
                 f"http.port {self.http.port} with {svc.workers} workers: worker i listens on "
                 f"http.port + i, beyond 65535 for the last one")
+        read_back = []
+        for kind in ("verdict", "alert", "dead_letter", "status", "presence"):
+            template = getattr(self.topics, kind)
+            try:
+                if could_match(self.mqtt.subscription, template, self.limits.device_id_pattern):
+                    read_back.append(f"topics.{kind} {template!r}")
+            except (ConfigError, re.error):
+                break  # a malformed filter or id pattern is reported where it is used
+        if read_back:
+            raise ValueError(
+                f"mqtt.subscription {self.mqtt.subscription!r} matches "
+                f"{' and '.join(read_back)}: anomalyd would read its own results as readings "
+                f"(each one dead-lettered, and the dead letters again, in a loop). Give the "
+                f"results topics outside the subscription, or narrow it (e.g. "
+                f"sensors/+/readings)")
         if svc.workers > 1 and svc.dispatch == "shared" and self.alerts.quiet_after_s:
             raise ValueError(
                 "alerts.quiet_after_s needs service.dispatch = \"device\" (the default) or "

@@ -74,3 +74,27 @@ def parse_filter(subscription: str) -> tuple[tuple[str, ...], int, bool]:
     if "+" not in levels:
         raise ConfigError(f"subscription {subscription!r} needs a '+' level for the device id")
     return tuple(levels), levels.index("+"), multi
+
+
+def could_match(subscription: str, template: str, device_id_pattern: str) -> bool:
+    """Whether the filter ``subscription`` matches a topic ``template`` gives for some
+    device id (``{device_id}``, any id ``device_id_pattern`` allows, stands for one level
+    or part of one). A daemon whose subscription matches its own result topics reads its
+    results as readings: each one dead-lettered, the dead letters too, in a loop."""
+    levels, _, multi = parse_filter(subscription)
+    topic = template.split("/")
+    if len(topic) < len(levels) or (len(topic) > len(levels) and not multi):
+        return False
+    if levels[0] == "+" and template.startswith("$"):
+        return False
+    for want, got in zip(levels, topic, strict=False):
+        if want == "+":
+            continue
+        if "{device_id}" in got:
+            before, _, after = got.partition("{device_id}")
+            level = f"{re.escape(before)}(?:{device_id_pattern}){re.escape(after)}"
+            if not re.fullmatch(level, want):
+                return False
+        elif want != got:
+            return False
+    return True

@@ -8,6 +8,7 @@ import pytest
 
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError
+from daemon.topics import could_match
 from tests.broker import REPO
 
 
@@ -83,6 +84,50 @@ def test_settings_that_run_would_refuse_are_refused_by_check_config_too(
     wildcard in a topic filter, worker 1's port beyond 65535: a crash loop) or did
     something no one wants (every alert critical, alerts and verdicts on one topic)."""
     _refused_then_loaded(tmp_path, refused, match, loaded)
+
+
+@pytest.mark.parametrize(
+    ("subscription", "template", "matches"),
+    [
+        ("sensors/+/readings", "anomaly/{device_id}/verdict", False),
+        ("plant/+/#", "plant/{device_id}/verdict", True),
+        ("plant/+/#", "plant/dead-letter", True),  # '#' matches no level too
+        ("+/+/readings", "anomaly/{device_id}/verdict", False),
+        ("+/+/+", "anomaly/{device_id}/alert", True),
+        ("+/status", "anomaly/status", True),
+        ("+/status/+", "anomaly/status", False),
+        ("dev-7/+", "dev-{device_id}/x", True),
+        ("dev-x7/+", "dev-{device_id}/x", False),  # not an id the pattern allows
+        ("$share/g/anomaly/+/verdict", "anomaly/{device_id}/verdict", True),
+        ("+/x/#", "$SYS/x/y", False),  # a leading wildcard never matches "$" topics
+    ],
+)
+def test_a_filter_matching_a_result_topic_is_found(
+    subscription: str, template: str, matches: bool
+) -> None:
+    assert could_match(subscription, template, "[0-9]+") is matches
+
+
+def test_a_subscription_that_would_read_the_daemons_own_results_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Seen before this check: with subscription plant/+/# and the results under plant/,
+    one reading made a verdict, the verdict a dead letter (it is no reading), the dead
+    letter one more, each bigger than the last: ~4,900 dead letters in 5 s on a real
+    Mosquitto, without end."""
+    results = ('[topics]\nverdict = "plant/{device_id}/verdict"\n'
+               'alert = "plant/{device_id}/alert"\ndead_letter = "plant/dead-letter"\n'
+               'status = "plant/status"\npresence = "plant/{device_id}/presence"\n')
+    settings = _refused_then_loaded(
+        tmp_path, '[mqtt]\nsubscription = "plant/+/#"\n' + results,
+        r"matches topics\.verdict .* its own results as readings",
+        '[mqtt]\nsubscription = "plant/+/readings"\n' + results)
+    assert settings.mqtt.subscription == "plant/+/readings"
+    only_status = tmp_path / "b.toml"
+    only_status.write_text('[mqtt]\nsubscription = "anomaly/+"\n')
+    with pytest.raises(ConfigError, match=r"matches topics\.dead_letter 'anomaly/dead-letter' and "
+                                          r"topics\.status 'anomaly/status':"):
+        load_settings(only_status, env={})
 
 
 def test_a_packet_limit_too_small_for_a_verdict_is_refused(tmp_path: Path) -> None:
