@@ -53,7 +53,7 @@ from daemon.errors import BrokerError
 from daemon.mqtt_link import connect_failure, set_credentials
 from daemon.partition import TopicOwnership
 from daemon.state import write_bytes
-from daemon.topics import TopicMatcher
+from daemon.topics import TopicMatcher, could_match
 
 log = structlog.get_logger("anomalyd.sessions")
 
@@ -61,9 +61,14 @@ log = structlog.get_logger("anomalyd.sessions")
 SESSIONS_FILE = "sessions.json"
 #: How long one exchange with the broker (CONNACK, SUBACK) may take once connected.
 ANSWER_S = 10.0
-#: A session being drained has given all it queued once nothing has come for this long...
+#: A session being drained has given all it queued once the marker published behind its
+#: backlog has come back; where none can (the broker's ACL refuses its subscription or
+#: publication), once nothing has come for this long...
 QUIET_S = 0.5
-#: ... and is given at most this long (a backlog of hours at a high rate).
+#: ... or, the marker published, once nothing has come for this long (a broker whose queue
+#: for the session was full when the marker came drops it)...
+MARKER_QUIET_S = 5.0
+#: ... and it is given at most this long (a backlog of hours at a high rate).
 DRAIN_MAX_S = 120.0
 
 
@@ -229,6 +234,7 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
     timeout = cfg.connect_timeout_s
     deadline = time.monotonic() + timeout if timeout else float("inf")
     everything = _unshared(next(iter(now.sessions.values())))
+    marker = _marker_topic(settings)
     left = _bridge_left(record)
     if todo.fresh and before is not None and keeps:
         owner = _owner(settings)
@@ -249,46 +255,60 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
             bridge = None
         # 2. the old sessions, unsubscribed at once and drained, each reading taken from
         #    the session whose worker judged it; on disk before anything is ended
-        queued: list[spool.Queued] = []
-        try:
-            _drain(cfg, [(cid, before.sessions[cid], _was_owned(settings, before, cid))
-                         for cid in todo.drain], deadline, queued)
-        finally:
-            queued.sort(key=lambda q: q.received)  # a device's readings in their order
-            spool.hand_to_workers(directory, queued, owner)
+        taken = _take(directory, owner, cfg, [
+            (cid, before.sessions[cid], _was_owned(settings, before, cid))
+            for cid in todo.drain], deadline, marker)
         # 3. the new sessions, made afresh and subscribed: they queue from now on
         for cid in todo.fresh:
             _connect_once(cfg, cid, deadline, keep=False)
             _connect_once(cfg, cid, deadline, keep=True, subscription=now.sessions[cid])
         # 4. what the bridge holds, after the old sessions' readings; then it goes
-        bridged: list[spool.Queued] = []
         if bridge is not None:
-            try:
-                _drain(cfg, [(bridge, everything, lambda topic: True)], deadline, bridged)
-            finally:
-                spool.hand_to_workers(directory, bridged, owner)
+            taken += _take(directory, owner, cfg, [(bridge, everything, lambda topic: True)],
+                           deadline, marker)
         for cid in (*todo.end, *([bridge] if bridge else [])):
             _end(cfg, cid, deadline)
         log.info("broker_sessions_handed_over", drained=list(todo.drain),
-                 ended=list(todo.end), started=list(todo.fresh),
-                 readings_taken_over=len(queued) + len(bridged),
+                 ended=list(todo.end), started=list(todo.fresh), readings_taken_over=taken,
                  note="what the previous layout's sessions had queued is judged by each "
                       "device's new worker before any live reading")
     else:
-        bridged = []
         if left is not None and keeps:
             # a handover cut short, and this start asks for no other: what its bridge
             # holds (published since) is judged, and the bridge goes
-            try:
-                _drain(cfg, [(left, everything, lambda topic: True)], deadline, bridged)
-            finally:
-                spool.hand_to_workers(directory, bridged, _owner(settings))
+            taken = _take(directory, _owner(settings), cfg,
+                          [(left, everything, lambda topic: True)], deadline, marker)
             _end(cfg, left, deadline)
-            log.info("handover_bridge_taken_over", client_id=left, readings=len(bridged))
-        elif before != now:  # a handover not yet judged goes to its new owners
+            log.info("handover_bridge_taken_over", client_id=left, readings=taken)
+        elif before != now or spool.journal_left(directory):
+            # a handover not yet judged (or cut short taking) goes to its new owners
             spool.hand_to_workers(directory, [], _owner(settings))
     write_bytes(record, orjson.dumps(now.to_json()))
     return todo
+
+
+def _take(directory: Path, owner: Callable[[str], int | None], cfg: MqttConfig,
+          olds: Sequence[tuple[str, str, Callable[[str], bool]]], deadline: float,
+          marker: str | None) -> int:
+    """Drain ``olds`` (:func:`_drain`) through the journal, then cut what it holds for
+    each reading's owner (``spool.hand_to_workers``), also if the drain failed half-way;
+    how many readings were taken."""
+    journal = spool.Journal(directory)
+    try:
+        _drain(cfg, olds, deadline, journal, marker)
+    finally:
+        journal.close()
+        spool.hand_to_workers(directory, [], owner)
+    return journal.count
+
+
+def _marker_topic(settings: Settings) -> str | None:
+    """A topic of the daemon's own (under its status topic) for the marker that tells a
+    drain it has had everything; None if the subscription would take it for a reading."""
+    topic = f"{settings.topics.status}/handover/{os.urandom(4).hex()}"
+    if could_match(settings.mqtt.subscription, topic, settings.limits.device_id_pattern):
+        return None
+    return topic
 
 
 def _bridge_left(record: Path) -> str | None:
@@ -328,6 +348,7 @@ class _Session:
                              protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
         set_credentials(client, cfg)
         self.answered = threading.Event()
+        self.refusal: str | None = None  # the last answer's failure, if it was one
         refused: list[str | None] = [None]
 
         def connected(c: paho.Client, userdata: Any, flags: Any, reason: Any,
@@ -335,12 +356,16 @@ class _Session:
             refused[0] = str(reason) if reason.is_failure else None
             self.answered.set()
 
-        def answered(*_: Any) -> None:
+        def answered(c: paho.Client, userdata: Any, mid: int, reasons: Any,
+                     props: Any) -> None:
+            codes = reasons if isinstance(reasons, list) else [reasons]
+            self.refusal = next((str(r) for r in codes if r.is_failure), None)
             self.answered.set()
 
         client.on_connect = connected
         client.on_subscribe = answered
         client.on_unsubscribe = answered
+        client.on_publish = answered
         if on_message is not None:
             client.on_message = lambda c, u, msg: on_message(msg)
         delay = cfg.reconnect_min_delay_s
@@ -411,22 +436,27 @@ def _was_owned(settings: Settings, before: Record, cid: str) -> Callable[[str], 
 
 
 def _drain(cfg: MqttConfig, olds: Sequence[tuple[str, str, Callable[[str], bool]]],
-           deadline: float, got: list[spool.Queued]) -> None:
+           deadline: float, journal: spool.Journal, marker: str | None) -> None:
     """Take what sessions had queued: resume each of ``olds`` (client id, subscription,
     ``owned``), unsubscribe them all at once (nothing more joins; the new sessions exist
-    already, so a reading published meanwhile is in both, never in neither), and receive
-    until nothing has come for ``QUIET_S`` (at most ``DRAIN_MAX_S``). Each message is
-    acknowledged as it arrives (the caller writes them to disk before the sessions are
-    ended). Appended to ``got``, a session after the other: the readings its worker would
-    have judged (``owned(topic)``); a retained copy (sent at a subscription, not queued)
-    is passed over."""
+    already, so a reading published meanwhile is in both, never in neither), publish a
+    ``marker`` behind what they queued and receive until it has come back to each (the
+    broker delivers a session's messages in order). Where the broker refuses the marker,
+    until nothing has come for ``QUIET_S``; where it was published but has not come back
+    (dropped by a full queue), for ``MARKER_QUIET_S``; at most ``DRAIN_MAX_S`` in all.
+    Each reading its session's worker would have judged (``owned(topic)``) goes to the
+    ``journal`` before paho acknowledges it; a retained copy (sent at a subscription, not
+    queued) is passed over."""
     if not olds:
         return
     heard = [time.monotonic()]
-    taken: list[list[spool.Queued]] = []
+    token = os.urandom(8).hex().encode()  # not a marker a handover cut short left queued
+    markers = marker.rpartition("/")[0] + "/" if marker is not None else "\0"
+    back: list[bool] = []
+    failed: list[OSError] = []
     opened: list[_Session] = []
 
-    def receiver(into: list[spool.Queued], owned: Callable[[str], bool]
+    def receiver(index: int, owned: Callable[[str], bool]
                  ) -> Callable[[paho.MQTTMessage], None]:
         def arrived(msg: paho.MQTTMessage) -> None:  # on paho's thread: must not raise
             heard[0] = time.monotonic()
@@ -434,39 +464,85 @@ def _drain(cfg: MqttConfig, olds: Sequence[tuple[str, str, Callable[[str], bool]
                 topic = msg.topic
             except UnicodeDecodeError:  # the decoder dead-letters it, as it would live
                 topic = msg._topic.decode("utf-8", "replace")
-            if not msg.retain and owned(topic):
-                into.append(spool.Queued(topic, bytes(msg.payload), time.time()))
+            if topic == marker:
+                back[index] = back[index] or msg.payload == token
+            elif topic.startswith(markers):
+                pass  # one a handover killed after publishing it left in the session
+            elif not msg.retain and owned(topic):
+                try:
+                    journal.add(spool.Queued(topic, bytes(msg.payload), time.time()))
+                except OSError as exc:  # raised on: paho acknowledges nothing more
+                    failed.append(exc)
+                    raise
         return arrived
 
     try:
         subscribed: list[str] = []
         for client_id, subscription, owned in olds:
-            taken.append([])
             try:
                 opened.append(_Session(cfg, client_id, deadline, resume=True, keep=True,
-                                       on_message=receiver(taken[-1], owned)))
+                                       on_message=receiver(len(back), owned)))
             except BrokerError as exc:
                 if "refused the connection" not in str(exc):
                     raise
                 log.warning("broker_session_not_drained", client_id=client_id,
                             error=str(exc), note="what it queued is not judged")
                 continue
+            back.append(False)
             subscribed.append(subscription)
+        if marker is not None:
+            marker = _subscribe_marker(opened, marker)
         for session, subscription in zip(opened, subscribed, strict=True):
             session.client.unsubscribe(subscription)
         for session in opened:
             session.wait("UNSUBSCRIBE")
+        if marker is not None and opened:
+            marker = _publish_marker(opened[0], marker, token)
         heard[0] = time.monotonic()
         limit = time.monotonic() + DRAIN_MAX_S
-        while time.monotonic() - heard[0] < QUIET_S:
+        quiet = QUIET_S if marker is None else MARKER_QUIET_S
+        while not (marker is not None and all(back)):
+            if failed:  # the state directory (full?): the sessions stay for the next start
+                raise failed[0]
+            if time.monotonic() - heard[0] >= quiet:
+                if marker is not None:
+                    log.warning("handover_marker_not_back", client_ids=[
+                        s.client_id for s, b in zip(opened, back, strict=True) if not b],
+                        quiet_s=quiet, note="taken as drained: the broker may have dropped "
+                        "the marker (its queue for the session full), or the ACL its copy")
+                break
             if time.monotonic() > limit:
                 log.warning("broker_sessions_not_drained", client_ids=[c for c, _, _ in olds],
-                            taken=sum(map(len, taken)), note=f"still receiving after "
+                            taken=journal.count, note=f"still receiving after "
                             f"{DRAIN_MAX_S:.0f}s: the rest of what they queued goes with them")
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         for session in opened:
             session.close()
-        for part in taken:
-            got += part
+
+
+def _subscribe_marker(opened: Sequence[_Session], marker: str) -> str | None:
+    """Subscribe each session to the ``marker`` topic; None if the broker refuses one."""
+    for session in opened:
+        session.client.subscribe(marker, qos=1)
+        session.wait("SUBSCRIBE")
+        if session.refusal is not None:
+            log.info("handover_marker_refused", client_id=session.client_id, topic=marker,
+                     error=session.refusal, note=f"the drain ends after {QUIET_S}s without "
+                     f"a reading instead; allow the daemon to subscribe to its status topic's "
+                     f"subtopics for a certain end")
+            return None
+    return marker
+
+
+def _publish_marker(session: _Session, marker: str, token: bytes) -> str | None:
+    """Publish the marker behind every session's backlog; None if the broker refuses it."""
+    session.client.publish(marker, token, qos=1)
+    session.wait("PUBLISH")
+    if session.refusal is not None:
+        log.info("handover_marker_refused", client_id=session.client_id, topic=marker,
+                 error=session.refusal, note=f"the drain ends after {QUIET_S}s without a "
+                 f"reading instead")
+        return None
+    return marker

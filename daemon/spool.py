@@ -9,12 +9,19 @@ worker judges its file's readings before any live one, in the order they were qu
 removes the file once every verdict they caused is safe with the broker; one that dies
 first judges them again at its next start (at least once, like the broker's own
 redelivery). A file of an earlier handover not yet judged is re-cut with the new readings.
+
+While a session is drained, each reading is appended to ``handover-taking.jsonl``
+(:class:`Journal`) as it arrives, before paho acknowledges it to the broker: a handover
+killed in the middle (SIGKILL, power cut after the journal's fsync) has every reading the
+broker let go on disk, and the next start cuts them for their owners with the rest.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +43,44 @@ class Queued:
     received: float  # time.time() when it was taken from the broker
 
 
+#: Readings being taken from the broker, one line each as it arrives.
+JOURNAL = "handover-taking.jsonl"
+
+
+def _line(q: Queued) -> bytes:
+    return orjson.dumps({"topic": q.topic, "payload": base64.b64encode(q.payload).decode(
+        "ascii"), "received": q.received}) + b"\n"
+
+
+class Journal:
+    """``JOURNAL``, appended to from paho's threads (one per drained session): a reading
+    is written (to the kernel: a killed process loses nothing) before ``add`` returns,
+    and so before paho acknowledges it; ``close`` flushes the file to disk. Cut for the
+    owners by the next :func:`hand_to_workers`, which removes it."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(directory / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, q: Queued) -> None:
+        line = _line(q)
+        with self._lock:
+            os.write(self._fd, line)
+            self.count += 1
+
+    def close(self) -> None:
+        with self._lock:
+            os.fsync(self._fd)
+            os.close(self._fd)
+
+
+def journal_left(directory: Path) -> bool:
+    """Whether a handover was cut short while it took readings from the broker."""
+    return (directory / JOURNAL).exists()
+
+
 def spool_file(directory: Path, worker_index: int | None) -> Path:
     return directory / ("handover.jsonl" if worker_index is None
                         else f"handover-{worker_index}.jsonl")
@@ -43,15 +88,15 @@ def spool_file(directory: Path, worker_index: int | None) -> Path:
 
 def hand_to_workers(directory: Path, queued: Sequence[Queued],
                     owner: Callable[[str], int | None]) -> None:
-    """Write ``queued`` (and what earlier files still hold, first) to the file of each
-    reading's owner (``owner(topic)``: a worker index, None for a single daemon)."""
+    """Write ``queued`` and what earlier files and the journal still hold to the file of
+    each reading's owner (``owner(topic)``: a worker index, None for a single daemon), in
+    the order they were received (a device's readings in their order)."""
     earlier = sorted(directory.glob("handover*.jsonl"))
     readings = [q for path in earlier for q in _read(path)] + list(queued)
+    readings.sort(key=lambda q: q.received)
     parts: dict[int | None, list[bytes]] = {}
     for q in readings:
-        parts.setdefault(owner(q.topic), []).append(orjson.dumps({
-            "topic": q.topic, "payload": base64.b64encode(q.payload).decode("ascii"),
-            "received": q.received}) + b"\n")
+        parts.setdefault(owner(q.topic), []).append(_line(q))
     written = set()
     for index, lines in parts.items():
         path = spool_file(directory, index)

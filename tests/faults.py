@@ -40,6 +40,37 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 # -- a TCP proxy between the daemon and the broker ----------------------------------------
 
 
+class _Packets:
+    """MQTT packets out of a byte stream fed chunk by chunk (fixed header: the type in the
+    first byte's high nibble, then the remaining length, 7 bits a byte)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """The packets ``data`` completes: (type, bytes) each."""
+        self.buffer += data
+        packets = []
+        while len(self.buffer) >= 2:
+            length, shift, i = 0, 0, 1
+            while i < len(self.buffer) and i <= 4:
+                length |= (self.buffer[i] & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not self.buffer[i - 1] & 0x80:
+                    break
+            else:
+                break  # the length itself is not complete yet
+            if len(self.buffer) < i + length:
+                break
+            packets.append((self.buffer[0] >> 4, self.buffer[:i + length]))
+            self.buffer = self.buffer[i + length:]
+        return packets
+
+
+PUBLISH = 3  # the MQTT packet type
+
+
 class _Link:
     """One proxied connection: two sockets and a pump thread per direction."""
 
@@ -48,6 +79,10 @@ class _Link:
         self.down, self.up = down, up
         self.cut = False  # once blackholed, a link stays dead (its byte stream has a gap)
         self.closed = False
+        self.packets = _Packets()  # broker->client, for hold_publishes()
+        self.publishes = 0
+        self.held: list[bytes] | None = None  # PUBLISH packets being held back
+        self.lock = threading.Lock()  # the downward socket: the pump's and a release's
 
     def start(self) -> None:
         for src, dst, upward in ((self.down, self.up, True), (self.up, self.down, False)):
@@ -66,10 +101,36 @@ class _Link:
                     continue  # swallowed: neither side hears anything more
                 if upward and p.throttle_chunk:
                     time.sleep(p.throttle_delay)
+                if not upward and p.hold_s:
+                    self._down(data)
+                    continue
                 dst.sendall(data)
         except OSError:
             pass
         self.close()
+
+    def _down(self, data: bytes) -> None:
+        """Broker->client bytes, packet by packet, while ``Proxy.hold_publishes`` is on."""
+        p = self.proxy
+        for kind, packet in self.packets.feed(data):
+            with self.lock:
+                if kind == PUBLISH:
+                    self.publishes += 1
+                    if self.held is not None:
+                        self.held.append(packet)
+                        continue
+                    if self.publishes == p.hold_after + 1 and p.hold_s:
+                        self.held = [packet]
+                        p.holds += 1
+                        threading.Timer(p.hold_s, self._release).start()
+                        continue
+                self.down.sendall(packet)
+
+    def _release(self) -> None:
+        with self.lock, contextlib.suppress(OSError):
+            held, self.held = self.held or [], None
+            for packet in held:
+                self.down.sendall(packet)
 
     def close(self, reset: bool = False) -> None:
         if self.closed:
@@ -95,6 +156,11 @@ class Proxy:
 
     ``throttle(chunk, delay)``: daemon->broker bytes go ``chunk`` at a time, each after
     ``delay`` seconds: a slow result path.
+
+    ``hold_publishes(after, seconds)``: on each link, the broker's PUBLISH packets after
+    the first ``after`` are held back for ``seconds`` (then sent, in order), while its
+    other packets (CONNACK, SUBACK, UNSUBACK, PUBACK) pass: a broker whose deliveries
+    pause (busy saving its database, a packet lost on a long route) while it answers.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -103,6 +169,9 @@ class Proxy:
         self.mode = "pass"
         self.throttle_chunk = 0
         self.throttle_delay = 0.0
+        self.hold_after = 0
+        self.hold_s = 0.0
+        self.holds = 0  # links that have held their publishes back
         self.links: list[_Link] = []
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -145,6 +214,9 @@ class Proxy:
 
     def unthrottle(self) -> None:
         self.throttle_chunk = 0
+
+    def hold_publishes(self, after: int, seconds: float) -> None:
+        self.hold_after, self.hold_s = after, seconds
 
     def close(self) -> None:
         self._listener.close()
