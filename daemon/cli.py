@@ -175,7 +175,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
                        detectors=detectors, root=folder, skip_bad_rows=args.skip_bad_rows,
-                       threshold_margin=args.threshold_margin or settings.baseline.threshold_margin)
+                       threshold_margin=args.threshold_margin or settings.baseline.threshold_margin,
+                       models=Path(args.models) if args.models else None)
     table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
@@ -383,10 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", default=None, help="detector (default: the configured one)")
     score.set_defaults(func=cmd_score)
 
-    ev = sub.add_parser("evaluate", help="SKAB protocol on a folder of labelled CSV files")
-    ev.add_argument("folder", help="folder of labelled CSVs (an 'anomaly' column, one run "
-                    "each), subfolders included")
+    ev = sub.add_parser(
+        "evaluate", help="SKAB protocol on a folder of labelled CSV files",
+        description="Precision, recall, F1, FAR, fault events and pages on labelled runs. "
+        "Per-device (always): a model set trained on each run's first --warmup rows. "
+        "--anomaly-free: one set trained on that file, for every run. --models: the model "
+        "set you trained (the one the daemon would serve), for every run.")
+    ev.add_argument("folder", help="folder of labelled CSVs (an 'anomaly' column; one run "
+                    "per file, or per device where a file has a device column), subfolders "
+                    "included")
     ev.add_argument("--anomaly-free", help="also train once on this normal CSV and score all")
+    ev.add_argument("--models", help="also score every run with this trained model set "
+                    "(e.g. your model.dir)")
     ev.add_argument("--warmup", type=_at_least(MIN_ROWS), default=400,
                     help="rows per file that train/warm up the device (default 400)")
     ev.add_argument("--window", type=_at_least(1), default=10,

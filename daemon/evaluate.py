@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +132,7 @@ def evaluate(
     root: Path | None = None,
     skip_bad_rows: bool = False,
     threshold_margin: float = THRESHOLD_MARGIN,
+    models: Path | None = None,
 ) -> Evaluation:
     """Figures over all scored points of all usable files, per variant and row.
 
@@ -142,7 +143,10 @@ def evaluate(
     set judges every file there). ``TrainingError`` if no file is usable. Files are named
     by their path under ``root`` (their file name without it). With ``skip_bad_rows`` a
     file's rows that are not all numbers are left out (``Evaluation.rows_left_out``) and
-    the rest of the file is evaluated.
+    the rest of the file is evaluated. A file with a device column is one run per device.
+    With ``models`` (a trained model set's directory) a third variant streams every run
+    through that set, the one a daemon would serve (``models <version>``); a run without
+    one of its features is left out of that variant only.
     """
     say = progress or (lambda _m: None)
     alerts = alerts or AlertConfig()
@@ -150,15 +154,26 @@ def evaluate(
     runs: list[tuple[str, TrainingData]] = []
     for f in files:
         name = f.relative_to(root).as_posix() if root is not None else f.name
-        problem, d = _usable(f, warmup, skip_bad_rows)
+        problem, d = _usable(f, skip_bad_rows)
         if d is None:
             results.skipped.append((name, problem))
             say(f"skipped {name}: {problem}")
             continue
-        runs.append((name, d))
         if d.skipped:
             results.rows_left_out.append((name, len(d.skipped)))
             say(f"{name}: left out {len(d.skipped)} bad rows: {bad_rows(d.skipped)}")
+        parts = by_device(d)
+        if len(parts) > 1:
+            say(f"{name}: {len(parts)} devices, each evaluated as its own run")
+        for device, part in parts:
+            run_name = f"{name} [{device}]" if device is not None else name
+            if part.X.shape[0] <= warmup:
+                why = (f"{part.X.shape[0]} rows, not more than the warm-up ({warmup}): "
+                       "nothing would be scored")
+                results.skipped.append((run_name, why))
+                say(f"skipped {run_name}: {why}")
+                continue
+            runs.append((run_name, part))
     if not runs:
         reasons = "; ".join(f"{n}: {why}" for n, why in results.skipped)
         raise TrainingError(f"no file could be evaluated ({reasons})")
@@ -206,10 +221,26 @@ def evaluate(
                 say(f"global [{i + 1}/{len(same)}] {name}: streaming")
                 _score_file(bundle, d, name, warmup, alerts, pooled, threshold_margin)
             pooled.into(results, "global")
+    if models is not None:
+        bundle = load_bundle(models)
+        variant = f"models {bundle.version}"
+        pooled = Pooled()
+        for i, (name, d) in enumerate(runs):
+            missing = [f for f in bundle.features if f not in d.features]
+            if missing:
+                why = f"{variant} only: no column for its feature(s) {missing}"
+                results.skipped.append((name, why))
+                say(f"skipped {name} in the {why}")
+                continue
+            say(f"{variant} [{i + 1}/{len(runs)}] {name}: streaming")
+            columns = [d.features.index(f) for f in bundle.features]
+            _score_file(bundle, replace(d, X=d.X[:, columns], features=bundle.features),
+                        name, warmup, alerts, pooled, threshold_margin)
+        pooled.into(results, variant)
     return results
 
 
-def _usable(path: Path, warmup: int, skip_bad_rows: bool) -> tuple[str, TrainingData | None]:
+def _usable(path: Path, skip_bad_rows: bool) -> tuple[str, TrainingData | None]:
     """The file's data if it can be evaluated, else why not."""
     try:
         d = load_csv(path, skip_bad_rows=skip_bad_rows)
@@ -218,10 +249,19 @@ def _usable(path: Path, warmup: int, skip_bad_rows: bool) -> tuple[str, Training
     if d.labels is None:
         return f"no label column (one of {', '.join(LABEL_COLUMNS)}): nothing to measure " \
             "against", None
-    if d.X.shape[0] <= warmup:
-        return f"{d.X.shape[0]} rows, not more than the warm-up ({warmup}): nothing " \
-            "would be scored", None
     return "", d
+
+
+def by_device(d: TrainingData) -> list[tuple[str | None, TrainingData]]:
+    """A file's rows as one run per device, in the order each first appears, where it
+    has a device column (each device is windowed, warmed up and scored on its own, as the
+    daemon would judge it); else the whole file as one run."""
+    if d.devices is None:
+        return [(None, d)]
+    names = np.asarray(d.devices)
+    return [(device, replace(d, X=d.X[names == device], devices=None,
+                             labels=None if d.labels is None else d.labels[names == device]))
+            for device in dict.fromkeys(d.devices)]
 
 
 class Pooled:

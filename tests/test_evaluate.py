@@ -383,3 +383,70 @@ def test_a_run_reports_the_largest_drift_its_baseline_absorbed(model_bundle: Mod
     # the centre trails the ramp by its ~100-reading lag: 3σ less ~0.4σ at the bottom
     assert name == "temperature" and -3.0 < spreads < -2.0
     assert stream(b, x, ENSEMBLE, warmup=0, alerts=AlertConfig()).drift is None  # no baseline
+
+
+def _per_file_rows(table: str) -> dict[tuple[str, str], list[str]]:
+    """{(variant, run): the per-file table's figures} from ``--per-file`` output."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 3 and ".csv" in cells[1]:
+            rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def test_a_file_with_a_device_column_is_one_run_per_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plant export interleaves its devices' rows: each device is windowed, warmed up
+    and scored on its own, with the figures of the same runs given one file each. Before,
+    the file was one run, every window mixing both pumps."""
+    write_run(tmp_path / "0.csv", 500, seed=10, fault=(420, 480))
+    write_run(tmp_path / "1.csv", 450, seed=11, fault=(380, 420))
+    runs = [(p, (tmp_path / f"{p}.csv").read_text().splitlines()) for p in ("0", "1")]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    lines = [runs[0][1][0] + ";device"]
+    for i in range(1, 501):
+        lines += [f"{rows[i]};pump-{p}" for p, rows in runs if i < len(rows)]
+    (mixed / "export.csv").write_text("\n".join(lines) + "\n")
+    args = ["--warmup", str(WARMUP), "--per-file", "--detectors", "isolation_forest"]
+    assert main(["evaluate", str(tmp_path), *args]) == 0
+    separate = _per_file_rows(capsys.readouterr().out)
+    assert main(["evaluate", str(mixed), *args]) == 0
+    out, err = capsys.readouterr()
+    assert "export.csv: 2 devices, each evaluated as its own run" in err
+    together = _per_file_rows(out)
+    assert together == {
+        ("per-device", "export.csv [pump-0]"): separate[("per-device", "0.csv")],
+        ("per-device", "export.csv [pump-1]"): separate[("per-device", "1.csv")],
+    }
+
+
+def test_a_trained_model_set_is_evaluated_as_the_daemon_would_serve_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--models``: the runs streamed through a model set trained beforehand (here on the
+    anomaly-free file, as the global variant trains its own: the same figures); a run
+    without one of its features is left out of that variant only."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_run(runs / "0.csv", 500, seed=10, fault=(420, 480))
+    other = (runs / "0.csv").read_text().replace("Motor Current", "Motor Amps", 1)
+    (runs / "1.csv").write_text(other)
+    free = tmp_path / "free.csv"
+    write_run(free, 1000, seed=99, fault=None)
+    models = tmp_path / "models"
+    assert main(["train", "--data", str(free), "--out", str(models), "--window", "10",
+                 "--detectors", "isolation_forest"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(runs), "--anomaly-free", str(free), "--models", str(models),
+                 "--warmup", str(WARMUP), "--per-file",
+                 "--detectors", "isolation_forest"]) == 0
+    out, err = capsys.readouterr()
+    rows = _per_file_rows(out)
+    variant = next(v for v, _ in rows if v.startswith("models "))
+    assert rows[(variant, "0.csv")] == rows[("global", "0.csv")]
+    assert (variant, "1.csv") not in rows and ("per-device", "1.csv") in rows
+    why = f"{variant} only: no column for its feature(s) ['Motor Current']"
+    assert f"skipped 1.csv in the {why}" in err
