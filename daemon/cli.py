@@ -136,9 +136,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     check_input(Path(args.input))  # the same: a file that is not CSV text is refused first
     out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
+    alerts = open(args.alerts, "wb") if args.alerts else None  # noqa: SIM115
     try:
         counts = score_file(Path(args.input), out, settings, bundle, device=args.device,
-                            detector=args.model, progress=_progress)
+                            detector=args.model, progress=_progress, alerts=alerts)
         out.flush()
     except BrokenPipeError:
         # stdout closed early (`anomalyd score FILE | head`): stop quietly. What is still
@@ -148,8 +149,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout.buffer:
             out.close()
-    print(f"scored {counts['readings']} readings: {counts['anomalies']} anomalies, "
-          f"{counts['rejected']} rejected", file=sys.stderr)
+        if alerts is not None:
+            alerts.close()
+    filling = (f" ({counts['filling']} on a partial window, which raise no alert)"
+               if counts["filling"] else "")
+    print(f"scored {counts['readings']} readings: {counts['anomalies']} anomalies{filling}, "
+          f"{counts['rejected']} rejected; alerts (pages): {counts['raised']} raised, "
+          f"{counts['escalated']} escalated, {counts['resolved']} resolved"
+          + (f", written to {args.alerts}" if args.alerts else ""), file=sys.stderr)
     if not counts["readings"]:
         why = (f"the first refused as {counts.first_rejection}" if counts.first_rejection
                else "it holds no readings")
@@ -378,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("score", help="score a CSV or JSON-lines file offline (backtesting)")
     score.add_argument("input", help="CSV with a header, or JSON lines of reading payloads")
-    score.add_argument("--out", default="-", help="output JSON lines (default: stdout)")
+    score.add_argument("--out", default="-", help="output JSON lines: the verdicts and dead "
+                       "letters (default: stdout)")
+    score.add_argument("--alerts", help="also write the alert messages (raised, escalated, "
+                       "resolved) the daemon would publish to this JSON-lines file")
     score.add_argument("--device", default="offline",
                        help="device id for rows that do not name one (default: offline)")
     score.add_argument("--model", default=None, help="detector (default: the configured one)")

@@ -60,8 +60,10 @@ _DEAD_LETTER_KEYS = frozenset(("reason", "topic", "rejections", "payload", "payl
 
 
 class Counts(dict[str, int]):
-    """``score_file``'s counts (readings, anomalies, rejected), and why the first
-    rejected message was refused ("reason: detail"), None when none was."""
+    """``score_file``'s counts (readings, anomalies, rejected; ``filling``: anomalies on
+    a partial window, which feed no alert; the alert messages by state: raised, escalated,
+    resolved), and why the first rejected message was refused ("reason: detail"), None
+    when none was."""
 
     first_rejection: str | None = None
 
@@ -217,9 +219,11 @@ def _cell(text: str, decimal_comma: bool = False) -> int | float | str:
 def score_file(
     path: Path, out: IO[bytes], settings: Settings, bundle: ModelBundle, *,
     device: str, detector: str | None, progress: Callable[[str], None] | None = None,
+    alerts: IO[bytes] | None = None,
 ) -> Counts:
-    """Score the file's rows in chunks through the daemon's pipeline; ``progress`` hears
-    the running counts at most every ``PROGRESS_SECONDS``."""
+    """Score the file's rows in chunks through the daemon's pipeline: verdicts and dead
+    letters to ``out``, alert messages to ``alerts`` (each as the daemon would publish
+    it); ``progress`` hears the running counts at most every ``PROGRESS_SECONDS``."""
     decoder = Decoder(
         bundle.features, bundle.detector_names, subscription="offline/+",
         max_payload_bytes=settings.limits.max_payload_bytes,
@@ -232,7 +236,8 @@ def score_file(
                         warmup=settings.baseline.warmup_readings,
                         threshold_margin=settings.baseline.threshold_margin,
                         readings=settings.readings)
-    counts = Counts(readings=0, anomalies=0, rejected=0)
+    counts = Counts(readings=0, anomalies=0, rejected=0, filling=0, raised=0, escalated=0,
+                    resolved=0)
     chunk: list[RawMessage] = []
     last_said = time.monotonic()
 
@@ -245,7 +250,17 @@ def score_file(
             for o in outs:
                 if o.kind in ("verdict", "dead_letter"):
                     out.write(o.payload + b"\n")
-                if o.kind == "dead_letter" and counts.first_rejection is None:
+                if o.kind == "verdict":
+                    body = orjson.loads(o.payload)
+                    counts["filling"] += sum(1 for v in body.get("predictions", [body])
+                                             if v["is_anomaly"] and v.get("window_filling"))
+                elif o.kind == "alert":
+                    state = orjson.loads(o.payload)["state"]
+                    if state in counts:
+                        counts[state] += 1
+                    if alerts is not None:
+                        alerts.write(o.payload + b"\n")
+                elif o.kind == "dead_letter" and counts.first_rejection is None:
                     record = orjson.loads(o.payload)
                     counts.first_rejection = f"{record['reason']}: {record['detail']}"
         chunk.clear()

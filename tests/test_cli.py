@@ -222,7 +222,8 @@ def test_score_replays_dead_letters_with_only_the_refused_entries(
     assert [p["seq"] for p in judged_batch["predictions"]] == [3]
     assert refused_again["reason"] == "non_numeric_feature"
     assert still_bad["reason"] == "not_json"
-    assert counts == {"readings": 2, "anomalies": 2, "rejected": 2}
+    assert counts == {"readings": 2, "anomalies": 2, "rejected": 2, "filling": 0, "raised": 0,
+                      "escalated": 0, "resolved": 0}
 
 
 def test_score_json_lines_dead_letters_bad_lines_and_keeps_going(

@@ -129,3 +129,59 @@ def test_a_file_that_is_not_csv_text_exits_2_saying_so_before_touching_out(
     assert out.read_text() == "an earlier backtest\n"
     err = capsys.readouterr().err
     assert "line 1 is not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_backtest_counts_the_pages_and_writes_the_alerts_the_daemon_would_publish(
+    model_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run of anomalous readings on one pump raises its alert (k of the last n) and the
+    normal ones after resolve it; the other pump pages no one. Before, ``score`` wrote the
+    verdicts only: how many pages a week would have brought was nowhere."""
+    from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
+
+    def row(device: str, reading: dict[str, float]) -> list[object]:
+        return [device, *(reading[f] for f in FEATURES)]
+
+    rows = [row("p1", NORMAL) for _ in range(5)] + [row("p1", ANOMALOUS) for _ in range(5)]
+    rows += [row("p1", NORMAL) for _ in range(15)] + [row("p2", NORMAL) for _ in range(10)]
+    data = write_csv(tmp_path / "week.csv", ["device", *FEATURES], rows)
+    out, alerts = tmp_path / "verdicts.jsonl", tmp_path / "alerts.jsonl"
+    assert main(["score", str(data), "--out", str(out), "--alerts", str(alerts)]) == 0
+    messages = [orjson.loads(line) for line in alerts.read_bytes().splitlines()]
+    states = [(m["device_id"], m["state"]) for m in messages]
+    assert states[0] == ("p1", "raised") and states[-1] == ("p1", "resolved"), states
+    assert {d for d, _ in states} == {"p1"}
+    raised = sum(1 for _, s in states if s == "raised")
+    escalated = sum(1 for _, s in states if s == "escalated")
+    err = capsys.readouterr().err
+    assert (f"scored 35 readings: 5 anomalies, 0 rejected; alerts (pages): {raised} raised, "
+            f"{escalated} escalated, 1 resolved, written to {alerts}") in err
+    assert len(out.read_bytes().splitlines()) == 35  # the verdicts, as before
+
+
+def test_anomalies_on_a_partial_window_are_counted_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a windowed model set a device's first readings are judged on a partial window
+    and raise no alert: the summary says how many of the anomalies those were."""
+    import numpy as np
+
+    from daemon.training.train import train
+    from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
+
+    rng = np.random.default_rng(0)
+    level = np.array([NORMAL[f] for f in FEATURES])
+    models = tmp_path / "models"
+    train(level * (1 + 0.01 * rng.normal(size=(1500, len(FEATURES)))), FEATURES, models,
+          source="test", window=5, detectors=["isolation_forest"])
+    monkeypatch.setenv("MODEL_DIR", str(models))
+    rows = [[ANOMALOUS[f] for f in FEATURES]] + [
+        [round(v, 4) for v in level * (1 + 0.01 * rng.normal(size=len(FEATURES)))]
+        for _ in range(20)]
+    data = write_csv(tmp_path / "run.csv", FEATURES, rows)
+    assert main(["score", str(data), "--out", str(tmp_path / "o.jsonl")]) == 0
+    verdicts = [orjson.loads(line) for line in (tmp_path / "o.jsonl").read_bytes().splitlines()]
+    filling = [v for v in verdicts if v["is_anomaly"] and v.get("window_filling")]
+    assert filling and verdicts[0] in filling
+    err = capsys.readouterr().err
+    assert f"({len(filling)} on a partial window, which raise no alert)" in err
