@@ -20,6 +20,9 @@ from daemon.errors import AnomalydError, BrokerError, ConfigError, ModelLoadErro
 from daemon.exit_codes import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.training import MIN_ROWS, QUANTILE_RANGE
 
+DEVICE_COLUMN_HELP = ("the CSV column naming each row's device, where it is not called "
+                      "device_id, device, asset or asset_id: each device is windowed on its own")
+
 
 def _progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
@@ -80,10 +83,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data:
         manifest = train_csv(Path(args.data), out, features=features, seed=args.seed,
                              quantile=args.quantile, progress=_progress, window=args.window,
-                             detectors=detectors, skip_bad_rows=args.skip_bad_rows)
+                             detectors=detectors, skip_bad_rows=args.skip_bad_rows,
+                             device_column=args.device_column)
     else:
-        if features:
-            print("error: --features applies to --data only", file=sys.stderr)
+        if features or args.device_column:
+            print("error: --features and --device-column apply to --data only",
+                  file=sys.stderr)
             return EXIT_USAGE
         manifest = train_default(out, rows=args.rows, seed=args.seed, quantile=args.quantile,
                                  progress=_progress, detectors=detectors)
@@ -134,12 +139,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     if problem:  # before --out is opened (and emptied)
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    check_input(Path(args.input))  # the same: a file that is not CSV text is refused first
+    # the same: a file that is not CSV text, or lacks --device-column, is refused first
+    check_input(Path(args.input), args.device_column)
     out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
     alerts = open(args.alerts, "wb") if args.alerts else None  # noqa: SIM115
     try:
         counts = score_file(Path(args.input), out, settings, bundle, device=args.device,
-                            detector=args.model, progress=_progress, alerts=alerts)
+                            detector=args.model, progress=_progress, alerts=alerts,
+                            device_column=args.device_column)
         out.flush()
     except BrokenPipeError:
         # stdout closed early (`anomalyd score FILE | head`): stop quietly. What is still
@@ -183,7 +190,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
                        detectors=detectors, root=folder, skip_bad_rows=args.skip_bad_rows,
                        threshold_margin=args.threshold_margin or settings.baseline.threshold_margin,
-                       models=Path(args.models) if args.models else None)
+                       models=Path(args.models) if args.models else None,
+                       device_column=args.device_column)
     table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
@@ -354,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--skip-bad-rows", action="store_true",
                        help="with --data: leave out rows with an empty, non-numeric or "
                             "non-finite cell (counted and named) instead of refusing the file")
+    train.add_argument("--device-column", help=DEVICE_COLUMN_HELP)
     train.set_defaults(func=cmd_train)
 
     rec = sub.add_parser(
@@ -392,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="offline",
                        help="device id for rows that do not name one (default: offline)")
     score.add_argument("--model", default=None, help="detector (default: the configured one)")
+    score.add_argument("--device-column", help=DEVICE_COLUMN_HELP)
     score.set_defaults(func=cmd_score)
 
     ev = sub.add_parser(
@@ -406,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--anomaly-free", help="also train once on this normal CSV and score all")
     ev.add_argument("--models", help="also score every run with this trained model set "
                     "(e.g. your model.dir)")
+    ev.add_argument("--device-column", help=DEVICE_COLUMN_HELP)
     ev.add_argument("--warmup", type=_at_least(MIN_ROWS), default=400,
                     help="rows per file that train/warm up the device (default 400)")
     ev.add_argument("--window", type=_at_least(1), default=10,

@@ -133,6 +133,7 @@ def evaluate(
     skip_bad_rows: bool = False,
     threshold_margin: float = THRESHOLD_MARGIN,
     models: Path | None = None,
+    device_column: str | None = None,
 ) -> Evaluation:
     """Figures over all scored points of all usable files, per variant and row.
 
@@ -143,7 +144,8 @@ def evaluate(
     set judges every file there). ``TrainingError`` if no file is usable. Files are named
     by their path under ``root`` (their file name without it). With ``skip_bad_rows`` a
     file's rows that are not all numbers are left out (``Evaluation.rows_left_out``) and
-    the rest of the file is evaluated. A file with a device column is one run per device.
+    the rest of the file is evaluated. A file with a device column (``device_column``, or
+    one of the usual names) is one run per device.
     With ``models`` (a trained model set's directory) a third variant streams every run
     through that set, the one a daemon would serve (``models <version>``); a run without
     one of its features is left out of that variant only.
@@ -154,7 +156,7 @@ def evaluate(
     runs: list[tuple[str, TrainingData]] = []
     for f in files:
         name = f.relative_to(root).as_posix() if root is not None else f.name
-        problem, d = _usable(f, skip_bad_rows)
+        problem, d = _usable(f, skip_bad_rows, device_column)
         if d is None:
             results.skipped.append((name, problem))
             say(f"skipped {name}: {problem}")
@@ -240,10 +242,11 @@ def evaluate(
     return results
 
 
-def _usable(path: Path, skip_bad_rows: bool) -> tuple[str, TrainingData | None]:
+def _usable(path: Path, skip_bad_rows: bool, device_column: str | None
+            ) -> tuple[str, TrainingData | None]:
     """The file's data if it can be evaluated, else why not."""
     try:
-        d = load_csv(path, skip_bad_rows=skip_bad_rows)
+        d = load_csv(path, skip_bad_rows=skip_bad_rows, device=device_column)
     except TrainingError as exc:  # "<path>: what" (the caller names the file)
         return str(exc).removeprefix(str(path)).lstrip(": ") or "unreadable", None
     if d.labels is None:

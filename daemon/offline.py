@@ -36,6 +36,7 @@ from typing import IO, Any
 import orjson
 
 from daemon.config import Settings
+from daemon.errors import TrainingError
 from daemon.models import ModelBundle
 from daemon.oversize import RESULT_TOO_LARGE
 from daemon.pipeline import Pipeline, RawMessage
@@ -79,8 +80,8 @@ def detector_problem(bundle: ModelBundle, detector: str | None, settings: Settin
             f"{bundle.version}; it has {', '.join(bundle.detector_names)}")
 
 
-def _rows(path: Path, features: Collection[str], note: Callable[[str], None] | None = None
-          ) -> Iterator[tuple[str | None, bytes]]:
+def _rows(path: Path, features: Collection[str], note: Callable[[str], None] | None = None,
+          device: str | None = None) -> Iterator[tuple[str | None, bytes]]:
     """(device id or None, payload bytes) for each record of the input file; ``features``
     are the model set's, never taken for a CSV's time or label column. ``note`` hears
     what was made of the file's columns where a person should know."""
@@ -109,7 +110,7 @@ def _rows(path: Path, features: Collection[str], note: Callable[[str], None] | N
         if not first:
             return
         body = [row for _, row in first]
-        device_col = device_column(header, features)
+        device_col = device_column(header, features, device)
         time_col, dropped = _special_columns(header, body, features, device_col)
         scale = None
         if time_col is not None:
@@ -139,13 +140,17 @@ def _rows(path: Path, features: Collection[str], note: Callable[[str], None] | N
             yield named, orjson.dumps(payload)
 
 
-def check_input(path: Path) -> None:
-    """Raise TrainingError if ``path`` cannot be read as a CSV or JSON-lines file (what a
-    bad file is, before ``score``'s ``--out`` is opened and emptied); a bad row further on
-    is found while scoring."""
+def check_input(path: Path, device: str | None = None) -> None:
+    """Raise TrainingError if ``path`` cannot be read as a CSV or JSON-lines file, or has
+    no column ``device`` (what a bad file is, before ``score``'s ``--out`` is opened and
+    emptied); a bad row further on is found while scoring."""
     if not _is_json_lines(path):
         with open_table(path) as table:
             next(table.rows, None)
+            device_column(table.header, (), device)
+    elif device is not None:
+        raise TrainingError(f"{path}: --device-column is for a CSV file; in JSON lines each "
+                            "reading's topic or device_id names its device")
 
 
 def _is_json_lines(path: Path) -> bool:
@@ -219,7 +224,7 @@ def _cell(text: str, decimal_comma: bool = False) -> int | float | str:
 def score_file(
     path: Path, out: IO[bytes], settings: Settings, bundle: ModelBundle, *,
     device: str, detector: str | None, progress: Callable[[str], None] | None = None,
-    alerts: IO[bytes] | None = None,
+    alerts: IO[bytes] | None = None, device_column: str | None = None,
 ) -> Counts:
     """Score the file's rows in chunks through the daemon's pipeline: verdicts and dead
     letters to ``out``, alert messages to ``alerts`` (each as the daemon would publish
@@ -270,7 +275,7 @@ def score_file(
             progress(f"scored {counts['readings']} readings so far: {counts['anomalies']} "
                      f"anomalies, {counts['rejected']} rejected")
 
-    for dev, payload in _rows(path, bundle.features, progress):
+    for dev, payload in _rows(path, bundle.features, progress, device_column):
         chunk.append(RawMessage(f"offline/{dev or device}", payload, time.time()))
         if len(chunk) >= CHUNK:
             flush()

@@ -75,6 +75,46 @@ def test_a_device_column_splits_the_rows_into_devices_windowed_each_on_its_own(
     assert [d for d, _ in payloads(mixed)][:2] == ["p1", "p2"]
 
 
+def test_a_device_column_of_another_name_is_named_with_device_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plant's export calls its device column ``Anlage``: training refuses the text
+    column and says to give ``--device-column`` (before, its hint was to train on the
+    numbers alone, one window across both pumps); with it, train, score and evaluate split
+    the rows by device as for ``device_id``."""
+    from daemon.cli import main
+    from daemon.offline import check_input
+
+    rng = np.random.default_rng(0)
+    rows = {d: rng.normal(loc, 1.0, size=(60, 2)) for d, loc in (("p1", 40), ("p2", 70))}
+    body = "\n".join(f"{d};{float(rows[d][i][0])!r};{float(rows[d][i][1])!r}"
+                     for i in range(60) for d in ("p1", "p2"))
+    anlage = write(tmp_path / "anlage.csv", f"Anlage;temp;flow\n{body}\n")
+    device_id = write(tmp_path / "device_id.csv", f"device_id;temp;flow\n{body}\n")
+    with pytest.raises(TrainingError, match=r"give --device-column 'Anlage'"):
+        load_csv(anlage)
+    with pytest.raises(TrainingError, match=r"--device-column 'Pumpe': no such column"):
+        load_csv(anlage, device="Pumpe")
+    named = load_csv(anlage, device="anlage")  # any case, where only one column fits
+    assert named.devices == load_csv(device_id).devices and named.features == ("temp", "flow")
+    assert list(_rows(anlage, (), device="Anlage")) == list(_rows(device_id, ()))
+    with pytest.raises(TrainingError, match=r"--device-column 'Pumpe': no such column"):
+        check_input(anlage, "Pumpe")  # before score's --out is opened
+
+    train = ["train", "--window", "5", "--detectors", "isolation_forest"]
+    assert main([*train, "--data", str(anlage), "--out", str(tmp_path / "m1"),
+                 "--device-column", "Anlage"]) == 0
+    assert main([*train, "--data", str(device_id), "--out", str(tmp_path / "m2")]) == 0
+    fingerprints = [json.loads((tmp_path / m / "manifest.json").read_text())["training"][
+        "fingerprint"] for m in ("m1", "m2")]
+    assert fingerprints[0] == fingerprints[1]  # the same windows, device by device
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "m1"))
+    out = tmp_path / "verdicts.jsonl"
+    assert main(["score", str(anlage), "--device-column", "Anlage", "--out", str(out)]) == 0
+    verdicts = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [v["device_id"] for v in verdicts[:4]] == ["p1", "p2", "p1", "p2"]
+
+
 def test_a_column_name_twice_is_refused_by_training_and_scoring(tmp_path: Path) -> None:
     path = write(tmp_path / "twice.csv", "timestamp,temp,temp,flow\n2026-01-01T00:00:00,1,2,3\n")
     for read in (lambda: load_csv(path, features=["temp", "flow"]), lambda: payloads(path)):

@@ -88,7 +88,7 @@ def test_bad_csv_names_line_and_column(tmp_path: Path, body: str, message: str) 
 def test_a_text_column_is_named_with_the_features_to_choose_instead(tmp_path: Path) -> None:
     path = _write(tmp_path / "status.csv", "temp,status,flow\n1,ok,2\n2,ok,3\n3,fault,4\n")
     with pytest.raises(TrainingError, match=r"column\(s\) \['status'\] hold text, not "
-                       r"readings \(e\.g\. 'ok'\): .* --features 'temp,flow'"):
+                       r"readings \(e\.g\. 'ok'\)\. .* --features 'temp,flow'"):
         load_csv(path)
     assert load_csv(path, features=["temp", "flow"]).features == ("temp", "flow")
 

@@ -168,7 +168,8 @@ def bad_rows(problems: Sequence[str]) -> str:
 
 
 def load_csv(
-    path: Path, features: Sequence[str] | None = None, *, skip_bad_rows: bool = False
+    path: Path, features: Sequence[str] | None = None, *, skip_bad_rows: bool = False,
+    device: str | None = None,
 ) -> TrainingData:
     with open_table(path) as table:
         header, numbered = table.header, list(table.rows)
@@ -180,7 +181,10 @@ def load_csv(
     body = [row for _, row in numbered]
     lowered = {name.lower(): i for i, name in enumerate(header)}
     label_idx = next((lowered[c] for c in LABEL_COLUMNS if c in lowered), None)
-    device_idx = device_column(header, features or ())
+    try:
+        device_idx = device_column(header, features or (), device)
+    except TrainingError as exc:
+        raise TrainingError(f"{path}: {exc}") from None
     excluded = {i for i, name in enumerate(header) if name.lower() in LABEL_COLUMNS}
     times = [i for i, name in enumerate(header) if is_time_column(name, body, i)]
     excluded |= set(times)
@@ -201,7 +205,9 @@ def load_csv(
             numeric = [header[i] for i in columns if i not in text]
             raise TrainingError(
                 f"{path}: column(s) {[header[i] for i in text]} hold text, not readings "
-                f"(e.g. {body[0][text[0]]!r}): leave them out of the file"
+                f"(e.g. {body[0][text[0]]!r}). If one names each row's device, give "
+                f"--device-column {header[text[0]]!r} (or name it device_id): each device "
+                f"is then windowed on its own; else leave them out of the file"
                 + (f", or train on the others: --features {_listed(numeric)}"
                    if numeric else ""))
     else:
@@ -245,10 +251,20 @@ def load_csv(
     )
 
 
-def device_column(header: Sequence[str], features: Collection[str]) -> int | None:
-    """The index of the column naming each row's device (``DEVICE_COLUMNS``, in that order
-    of preference, any case), or None; a column named in ``features`` is a feature."""
+def device_column(header: Sequence[str], features: Collection[str],
+                  named: str | None = None) -> int | None:
+    """The index of the column naming each row's device: ``named`` (``--device-column``;
+    its exact name, else the one column of that name in any case; TrainingError if there
+    is none), else one of ``DEVICE_COLUMNS`` (in that order of preference, any case), or
+    None; a column named in ``features`` is a feature."""
     lowered = [name.lower() for name in header]
+    if named is not None:
+        if named in header:
+            return header.index(named)
+        if lowered.count(named.lower()) == 1:
+            return lowered.index(named.lower())
+        raise TrainingError(f"--device-column {named!r}: no such column; the columns are "
+                            f"{list(header)}")
     return next((lowered.index(c) for c in DEVICE_COLUMNS
                  if c in lowered and header[lowered.index(c)] not in features), None)
 

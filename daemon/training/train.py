@@ -192,6 +192,7 @@ def train_csv(
     window: int = 1,
     detectors: Sequence[str] | None = None,
     skip_bad_rows: bool = False,
+    device_column: str | None = None,
 ) -> dict[str, Any]:
     """Train on a CSV's rows, or on every CSV of a folder (one device each, e.g. from
     ``anomalyd record``); labelled anomalous rows are kept out of fitting and validate.
@@ -199,7 +200,8 @@ def train_csv(
     A file's rows are taken as consecutive readings of one device (of each device named
     in its device column, ``daemon.training.datasets``), windowed (each on its own)
     before the labelled rows are set aside, exactly as the daemon would have seen
-    them. Every file of a folder must have the first one's features (or ``features``).
+    them (``device_column`` names that column where it has another name). Every file of
+    a folder must have the first one's features (or ``features``).
     With ``skip_bad_rows`` rows that are not all finite numbers are left out (said in the
     progress and in the manifest's ``training.source``) instead of refusing the file.
     """
@@ -210,7 +212,8 @@ def train_csv(
     names: tuple[str, ...] = ()
     skipped = 0
     for i, file in enumerate(files):
-        data = load_csv(file, features or (names or None), skip_bad_rows=skip_bad_rows)
+        data = load_csv(file, features or (names or None), skip_bad_rows=skip_bad_rows,
+                        device=device_column)
         names = data.features
         label = file.name if file == path else file.relative_to(path).as_posix()
         if data.skipped:
