@@ -295,7 +295,8 @@ class DeviceControl:
 
         A device this process has not seen yet may be silenced too (``known`` says
         whether it has): a maintenance may start before the device reports, and with
-        ``WORKERS=N`` any worker may receive its next reading.
+        ``WORKERS=N`` under shared dispatch any worker may receive its next reading (under
+        device dispatch ``anomalyd silence`` asks the device's owner only).
         """
         check_silence(seconds, f"{seconds:g}")
         alerts = self.pipeline.alert_states

@@ -6,109 +6,18 @@ returns its exit code (``daemon.exit_codes``); ``daemon.cli`` parses the argumen
 from __future__ import annotations
 
 import sys
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import orjson
 
-from daemon.control import COMMAND_TIMEOUT_S, MAX_SILENCE_S, RELOAD_TIMEOUT_S, ControlError
-from daemon.errors import ConfigError
+from daemon.control import MAX_SILENCE_S, RELOAD_TIMEOUT_S
 from daemon.exit_codes import EXIT_FAILURE, EXIT_OK
 from daemon.watch import flapping_note
+from daemon.worker_http import Workers
 
 if TYPE_CHECKING:
     from daemon.config import Settings
-
-
-class DaemonUnreachableError(ControlError):
-    """Nothing answered on the daemon's HTTP port."""
-
-
-def worker_urls(settings: Settings) -> list[str]:
-    """The base URL of the daemon's HTTP port, or of each worker's with WORKERS=N."""
-    http = settings.http
-    if http.port == 0:
-        raise ConfigError(
-            "http.port is 0 (a random port): set http.port or HEALTH_PORT to "
-            "the port the daemon listens on"
-        )
-    host = http.host
-    if host in ("", "0.0.0.0"):  # noqa: S104 (bound to all interfaces: loopback reaches it)
-        host = "127.0.0.1"
-    elif ":" in host:
-        host = f"[{host}]"
-    n = settings.service.workers
-    return [f"http://{host}:{http.port + i}" for i in range(n)]
-
-
-# Never through an http_proxy from the environment: the daemon is local, the token private.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def ask(
-    base: str, method: str, path: str, token: str | None, timeout: float = COMMAND_TIMEOUT_S + 5
-) -> tuple[int, Any]:
-    """One request to a running daemon: (status, JSON body). DaemonUnreachableError if no answer."""
-    req = urllib.request.Request(  # noqa: S310 (an http:// URL from worker_urls)
-        base + path, method=method, data=b"" if method == "POST" else None
-    )
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with _opener.open(req, timeout=timeout) as resp:
-            status, raw = int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except OSError as exc:  # URLError, refused, timed out
-        reason = getattr(exc, "reason", exc)
-        raise DaemonUnreachableError(
-            f"cannot reach the daemon at {base} ({reason}); is it running, and do "
-            "http.host/http.port (HEALTH_HOST/HEALTH_PORT) match its configuration?"
-        ) from exc
-    try:
-        return status, orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return status, {"error": raw[:200].decode("utf-8", "replace")}
-
-
-def ask_workers(
-    settings: Settings,
-    method: str,
-    path: str,
-    timeout: float = COMMAND_TIMEOUT_S + 5,
-    errors: list[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Send the request to the daemon (every worker with WORKERS=N); the 200 answers.
-
-    An unknown-device 404 means that worker does not hold the device (it is left out);
-    any other error answer raises ControlError with the daemon's message (or
-    DaemonUnreachableError); given an ``errors`` list, either is appended to it instead and
-    the other workers are still asked.
-    """
-    urls = worker_urls(settings)
-    token = settings.http.secret()
-    answers = []
-    for i, base in enumerate(urls):
-        try:
-            status, body = ask(base, method, path, token, timeout)
-        except DaemonUnreachableError as exc:
-            if errors is None:
-                raise
-            errors.append(str(exc))
-            continue
-        if status == 200:
-            if len(urls) > 1:
-                body["worker"] = i
-            answers.append(body)
-        elif not (status == 404 and isinstance(body, dict) and "device_id" in body):
-            error = body.get("error") if isinstance(body, dict) else body
-            message = f"{base}{path} answered {status}: {error}"
-            if errors is None:
-                raise ControlError(message)
-            errors.append(message)
-    return answers
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -160,6 +69,11 @@ def device_table(devices: list[dict[str, Any]]) -> str:
 
 
 # -- the commands ------------------------------------------------------------------------
+#
+# Read-only ones (``devices``) ask every worker; under device dispatch an entry on a worker
+# that does not own the device (a stray, see ``Workers.is_stray``) is left out and named on
+# stderr. A command that changes a device goes to the workers ``Workers.holders`` names;
+# ``silence`` and ``forget`` also drop a stray entry where one is held.
 
 
 def show_devices(
@@ -167,32 +81,43 @@ def show_devices(
 ) -> int:
     """``anomalyd devices [ID] [--alerts]``: every worker's devices as a table (or JSON),
     only those in alert, or one device."""
+    workers = Workers(settings)
     if device_id is None:
-        devices = [
+        found = [
             {**d, **({"worker": w["worker"]} if "worker" in w else {})}
-            for w in ask_workers(settings, "GET", "/devices")
+            for w in workers.ask("GET", "/devices")
             for d in w["devices"]
-            if d["alert"]["active"] or not alerts_only
         ]
+    else:
+        found = workers.ask("GET", f"/devices/{_path(device_id)}")
+    strays = [d for d in found if workers.is_stray(d)]
+    devices = [d for d in found if not workers.is_stray(d)]
+    for d in strays:
+        _note_stray(workers, d)
+    if device_id is None:
+        devices = [d for d in devices if d["alert"]["active"] or not alerts_only]
         if as_json:
             sys.stdout.buffer.write(orjson.dumps(devices, option=orjson.OPT_INDENT_2) + b"\n")
         else:
             print(device_table(devices))
         return EXIT_OK
-    found = ask_workers(settings, "GET", f"/devices/{_path(device_id)}")
-    if not found:
-        print(f"error: the daemon does not know device {device_id!r}", file=sys.stderr)
+    if not devices:
+        print(f"error: the daemon does not know device {device_id!r}{_owned(workers, device_id)}",
+              file=sys.stderr)
         return EXIT_FAILURE
-    for d in found:
+    for d in devices:
         sys.stdout.buffer.write(orjson.dumps(d, option=orjson.OPT_INDENT_2) + b"\n")
     return EXIT_OK
 
 
 def rewarm(settings: Settings, device_id: str) -> int:
     """``anomalyd rewarm ID``."""
-    done = ask_workers(settings, "POST", f"/devices/{_path(device_id)}/rewarm")
+    workers = Workers(settings)
+    done = workers.ask("POST", f"/devices/{_path(device_id)}/rewarm",
+                       only=workers.holders(device_id))
     if not done:
-        print(f"error: the daemon does not know device {device_id!r}", file=sys.stderr)
+        print(f"error: the daemon does not know device {device_id!r}{_owned(workers, device_id)}",
+              file=sys.stderr)
         return EXIT_FAILURE
     for d in done:
         cleared = "; its active alert was cleared" if d["alert_cleared"] else ""
@@ -206,14 +131,16 @@ def rewarm(settings: Settings, device_id: str) -> int:
 
 def forget(settings: Settings, device_id: str) -> int:
     """``anomalyd forget ID``."""
-    done = ask_workers(settings, "POST", f"/devices/{_path(device_id)}/forget")
+    workers = Workers(settings)
+    done = workers.ask("POST", f"/devices/{_path(device_id)}/forget",
+                       only=workers.holders(device_id))
     if not any(d["known"] for d in done):
-        print(f"note: the daemon does not know device {device_id!r} (a typo?); its retained "
-              "messages were deleted anyway", file=sys.stderr)
+        print(f"note: the daemon does not know device {device_id!r}{_owned(workers, device_id)} "
+              "(a typo?); its retained messages were deleted anyway", file=sys.stderr)
     failed = False
     for d in done:
-        # (with several workers, each deletes the retained messages; only the one that
-        # held the device forgot anything)
+        # (under shared dispatch each worker deletes the retained messages; only those
+        # that held the device forgot anything)
         what = "forgotten" if d["known"] or len(done) == 1 else "not held by this worker"
         if d["retained_cleared"]:
             print(f"{d['device_id']}{_on_worker(d)}: {what}; its retained alert and "
@@ -222,14 +149,21 @@ def forget(settings: Settings, device_id: str) -> int:
             failed = True
             print(f"{d['device_id']}{_on_worker(d)}: forgotten, but the daemon stopped before "
                   "the broker took the deletion of its retained messages", file=sys.stderr)
+    _drop_strays(workers, device_id, "forget")
     return EXIT_FAILURE if failed else EXIT_OK
 
 
 def silence(settings: Settings, device_id: str, seconds: float) -> int:
-    """``anomalyd silence ID --for D`` (``seconds`` 0: ``--off``)."""
-    done = ask_workers(settings, "POST", f"/devices/{_path(device_id)}/silence/{seconds!r}")
+    """``anomalyd silence ID --for D`` (``seconds`` 0: ``--off``). A device not seen yet is
+    silenced all the same (a maintenance may start before it reports): under device
+    dispatch on its owner only, the one worker that will judge it."""
+    workers = Workers(settings)
+    done = workers.ask("POST", f"/devices/{_path(device_id)}/silence/{seconds!r}",
+                       only=workers.holders(device_id))
     if not any(d["known"] for d in done):
-        print(f"note: the daemon has not seen device {device_id!r} yet (a typo?); done anyway",
+        owner = workers.layout.owner(device_id)
+        who = "the daemon" if owner is None else f"worker {owner}, which owns it,"
+        print(f"note: {who} has not seen device {device_id!r} yet (a typo?); done anyway",
               file=sys.stderr)
     for d in done:
         if d["silenced_until"] is None:
@@ -239,17 +173,20 @@ def silence(settings: Settings, device_id: str, seconds: float) -> int:
             active = "; its active alert stays raised" if d["alert_active"] else ""
             print(f"{d['device_id']}{_on_worker(d)}: alerts silenced until "
                   f"{d['silenced_until']} (verdicts are still published){active}")
+    _drop_strays(workers, device_id, "silence/0.0")
     return EXIT_OK
 
 
 def acknowledge(settings: Settings, device_id: str, by: str | None, note: str | None) -> int:
     """``anomalyd ack ID [--by NAME] [--note TEXT]``: fails if no worker holds an active
     alert for the device."""
+    workers = Workers(settings)
     query = urlencode({k: v for k, v in (("by", by), ("note", note)) if v})
     path = f"/devices/{_path(device_id)}/ack" + (f"?{query}" if query else "")
-    done = ask_workers(settings, "POST", path)
+    done = workers.ask("POST", path, only=workers.holders(device_id))
     if not done:
-        print(f"error: the daemon does not know device {device_id!r}", file=sys.stderr)
+        print(f"error: the daemon does not know device {device_id!r}{_owned(workers, device_id)}",
+              file=sys.stderr)
         return EXIT_FAILURE
     acked = [d for d in done if d["alert_active"]]
     if not acked:
@@ -272,7 +209,7 @@ def acknowledge(settings: Settings, device_id: str, by: str | None, note: str | 
 def reload(settings: Settings) -> int:
     """``anomalyd reload``: every worker; one's refusal does not hide what the others did."""
     errors: list[str] = []
-    done = ask_workers(settings, "POST", "/models/reload", RELOAD_TIMEOUT_S + 5, errors)
+    done = Workers(settings).ask("POST", "/models/reload", RELOAD_TIMEOUT_S + 5, errors)
     for d in done:
         where = f"worker {d['worker']}: " if "worker" in d else ""
         # (counted apart: a device may have an alert state and no window, or the reverse;
@@ -285,6 +222,39 @@ def reload(settings: Settings) -> int:
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return EXIT_FAILURE if errors else EXIT_OK
+
+
+def _drop_strays(workers: Workers, device_id: str, action: str) -> None:
+    """Under device dispatch, run ``action`` (``forget``, or lifting a silence) on the
+    workers other than the owner that hold an entry for ``device_id``: strays, which only a
+    silence sent to the wrong worker leaves (a non-owner never judges the device, and
+    rewarm and ack need a device the worker knows). Best effort: a worker that does not
+    answer is named, the command's outcome stands."""
+    others = workers.others(device_id)
+    if not others:
+        return
+    errors: list[str] = []
+    for d in workers.ask("GET", f"/devices/{_path(device_id)}", errors=errors, only=others):
+        if workers.ask("POST", f"/devices/{_path(device_id)}/{action}", errors=errors,
+                       only=[d["worker"]]):
+            print(f"note: dropped the stray entry worker {d['worker']} held for "
+                  f"{device_id!r}{_owned(workers, device_id)}", file=sys.stderr)
+    for error in errors:
+        print(f"note: could not check for a stray entry: {error}", file=sys.stderr)
+
+
+def _note_stray(workers: Workers, d: dict[str, Any]) -> None:
+    held = d["alert"].get("silenced_until")
+    what = f"a silence until {held}" if held else "an entry"
+    print(f"note: worker {d['worker']} also holds {what} for {d['device_id']!r}"
+          f"{_owned(workers, d['device_id'])}, left by a command that reached the wrong "
+          "worker; it has no effect there and is not shown (`anomalyd silence` or `forget` "
+          "of the device drops it)", file=sys.stderr)
+
+
+def _owned(workers: Workers, device_id: str) -> str:
+    owner = workers.layout.owner(device_id)
+    return "" if owner is None else f" (worker {owner} owns it)"
 
 
 def _path(device_id: str) -> str:

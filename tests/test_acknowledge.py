@@ -177,7 +177,8 @@ def test_cli_acknowledges_the_running_daemon_s_alert_which_a_late_subscriber_see
     svc = start_daemon(settings=warm_settings.model_copy(
         update={"baseline": BaselineConfig(warmup_readings=0)}))
     pub = publisher_for(broker)
-    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN}
+    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN,
+           "STATE_DIR": str(svc.settings.state.dir)}  # its layout.json: the layout it runs
     pub.send(f"sensors/{dev}/readings", normal(0))
     col.json_on(f"anomaly/{dev}/verdict", count=1)
     res = anomalyd("ack", dev, "--by", "alice", env=env)

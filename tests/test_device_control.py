@@ -412,7 +412,8 @@ def test_cli_lists_shows_and_rewarms_devices_of_the_running_daemon(
     for i in range(3):
         pub.send(f"sensors/{dev}/readings", normal(i))
     col.json_on(f"anomaly/{dev}/verdict", count=3)
-    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN}
+    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN,
+           "STATE_DIR": str(svc.settings.state.dir)}  # its layout.json: the layout it runs
 
     res = anomalyd("devices", env=env)
     assert res.returncode == 0, res.stderr
@@ -625,7 +626,8 @@ def test_cli_silences_a_device_of_the_running_daemon_and_lifts_it(
     pub = publisher_for(broker)
     pub.send(f"sensors/{dev}/readings", normal(0))
     col.json_on(verdicts, count=1)
-    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN}
+    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN,
+           "STATE_DIR": str(svc.settings.state.dir)}  # its layout.json: the layout it runs
 
     res = anomalyd("silence", dev, "--for", "2h", env=env)
     assert res.returncode == 0, res.stderr

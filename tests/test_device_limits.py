@@ -4,6 +4,7 @@ running daemon, the command line and a real Mosquitto."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -145,7 +146,8 @@ def test_forgetting_a_device_of_the_running_daemon_deletes_its_retained_alert(
     (raised,) = col.json_on(alert_topic, count=1, timeout=15)
     assert raised["state"] == "raised"
     col.json_on(f"anomaly/{dev}/verdict", count=4)
-    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN}
+    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN,
+           "STATE_DIR": str(svc.settings.state.dir)}  # its layout.json: the layout it runs
 
     res = anomalyd("forget", dev, env=env)
     assert res.returncode == 0, res.stderr
@@ -166,18 +168,22 @@ def test_forgetting_a_device_of_the_running_daemon_deletes_its_retained_alert(
     assert "anomalyd_device_forgets_total 2.0" in text
 
 
-def test_forget_with_two_workers_says_which_one_held_the_device(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_forget_with_two_shared_workers_says_which_one_held_the_device(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from daemon import device_client
-    from daemon.config import Settings
+    """Under shared dispatch every worker is asked (under device dispatch only the owner:
+    tests/test_workers.py)."""
+    from daemon import device_client, worker_http
+    from daemon.config import ServiceConfig, StateConfig
 
     answers = [
         {"device_id": "p-1", "known": False, "retained_cleared": True, "worker": 0},
         {"device_id": "p-1", "known": True, "retained_cleared": True, "worker": 1},
     ]
-    monkeypatch.setattr(device_client, "ask_workers", lambda *a, **k: answers)
-    assert device_client.forget(Settings(), "p-1") == 0
+    monkeypatch.setattr(worker_http.Workers, "ask", lambda *a, **k: answers)
+    settings = Settings(service=ServiceConfig(workers=2, dispatch="shared"),
+                        state=StateConfig(dir=tmp_path))
+    assert device_client.forget(settings, "p-1") == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
         "p-1 on worker 0: not held by this worker; its retained alert and presence were deleted",

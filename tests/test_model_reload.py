@@ -269,7 +269,8 @@ def test_cli_reload_prints_old_and_new_version_and_fails_with_the_reason(
 ) -> None:
     svc = start_daemon(settings=reload_settings)
     old_version = svc.bundle.version
-    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN}
+    env = {"HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(svc.http.port), "HEALTH_TOKEN": TOKEN,
+           "STATE_DIR": str(svc.settings.state.dir)}  # its layout.json: the layout it runs
     set_version(model_copy, NEW_VERSION)
     res = anomalyd("reload", env=env)
     assert res.returncode == 0, res.stderr

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +17,9 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon import partition
 from tests.broker import REPO, Broker, free_port, free_ports, wait_for_port
-from tests.conftest_models import NORMAL_READING
+from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
 from tests.faults import metric
 
 pytestmark = pytest.mark.integration
@@ -257,3 +259,131 @@ def test_ctrl_c_stops_each_worker_gracefully_once(
     assert sorted((e["signal"], e["action"]) for e in signals) == [
         ("SIGINT", "graceful stop")] * 2  # one per worker, none forced
     assert sorted(e["worker"] for e in signals) == [0, 1]  # each line says whose it is
+
+
+# -- device commands from a shell that does not say WORKERS=2 ---------------------------
+
+
+def _owned_by(worker: int, prefix: str) -> str:
+    """A device id that worker ``worker`` of 2 owns under device dispatch."""
+    return next(dev for dev in (f"{prefix}-{k}" for k in range(100))
+                if partition.owner(dev, 2) == worker)
+
+
+def _cli(
+    tmp_path: Path, base: int, *args: str, workers: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``anomalyd --config <the workers' config> ARGS`` as an operator's shell runs it: the
+    same configuration file and state directory, but no WORKERS unless given (without it
+    the configuration says one process)."""
+    env = {k: v for k, v in os.environ.items() if k != "WORKERS"}
+    env.update(HEALTH_PORT=str(base), STATE_DIR=str(tmp_path / "state"))
+    if workers is not None:
+        env["WORKERS"] = workers
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(tmp_path / "device.toml"), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _held(port: int, dev: str) -> dict[str, Any] | None:
+    """What the worker on ``port`` holds of ``dev`` (None: it does not know it)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/devices/{dev}", timeout=10) as r:
+            return dict(orjson.loads(r.read()))
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
+        return None
+
+
+def test_a_silence_from_a_shell_without_workers_reaches_the_owner_only(
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
+    tmp_path: Path,
+) -> None:
+    """The tester's page during a silence: with WORKERS=2 in the service's environment
+    only, ``anomalyd silence`` from a shell asked worker 0, which does not own the device;
+    its owner then raised an alert. The command must find the running layout
+    (layout.json), silence the owner, and leave nothing on the other worker."""
+    base = free_ports(2)
+    dev = _owned_by(1, f"pump-D-{base}")
+    with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-s-{base}", base):
+        res = _cli(tmp_path, base, "silence", dev, "--for", "1h")
+        assert res.returncode == 0, res.stderr
+        owner = _held(base + 1, dev)
+        assert owner is not None and owner["alert"]["silenced_until"] is not None
+        assert _held(base, dev) is None  # no stray silence on worker 0
+        assert "runs 2 workers with device dispatch (layout.json)" in res.stderr
+        assert "WORKERS is not set here" in res.stderr
+        assert f"worker 1, which owns it, has not seen device '{dev}' yet" in res.stderr
+        assert f"{dev} on worker 1: alerts silenced until " in res.stdout
+        # with WORKERS=2 here too: a device no worker has seen yet, silenced on its owner
+        # only (not on every worker)
+        other = _owned_by(1, f"pump-E-{base}")
+        res = _cli(tmp_path, base, "silence", other, "--for", "1h", workers="2")
+        assert res.returncode == 0, res.stderr
+        assert _held(base, other) is None
+        held = _held(base + 1, other)
+        assert held is not None and held["alert"]["silenced_until"] is not None
+        assert "layout.json" not in res.stderr  # nothing to say: the layouts agree
+
+        col = collector_for(broker, [f"anomaly/{dev}/#"])
+        pub = publisher_for(broker)
+        pub.send(f"sensors/{dev}/readings", {**NORMAL_READING, "seq": 0})
+        for seq in range(1, 4):  # the default rule raises on 3 anomalous of the last 5
+            pub.send(f"sensors/{dev}/readings", {**ANOMALOUS_READING, "seq": seq})
+        verdicts = col.json_on(f"anomaly/{dev}/verdict", count=4, timeout=30)
+        assert [v["is_anomaly"] for v in verdicts] == [False, True, True, True]
+        assert all("silenced_until" in v for v in verdicts)
+        # the verdicts are out, so the batch that judged them has set the alert state
+        owner = _held(base + 1, dev)
+        assert owner is not None and owner["alert"]["active"] is False
+        assert not [t for t, *_ in col.messages if t == f"anomaly/{dev}/alert"]
+
+        res = _cli(tmp_path, base, "devices", dev)
+        assert res.returncode == 0, res.stderr
+        shown = orjson.loads(res.stdout)
+        assert shown["worker"] == 1 and shown["alert"]["silenced_until"] is not None
+
+
+def test_a_stray_entry_from_an_older_mistake_is_not_listed_and_a_silence_drops_it(
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
+    tmp_path: Path,
+) -> None:
+    """A silence sent to worker 0 for worker 1's device (what the command line did before
+    it read layout.json) while worker 1 raised the device's alert: ``devices`` shows the
+    owner's entry only, once, and names the stray; ``ack`` reaches the owner; the next
+    ``silence`` of the device drops the stray."""
+    base = free_ports(2)
+    dev = _owned_by(1, f"pump-S-{base}")
+    with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-t-{base}", base):
+        req = urllib.request.Request(f"http://127.0.0.1:{base}/devices/{dev}/silence/3600",
+                                     method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+        col = collector_for(broker, [f"anomaly/{dev}/alert"])
+        pub = publisher_for(broker)
+        for seq in range(3):
+            pub.send(f"sensors/{dev}/readings", {**ANOMALOUS_READING, "seq": seq})
+        (raised,) = col.json_on(f"anomaly/{dev}/alert", count=1, timeout=30)
+        assert raised["state"] == "raised"
+
+        res = _cli(tmp_path, base, "devices")
+        assert res.returncode == 0, res.stderr
+        rows = [ln for ln in res.stdout.splitlines() if ln.startswith(dev)]
+        assert len(rows) == 1 and rows[0].startswith(f"{dev} (worker 1)"), res.stdout
+        assert f"{raised['severity']} since" in rows[0]
+        assert "worker 0 also holds a silence until" in res.stderr
+        res = _cli(tmp_path, base, "devices", "--json")
+        listed = [d for d in orjson.loads(res.stdout) if d["device_id"] == dev]
+        assert [(d["worker"], d["alert"]["active"]) for d in listed] == [(1, True)]
+
+        res = _cli(tmp_path, base, "ack", dev, "--by", "tester")
+        assert res.returncode == 0, res.stderr
+        assert f"{dev} on worker 1: {raised['severity']} alert acknowledged by tester" in res.stdout
+
+        res = _cli(tmp_path, base, "silence", dev, "--for", "30m")
+        assert res.returncode == 0, res.stderr
+        assert f"dropped the stray entry worker 0 held for '{dev}'" in res.stderr
+        assert _held(base, dev) is None
+        owner = _held(base + 1, dev)
+        assert owner is not None and owner["alert"]["silenced_until"] is not None
