@@ -19,3 +19,8 @@ class TrainingError(AnomalydError):
 
 class BrokerError(AnomalydError):
     """The MQTT broker cannot be reached or refused the connection."""
+
+
+class StoppedWhileStartingError(AnomalydError):
+    """A stop was asked for (SIGTERM, SIGINT) while the daemon was still connecting: it
+    had taken no reading, so it stops at once and loses nothing."""

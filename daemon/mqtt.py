@@ -233,17 +233,18 @@ class MqttAdapter:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, intake: bool = True) -> None:
+    def start(self, intake: bool = True, cancel: threading.Event | None = None) -> None:
         """Connect both links (retrying until ``connect_timeout_s``), output first; the
         intake later (``start_intake``) if not ``intake``: readings taken over from a
         previous layout are judged first, while the broker keeps the live ones.
 
-        Raises BrokerError when the broker cannot be reached in time or refuses us.
+        Raises BrokerError when the broker cannot be reached in time or refuses us, and
+        StoppedWhileStartingError once ``cancel`` is set.
         """
-        self.output.start(self._deadline())
+        self.output.start(self._deadline(), cancel)
         if intake:
             try:
-                self.start_intake()
+                self.start_intake(cancel)
             except BaseException:
                 self.output.stop(1.0)
                 raise
@@ -251,9 +252,9 @@ class MqttAdapter:
                                          daemon=True)
         self._retrier.start()
 
-    def start_intake(self) -> None:
+    def start_intake(self, cancel: threading.Event | None = None) -> None:
         """Connect the intake (the readings' session); BrokerError as ``start``'s."""
-        self.intake.start(self._deadline())
+        self.intake.start(self._deadline(), cancel)
         self._intake_started = True
 
     def _deadline(self) -> float:

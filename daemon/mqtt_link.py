@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.config import MqttConfig
-from daemon.errors import BrokerError
+from daemon.errors import BrokerError, StoppedWhileStartingError
 from daemon.hosts import is_loopback
 from daemon.metrics import Metrics
 from daemon.tls import client_context, describe_failure
@@ -195,10 +195,11 @@ class Link:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, deadline: float) -> None:
+    def start(self, deadline: float, cancel: threading.Event | None = None) -> None:
         """Connect, retrying until ``deadline`` (monotonic; inf: forever); start the loop.
 
-        Raises BrokerError when the broker cannot be reached in time or refuses us.
+        Raises BrokerError when the broker cannot be reached in time or refuses us, and
+        StoppedWhileStartingError as soon as ``cancel`` is set (a signal: the wait may be long).
         """
         cfg = self.cfg
         delay = cfg.reconnect_min_delay_s
@@ -218,15 +219,25 @@ class Link:
                     raise BrokerError(self.last_error) from exc
                 log.warning("broker_unreachable", host=cfg.host, port=cfg.port,
                             error=str(exc), retry_in_s=delay)
-                time.sleep(delay)
+                if cancel is not None and cancel.wait(delay):
+                    raise StoppedWhileStartingError(
+                        f"stopped while connecting to {cfg.host}:{cfg.port}") from exc
+                if cancel is None:
+                    time.sleep(delay)
                 delay = min(delay * 2, cfg.reconnect_max_delay_s)
         self.client.loop_start()
         self._watchdog = threading.Thread(
             target=self._watch, name=f"mqtt-{self.name}-watchdog", daemon=True
         )
         self._watchdog.start()
-        remaining = deadline - time.monotonic()
-        if not self._first_connect.wait(None if remaining == float("inf") else max(0.5, remaining)):
+        answered = deadline if deadline == float("inf") else max(
+            deadline, time.monotonic() + 0.5)
+        while not self._first_connect.wait(0.1) and time.monotonic() < answered:
+            if cancel is not None and cancel.is_set():
+                self.stop(1.0)
+                raise StoppedWhileStartingError(
+                    f"stopped while connecting to {cfg.host}:{cfg.port}")
+        if not self._first_connect.is_set():
             self.stop(1.0)
             if self._closed_unanswered:
                 # MQTT 3.1.1 has no reason codes: the broker just closes the connection

@@ -8,6 +8,7 @@ is logged, and the broker still holds every reading that was not acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import queue
@@ -25,6 +26,7 @@ from daemon.acks import Inbound
 from daemon.batching import next_batch
 from daemon.config import Settings
 from daemon.control import Command, ControlQueue, DeviceControl
+from daemon.errors import StoppedWhileStartingError
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
@@ -129,6 +131,7 @@ class Service:
         )
         self._worker = threading.Thread(target=self._work, name="scorer", daemon=True)
         self._stopping = threading.Event()
+        self._starting = True  # until run()'s start() has returned or failed
         self._forced = threading.Event()
         self._signalled = threading.Event()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -402,7 +405,7 @@ class Service:
         try:
             # readings taken over are judged before the intake connects: live ones wait at
             # the broker, not in the intake's network thread (which would miss keepalives)
-            self.mqtt.start(intake=not self._spooled)
+            self.mqtt.start(intake=not self._spooled, cancel=self._stopping)
         except BaseException:
             self.http.stop()
             self._release_state()
@@ -473,7 +476,13 @@ class Service:
         gc.collect()
         gc.freeze()
         self.install_signal_handlers()
-        self.start()
+        try:
+            self.start()
+        except StoppedWhileStartingError as exc:  # nothing was taken: nothing to drain
+            log.info("stopped", note=f"{exc}: before any reading was taken")
+            return 0
+        finally:
+            self._starting = False
         while not self._signalled.wait(1.0):
             if self.worker_crashed or not self.mqtt.loop_alive:
                 log.error("component_died", worker=self.worker_crashed,
@@ -543,7 +552,9 @@ class Service:
             self._spool_path.unlink(missing_ok=True)
             log.info("handover_judged", readings=len(self._spooled))
             self._spooled = []
-            self.mqtt.start_intake()
+            # a stop asked for meanwhile: the shutdown has nothing of the intake's to drain
+            with contextlib.suppress(StoppedWhileStartingError):
+                self.mqtt.start_intake(self._stopping)
 
     def _release_state(self) -> None:
         """Let the state directory go (``state.lock``), if this daemon took it."""
@@ -572,3 +583,9 @@ class Service:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def starting(self) -> bool:
+        """Still starting (waiting for the broker, judging a handover's readings): alive,
+        not ready."""
+        return self._starting

@@ -18,16 +18,18 @@ class ServiceStatus:
         self._service = service
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Liveness: the MQTT network thread and the scorer are running."""
+        """Liveness: the MQTT network thread and the scorer are running, or the daemon is
+        still starting (waiting for its broker: a probe that restarted it then would only
+        start the wait again)."""
         svc = self._service
         mqtt = svc.mqtt
         checks = {
             "mqtt_loop": mqtt.loop_alive and mqtt.loop_crashed is None,
             "worker": svc.scorer_alive,
         }
-        ok = all(checks.values())
+        ok = all(checks.values()) or svc.starting
         return ok, {
-            "status": "ok" if ok else "unhealthy",
+            "status": ("starting" if svc.starting else "ok") if ok else "unhealthy",
             "models_loaded": len(svc.bundle.detector_names),
             "preprocessor_loaded": True,
             "broker_connected": mqtt.connected,

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from daemon import service
 from daemon.acks import Inbound
-from tests.broker import Broker
+from tests.broker import Broker, free_port
+from tests.faults import DaemonProcess, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +84,31 @@ def test_a_signal_is_acted_on_and_logged_outside_its_handler(
     signals = [(thread, kw["action"]) for thread, event, kw in recorder.lines
                if event == "signal"]
     assert signals == [("signals", "graceful stop"), ("signals", "forced stop")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_daemon_still_waiting_for_its_broker(
+    tmp_path: Path, trained_model_dir: Path, sig: int
+) -> None:
+    """No broker yet and ``connect_timeout_s = 0`` (wait for ever): the daemon is alive
+    (``/health`` 200, ``starting``) but not ready, and SIGTERM or Ctrl-C stops it at once
+    with exit 0 (it has taken nothing). Before, both signals were logged and ignored until
+    the broker came (with the default 30 s: until the timeout, exit 3); a liveness probe
+    saw ``unhealthy`` meanwhile."""
+    config = tmp_path / "anomalyd.toml"
+    config.write_text("[mqtt]\nconnect_timeout_s = 0\n")
+    daemon = DaemonProcess("127.0.0.1", free_port(), trained_model_dir, tmp_path, config)
+    daemon.start(wait=False)
+    try:
+        for _ in range(600):
+            if "broker_unreachable" in daemon.log_tail() and daemon.status("/health"):
+                break
+            time.sleep(0.05)
+        status, body = http_get(daemon.http_port, "/health")
+        assert status == 200 and json.loads(body)["status"] == "starting", body
+        assert daemon.status("/ready") == 503
+        daemon.signal(sig)
+        assert daemon.wait(10) == 0, daemon.log_tail()
+        assert "before any reading was taken" in daemon.log_tail()
+    finally:
+        daemon.close()
