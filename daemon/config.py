@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from daemon.alerts import MAX_BACKOFF
 from daemon.baseline import THRESHOLD_MARGIN
 from daemon.errors import ConfigError
-from daemon.topics import could_match
+from daemon.topics import could_match, templates_overlap
 
 DEFAULT_CONFIG_PATH = Path("config/anomalyd.toml")
 MASK = "********"  # what a secret looks like in /info and check-config
@@ -55,7 +55,7 @@ class MqttConfig(_Strict):
     password_file: Path | None = None
     tls: TlsConfig = TlsConfig()
     keepalive_s: int = Field(30, ge=5, le=3600)
-    session_expiry_s: int = Field(86400, ge=0)
+    session_expiry_s: int = Field(86400, ge=0, le=4_294_967_295)  # MQTT's 4-byte limit
     subscription: str = "sensors/+/readings"
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_outstanding_publishes: int = Field(2000, ge=1, le=20000)
@@ -71,6 +71,23 @@ class MqttConfig(_Strict):
     def _check(self) -> MqttConfig:
         if "+" not in self.subscription:
             raise ValueError("subscription must contain a '+' level for the device id")
+        plain = self.subscription.split("/", 2)[-1] if self.subscription.startswith(
+            "$share/") else self.subscription
+        if plain.split("/").count("+") > 1:
+            raise ValueError(
+                f"subscription {self.subscription!r} has {plain.split('/').count('+')} '+' "
+                f"levels: the device id is the one '+' level, and with more, devices of "
+                f"different sites or lines would share an id (their windows, baselines and "
+                f"alerts mixed). Give one '+' (e.g. plant/site1/+/readings, a daemon or a "
+                f"subscription per site), and put what tells them apart in the device id")
+        if "://" in self.host or self.host.count(":") == 1:
+            raise ValueError(
+                f"host {self.host!r}: the broker's name or address alone (the port is "
+                f"mqtt.port / MQTT_PORT; TLS is mqtt.tls.enabled / MQTT_TLS)")
+        if self.username is None and (self.password is not None
+                                      or self.password_file is not None):
+            raise ValueError("a password without username (MQTT_USERNAME) is never sent: "
+                             "set mqtt.username too")
         if self.reconnect_max_delay_s < self.reconnect_min_delay_s:
             raise ValueError("reconnect_max_delay_s must be >= reconnect_min_delay_s")
         if self.password is not None and self.password_file is not None:
@@ -139,9 +156,15 @@ class LimitsConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> LimitsConfig:
         try:
-            re.compile(self.device_id_pattern)
+            pattern = re.compile(self.device_id_pattern)
         except re.error as exc:
             raise ValueError(f"device_id_pattern does not compile: {exc}") from None
+        # an id is one topic level, and names a device: never empty, never a wildcard
+        bad = [repr(x) for x in ("", "a/b", "+", "#") if pattern.fullmatch(x)]
+        if bad:
+            raise ValueError(f"device_id_pattern {self.device_id_pattern!r} allows the id(s) "
+                             f"{', '.join(bad)}: a device id is one topic level, neither empty "
+                             f"nor holding '/', '+' or '#'")
         return self
 
 
@@ -264,7 +287,7 @@ class StateConfig(_Strict):
 
 
 class ServiceConfig(_Strict):
-    shutdown_timeout_s: float = Field(10.0, gt=0)
+    shutdown_timeout_s: float = Field(10.0, gt=0, le=3600)
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
     workers: int = Field(1, ge=1, le=64)
     # How readings reach N workers: "device" (each worker subscribes to all of them and
@@ -303,14 +326,16 @@ class Settings(_Strict):
             raise ValueError(
                 f"http.port {self.http.port} with {svc.workers} workers: worker i listens on "
                 f"http.port + i, beyond 65535 for the last one")
-        read_back = []
-        for kind in ("verdict", "alert", "dead_letter", "status", "presence"):
-            template = getattr(self.topics, kind)
-            try:
-                if could_match(self.mqtt.subscription, template, self.limits.device_id_pattern):
-                    read_back.append(f"topics.{kind} {template!r}")
-            except (ConfigError, re.error):
-                break  # a malformed filter or id pattern is reported where it is used
+        kinds = ("verdict", "alert", "dead_letter", "status", "presence")
+        try:
+            read_back = [f"topics.{kind} {getattr(self.topics, kind)!r}" for kind in kinds
+                         if could_match(self.mqtt.subscription, getattr(self.topics, kind),
+                                        self.limits.device_id_pattern)]
+            clashes = [(a, b) for i, a in enumerate(kinds) for b in kinds[i + 1:]
+                       if templates_overlap(getattr(self.topics, a), getattr(self.topics, b),
+                                            self.limits.device_id_pattern)]
+        except ConfigError:  # a malformed filter: reported where it is used
+            read_back, clashes = [], []
         if read_back:
             raise ValueError(
                 f"mqtt.subscription {self.mqtt.subscription!r} matches "
@@ -318,6 +343,14 @@ class Settings(_Strict):
                 f"(each one dead-lettered, and the dead letters again, in a loop). Give the "
                 f"results topics outside the subscription, or narrow it (e.g. "
                 f"sensors/+/readings)")
+        if clashes:
+            a, b = clashes[0]
+            raise ValueError(
+                f"topics.{a} {getattr(self.topics, a)!r} and topics.{b} "
+                f"{getattr(self.topics, b)!r} give the same topic for some device id (one "
+                f"that limits.device_id_pattern allows): one kind of result would overwrite "
+                f"the other (a retained alert the status, say). Give each kind its own "
+                f"topic level")
         if svc.workers > 1 and svc.dispatch == "shared" and self.alerts.quiet_after_s:
             raise ValueError(
                 "alerts.quiet_after_s needs service.dispatch = \"device\" (the default) or "

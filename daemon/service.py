@@ -398,6 +398,12 @@ class Service:
             self._release_state()
             raise
         log.info("http_listening", host=self.settings.http.host, port=self.http.port)
+        if self.settings.mqtt.protocol == "5" and not self.settings.mqtt.session_expiry_s:
+            log.warning("mqtt_session_not_kept", session_expiry_s=0,
+                        note="the broker ends this daemon's session when it disconnects: "
+                             "readings published while it is away (a restart, a network "
+                             "cut) are lost. Set mqtt.session_expiry_s to how long an "
+                             "absence to cover (default 86400)")
         if password_in_clear(self.settings.mqtt):
             log.warning("mqtt_password_in_clear", host=self.settings.mqtt.host,
                         note="the broker username and password cross the network "

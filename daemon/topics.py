@@ -87,14 +87,36 @@ def could_match(subscription: str, template: str, device_id_pattern: str) -> boo
         return False
     if levels[0] == "+" and template.startswith("$"):
         return False
-    for want, got in zip(levels, topic, strict=False):
-        if want == "+":
-            continue
-        if "{device_id}" in got:
-            before, _, after = got.partition("{device_id}")
-            level = f"{re.escape(before)}(?:{device_id_pattern}){re.escape(after)}"
-            if not re.fullmatch(level, want):
+    ids = re.compile(device_id_pattern)
+    return all(want == "+" or _level_fits(got, want, ids)
+               for want, got in zip(levels, topic, strict=False))
+
+
+def templates_overlap(a: str, b: str, device_id_pattern: str) -> bool:
+    """Whether two result topic templates give the same topic for some device ids (the
+    verdict of a device called ``status`` on the status topic, say)."""
+    left, right = a.split("/"), b.split("/")
+    if len(left) != len(right):
+        return False
+    ids = re.compile(device_id_pattern)
+    for x, y in zip(left, right, strict=True):
+        if "{device_id}" in x and "{device_id}" in y:
+            # two ids: the literal parts around them must be able to agree
+            (xb, _, xa), (yb, _, ya) = x.partition("{device_id}"), y.partition("{device_id}")
+            if not (xb.startswith(yb) or yb.startswith(xb)) or not (
+                    xa.endswith(ya) or ya.endswith(xa)):
                 return False
-        elif want != got:
+        elif not (_level_fits(x, y, ids) if "{device_id}" in x else _level_fits(y, x, ids)):
             return False
     return True
+
+
+def _level_fits(level: str, text: str, ids: re.Pattern[str]) -> bool:
+    """Whether a template's ``level`` (``{device_id}`` in it standing for an id ``ids``
+    allows) can be the literal level ``text``."""
+    if "{device_id}" not in level:
+        return level == text
+    before, _, after = level.partition("{device_id}")
+    middle = len(text) - len(before) - len(after)
+    return (middle >= 0 and text.startswith(before) and text.endswith(after)
+            and ids.fullmatch(text[len(before):len(text) - len(after)]) is not None)

@@ -75,6 +75,25 @@ def _refused_then_loaded(tmp_path: Path, refused: str, match: str, loaded: str) 
         ('[mqtt]\nhost = ""\n', r"mqtt\.host", '[mqtt]\nhost = "broker"\n'),
         ("[http]\nport = 65535\n[service]\nworkers = 2\n", r"beyond 65535",
          "[http]\nport = 65534\n[service]\nworkers = 2\n"),
+        # found by a tester: two '+' levels merged the pumps of a site into one device
+        ('[mqtt]\nsubscription = "plant/+/+/readings"\n', r"has 2 '\+' levels",
+         '[mqtt]\nsubscription = "plant/site1/+/readings"\n'),
+        ('[mqtt]\nhost = "127.0.0.1:1883"\n', r"the broker's name or address alone",
+         '[mqtt]\nhost = "::1"\n'),
+        ('[mqtt]\nhost = "mqtt://broker"\n', r"the broker's name or address alone",
+         '[mqtt]\nhost = "broker"\n'),
+        ('[mqtt]\npassword = "x"\n', r"a password without username",
+         '[mqtt]\npassword = "x"\nusername = "anomalyd"\n'),
+        ("[mqtt]\nsession_expiry_s = 4294967296\n", r"session_expiry_s",
+         "[mqtt]\nsession_expiry_s = 4294967295\n"),  # a traceback at start, before
+        ("[service]\nshutdown_timeout_s = 1e12\n", r"shutdown_timeout_s",
+         "[service]\nshutdown_timeout_s = 60\n"),  # a traceback at SIGTERM, before
+        ('[limits]\ndevice_id_pattern = ".*"\n', r"allows the id\(s\) '', 'a/b', '\+', '#'",
+         '[limits]\ndevice_id_pattern = "(?i)[a-z0-9-]+"\n'),
+        # a result template that gives the status topic for the device called "status"
+        ('[topics]\nverdict = "plant/anomaly/{device_id}"\nstatus = "plant/anomaly/status"\n',
+         r"topics\.verdict .* and topics\.status .* give the same topic",
+         '[topics]\nverdict = "plant/verdict/{device_id}"\nstatus = "plant/anomaly/status"\n'),
     ],
 )
 def test_settings_that_run_would_refuse_are_refused_by_check_config_too(
@@ -106,6 +125,8 @@ def test_a_filter_matching_a_result_topic_is_found(
     subscription: str, template: str, matches: bool
 ) -> None:
     assert could_match(subscription, template, "[0-9]+") is matches
+    # a pattern with a global flag (which cannot be nested in another pattern) as well
+    assert could_match(subscription, template, "(?i)[0-9]+") is matches
 
 
 def test_a_subscription_that_would_read_the_daemons_own_results_is_refused(
@@ -123,6 +144,15 @@ def test_a_subscription_that_would_read_the_daemons_own_results_is_refused(
         r"matches topics\.verdict .* its own results as readings",
         '[mqtt]\nsubscription = "plant/+/readings"\n' + results)
     assert settings.mqtt.subscription == "plant/+/readings"
+    # a global flag in the id pattern switched the check off (a tester: 5,196 dead
+    # letters in 5 s)
+    flagged = tmp_path / "c.toml"
+    flagged.write_text('[mqtt]\nsubscription = "plant/+/readings"\n[topics]\n'
+                       'verdict = "plant/verdicts/{device_id}"\n'
+                       'dead_letter = "plant/dead-letter/readings"\n'
+                       '[limits]\ndevice_id_pattern = "(?i)[a-z0-9-]+"\n')
+    with pytest.raises(ConfigError, match=r"matches topics\.verdict .* and topics\.dead_letter"):
+        load_settings(flagged, env={})
     only_status = tmp_path / "b.toml"
     only_status.write_text('[mqtt]\nsubscription = "anomaly/+"\n')
     with pytest.raises(ConfigError, match=r"matches topics\.dead_letter 'anomaly/dead-letter' and "

@@ -650,3 +650,13 @@ def test_cli_silences_a_device_of_the_running_daemon_and_lifts_it(
     res = anomalyd("silence", "nobody", "--for", "1h", env=env)  # e.g. not reporting yet
     assert res.returncode == 0 and "has not seen device 'nobody' yet" in res.stderr
     assert "nobody: alerts silenced until" in res.stdout
+
+
+def test_an_ipv6_address_is_served() -> None:
+    """``http.host = "::1"`` passed the configuration and then failed to start: the server
+    was IPv4 only ("Address family for hostname not supported")."""
+    with bare_server("::1") as server:
+        conn = http.client.HTTPConnection("::1", server.port, timeout=15)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()

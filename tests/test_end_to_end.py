@@ -351,3 +351,16 @@ def test_unreachable_broker_exits_3_with_a_clear_message(
     )
     assert res.returncode == 3, res.stderr[-2000:]
     assert "cannot reach broker" in res.stderr
+
+
+@pytest.mark.parametrize("expiry", [0, 3600])
+def test_a_session_the_broker_ends_at_each_disconnect_is_warned_of(
+    broker: Broker, start_daemon: Any, trained_model_dir: Path,
+    capsys: pytest.CaptureFixture[str], expiry: int,
+) -> None:
+    """MQTT 5 ``session_expiry_s = 0`` ("never expires" in other tools) ends the session at
+    every disconnect: readings published during a restart are lost. A tester found no word
+    of it anywhere."""
+    start_daemon(broker, make_settings(broker, trained_model_dir, session_expiry_s=expiry))
+    warned = "mqtt_session_not_kept" in capsys.readouterr().out
+    assert warned is (expiry == 0)
