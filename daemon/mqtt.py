@@ -196,6 +196,8 @@ class MqttAdapter:
         self._deliver = deliver
         self.window = PublishWindow(cfg.max_outstanding_publishes)
         self.acks = AckSequencer(self._send_ack, self._on_input_done)
+        # read at each scrape: set after a batch, it kept that batch's count while idle
+        self.metrics.unacked_inputs.set_function(lambda: len(self.acks))
         # Publishes the broker refused, to be made again: (due, topic, payload, retain,
         # owner, refusals so far), in the order they were refused.
         self._retries: queue.SimpleQueue[_Retry | None] = queue.SimpleQueue()
@@ -414,7 +416,6 @@ class MqttAdapter:
     def _intake_down(self) -> None:
         self.metrics.connected.set(0)
         self.acks.new_session()
-        self.metrics.unacked_inputs.set(0)
 
     def _output_up(self, client: paho.Client, session_present: bool, props: Any) -> None:
         # Honour the broker's Receive Maximum (MQTT v5): never more unacknowledged

@@ -39,6 +39,7 @@ from daemon.presence import PresenceEvent
 from daemon.reload import ModelReloader, build_scoring, publish_model_info, rate_limiter
 from daemon.sessions import intake_client_id, subscriptions
 from daemon.status import ServiceStatus
+from daemon.summary import ScoredSummary
 from daemon.topics import TopicMatcher
 
 log = structlog.get_logger("anomalyd")
@@ -132,6 +133,7 @@ class Service:
         self._worker = threading.Thread(target=self._work, name="scorer", daemon=True)
         self._stopping = threading.Event()
         self._starting = True  # until run()'s start() has returned or failed
+        self._scored = ScoredSummary()
         self._forced = threading.Event()
         self._signalled = threading.Event()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -318,8 +320,7 @@ class Service:
     def _record(self, stats: BatchStats, elapsed: float) -> None:
         self.metrics.record_batch(stats)
         self.metrics.devices.set(len(self.pipeline.devices.devices))
-        self.metrics.unacked_inputs.set(len(self.mqtt.acks))
-        log.info(
+        log.debug(
             "batch",
             messages=stats.messages,
             readings=stats.readings,
@@ -328,6 +329,9 @@ class Service:
             models=sorted(stats.by_detector),
             latency_ms=round(elapsed * 1000, 3),
         )
+        self._scored.add(stats, elapsed)
+        if self._scored.due(time.monotonic()):
+            log.info("scored", **self._scored.take(time.monotonic()))
         for device_id in stats.clock_resets:
             log.warning("device_clock_reset", device_id=device_id,
                         newest=iso(self.pipeline.devices.newest(device_id)),

@@ -364,3 +364,22 @@ def test_a_session_the_broker_ends_at_each_disconnect_is_warned_of(
     start_daemon(broker, make_settings(broker, trained_model_dir, session_expiry_s=expiry))
     warned = "mqtt_session_not_kept" in capsys.readouterr().out
     assert warned is (expiry == 0)
+
+
+def test_an_idle_daemon_reports_no_unacknowledged_input(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any
+) -> None:
+    """``anomalyd_unacked_inputs`` was set after each batch, before that batch's readings
+    were acknowledged, so an idle daemon kept reporting the last batch's count (a tester
+    saw 1 while ``/info`` said 0). It is read at each scrape now."""
+    svc = start_daemon(broker)
+    col = collector_for(broker, ["anomaly/+/verdict"])
+    publisher_for(broker).send("sensors/e2e-idle/readings", {**NORMAL, "seq": 1})
+    col.json_on("anomaly/e2e-idle/verdict", count=1)
+    deadline = time.monotonic() + 10
+    while http_get(svc.http.port, "/info")[1]["unacked_inputs"]:  # the ack goes out
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    text = metrics_once(svc.http.port, "anomalyd_readings_total", outcome="normal")
+    assert metric(text, "anomalyd_unacked_inputs") == 0
+    assert metric(text, "anomalyd_readings_total", outcome="normal") == 1
