@@ -319,3 +319,17 @@ def test_python_lines_pass_at_once_while_native_notices_are_held_back(tmp_path: 
     assert done.returncode == 0, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln in ("a native line", "a progress line")]
     assert lines == ["a progress line", "a native line"]
+
+
+def test_without_labelled_anomalies_only_the_false_alarm_rate_is_given(tmp_path: Path) -> None:
+    """Held-back rows all normal: a detector's few flags are all false, so precision and
+    F1 came out as 0.0 in the manifest and ``GET /models`` (a tester: "compare these
+    between trainings" read as a detector that finds nothing). They are null, as recall."""
+    from daemon.training.synthetic import FEATURES
+
+    x, _, _ = generate_dataset(3000, 4, fault_fraction=0.0)
+    manifest = train(x, FEATURES, tmp_path / "m", source="test",
+                     detectors=["isolation_forest"])
+    figures = manifest["detectors"]["ensemble"]["validation"]
+    assert figures["n_anomalous"] == 0 and figures["far"] > 0  # some normal rows flagged
+    assert figures["precision"] is None and figures["f1"] is None and figures["recall"] is None

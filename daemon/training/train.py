@@ -306,9 +306,11 @@ def _figures(flagged: NDArray[np.bool_], y: NDArray[np.bool_]) -> dict[str, floa
     fp = int(np.sum(flagged & ~y))
     fn = int(np.sum(~flagged & y))
     n_anom, n_norm = int(y.sum()), int((~y).sum())
-    precision = tp / (tp + fp) if tp + fp else None
+    # without labelled anomalies, precision and F1 could only be 0 (every flag a false
+    # one) or undefined: they say nothing of the detector, so none is given
+    precision = tp / (tp + fp) if tp + fp and n_anom else None
     recall = tp / n_anom if n_anom else None
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn and n_anom else None
     return {
         "precision": precision,
         "recall": recall,
