@@ -48,6 +48,12 @@ class Metrics:
             "subscription), acknowledged unjudged (readings.retained = \"skip\")",
             registry=r,
         )
+        self.empty_skipped = Counter(
+            "anomalyd_empty_messages_skipped",
+            "Zero-length messages on the readings subscription (what a client publishes to "
+            "clear a retained reading), acknowledged unjudged",
+            registry=r,
+        )
         self.readings = Counter(
             "anomalyd_readings", "Readings by outcome (normal, anomaly, rejected)",
             ["outcome"], registry=r,

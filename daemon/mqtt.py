@@ -455,6 +455,16 @@ class MqttAdapter:
                        "(readings.retained); counted in "
                        "anomalyd_retained_readings_skipped_total")
             return
+        if not msg.payload:
+            # How MQTT clears a retained message: its subscribers get a zero-length copy.
+            # No reading, and nothing a dead letter could show.
+            self.metrics.empty_skipped.inc()
+            self._pass_over(msg, topic)
+            self._once(log.info, "empty_message_skipped", topic,
+                       "a zero-length message (how a retained reading is cleared, e.g. "
+                       "mosquitto_pub -r -n): no reading, acknowledged unjudged; counted in "
+                       "anomalyd_empty_messages_skipped_total")
+            return
         if not msg.qos:
             # Its device published at QoS 0 (the subscription is QoS 1): judged as usual,
             # but the broker keeps no such reading for anomalyd while it is away.

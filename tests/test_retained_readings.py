@@ -88,3 +88,26 @@ def test_judge_makes_the_stored_copy_a_reading_again(
     svc = start_daemon(settings=settings)
     col.wait_for(lambda t, p: orjson.loads(p)["seq"] == 7)
     assert _skipped(svc) == 0
+
+
+def test_clearing_a_retained_reading_is_no_dead_letter(
+    fresh_broker: Broker, start_daemon: Any, collector_for: Any, trained_model_dir: Any,
+) -> None:
+    """``mosquitto_pub -r -n`` (how a retained reading is cleared) reaches the daemon as a
+    zero-length message: it was dead-lettered as ``not_json``; it is acknowledged unjudged
+    and counted, and the device's next reading is judged as usual."""
+    topic = "sensors/ret-2/readings"
+    col = collector_for(fresh_broker, ["anomaly/#"])
+    svc = start_daemon(settings=make_settings(fresh_broker, trained_model_dir))
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="clearing-tool")
+    c.connect(fresh_broker.host, fresh_broker.port)
+    c.loop_start()
+    try:
+        c.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        c.publish(topic, orjson.dumps({**NORMAL, "seq": 7}), qos=1).wait_for_publish(5)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    col.wait_for(lambda t, p: t.endswith("/verdict") and orjson.loads(p)["seq"] == 7)
+    assert not [t for t, *_ in col.messages if t == "anomaly/dead-letter"]
+    assert svc.metrics.empty_skipped._value.get() == 1
