@@ -127,6 +127,10 @@ class Workers:
             elif not (status == 404 and isinstance(body, dict) and "device_id" in body):
                 error = body.get("error") if isinstance(body, dict) else body
                 message = f"{base}{path} answered {status}: {error}"
+                if status == 401:
+                    message += (" (give the daemon's token as it is given to the daemon: "
+                                "HEALTH_TOKEN or HEALTH_TOKEN_FILE, or http.token / "
+                                "http.token_file in --config)")
                 if errors is None:
                     raise ControlError(message)
                 errors.append(message)

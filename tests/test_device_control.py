@@ -431,6 +431,7 @@ def test_cli_lists_shows_and_rewarms_devices_of_the_running_daemon(
 
     res = anomalyd("devices", env={**env, "HEALTH_TOKEN": ""})
     assert res.returncode == 1 and "answered 401" in res.stderr
+    assert "HEALTH_TOKEN or HEALTH_TOKEN_FILE" in res.stderr  # what to give it
     res = anomalyd("devices", env={**env, "HEALTH_PORT": str(free_port())})
     assert res.returncode == 1 and "cannot reach the daemon" in res.stderr
 
