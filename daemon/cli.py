@@ -273,9 +273,23 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The effective configuration, and what ``run`` reads of it before connecting: the
+    password and token (files), the model set and its default detector. A tester found
+    check-config saying "valid" for a missing model.dir or token file that run refused."""
+    from daemon.models import load_bundle
+    from daemon.offline import detector_problem
+
     settings = _settings(args)
     sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
-    print("configuration is valid", file=sys.stderr)
+    settings.mqtt.secret()
+    settings.http.secret()
+    bundle = load_bundle(settings.model.dir)
+    problem = detector_problem(bundle, None, settings)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"configuration is valid; model set {bundle.version} in {settings.model.dir} loads "
+          f"({', '.join(bundle.detector_names)})", file=sys.stderr)
     return EXIT_OK
 
 

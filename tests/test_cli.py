@@ -31,16 +31,43 @@ def anomalyd(
     )
 
 
-def test_check_config_prints_the_effective_configuration_with_secrets_masked() -> None:
+def test_check_config_prints_the_effective_configuration_with_secrets_masked(
+    trained_model_dir: Path,
+) -> None:
     res = anomalyd(
         "check-config",
-        env={"MQTT_PASSWORD": "pw-123456", "MQTT_USERNAME": "u", "MQTT_PORT": "1999"},
+        env={"MQTT_PASSWORD": "pw-123456", "MQTT_USERNAME": "u", "MQTT_PORT": "1999",
+             "MODEL_DIR": str(trained_model_dir)},
     )
     assert res.returncode == 0, res.stderr
     cfg = json.loads(res.stdout)
     assert cfg["mqtt"]["port"] == 1999
     assert cfg["mqtt"]["password"] == "********"
     assert "pw-123456" not in res.stdout + res.stderr
+
+
+def test_check_config_refuses_what_run_would_refuse_before_connecting(
+    tmp_path: Path, trained_model_dir: Path
+) -> None:
+    """A tester found check-config saying "valid" where run then stopped with exit 2: a
+    model.dir without a model set, a token file that is not there, an unknown default
+    detector."""
+    ok = {"MODEL_DIR": str(trained_model_dir)}
+    res = anomalyd("check-config", env=ok)
+    assert res.returncode == 0 and "loads (isolation_forest" in res.stderr, res.stderr
+    for env, said in (
+        ({"MODEL_DIR": str(tmp_path / "none")}, "no manifest"),
+        ({**ok, "HEALTH_TOKEN_FILE": str(tmp_path / "missing")}, "token_file"),
+        ({**ok, "MQTT_USERNAME": "u", "MQTT_PASSWORD_FILE": str(tmp_path / "missing")},
+         "password_file"),
+    ):
+        res = anomalyd("check-config", env=env)
+        assert res.returncode == 2 and said in res.stderr, (env, res.stderr)
+        assert "configuration is valid" not in res.stderr and "Traceback" not in res.stderr
+    forest = tmp_path / "forest.toml"
+    forest.write_text('[model]\ndefault_detector = "forest"\n')
+    res = anomalyd("--config", str(forest), "check-config", env=ok)
+    assert res.returncode == 2 and "no detector 'forest'" in res.stderr, res.stderr
 
 
 def test_check_config_rejects_a_typo_with_exit_2(tmp_path: Path) -> None:
@@ -352,13 +379,13 @@ def test_run_with_a_default_detector_the_model_set_lacks_exits_2(
     assert "Traceback" not in res.stderr
 
 
-def test_config_may_follow_the_command_too(tmp_path: Path) -> None:
+def test_config_may_follow_the_command_too(tmp_path: Path, trained_model_dir: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("[batch]\nmax_wait_ms = 7\n")
     for args in (("--config", str(config), "check-config"),
                  ("check-config", "--config", str(config)),
                  ("check-config", "-c", str(config))):
-        res = anomalyd(*args)
+        res = anomalyd(*args, env={"MODEL_DIR": str(trained_model_dir)})
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["batch"]["max_wait_ms"] == 7.0
 

@@ -112,7 +112,8 @@ def test_a_candidate_reading_other_features_is_refused(
     settings = Settings(model=ModelConfig(shadow_dir=other))
     with pytest.raises(ModelLoadError, match="cannot shadow the serving one: it reads"):
         build_scoring(settings, model_bundle, "sensors/+/readings", None)
-    res = anomalyd("check-config", env={"MODEL_SHADOW_DIR": str(other)})
+    res = anomalyd("check-config", env={"MODEL_SHADOW_DIR": str(other),
+                                        "MODEL_DIR": str(trained_model_dir)})
     assert res.returncode == 0 and f'"shadow_dir": "{other}"' in res.stdout
     res = anomalyd("run", env={"MODEL_DIR": str(trained_model_dir), "MODEL_SHADOW_DIR":
                                str(other), "STATE_DIR": str(tmp_path / "state")})
