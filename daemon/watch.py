@@ -50,6 +50,14 @@ def read(topic: str, payload: bytes, settings: Settings) -> Line:
         return Line(f"{topic} {payload[:80]!r}")
 
 
+def template_filter(template: str) -> str:
+    """The MQTT filter for every topic a result template gives: the level holding
+    ``{device_id}`` becomes ``+`` whole (``results/verdict-{device_id}`` gives
+    ``results/+``; a ``+`` inside a level is no filter: watch died on it). What the
+    filter takes beyond the template is told apart by ``topic_kind``."""
+    return "/".join("+" if "{device_id}" in level else level for level in template.split("/"))
+
+
 def topic_kind(topic: str, settings: Settings) -> tuple[str, str | None]:
     """Which result ``topic`` carries: "dead_letter", "status", "marker" (the daemon's
     handover markers, ``<status>/handover/<random>``), "verdict", "alert" or "presence"
@@ -220,9 +228,9 @@ _TAGS = (("warming up", "warming_up"), ("repeat", "repeat"), ("late", "late"),
 
 def watch(settings: Settings, anomalies_only: bool = False) -> int:
     cfg = settings.mqtt
-    verdict_filter = settings.topics.verdict.replace("{device_id}", "+")
-    alert_filter = settings.topics.alert.replace("{device_id}", "+")
-    presence_filter = settings.topics.presence.replace("{device_id}", "+")
+    verdict_filter = template_filter(settings.topics.verdict)
+    alert_filter = template_filter(settings.topics.alert)
+    presence_filter = template_filter(settings.topics.presence)
     stopping: list[bool] = []
 
     def on_message(c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -376,3 +376,19 @@ def test_watch_into_a_pipe_closed_early_ends_quietly(
     assert w.proc.stderr is not None
     err = w.proc.stderr.read()
     assert "Traceback" not in err, err
+
+
+def test_a_device_id_inside_a_topic_level_gives_a_filter_of_that_whole_level() -> None:
+    """``verdict = "results/verdict-{device_id}"`` is served by the daemon; watch built
+    ``results/verdict-+`` from it, which is no MQTT filter, and died (a tester)."""
+    from daemon.config import TopicsConfig
+    from daemon.watch import template_filter, topic_kind
+
+    assert template_filter("anomaly/{device_id}/verdict") == "anomaly/+/verdict"
+    assert template_filter("results/verdict-{device_id}") == "results/+"
+    settings = Settings(topics=TopicsConfig(verdict="results/verdict-{device_id}",
+                                            alert="results/alert-{device_id}"))
+    # what the wider filter takes is told apart by the template
+    assert topic_kind("results/verdict-p1", settings) == ("verdict", "p1")
+    assert topic_kind("results/alert-p1", settings) == ("alert", "p1")
+    assert topic_kind("results/other", settings) == ("", None)
