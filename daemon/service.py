@@ -132,7 +132,7 @@ class Service:
         )
         self._worker = threading.Thread(target=self._work, name="scorer", daemon=True)
         self._stopping = threading.Event()
-        self._starting = True  # until run()'s start() has returned or failed
+        self._starting = True  # until start() has started the links and the scorer
         self._scored = ScoredSummary()
         self._forced = threading.Event()
         self._signalled = threading.Event()
@@ -421,6 +421,7 @@ class Service:
             self._release_state()
             raise
         self._worker.start()
+        self._starting = False
         shadow = self.pipeline.shadow
         log.info("started", version=__version__, model_version=self.bundle.version,
                  subscription=self.subscription, detector=self.pipeline.default_detector,
@@ -491,8 +492,6 @@ class Service:
         except StoppedWhileStartingError as exc:  # nothing was taken: nothing to drain
             log.info("stopped", note=f"{exc}: before any reading was taken")
             return 0
-        finally:
-            self._starting = False
         while not self._signalled.wait(1.0):
             if self.worker_crashed or not self.mqtt.loop_alive:
                 log.error("component_died", worker=self.worker_crashed,
