@@ -53,7 +53,9 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         a = d["alert"]
         alert = f"{a['severity']} since {a['raised_at']}" if a["active"] else "-"
         if d.get("warmup_alerts") is False:  # a device unlike the fleet, while warming up
-            alert += " (warm-up verdicts page no one)"
+            # (an alert raised before the detector was found to flag most of its warm-up
+            # stays as it is: "page no one" read as a contradiction beside it)
+            alert += " (unlike the training fleet: its warm-up verdicts now feed no alert)"
         if a["active"] and a.get("flapping"):
             alert += flapping_note(a.get("resolve_after"))
         if a.get("acknowledged"):
@@ -166,13 +168,15 @@ def silence(settings: Settings, device_id: str, seconds: float) -> int:
         print(f"note: {who} has not seen device {device_id!r} yet (a typo?); done anyway",
               file=sys.stderr)
     for d in done:
+        was = d.get("was_silenced_until")
         if d["silenced_until"] is None:
             print(f"{d['device_id']}{_on_worker(d)}: silence lifted; its verdicts count "
                   "towards its alert again")
         else:
             active = "; its active alert stays raised" if d["alert_active"] else ""
+            replaced = f"; it replaces the silence until {was}" if was else ""
             print(f"{d['device_id']}{_on_worker(d)}: alerts silenced until "
-                  f"{d['silenced_until']} (verdicts are still published){active}")
+                  f"{d['silenced_until']} (verdicts are still published){active}{replaced}")
     _drop_strays(workers, device_id, "silence/0.0")
     return EXIT_OK
 

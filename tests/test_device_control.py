@@ -632,7 +632,9 @@ def test_cli_silences_a_device_of_the_running_daemon_and_lifts_it(
 
     res = anomalyd("silence", dev, "--for", "2h", env=env)
     assert res.returncode == 0, res.stderr
-    assert f"{dev}: alerts silenced until " in res.stdout
+    assert f"{dev}: alerts silenced until " in res.stdout and "replaces" not in res.stdout
+    res = anomalyd("silence", dev, "--for", "3h", env=env)  # a second one says what it ends
+    assert res.returncode == 0 and "; it replaces the silence until 20" in res.stdout
     for i in range(3):  # the default rule would raise on these (3 of the last 5)
         pub.send(f"sensors/{dev}/readings", {**ANOMALOUS, "seq": 10 + i})
     silenced = col.json_on(verdicts, count=4)[1:]
