@@ -255,7 +255,9 @@ class Pipeline:
                     baseline_flag = a.is_anomaly
                     j.is_anomaly = j.is_anomaly and a.is_anomaly
                     z, center, scale = a.z, a.center, a.scale  # explain against the baseline
-            if shadow is not None and not j.repeat:
+            if shadow is not None and not j.repeat and not j.filling:
+                # (a verdict on a partial window decides nothing, and disagreed most: the
+                # second reading of a new device was a tester's only "disagreement")
                 self._compare(j, bool(shadow.is_anomaly[k]) and baseline_flag,
                               float(shadow.scores[k]), stats)
             if j.is_anomaly:

@@ -7,7 +7,8 @@ detector, on the same model inputs (the device's window), and its verdict is com
 the device's baseline exactly as the serving one is (after warm-up a reading is an anomaly
 only if the baseline agrees). Nothing of the candidate is published: its verdicts are
 counted against the serving ones (both anomalous, only the serving one, only the candidate,
-neither), and the last few disagreements are kept, for ``GET /models`` and the metrics.
+neither; verdicts on a partial window, which feed no alert, are not compared), and the
+last few disagreements are kept, for ``GET /models`` and the metrics.
 The baseline keeps learning from the serving model's verdicts only.
 
 The candidate must read the same features through the same window (the per-device windows

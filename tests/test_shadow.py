@@ -156,3 +156,20 @@ def test_the_daemon_shows_its_shadow_in_models_and_metrics_and_reload_keeps_it(
     assert status == 200 and done["shadow_version"] == models["shadow"]["version"]
     status, models, _ = request(port, "GET", "/models", TOKEN)
     assert models["shadow"]["compared"] == 0  # a reload loads the candidate afresh
+
+
+def test_verdicts_on_a_partial_window_are_not_compared(tmp_path: Path) -> None:
+    """With windowed model sets a new device's first readings are judged on a partial
+    window (they feed no alert): they are left out of the comparison."""
+    from daemon.training.synthetic import FEATURES, generate_dataset
+
+    x, _, _ = generate_dataset(2000, 4, fault_fraction=0.0)
+    for name, quantile in (("serving", 0.99), ("candidate", 0.5)):
+        train(x, FEATURES, tmp_path / name, source="test", window=5, quantile=quantile,
+              detectors=["isolation_forest"])
+    serving, candidate = load_bundle(tmp_path / "serving"), load_bundle(tmp_path / "candidate")
+    pipeline, out, _ = run(serving, candidate, readings(30))
+    filling = [v for v in map(orjson.loads, out) if v.get("window_filling")]
+    assert len(filling) == 4  # the window of 5 is full from the fifth reading on
+    assert pipeline.shadow_tally is not None
+    assert pipeline.shadow_tally.describe()["compared"] == 30 - 4
