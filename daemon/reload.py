@@ -21,6 +21,7 @@ from daemon.models import ModelBundle, load_bundle
 from daemon.pipeline import Pipeline
 from daemon.ratelimit import DeviceRateLimiter
 from daemon.readings import Decoder
+from daemon.shadow import ShadowMismatchError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -59,12 +60,18 @@ def build_scoring(
         max_batch_readings=s.limits.max_batch_readings,
         device_id_pattern=s.limits.device_id_pattern,
     )
-    pipeline = Pipeline(
-        bundle, decoder, s.topics, s.alerts, s.model.default_detector,
-        s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings, shadow=shadow,
-        max_devices=s.limits.max_devices, threshold_margin=s.baseline.threshold_margin,
-        readings=s.readings,
-    )
+    try:
+        pipeline = Pipeline(
+            bundle, decoder, s.topics, s.alerts, s.model.default_detector,
+            s.limits.max_payload_bytes, limiter, warmup=s.baseline.warmup_readings,
+            shadow=shadow, max_devices=s.limits.max_devices,
+            threshold_margin=s.baseline.threshold_margin, readings=s.readings,
+        )
+    except ShadowMismatchError as exc:
+        raise ShadowMismatchError(
+            f"{exc}. Point model.shadow_dir (MODEL_SHADOW_DIR) at a candidate trained on the "
+            f"same features and window, or leave it out (a restart) to serve this set "
+            f"without a shadow") from None
     return decoder, pipeline
 
 

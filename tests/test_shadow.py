@@ -110,7 +110,8 @@ def test_a_candidate_reading_other_features_is_refused(
         Pipeline(model_bundle, decoder, TopicsConfig(), AlertConfig(),
                  shadow=load_bundle(other))
     settings = Settings(model=ModelConfig(shadow_dir=other))
-    with pytest.raises(ModelLoadError, match="cannot shadow the serving one: it reads"):
+    with pytest.raises(ModelLoadError, match="cannot shadow the serving one: it reads.*"
+                       r"Point model\.shadow_dir \(MODEL_SHADOW_DIR\) at a candidate"):
         build_scoring(settings, model_bundle, "sensors/+/readings", None)
     res = anomalyd("check-config", env={"MODEL_SHADOW_DIR": str(other),
                                         "MODEL_DIR": str(trained_model_dir)})
