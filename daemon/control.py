@@ -100,6 +100,16 @@ class ControlFailedError(ControlError):
     """The command raised inside anomalyd (a bug; logged with its traceback)."""
 
 
+class NotOwnerError(ControlError):
+    """A silence for a device another worker judges (device dispatch): set here, it would
+    never be used, and the device would page during it."""
+
+    def __init__(self, device_id: str, owner: int) -> None:
+        super().__init__(f"device {device_id!r} is judged by worker {owner}: a silence set "
+                         f"here would not silence it (anomalyd silence finds the worker)")
+        self.owner = owner
+
+
 class ReloadFailedError(ControlError):
     """The new model set was not taken; the old one keeps serving (the message says why)."""
 
@@ -235,7 +245,12 @@ class DeviceControl:
         publish: Callable[[Outbound], bool],
         save: Callable[[], None],
         clock: Callable[[], float] = time.time,
+        owner: Callable[[str], int] | None = None,
+        index: int | None = None,
     ) -> None:
+        """``owner`` and ``index``: under device dispatch, which worker judges a device,
+        and this worker's index."""
+        self.owner, self.index = owner, index
         self.pipeline = pipeline
         self.metrics = metrics
         self.publish = publish
@@ -251,6 +266,10 @@ class DeviceControl:
         if command.action == "show":
             return self.show(command.device_id)
         if command.action == "silence":
+            if command.seconds and self.owner is not None:
+                judge = self.owner(command.device_id)
+                if judge != self.index:  # lifting one (a stray) stays allowed
+                    raise NotOwnerError(command.device_id, judge)
             return self.silence(command.device_id, command.seconds)
         if command.action == "ack":
             return self.acknowledge(command.device_id, command.by, command.note)

@@ -38,6 +38,7 @@ from daemon.control import (
     ControlFailedError,
     ControlQueue,
     ControlUnavailableError,
+    NotOwnerError,
     ReloadFailedError,
     UnknownDeviceError,
     check_ack_text,
@@ -160,6 +161,8 @@ class Router:
             return _error(503, str(exc))
         except ReloadFailedError as exc:  # the model set on disk is at fault, not anomalyd
             return _error(409, str(exc), reloaded=False)
+        except NotOwnerError as exc:
+            return _error(409, str(exc), owner=exc.owner)
         except ControlFailedError as exc:
             return _error(500, str(exc))
         except ControlError as exc:  # the request asked for something the command refuses

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__, oversize, sessions, spool, state
+from daemon import __version__, oversize, partition, sessions, spool, state
 from daemon.acks import Inbound
 from daemon.batching import next_batch
 from daemon.config import Settings
@@ -122,8 +122,11 @@ class Service:
         )
         # Operators' device commands, run by the scorer between batches (daemon.control).
         self.control = ControlQueue(self.metrics)
+        workers = s.service.workers
         self.device_control = DeviceControl(
-            self.pipeline, self.metrics, self._publish_now, self.save_state
+            self.pipeline, self.metrics, self._publish_now, self.save_state,
+            owner=(lambda device: partition.owner(device, workers)) if owns else None,
+            index=worker_index,
         )
         self.reloader = ModelReloader(self)  # swaps bundle, decoder and pipeline
         self.http = HttpServer(

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import partition
+from daemon import partition, state
 from tests.broker import REPO, Broker, free_port, free_ports, wait_for_port
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
 from tests.faults import metric
@@ -349,17 +349,29 @@ def test_a_stray_entry_from_an_older_mistake_is_not_listed_and_a_silence_drops_i
     broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
     tmp_path: Path,
 ) -> None:
-    """A silence sent to worker 0 for worker 1's device (what the command line did before
-    it read layout.json) while worker 1 raised the device's alert: ``devices`` shows the
-    owner's entry only, once, and names the stray; ``ack`` reaches the owner; the next
-    ``silence`` of the device drops the stray."""
+    """A silence sent to worker 0 for worker 1's device is refused now (409 naming the
+    owner: set there it would silence nothing). One an older version took (what the
+    command line did before it read layout.json) is in worker 0's saved state: while
+    worker 1 raises the device's alert, ``devices`` shows the owner's entry only, once,
+    and names the stray; ``ack`` reaches the owner; the next ``silence`` of the device
+    drops the stray."""
     base = free_ports(2)
     dev = _owned_by(1, f"pump-S-{base}")
     with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-t-{base}", base):
         req = urllib.request.Request(f"http://127.0.0.1:{base}/devices/{dev}/silence/3600",
                                      method="POST", data=b"")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 409
+        assert orjson.loads(refused.value.read())["owner"] == 1
+    # the stray as an older version left it: in worker 0's saved alert states
+    saved = state.state_file(tmp_path / "state", 0)
+    snapshot = state.load(saved) or {}
+    alerts = snapshot.setdefault("alerts", {})
+    alerts.setdefault("silences", {})[dev] = time.time() + 3600
+    state.save(saved, snapshot)
+    with workers(broker, trained_model_dir, tmp_path, "device", f"anomalyd-t-{base}", base):
+        assert _held(base, dev) is not None  # worker 0 holds the stray again
         col = collector_for(broker, [f"anomaly/{dev}/alert"])
         pub = publisher_for(broker)
         for seq in range(3):
