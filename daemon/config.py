@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from daemon.alerts import MAX_BACKOFF
 from daemon.baseline import THRESHOLD_MARGIN
@@ -229,6 +237,12 @@ class HttpConfig(_Strict):
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        """``info`` as ``INFO``, in the file as in ``LOG_LEVEL``."""
+        return value.upper() if isinstance(value, str) else value
 
 
 class AlertConfig(_Strict):

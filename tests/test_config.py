@@ -78,6 +78,8 @@ def _refused_then_loaded(tmp_path: Path, refused: str, match: str, loaded: str) 
         # found by a tester: two '+' levels merged the pumps of a site into one device
         ('[mqtt]\nsubscription = "plant/+/+/readings"\n', r"has 2 '\+' levels",
          '[mqtt]\nsubscription = "plant/site1/+/readings"\n'),
+        ('[logging]\nlevel = "verbose"\n', r"logging\.level",
+         '[logging]\nlevel = "info"\n'),  # any case, as LOG_LEVEL (was refused in the file)
         ('[mqtt]\nhost = "127.0.0.1:1883"\n', r"the broker's name or address alone",
          '[mqtt]\nhost = "::1"\n'),
         ('[mqtt]\nhost = "mqtt://broker"\n', r"the broker's name or address alone",
