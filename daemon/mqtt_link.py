@@ -96,9 +96,14 @@ def set_credentials(client: paho.Client, cfg: MqttConfig) -> None:
 
 def connect_failure(cfg: MqttConfig, exc: OSError) -> str:
     """What a failed connection attempt means, for a person."""
+    tls_hint = ""
+    if cfg.tls.enabled and isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)):
+        # what a plain listener does with a TLS greeting (seen: reset, for 30 s of retries)
+        tls_hint = (f" (mqtt.tls.enabled: is {cfg.port} the broker's TLS listener? "
+                    "Mosquitto's is usually 8883)")
     if isinstance(exc, ssl.SSLError):
-        return f"broker at {cfg.host}:{cfg.port}: {describe_failure(exc)}"
-    return f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}"
+        return f"broker at {cfg.host}:{cfg.port}: {describe_failure(exc)}{tls_hint}"
+    return f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}{tls_hint}"
 
 
 def unusable(connack_props: Any) -> str | None:

@@ -390,3 +390,15 @@ def test_a_password_sent_unencrypted_over_a_network_is_named(
     cfg = MqttConfig(host=host, username=username, password="pw" if username else None,
                      tls=TlsConfig(enabled=tls))
     assert password_in_clear(cfg) is in_clear
+
+
+def test_tls_to_a_plain_listener_says_which_port_to_check(
+    fresh_broker: Broker, start_daemon: Any, trained_model_dir: Path
+) -> None:
+    """MQTT_TLS=true against a plain listener: the broker resets the connection at the TLS
+    greeting, and the error said only "Connection reset by peer" (a tester, after 30 s
+    of retries)."""
+    mqtt = MqttConfig(host=fresh_broker.host, port=fresh_broker.port, connect_timeout_s=2,
+                      client_id=f"tls-plain-{free_port()}", tls=TlsConfig(enabled=True))
+    with pytest.raises(BrokerError, match=rf"is {fresh_broker.port} the broker's TLS listener"):
+        start_daemon(settings=settings(mqtt, trained_model_dir))
