@@ -184,20 +184,23 @@ def test_a_dead_letter_without_a_device_names_its_topic() -> None:
 
 
 def test_the_daemons_status_and_markers_are_no_verdicts() -> None:
-    """Topics that overlap (presence directly under anomaly/, as the status is) bring the
-    daemon's retained "online"/"offline" and its handover markers to watch."""
+    """Where a result template holds the device id inside a level, watch subscribes to
+    that whole level (``results/+``), which also brings the daemon's retained
+    "online"/"offline" on ``results/status`` and its handover markers to watch."""
     from daemon.config import TopicsConfig
-    from daemon.watch import shown
+    from daemon.watch import shown, template_filter
 
-    overlapping = Settings(topics=TopicsConfig(presence="anomaly/{device_id}"))
-    assert shown("anomaly/status", b"online", True, overlapping) == (
+    beside = Settings(topics=TopicsConfig(presence="results/presence-{device_id}",
+                                          status="results/status"))
+    assert template_filter(beside.topics.presence) == "results/+"  # takes the status too
+    assert shown("results/status", b"online", True, beside) == (
         "STATUS  anomalyd online (retained: the last state, not new)")
-    assert shown("anomaly/status", b"offline", False, overlapping,
+    assert shown("results/status", b"offline", False, beside,
                  anomalies_only=True) == "STATUS  anomalyd offline"
     assert shown("anomaly/status/handover/1e5a09c2", b"0123456789", False, S) is None
     presence = {"state": "quiet", "last_seen": "t", "quiet_after_s": 300.0}
     # the device its topic names, when the message does not
-    assert shown("anomaly/p10", orjson.dumps(presence), False, overlapping) == (
+    assert shown("results/presence-p10", orjson.dumps(presence), False, beside) == (
         "QUIET   p10: no reading judged since t")
 
 
