@@ -238,7 +238,11 @@ def evaluate(
             columns = [d.features.index(f) for f in bundle.features]
             _score_file(bundle, replace(d, X=d.X[:, columns], features=bundle.features),
                         name, warmup, alerts, pooled, threshold_margin)
-        pooled.into(results, variant)
+        if pooled.files:
+            pooled.into(results, variant)
+        else:  # no row of figures that would read as a clean result
+            say(f"{variant}: no run has the model set's features {list(bundle.features)}: "
+                "not in the table")
     return results
 
 

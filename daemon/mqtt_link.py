@@ -207,6 +207,8 @@ class Link:
         StoppedWhileStartingError as soon as ``cancel`` is set (a signal: the wait may be long).
         """
         cfg = self.cfg
+        if cancel is not None and cancel.is_set():  # (the intake, once a handover is judged)
+            raise StoppedWhileStartingError(f"stopped before connecting to {cfg.host}:{cfg.port}")
         delay = cfg.reconnect_min_delay_s
         while True:
             try:

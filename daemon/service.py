@@ -168,7 +168,9 @@ class Service:
                     self._handle(batch)
                     self._save_state_every(self.settings.state.save_interval_s)
                 elif self._stopping.is_set():
+                    self._say_scored(force=True)  # the last period's, before the stop
                     return
+                self._say_scored()
                 self.control.drain(self._execute)
                 self._check_presence()
                 self._check_drift()
@@ -181,6 +183,13 @@ class Service:
             log.exception("worker_crashed")
         finally:
             self.control.close("the scorer has stopped (the daemon is stopping or failed)")
+
+    def _say_scored(self, force: bool = False) -> None:
+        """The INFO summary (``daemon.summary``), when due, also when no batch came since
+        the period ended; ``force``: what is left of the period, at a stop."""
+        now = time.monotonic()
+        if self._scored.due(now) or (force and self._scored.batches):
+            log.info("scored", **self._scored.take(now))
 
     def _execute(self, command: Command) -> dict[str, Any]:
         if command.action == "reload":
@@ -333,8 +342,6 @@ class Service:
             latency_ms=round(elapsed * 1000, 3),
         )
         self._scored.add(stats, elapsed)
-        if self._scored.due(time.monotonic()):
-            log.info("scored", **self._scored.take(time.monotonic()))
         for device_id in stats.clock_resets:
             log.warning("device_clock_reset", device_id=device_id,
                         newest=iso(self.pipeline.devices.newest(device_id)),
@@ -396,7 +403,8 @@ class Service:
     def start(self) -> None:
         state.check_writable(self.state_path.parent)  # before anything is judged
         if self._worker_index is None:  # workers: the supervisor did it before starting them
-            self._state_lock = sessions.take_over(self.settings, self.state_path.parent, 1)
+            self._state_lock = sessions.take_over(self.settings, self.state_path.parent, 1,
+                                                  self._stopping)
         self._restore_state()
         self._take_over_handover()
         try:
@@ -598,6 +606,6 @@ class Service:
 
     @property
     def starting(self) -> bool:
-        """Still starting (waiting for the broker, judging a handover's readings): alive,
-        not ready."""
+        """Still starting (handing sessions over, waiting for the broker): alive, not
+        ready."""
         return self._starting

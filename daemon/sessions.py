@@ -49,11 +49,11 @@ from paho.mqtt.properties import Properties
 
 from daemon import spool, state
 from daemon.config import MqttConfig, Settings
-from daemon.errors import BrokerError
+from daemon.errors import BrokerError, StoppedWhileStartingError
 from daemon.mqtt_link import connect_failure, set_credentials
 from daemon.partition import TopicOwnership
 from daemon.state import write_bytes
-from daemon.topics import TopicMatcher, could_match
+from daemon.topics import HANDOVER_LEVEL, TopicMatcher, could_match, is_marker, marker_topic
 
 log = structlog.get_logger("anomalyd.sessions")
 
@@ -197,7 +197,8 @@ def _broker(cfg: MqttConfig) -> str:
     return f"{cfg.host}:{cfg.port}"
 
 
-def take_over(settings: Settings, directory: Path, workers: int) -> int:
+def take_over(settings: Settings, directory: Path, workers: int,
+              cancel: threading.Event | None = None) -> int:
     """Take the state directory for this process (``state.lock``) and settle what the
     previous layout left in it and at the broker: each device's saved state re-cut for
     its owner (``state.repartition``), the broker sessions handed over. Run once, before
@@ -206,20 +207,22 @@ def take_over(settings: Settings, directory: Path, workers: int) -> int:
     lock = state.lock(directory)
     try:
         hand_over(settings, directory,
-                  state.repartition(directory, workers, settings.service.dispatch))
+                  state.repartition(directory, workers, settings.service.dispatch), cancel)
     except BaseException:
         os.close(lock)
         raise
     return lock
 
 
-def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | None) -> Plan:
+def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | None,
+              cancel: threading.Event | None = None) -> Plan:
     """Settle the broker sessions for this layout (see the module's docstring); run once,
     before the daemon or any worker connects. ``layout``: the ``layout.json`` this start
     found (``daemon.state.repartition`` returns it).
 
     Raises BrokerError when the broker cannot be reached within ``mqtt.connect_timeout_s``
-    (the record is then left as it was, and the next start tries again).
+    (the record is then left as it was, and the next start tries again), and
+    StoppedWhileStartingError once ``cancel`` is set while it waits for the broker.
     """
     cfg = settings.mqtt
     now = current(settings)
@@ -232,7 +235,7 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
         write_bytes(record, orjson.dumps(before.to_json()))
     keeps = cfg.protocol != "5" or cfg.session_expiry_s > 0  # else no session outlives us
     timeout = cfg.connect_timeout_s
-    deadline = time.monotonic() + timeout if timeout else float("inf")
+    deadline = Deadline(time.monotonic() + timeout if timeout else float("inf"), cancel)
     everything = _unshared(next(iter(now.sessions.values())))
     marker = _marker_topic(settings)
     left = _bridge_left(record)
@@ -288,7 +291,7 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
 
 
 def _take(directory: Path, owner: Callable[[str], int | None], cfg: MqttConfig,
-          olds: Sequence[tuple[str, str, Callable[[str], bool]]], deadline: float,
+          olds: Sequence[tuple[str, str, Callable[[str], bool]]], deadline: Deadline,
           marker: str | None) -> int:
     """Drain ``olds`` (:func:`_drain`) through the journal, then cut what it holds for
     each reading's owner (``spool.hand_to_workers``), also if the drain failed half-way;
@@ -305,10 +308,25 @@ def _take(directory: Path, owner: Callable[[str], int | None], cfg: MqttConfig,
 def _marker_topic(settings: Settings) -> str | None:
     """A topic of the daemon's own (under its status topic) for the marker that tells a
     drain it has had everything; None if the subscription would take it for a reading."""
-    topic = f"{settings.topics.status}/handover/{os.urandom(4).hex()}"
+    topic = marker_topic(settings.topics.status, os.urandom(4).hex())
     if could_match(settings.mqtt.subscription, topic, settings.limits.device_id_pattern):
         return None
     return topic
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """Until when the handover may wait for its broker (monotonic; inf: for ever), and
+    the event that stops the wait (a signal: the handover then ends as if cut short)."""
+
+    at: float
+    cancel: threading.Event | None = None
+
+    def sleep(self, seconds: float) -> None:
+        if self.cancel is None:
+            time.sleep(seconds)
+        elif self.cancel.wait(seconds):
+            raise StoppedWhileStartingError("stopped while handing the broker sessions over")
 
 
 def _bridge_left(record: Path) -> str | None:
@@ -320,7 +338,7 @@ def _bridge_left(record: Path) -> str | None:
     return bridge if isinstance(bridge, str) else None
 
 
-def _end(cfg: MqttConfig, client_id: str, deadline: float) -> None:
+def _end(cfg: MqttConfig, client_id: str, deadline: Deadline) -> None:
     """End a session the new layout does not use; one the broker will not let us end (its
     ACL, after a change of login or client id) is left to its expiry, said once here."""
     try:
@@ -338,7 +356,7 @@ class _Session:
     disconnect (for ``mqtt.session_expiry_s`` with MQTT 5) or end it then. Raises
     BrokerError if the broker cannot be reached by ``deadline`` or refuses the connection."""
 
-    def __init__(self, cfg: MqttConfig, client_id: str, deadline: float, *, resume: bool,
+    def __init__(self, cfg: MqttConfig, client_id: str, deadline: Deadline, *, resume: bool,
                  keep: bool, on_message: Callable[[paho.MQTTMessage], None] | None = None
                  ) -> None:
         self.cfg, self.client_id = cfg, client_id
@@ -380,11 +398,11 @@ class _Session:
                     client.connect(cfg.host, cfg.port, cfg.keepalive_s)
                 break
             except OSError as exc:  # ssl.SSLError included: retrying cannot mend a certificate
-                if isinstance(exc, ssl.SSLError) or time.monotonic() + delay > deadline:
+                if isinstance(exc, ssl.SSLError) or time.monotonic() + delay > deadline.at:
                     raise BrokerError(connect_failure(cfg, exc)) from exc
                 log.warning("broker_unreachable", host=cfg.host, port=cfg.port, error=str(exc),
                             retry_in_s=delay)
-                time.sleep(delay)
+                deadline.sleep(delay)
                 delay = min(delay * 2, cfg.reconnect_max_delay_s)
         self.client = client
         client.loop_start()
@@ -408,7 +426,7 @@ class _Session:
         self.client.loop_stop()
 
 
-def _connect_once(cfg: MqttConfig, client_id: str, deadline: float, *, keep: bool,
+def _connect_once(cfg: MqttConfig, client_id: str, deadline: Deadline, *, keep: bool,
                   subscription: str | None = None, resume: bool = False) -> None:
     """One connection as ``client_id``, with a clean start unless ``resume``: ``keep``
     False ends its session (and drops what it queued) at the disconnect; True leaves it,
@@ -436,7 +454,7 @@ def _was_owned(settings: Settings, before: Record, cid: str) -> Callable[[str], 
 
 
 def _drain(cfg: MqttConfig, olds: Sequence[tuple[str, str, Callable[[str], bool]]],
-           deadline: float, journal: spool.Journal, marker: str | None) -> None:
+           deadline: Deadline, journal: spool.Journal, marker: str | None) -> None:
     """Take what sessions had queued: resume each of ``olds`` (client id, subscription,
     ``owned``), unsubscribe them all at once (nothing more joins; the new sessions exist
     already, so a reading published meanwhile is in both, never in neither), publish a
@@ -451,7 +469,7 @@ def _drain(cfg: MqttConfig, olds: Sequence[tuple[str, str, Callable[[str], bool]
         return
     heard = [time.monotonic()]
     token = os.urandom(8).hex().encode()  # not a marker a handover cut short left queued
-    markers = marker.rpartition("/")[0] + "/" if marker is not None else "\0"
+    status = marker.rpartition(HANDOVER_LEVEL)[0] if marker is not None else None
     back: list[bool] = []
     failed: list[OSError] = []
     opened: list[_Session] = []
@@ -466,8 +484,10 @@ def _drain(cfg: MqttConfig, olds: Sequence[tuple[str, str, Callable[[str], bool]
                 topic = msg._topic.decode("utf-8", "replace")
             if topic == marker:
                 back[index] = back[index] or msg.payload == token
-            elif topic.startswith(markers):
+            elif status is not None and is_marker(topic, status):
                 pass  # one a handover killed after publishing it left in the session
+            elif not msg.payload:
+                pass  # a retained reading cleared: no reading (skipped live too)
             elif not msg.retain and owned(topic):
                 try:
                     journal.add(spool.Queued(topic, bytes(msg.payload), time.time()))

@@ -60,15 +60,28 @@ class Journal:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(directory / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        path = directory / JOURNAL
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self._lock = threading.Lock()
         self.count = 0
+        size = os.fstat(self._fd).st_size
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            self._write(b"\n")  # a line cut short (a power cut): the next one starts anew
 
     def add(self, q: Queued) -> None:
         line = _line(q)
         with self._lock:
-            os.write(self._fd, line)
+            self._write(line)
             self.count += 1
+
+    def _write(self, data: bytes) -> None:
+        """All of ``data`` (a write to a full disk may take part of it), or OSError."""
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            if not written:
+                raise OSError(f"no room to write {JOURNAL}")
+            view = view[written:]
 
     def close(self) -> None:
         with self._lock:

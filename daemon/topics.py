@@ -76,6 +76,21 @@ def parse_filter(subscription: str) -> tuple[tuple[str, ...], int, bool]:
     return tuple(levels), levels.index("+"), multi
 
 
+#: The level under the status topic of a handover's markers (``daemon.sessions``).
+HANDOVER_LEVEL = "/handover/"
+
+
+def marker_topic(status: str, token: str) -> str:
+    """The topic of a handover's marker: ``<status>/handover/<8 hex digits>``."""
+    return f"{status}{HANDOVER_LEVEL}{token}"
+
+
+def is_marker(topic: str, status: str) -> bool:
+    """Whether ``topic`` is a handover marker's (that exact shape: a reading or result
+    merely under ``<status>/handover/`` is not)."""
+    return re.fullmatch(re.escape(status + HANDOVER_LEVEL) + "[0-9a-f]{8}", topic) is not None
+
+
 def could_match(subscription: str, template: str, device_id_pattern: str) -> bool:
     """Whether the filter ``subscription`` matches a topic ``template`` gives for some
     device id (``{device_id}``, any id ``device_id_pattern`` allows, stands for one level
@@ -101,14 +116,26 @@ def templates_overlap(a: str, b: str, device_id_pattern: str) -> bool:
     ids = re.compile(device_id_pattern)
     for x, y in zip(left, right, strict=True):
         if "{device_id}" in x and "{device_id}" in y:
-            # two ids: the literal parts around them must be able to agree
+            # two ids: the literal parts around them must agree, and where one template
+            # has more of them (``alert-{device_id}`` beside ``{device_id}``) the other's
+            # id must be able to hold that text
             (xb, _, xa), (yb, _, ya) = x.partition("{device_id}"), y.partition("{device_id}")
             if not (xb.startswith(yb) or yb.startswith(xb)) or not (
                     xa.endswith(ya) or ya.endswith(xa)):
                 return False
+            before = xb[len(yb):] or yb[len(xb):]
+            after = xa[:len(xa) - len(ya)] or ya[:len(ya) - len(xa)]
+            if (before or after) and not any(ids.fullmatch(before + probe + after)
+                                             for probe in _PROBES):
+                return False
         elif not (_level_fits(x, y, ids) if "{device_id}" in x else _level_fits(y, x, ids)):
             return False
     return True
+
+
+#: Id middles tried where one template's id would have to hold the other's extra text
+#: (``templates_overlap``): a pattern that takes none of them is taken to allow no such id.
+_PROBES = ("1", "a", "A", "01", "ab", "a1", "001", "abc", "x-1")
 
 
 def _level_fits(level: str, text: str, ids: re.Pattern[str]) -> bool:

@@ -12,6 +12,7 @@ import paho.mqtt.client as paho
 
 from daemon.config import Settings
 from daemon.tool_client import connect_tool_client
+from daemon.topics import is_marker
 
 
 class Line(NamedTuple):
@@ -67,7 +68,7 @@ def topic_kind(topic: str, settings: Settings) -> tuple[str, str | None]:
         return "dead_letter", None
     if topic == topics.status:
         return "status", None
-    if topic.startswith(topics.status + "/"):
+    if is_marker(topic, topics.status):
         return "marker", None
     for kind in ("verdict", "alert", "presence"):
         prefix, _, suffix = getattr(topics, kind).partition("{device_id}")

@@ -229,3 +229,21 @@ def test_device_dispatch_refuses_a_shared_subscription_that_would_lose_readings(
     shared = tmp_path / "b.toml"
     shared.write_text(cfg.read_text() + '[service]\ndispatch = "shared"\n')
     assert load_settings(shared, env={"WORKERS": "2"}).service.dispatch == "shared"
+
+
+@pytest.mark.parametrize(("a", "b", "pattern", "overlap"), [
+    ("plant/anomaly/{device_id}", "plant/anomaly/status", r"[a-z]+", True),
+    ("plant/anomaly/{device_id}", "plant/anomaly/status", r"pump-[0-9]+", False),
+    ("r/{device_id}", "r/alert-{device_id}", r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", True),
+    # an id that cannot hold "alert-" never gives the alert's topic (a review: refused)
+    ("r/{device_id}", "r/alert-{device_id}", r"pump-[0-9]+", False),
+    ("anomaly/{device_id}/verdict", "anomaly/{device_id}/alert", r".+", False),
+    ("anomaly/{device_id}/verdict", "anomaly/dead-letter", r".+", False),
+])
+def test_result_templates_that_can_give_one_topic_are_found(
+    a: str, b: str, pattern: str, overlap: bool
+) -> None:
+    from daemon.topics import templates_overlap
+
+    assert templates_overlap(a, b, pattern) is overlap
+    assert templates_overlap(b, a, pattern) is overlap

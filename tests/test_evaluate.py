@@ -450,3 +450,24 @@ def test_a_trained_model_set_is_evaluated_as_the_daemon_would_serve_it(
     assert (variant, "1.csv") not in rows and ("per-device", "1.csv") in rows
     why = f"{variant} only: no column for its feature(s) ['Motor Current']"
     assert f"skipped 1.csv in the {why}" in err
+
+
+def test_a_model_set_no_run_can_feed_is_left_out_of_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every run lacks one of the model set's features: no ``models`` row (it showed as a
+    row of zeros with no false alarms, a clean result to the eye)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_run(runs / "0.csv", 400, seed=1, fault=(350, 380))
+    free = tmp_path / "free.csv"
+    write_run(free, 600, seed=2, fault=None)
+    (tmp_path / "other.csv").write_text(free.read_text().replace("Motor Current", "Amps", 1))
+    assert main(["train", "--data", str(tmp_path / "other.csv"), "--out", str(tmp_path / "m"),
+                 "--detectors", "isolation_forest"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(runs), "--models", str(tmp_path / "m"), "--warmup",
+                 str(WARMUP), "--detectors", "isolation_forest"]) == 0
+    out, err = capsys.readouterr()
+    assert "| models " not in out and "| per-device |" in out
+    assert "no run has the model set's features" in err

@@ -112,3 +112,35 @@ def test_a_signal_stops_a_daemon_still_waiting_for_its_broker(
         assert "before any reading was taken" in daemon.log_tail()
     finally:
         daemon.close()
+
+
+def test_a_signal_stops_a_daemon_whose_handover_waits_for_its_broker(
+    tmp_path: Path, trained_model_dir: Path
+) -> None:
+    """A change of layout to hand over while the broker is down (``connect_timeout_s =
+    0``): SIGTERM stops the wait at once, exit 0, and the record is left for the next
+    start. Before, the handover's connection retried until the broker came."""
+    from daemon import sessions
+
+    port = free_port()
+    config = tmp_path / "anomalyd.toml"
+    config.write_text("[mqtt]\nconnect_timeout_s = 0\n")
+    daemon = DaemonProcess("127.0.0.1", port, trained_model_dir, tmp_path, config)
+    record = {"broker": f"127.0.0.1:{port}", "dispatch": "device",
+              "sessions": {f"{daemon.client_id}-0": "sensors/+/readings",
+                           f"{daemon.client_id}-1": "sensors/+/readings"}}
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / sessions.SESSIONS_FILE).write_text(json.dumps(record))
+    daemon.start(wait=False)
+    try:
+        for _ in range(600):
+            if "broker_unreachable" in daemon.log_tail():
+                break
+            time.sleep(0.05)
+        assert "broker_unreachable" in daemon.log_tail()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0, daemon.log_tail()
+        left = json.loads((tmp_path / "state" / sessions.SESSIONS_FILE).read_text())
+        assert sorted(left["sessions"]) == sorted(record["sessions"])  # for the next start
+    finally:
+        daemon.close()

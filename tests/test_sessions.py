@@ -542,3 +542,58 @@ def drain_with_acl(tmp_path: Path, protocol: str, results_acl: str) -> None:
         start(2)
         handed = [q.payload for i in range(2) for q in spool.take(tmp_path, i)]
         assert sorted(handed) == sorted(b'{"x": %d}' % k for k in range(len(backlog)))
+
+
+def test_only_a_markers_exact_topic_is_passed_over_in_a_drain(
+    fresh_broker: Broker, tmp_path: Path
+) -> None:
+    """With the status topic ``anomaly`` and readings on ``anomaly/+/readings``, the
+    device called ``handover`` publishes on ``anomaly/handover/readings``: its reading was
+    passed over as a marker (acknowledged, lost; a review found it). Only a marker's own
+    shape, ``<status>/handover/<8 hex digits>``, is. A zero-length message (a retained
+    reading cleared while the daemon was away) is no reading either: not handed over."""
+    from daemon.config import MqttConfig, TopicsConfig
+    from daemon.topics import is_marker
+
+    assert is_marker("anomaly/handover/1e5a09c2", "anomaly")
+    assert not is_marker("anomaly/handover/readings", "anomaly")
+    assert not is_marker("anomaly/handover/1e5a09c2/x", "anomaly")
+    broker = fresh_broker
+
+    def start(workers: int) -> None:
+        s = settings_for(broker.host, broker.port, tmp_path, workers=workers)
+        s = s.model_copy(update={
+            "topics": TopicsConfig(status="anomaly"),
+            "mqtt": MqttConfig(**{**s.mqtt.model_dump(), "subscription": "anomaly/+/readings"})})
+        sessions.hand_over(s, tmp_path, state.repartition(tmp_path, workers, "device"))
+
+    start(1)
+    daemon_session(broker, "a", "anomaly/+/readings")
+    publish(broker, ["anomaly/pump-1/readings", "anomaly/handover/readings",
+                     "anomaly/pump-2/readings"])
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    c.publish("anomaly/pump-3/readings", b"", qos=1, retain=True).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+    start(2)
+    handed = sorted(q.topic for i in range(2) for q in spool.take(tmp_path, i))
+    assert handed == ["anomaly/handover/readings", "anomaly/pump-1/readings",
+                      "anomaly/pump-2/readings"]
+
+
+def test_a_journal_cut_short_mid_line_keeps_the_next_reading_whole(tmp_path: Path) -> None:
+    """A power cut may leave the journal's last line half written (it is flushed to disk
+    only at the end of a drain): the next drain's first reading starts on a line of its
+    own, not glued to the torn one (both would have been lost)."""
+    whole = spool.Queued("sensors/a/readings", b'{"x": 1}', 1.0)
+    spool.Journal(tmp_path).add(whole)
+    path = tmp_path / spool.JOURNAL
+    path.write_bytes(path.read_bytes() + b'{"topic": "sensors/b/read')  # the torn line
+    journal = spool.Journal(tmp_path)
+    later = spool.Queued("sensors/c/readings", b'{"x": 3}', 3.0)
+    journal.add(later)
+    journal.close()
+    spool.hand_to_workers(tmp_path, [], lambda topic: None)
+    assert spool.take(tmp_path, None) == [whole, later]

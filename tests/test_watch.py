@@ -395,3 +395,18 @@ def test_a_device_id_inside_a_topic_level_gives_a_filter_of_that_whole_level() -
     assert topic_kind("results/verdict-p1", settings) == ("verdict", "p1")
     assert topic_kind("results/alert-p1", settings) == ("alert", "p1")
     assert topic_kind("results/other", settings) == ("", None)
+
+
+def test_results_under_the_status_topic_are_results_not_markers() -> None:
+    """Status ``factory/anomalyd`` and verdicts under it: watch took every one for a
+    handover marker and showed nothing (a review found it). Only a marker's exact shape
+    is one."""
+    from daemon.config import TopicsConfig
+    from daemon.watch import topic_kind
+
+    nested = Settings(topics=TopicsConfig(
+        status="factory/anomalyd", verdict="factory/anomalyd/{device_id}/verdict",
+        alert="factory/anomalyd/{device_id}/alert",
+        presence="factory/anomalyd/{device_id}/presence"))
+    assert topic_kind("factory/anomalyd/pump-1/verdict", nested) == ("verdict", "pump-1")
+    assert topic_kind("factory/anomalyd/handover/0a1b2c3d", nested) == ("marker", None)
