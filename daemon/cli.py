@@ -191,7 +191,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        detectors=detectors, root=folder, skip_bad_rows=args.skip_bad_rows,
                        threshold_margin=args.threshold_margin or settings.baseline.threshold_margin,
                        models=Path(args.models) if args.models else None,
-                       device_column=args.device_column)
+                       device_column=args.device_column, per_device=not args.no_per_device)
     table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--models", help="also score every run with this trained model set "
                     "(e.g. your model.dir)")
     ev.add_argument("--device-column", help=DEVICE_COLUMN_HELP)
+    ev.add_argument("--no-per-device", action="store_true",
+                    help="leave out the per-device variant (a model set trained on each "
+                         "run's first rows: slow for many runs); with --models or "
+                         "--anomaly-free")
     ev.add_argument("--warmup", type=_at_least(MIN_ROWS), default=400,
                     help="rows per file that train/warm up the device (default 400)")
     ev.add_argument("--window", type=_at_least(1), default=10,

@@ -134,6 +134,7 @@ def evaluate(
     threshold_margin: float = THRESHOLD_MARGIN,
     models: Path | None = None,
     device_column: str | None = None,
+    per_device: bool = True,
 ) -> Evaluation:
     """Figures over all scored points of all usable files, per variant and row.
 
@@ -148,8 +149,12 @@ def evaluate(
     one of the usual names) is one run per device.
     With ``models`` (a trained model set's directory) a third variant streams every run
     through that set, the one a daemon would serve (``models <version>``); a run without
-    one of its features is left out of that variant only.
+    one of its features is left out of that variant only. ``per_device`` False leaves
+    out the per-device variant (a model set trained on each run: slow for many runs).
     """
+    if not (per_device or anomaly_free or models):
+        raise TrainingError("nothing to evaluate: without the per-device variant, give "
+                            "--anomaly-free or --models")
     say = progress or (lambda _m: None)
     alerts = alerts or AlertConfig()
     results = Evaluation({}, {})
@@ -188,7 +193,7 @@ def evaluate(
             say(f"skipped {name} in the {why}")
     with tempfile.TemporaryDirectory(prefix="anomalyd-eval-") as tmp:
         pooled = Pooled()
-        for i, (name, d) in enumerate(runs):
+        for i, (name, d) in enumerate(runs if per_device else ()):
             say(f"per-device [{i + 1}/{len(runs)}] {name}: training on {warmup} rows")
             out = Path(tmp) / f"per-device-{i}"
             train(
@@ -202,7 +207,8 @@ def evaluate(
                 detectors=detectors,
             )
             _score_file(load_bundle(out), d, name, warmup, alerts, pooled, threshold_margin)
-        pooled.into(results, "per-device")
+        if per_device:
+            pooled.into(results, "per-device")
         if anomaly_free is not None:
             same = [(name, d) for name, d in runs if d.features == schema]
             say(f"global: training once on {anomaly_free.name}")

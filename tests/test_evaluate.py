@@ -471,3 +471,21 @@ def test_a_model_set_no_run_can_feed_is_left_out_of_the_table(
     out, err = capsys.readouterr()
     assert "| models " not in out and "| per-device |" in out
     assert "no run has the model set's features" in err
+    # without the per-device variant there is nothing left to evaluate: said, exit 2
+    assert main(["evaluate", str(runs), "--no-per-device", "--warmup", str(WARMUP)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_the_per_device_variant_can_be_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_run(runs / "0.csv", 400, seed=1, fault=(350, 380))
+    free = tmp_path / "free.csv"
+    write_run(free, 600, seed=2, fault=None)
+    assert main(["evaluate", str(runs), "--anomaly-free", str(free), "--no-per-device",
+                 "--warmup", str(WARMUP), "--detectors", "isolation_forest"]) == 0
+    out, err = capsys.readouterr()
+    assert "| global |" in out and "| per-device |" not in out
+    assert "per-device [" not in err  # nothing trained per run
