@@ -124,7 +124,7 @@ def templates_overlap(a: str, b: str, device_id_pattern: str) -> bool:
                     xa.endswith(ya) or ya.endswith(xa)):
                 return False
             before = xb[len(yb):] or yb[len(xb):]
-            after = xa[:len(xa) - len(ya)] or ya[:len(ya) - len(xa)]
+            after = xa[:max(0, len(xa) - len(ya))] or ya[:max(0, len(ya) - len(xa))]
             if (before or after) and not any(ids.fullmatch(before + probe + after)
                                              for probe in _PROBES):
                 return False

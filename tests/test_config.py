@@ -239,6 +239,9 @@ def test_device_dispatch_refuses_a_shared_subscription_that_would_lose_readings(
     ("r/{device_id}", "r/alert-{device_id}", r"pump-[0-9]+", False),
     ("anomaly/{device_id}/verdict", "anomaly/{device_id}/alert", r".+", False),
     ("anomaly/{device_id}/verdict", "anomaly/dead-letter", r".+", False),
+    # the suffix one has more of ("x" before "-v"): only an id ending in "x" could clash
+    ("r/{device_id}x-v", "r/{device_id}-v", r"[a-z]+", True),
+    ("r/{device_id}x-v", "r/{device_id}-v", r"[0-9]+", False),
 ])
 def test_result_templates_that_can_give_one_topic_are_found(
     a: str, b: str, pattern: str, overlap: bool
