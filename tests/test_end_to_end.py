@@ -383,3 +383,28 @@ def test_an_idle_daemon_reports_no_unacknowledged_input(
     text = metrics_once(svc.http.port, "anomalyd_readings_total", outcome="normal")
     assert metric(text, "anomalyd_unacked_inputs") == 0
     assert metric(text, "anomalyd_readings_total", outcome="normal") == 1
+
+
+def test_the_log_says_what_was_judged_not_each_batch(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """At INFO the first batch is said at once (a ``scored`` line: the daemon is judging)
+    and then at most once a minute; the per-batch line is DEBUG (a tester's log was 662
+    ``batch`` lines of 670)."""
+    start_daemon(broker)
+    col = collector_for(broker, ["anomaly/+/verdict"])
+    pub = publisher_for(broker)
+    for seq in range(5):
+        pub.send("sensors/e2e-log/readings", {**NORMAL, "seq": seq})
+        col.json_on("anomaly/e2e-log/verdict", count=seq + 1)
+    deadline = time.monotonic() + 10
+    said = ""
+    while "scored" not in said:  # said after the batch's outputs, at the scorer's next pass
+        assert time.monotonic() < deadline, said
+        said += capsys.readouterr().out
+        time.sleep(0.05)
+    lines = [ln for ln in said.splitlines() if " scored " in ln or '"scored"' in ln]
+    assert len(lines) == 1 and "readings=1" in lines[0], lines  # the first batch, once
+    batch_lines = [ln for ln in said.splitlines() if "] batch " in ln]
+    assert batch_lines and all("[debug" in ln for ln in batch_lines), batch_lines
