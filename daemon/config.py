@@ -27,7 +27,7 @@ from pydantic import (
 from daemon.alerts import MAX_BACKOFF
 from daemon.baseline import THRESHOLD_MARGIN
 from daemon.errors import ConfigError
-from daemon.topics import could_match, templates_overlap
+from daemon.topics import could_match, templates_overlap, unshared
 
 DEFAULT_CONFIG_PATH = Path("config/anomalyd.toml")
 MASK = "********"  # what a secret looks like in /info and check-config
@@ -79,11 +79,10 @@ class MqttConfig(_Strict):
     def _check(self) -> MqttConfig:
         if "+" not in self.subscription:
             raise ValueError("subscription must contain a '+' level for the device id")
-        plain = self.subscription.split("/", 2)[-1] if self.subscription.startswith(
-            "$share/") else self.subscription
-        if plain.split("/").count("+") > 1:
+        ids = unshared(self.subscription).split("/").count("+")
+        if ids > 1:
             raise ValueError(
-                f"subscription {self.subscription!r} has {plain.split('/').count('+')} '+' "
+                f"subscription {self.subscription!r} has {ids} '+' "
                 f"levels: the device id is the one '+' level, and with more, devices of "
                 f"different sites or lines would share an id (their windows, baselines and "
                 f"alerts mixed). Give one '+' (e.g. plant/site1/+/readings, a daemon or a "

@@ -53,7 +53,14 @@ from daemon.errors import BrokerError, StoppedWhileStartingError
 from daemon.mqtt_link import connect_failure, set_credentials
 from daemon.partition import TopicOwnership
 from daemon.state import write_bytes
-from daemon.topics import HANDOVER_LEVEL, TopicMatcher, could_match, is_marker, marker_topic
+from daemon.topics import (
+    HANDOVER_LEVEL,
+    TopicMatcher,
+    could_match,
+    is_marker,
+    marker_topic,
+    unshared,
+)
 
 log = structlog.get_logger("anomalyd.sessions")
 
@@ -187,12 +194,6 @@ def _owner(settings: Settings) -> Callable[[str], int | None]:
     return TopicOwnership(matcher, 0, n).owner_of
 
 
-def _unshared(subscription: str) -> str:
-    if subscription.startswith("$share/"):
-        return subscription.split("/", 2)[2] if subscription.count("/") >= 2 else ""
-    return subscription
-
-
 def _broker(cfg: MqttConfig) -> str:
     return f"{cfg.host}:{cfg.port}"
 
@@ -236,7 +237,7 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
     keeps = cfg.protocol != "5" or cfg.session_expiry_s > 0  # else no session outlives us
     timeout = cfg.connect_timeout_s
     deadline = Deadline(time.monotonic() + timeout if timeout else float("inf"), cancel)
-    everything = _unshared(next(iter(now.sessions.values())))
+    everything = unshared(next(iter(now.sessions.values())))
     marker = _marker_topic(settings)
     left = _bridge_left(record)
     if todo.fresh and before is not None and keeps:

@@ -56,15 +56,20 @@ class TopicMatcher:
         return candidate if self._id_pattern.fullmatch(candidate) else None
 
 
+def unshared(subscription: str) -> str:
+    """The filter itself: a shared subscription (``$share/<group>/<filter>``) without its
+    prefix ("" if it has no filter)."""
+    if subscription.startswith("$share/"):
+        return subscription.split("/", 2)[2] if subscription.count("/") >= 2 else ""
+    return subscription
+
+
 def parse_filter(subscription: str) -> tuple[tuple[str, ...], int, bool]:
     """Split an MQTT filter into levels: (levels without '#', id level index, has '#')."""
-    text = subscription
-    if text.startswith("$share/"):
-        parts = text.split("/", 2)
-        if len(parts) < 3 or not parts[1]:
-            raise ConfigError(f"subscription {subscription!r}: '$share/' needs a group name")
-        text = parts[2]
-    levels = text.split("/")
+    if subscription.startswith("$share/") and (
+            subscription.count("/") < 2 or not subscription.split("/", 2)[1]):
+        raise ConfigError(f"subscription {subscription!r}: '$share/' needs a group name")
+    levels = unshared(subscription).split("/")
     multi = levels[-1] == "#"
     if multi:
         levels.pop()
