@@ -106,6 +106,15 @@ def connect_failure(cfg: MqttConfig, exc: OSError) -> str:
     return f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}{tls_hint}"
 
 
+def pause(seconds: float, cancel: threading.Event | None, what: str) -> None:
+    """Wait ``seconds`` before the next connection attempt, or raise
+    StoppedWhileStartingError(``what``) as soon as ``cancel`` is set (a signal)."""
+    if cancel is None:
+        time.sleep(seconds)
+    elif cancel.wait(seconds):
+        raise StoppedWhileStartingError(what)
+
+
 def unusable(connack_props: Any) -> str | None:
     """Why an MQTT 5 broker that accepted us cannot serve anomalyd, from its CONNACK: it
     allows QoS 0 only (Mosquitto's ``max_qos 0``), and disconnects a QoS 1 publisher."""
@@ -226,11 +235,7 @@ class Link:
                     raise BrokerError(self.last_error) from exc
                 log.warning("broker_unreachable", host=cfg.host, port=cfg.port,
                             error=str(exc), retry_in_s=delay)
-                if cancel is not None and cancel.wait(delay):
-                    raise StoppedWhileStartingError(
-                        f"stopped while connecting to {cfg.host}:{cfg.port}") from exc
-                if cancel is None:
-                    time.sleep(delay)
+                pause(delay, cancel, f"stopped while connecting to {cfg.host}:{cfg.port}")
                 delay = min(delay * 2, cfg.reconnect_max_delay_s)
         self.client.loop_start()
         self._watchdog = threading.Thread(

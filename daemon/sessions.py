@@ -49,8 +49,8 @@ from paho.mqtt.properties import Properties
 
 from daemon import spool, state
 from daemon.config import MqttConfig, Settings
-from daemon.errors import BrokerError, StoppedWhileStartingError
-from daemon.mqtt_link import connect_failure, set_credentials
+from daemon.errors import BrokerError
+from daemon.mqtt_link import connect_failure, pause, set_credentials
 from daemon.partition import TopicOwnership
 from daemon.state import write_bytes
 from daemon.topics import (
@@ -324,10 +324,7 @@ class Deadline:
     cancel: threading.Event | None = None
 
     def sleep(self, seconds: float) -> None:
-        if self.cancel is None:
-            time.sleep(seconds)
-        elif self.cancel.wait(seconds):
-            raise StoppedWhileStartingError("stopped while handing the broker sessions over")
+        pause(seconds, self.cancel, "stopped while handing the broker sessions over")
 
 
 def _bridge_left(record: Path) -> str | None:
