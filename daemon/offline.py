@@ -250,16 +250,13 @@ def score_file(
         outputs, stats = pipeline.process(chunk, time.time())
         counts["readings"] += stats.readings
         counts["anomalies"] += stats.anomalies
+        counts["filling"] += stats.filling
         counts["rejected"] += stats.rejected
         for outs in outputs:
             for o in outs:
                 if o.kind in ("verdict", "dead_letter"):
                     out.write(o.payload + b"\n")
-                if o.kind == "verdict":
-                    body = orjson.loads(o.payload)
-                    counts["filling"] += sum(1 for v in body.get("predictions", [body])
-                                             if v["is_anomaly"] and v.get("window_filling"))
-                elif o.kind == "alert":
+                if o.kind == "alert":
                     state = orjson.loads(o.payload)["state"]
                     if state in counts:
                         counts[state] += 1

@@ -97,6 +97,7 @@ class BatchStats:
     messages: int = 0
     readings: int = 0
     anomalies: int = 0
+    filling: int = 0  # of the anomalies, those on a partial window (they feed no alert)
     rejected: int = 0
     repeats: int = 0
     by_detector: dict[str, tuple[int, int, float]] = field(default_factory=dict)
@@ -346,6 +347,8 @@ class Pipeline:
         judged = self.judge(readings, stats, now, late if stats.late else None) if readings else []
         stats.readings = len(judged)
         stats.anomalies = sum(1 for j in judged if j.is_anomaly)
+        if stats.anomalies:
+            stats.filling = sum(1 for j in judged if j.is_anomaly and j.filling)
         alert_states = self.alert_states
         presence = self.presence if self.presence.enabled else None
         scored_at = iso(now)
