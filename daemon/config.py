@@ -30,6 +30,8 @@ from daemon.errors import ConfigError
 from daemon.topics import could_match, templates_overlap, unshared
 
 DEFAULT_CONFIG_PATH = Path("config/anomalyd.toml")
+#: The most worker processes (``service.workers``, ``WORKERS``).
+MAX_WORKERS = 64
 MASK = "********"  # what a secret looks like in /info and check-config
 MIN_PACKET_BYTES = 1024  # the smallest mqtt.max_packet_bytes accepted
 
@@ -302,7 +304,7 @@ class StateConfig(_Strict):
 class ServiceConfig(_Strict):
     shutdown_timeout_s: float = Field(10.0, gt=0, le=3600)
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
     # How readings reach N workers: "device" (each worker subscribes to all of them and
     # judges only its own devices: one device, one worker, with any broker) or "shared"
     # (an MQTT shared subscription: the broker hands each message to one worker).

@@ -31,13 +31,11 @@ from typing import TYPE_CHECKING
 import orjson
 
 from daemon import partition
+from daemon.config import MAX_WORKERS
 from daemon.state import LAYOUT_FILE
 
 if TYPE_CHECKING:
     from daemon.config import Settings
-
-#: ``service.workers``'s bound (``daemon.config.ServiceConfig``).
-_MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ def recorded(directory: Path) -> Layout | None:
     if not isinstance(raw, dict):
         return None
     workers, dispatch = raw.get("workers"), raw.get("dispatch")
-    if type(workers) is not int or not 1 <= workers <= _MAX_WORKERS:
+    if type(workers) is not int or not 1 <= workers <= MAX_WORKERS:
         return None
     if dispatch not in (("single",) if workers == 1 else ("device", "shared")):
         return None
