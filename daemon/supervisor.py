@@ -19,10 +19,12 @@ worker killed by a signal counts as 128 + the signal's number).
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -31,6 +33,7 @@ import structlog
 
 from daemon import sessions, state
 from daemon.config import Settings
+from daemon.errors import StoppedWhileStartingError
 from daemon.exit_codes import EXIT_OK, EXIT_USAGE
 
 log = structlog.get_logger("anomalyd.supervisor")
@@ -105,19 +108,58 @@ def run_workers(settings: Settings, config: Path | None) -> int:
     def hand_over(signum: int, frame: FrameType | None) -> None:
         signals.put(signum)  # acted on below: a handler must take no lock
 
-    # Before the handover below: a stop asked for during it is acted on after it, never
-    # in the middle of taking readings over.
+    # Before the handover below, which a stop ends where it waits (for the broker, or
+    # between two connection attempts): what it took is on disk for the next start.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, hand_over)
-    # Before any worker reads its file: each device's saved state to the worker that owns
-    # it now, the previous layout's broker sessions handed over to this one's (the number
-    # of workers or the dispatch may have changed). The lock is held until the supervisor
-    # and its workers end.
-    lock = sessions.take_over(settings, settings.state.dir, n)
+    try:
+        lock = _take_over(settings, signals)
+    except StoppedWhileStartingError as exc:
+        log.info("stopped", note=f"{exc}: before any worker started; the next start "
+                                 "finishes the handover")
+        return EXIT_OK
     base = [sys.executable, "-m", "daemon"] + (["--config", str(config)] if config else [])
     workers = [Worker(i, [*base, "run", "--worker-index", str(i)], (lock,)) for i in range(n)]
     log.info("workers_started", workers=n, pids=[w.proc.pid for w in workers if w.proc])
     return _supervise(workers, signals)
+
+
+def _take_over(settings: Settings, signals: queue.SimpleQueue[int]) -> int:
+    """``sessions.take_over`` before any worker reads its file: each device's saved state
+    to the worker that owns it now, the previous layout's broker sessions handed over to
+    this one's (the number of workers or the dispatch may have changed). Returns the state
+    directory's lock, held until the supervisor and its workers end.
+
+    A SIGTERM or SIGINT meanwhile stops it where it waits (a broker that is down, with
+    ``connect_timeout_s = 0``, is waited for without end) and, if it had finished, keeps
+    the workers from starting: StoppedWhileStartingError either way. A SIGHUP is dropped:
+    the workers load the model set as they start."""
+    stop = threading.Event()
+    done = threading.Event()
+
+    def take_signals() -> None:
+        while not done.is_set():
+            try:
+                signum = signals.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            log.warning("signal", signal=signal.Signals(signum).name,
+                        action="ignored: no worker has started yet" if signum == signal.SIGHUP
+                        else "stop the handover")
+            if signum != signal.SIGHUP:
+                stop.set()
+
+    taker = threading.Thread(target=take_signals, name="signals", daemon=True)
+    taker.start()
+    try:
+        lock = sessions.take_over(settings, settings.state.dir, settings.service.workers, stop)
+    finally:
+        done.set()
+        taker.join()
+    if stop.is_set():
+        os.close(lock)
+        raise StoppedWhileStartingError("stopped after the handover")
+    return lock
 
 
 def _supervise(workers: list[Worker], signals: queue.SimpleQueue[int]) -> int:

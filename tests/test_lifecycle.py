@@ -114,21 +114,27 @@ def test_a_signal_stops_a_daemon_still_waiting_for_its_broker(
         daemon.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_signal_stops_a_daemon_whose_handover_waits_for_its_broker(
-    tmp_path: Path, trained_model_dir: Path
+    tmp_path: Path, trained_model_dir: Path, workers: int
 ) -> None:
     """A change of layout to hand over while the broker is down (``connect_timeout_s =
     0``): SIGTERM stops the wait at once, exit 0, and the record is left for the next
-    start. Before, the handover's connection retried until the broker came."""
+    start. Before, the handover's connection retried until the broker came (a single
+    daemon until 0ee62f8; the supervisor of ``workers = 2`` until it watched for signals
+    during its handover)."""
     from daemon import sessions
 
     port = free_port()
     config = tmp_path / "anomalyd.toml"
-    config.write_text("[mqtt]\nconnect_timeout_s = 0\n")
+    config.write_text(f"[mqtt]\nconnect_timeout_s = 0\n[service]\nworkers = {workers}\n")
     daemon = DaemonProcess("127.0.0.1", port, trained_model_dir, tmp_path, config)
+    # the other layout's sessions: two workers' for a single daemon, and the other way
     record = {"broker": f"127.0.0.1:{port}", "dispatch": "device",
               "sessions": {f"{daemon.client_id}-0": "sensors/+/readings",
-                           f"{daemon.client_id}-1": "sensors/+/readings"}}
+                           f"{daemon.client_id}-1": "sensors/+/readings"}} if workers == 1 else {
+        "broker": f"127.0.0.1:{port}", "dispatch": "single",
+        "sessions": {daemon.client_id: "sensors/+/readings"}}
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / sessions.SESSIONS_FILE).write_text(json.dumps(record))
     daemon.start(wait=False)
@@ -142,5 +148,6 @@ def test_a_signal_stops_a_daemon_whose_handover_waits_for_its_broker(
         assert daemon.wait(10) == 0, daemon.log_tail()
         left = json.loads((tmp_path / "state" / sessions.SESSIONS_FILE).read_text())
         assert sorted(left["sessions"]) == sorted(record["sessions"])  # for the next start
+        assert "workers_started" not in daemon.log_tail()
     finally:
         daemon.close()
