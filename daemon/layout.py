@@ -61,7 +61,7 @@ class Layout:
 
 def configured(settings: Settings) -> Layout:
     n = settings.service.workers
-    return Layout(n, "single" if n == 1 else settings.service.dispatch)
+    return Layout(n, partition.layout_dispatch(n, settings.service.dispatch))
 
 
 def recorded(directory: Path) -> Layout | None:
@@ -75,7 +75,7 @@ def recorded(directory: Path) -> Layout | None:
     workers, dispatch = raw.get("workers"), raw.get("dispatch")
     if type(workers) is not int or not 1 <= workers <= MAX_WORKERS:
         return None
-    if dispatch not in (("single",) if workers == 1 else ("device", "shared")):
+    if dispatch not in ((partition.SINGLE,) if workers == 1 else ("device", "shared")):
         return None
     return Layout(workers, str(dispatch))
 

@@ -35,6 +35,17 @@ DEVICE_MAPS = (
 _DEVICE_HEADER = ("format", "window", "warmup", "n_features")
 
 
+#: The dispatch a layout of one process records: there is nothing to dispatch.
+SINGLE = "single"
+
+
+def layout_dispatch(workers: int, dispatch: str) -> str:
+    """How a layout of ``workers`` processes, configured with ``service.dispatch =
+    dispatch``, spreads readings: :data:`SINGLE` for one process, else ``dispatch``
+    (``"device"`` or ``"shared"``). What ``layout.json`` and ``sessions.json`` record."""
+    return SINGLE if workers == 1 else dispatch
+
+
 def owner(key: str, workers: int) -> int:
     """The index of the worker that owns ``key`` (a device id, or a topic without one)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers

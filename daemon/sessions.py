@@ -51,7 +51,7 @@ from daemon import spool, state
 from daemon.config import MqttConfig, Settings
 from daemon.errors import BrokerError
 from daemon.mqtt_link import connect_failure, pause, set_credentials
-from daemon.partition import TopicOwnership
+from daemon.partition import SINGLE, TopicOwnership, layout_dispatch
 from daemon.state import write_bytes
 from daemon.topics import (
     HANDOVER_LEVEL,
@@ -122,7 +122,7 @@ def current(settings: Settings) -> Record:
     ids = [intake_client_id(settings, None)] if n == 1 else [
         intake_client_id(settings, i) for i in range(n)]
     return Record(broker=_broker(settings.mqtt),
-                  dispatch="single" if n == 1 else settings.service.dispatch,
+                  dispatch=layout_dispatch(n, settings.service.dispatch),
                   sessions=dict.fromkeys(ids, subscription))
 
 
@@ -155,7 +155,7 @@ def previous(
         if workers < 1:
             return None
         svc = settings.service.model_copy(update={
-            "workers": workers, "dispatch": "device" if dispatch == "single" else dispatch})
+            "workers": workers, "dispatch": "device" if dispatch == SINGLE else dispatch})
         return current(settings.model_copy(update={"service": svc}))
     except (KeyError, TypeError, ValueError):
         return None
@@ -286,7 +286,7 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
             log.info("handover_bridge_taken_over", client_id=left, readings=taken)
         elif before != now or spool.journal_left(directory):
             # a handover not yet judged (or cut short taking) goes to its new owners
-            spool.hand_to_workers(directory, [], _owner(settings))
+            spool.hand_to_workers(directory, _owner(settings))
     write_bytes(record, orjson.dumps(now.to_json()))
     return todo
 
@@ -302,7 +302,7 @@ def _take(directory: Path, owner: Callable[[str], int | None], cfg: MqttConfig,
         _drain(cfg, olds, deadline, journal, marker)
     finally:
         journal.close()
-        spool.hand_to_workers(directory, [], owner)
+        spool.hand_to_workers(directory, owner)
     return journal.count
 
 

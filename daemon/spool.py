@@ -22,7 +22,7 @@ import base64
 import binascii
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,13 +99,12 @@ def spool_file(directory: Path, worker_index: int | None) -> Path:
                         else f"handover-{worker_index}.jsonl")
 
 
-def hand_to_workers(directory: Path, queued: Sequence[Queued],
-                    owner: Callable[[str], int | None]) -> None:
-    """Write ``queued`` and what earlier files and the journal still hold to the file of
-    each reading's owner (``owner(topic)``: a worker index, None for a single daemon), in
-    the order they were received (a device's readings in their order)."""
+def hand_to_workers(directory: Path, owner: Callable[[str], int | None]) -> None:
+    """Write what the journal and earlier files hold to the file of each reading's owner
+    (``owner(topic)``: a worker index, None for a single daemon), in the order they were
+    received (a device's readings in their order)."""
     earlier = sorted(directory.glob("handover*.jsonl"))
-    readings = [q for path in earlier for q in _read(path)] + list(queued)
+    readings = [q for path in earlier for q in _read(path)]
     readings.sort(key=lambda q: q.received)
     parts: dict[int | None, list[bytes]] = {}
     for q in readings:

@@ -66,7 +66,7 @@ def repartition(directory: Path, workers: int, dispatch: str) -> dict[str, Any] 
     layout, where every worker starts from the same copy of every device (re-cut for one
     owner). What is done is logged. Returns the layout recorded before (None if none was).
     """
-    layout = {"workers": workers, "dispatch": "single" if workers == 1 else dispatch}
+    layout = {"workers": workers, "dispatch": partition.layout_dispatch(workers, dispatch)}
     layout_path = directory / LAYOUT_FILE
     try:
         recorded = orjson.loads(layout_path.read_bytes())

@@ -332,17 +332,27 @@ def test_the_daemon_hands_over_before_it_connects(
         cid: "sensors/+/readings"}
 
 
+def journal(directory: Path, readings: list[spool.Queued]) -> None:
+    """``readings`` taken from the broker by a handover (``spool.Journal``), not yet cut."""
+    taking = spool.Journal(directory)
+    for q in readings:
+        taking.add(q)
+    taking.close()
+
+
 def test_an_earlier_handover_not_yet_judged_is_recut_for_the_new_layout(
     tmp_path: Path,
 ) -> None:
     readings = [spool.Queued(f"sensors/d{k}/readings", b'{"x": %d}' % k, float(k))
                 for k in range(6)]
-    spool.hand_to_workers(tmp_path, readings, lambda topic: int(topic[9]) % 2)
+    journal(tmp_path, readings)
+    spool.hand_to_workers(tmp_path, lambda topic: int(topic[9]) % 2)
     assert [q.topic for q in spool.take(tmp_path, 1)] == [
         "sensors/d1/readings", "sensors/d3/readings", "sensors/d5/readings"]
     # the workers stopped before judging them; one daemon now, with a reading of its own
     later = spool.Queued("sensors/d9/readings", b"{}", 9.0)
-    spool.hand_to_workers(tmp_path, [later], lambda topic: None)
+    journal(tmp_path, [later])
+    spool.hand_to_workers(tmp_path, lambda topic: None)
     assert sorted(p.name for p in tmp_path.glob("handover*")) == ["handover.jsonl"]
     taken = spool.take(tmp_path, None)
     assert sorted(q.topic for q in taken[:-1]) == [q.topic for q in readings]
@@ -371,7 +381,8 @@ def test_a_handover_not_yet_judged_follows_the_next_layout(
     broker = fresh_broker
     start_layout(broker, tmp_path, 2, "shared")
     readings = [spool.Queued(f"sensors/d{k}/readings", b"{}", float(k)) for k in range(8)]
-    spool.hand_to_workers(tmp_path, readings, lambda topic: 0)  # shared: all to worker 0
+    journal(tmp_path, readings)
+    spool.hand_to_workers(tmp_path, lambda topic: 0)  # shared: all to worker 0
     start_layout(broker, tmp_path, 2, "device")
     for i in range(2):
         assert [q.topic for q in spool.take(tmp_path, i)] == [
@@ -595,5 +606,5 @@ def test_a_journal_cut_short_mid_line_keeps_the_next_reading_whole(tmp_path: Pat
     later = spool.Queued("sensors/c/readings", b'{"x": 3}', 3.0)
     journal.add(later)
     journal.close()
-    spool.hand_to_workers(tmp_path, [], lambda topic: None)
+    spool.hand_to_workers(tmp_path, lambda topic: None)
     assert spool.take(tmp_path, None) == [whole, later]
