@@ -14,7 +14,8 @@ crashed, the broker unreachable at its start) is started again after a delay tha
 while it keeps failing; its persistent session has kept its readings meanwhile. A worker
 that exits with a configuration or model error (exit 2) stops them all: the others would
 meet the same error. The supervisor exits with the worst exit code of its workers (a
-worker killed by a signal counts as 128 + the signal's number).
+worker killed by a signal counts as 128 + the signal's number, except by the stop it was
+sent while still starting: that is the stop asked for, 0).
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def _supervise(workers: list[Worker], signals: queue.SimpleQueue[int]) -> int:
     stopping = False
     worst = EXIT_OK
     codes: dict[int, int] = {}
+    stops_sent: set[int] = set()
     while True:
         try:
             signum: int | None = signals.get(timeout=POLL_S)
@@ -173,12 +175,19 @@ def _supervise(workers: list[Worker], signals: queue.SimpleQueue[int]) -> int:
             signum = None
         if signum is not None:
             stopping = stopping or signum != signal.SIGHUP
+            if signum != signal.SIGHUP:
+                stops_sent.add(signum)
             for w in workers:
                 w.signal(signum)
         now = time.monotonic()
         for w in workers:
             code = w.exited()
             if code is not None:
+                if stopping and code - 128 in stops_sent:
+                    # ended by the stop it was sent, before its handlers were in place (a
+                    # worker still starting, or started again after an exit): it had taken
+                    # nothing yet, so this is the stop asked for, not a failure
+                    code = EXIT_OK
                 codes[w.index] = code
                 if stopping:
                     continue
@@ -187,6 +196,7 @@ def _supervise(workers: list[Worker], signals: queue.SimpleQueue[int]) -> int:
                               action="stopping every worker: they share its configuration "
                                      "and models")
                     worst, stopping = code, True
+                    stops_sent.add(signal.SIGTERM)
                     for other in workers:
                         other.signal(signal.SIGTERM)
                     continue

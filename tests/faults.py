@@ -461,6 +461,20 @@ class DaemonProcess:
             self.proc.wait(10)
 
 
+def worker_pid(supervisor: int, index: int) -> int:
+    """The pid of the supervisor's child running ``--worker-index index``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == supervisor and b"--worker-index" in args and \
+                args[args.index(b"--worker-index") + 1] == str(index).encode():
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker {index} under {supervisor}")
+
+
 class Probe:
     """Polls /ready and /health every 50 ms and keeps each change: (t, ready, health)."""
 

@@ -39,6 +39,20 @@ def test_exit_codes_read_as_a_shell_reads_them() -> None:
     assert exit_code(-signal.SIGKILL) == 137 and exit_code(-signal.SIGTERM) == 143
 
 
+def test_a_worker_stopped_while_it_starts_counts_as_stopped() -> None:
+    """A worker still starting (importing, loading its models: no signal handler yet),
+    or just started again after an exit, dies of the SIGTERM the supervisor forwards:
+    the stop asked for, exit 0, where the supervisor exited 143 and systemd called the
+    service failed (seen in tests/test_soak.py)."""
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    serving = Worker(0, _python(SERVES))
+    starting = Worker(1, _python("import time; time.sleep(30)"))
+    _stop_after(signals, 0.5)
+    with capture_logs() as logs:
+        assert supervisor._supervise([serving, starting], signals) == 0
+    assert [e["exit_codes"] for e in logs if e["event"] == "workers_stopped"] == [[0, 0]]
+
+
 def test_a_worker_that_fails_on_its_configuration_stops_them_all() -> None:
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     serving = Worker(0, _python(SERVES))

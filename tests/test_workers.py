@@ -20,7 +20,7 @@ import pytest
 from daemon import partition, state
 from tests.broker import REPO, Broker, free_port, free_ports, wait_for_port
 from tests.conftest_models import ANOMALOUS_READING, NORMAL_READING
-from tests.faults import metric
+from tests.faults import metric, worker_pid
 
 pytestmark = pytest.mark.integration
 
@@ -96,20 +96,6 @@ def _until_ready(*ports: int) -> None:
     while not all(_ready(port) for port in ports):
         assert time.monotonic() < deadline, "workers never became ready"
         time.sleep(0.1)
-
-
-def _worker_pid(supervisor: int, index: int) -> int:
-    """The pid of the supervisor's child running ``--worker-index index``."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if ppid == supervisor and b"--worker-index" in args and \
-                args[args.index(b"--worker-index") + 1] == str(index).encode():
-            return int(stat.parent.name)
-    raise AssertionError(f"no worker {index} under {supervisor}")
 
 
 def test_shared_dispatch_spreads_the_readings_and_judges_each_once(
@@ -230,7 +216,7 @@ def test_a_worker_killed_is_started_again_and_judges_its_devices(
                  base) as supervisor:
         col = collector_for(broker, ["anomaly/+/verdict"])
         pub = publisher_for(broker)
-        killed = _worker_pid(supervisor.pid, 1)
+        killed = worker_pid(supervisor.pid, 1)
         os.kill(killed, signal.SIGKILL)
         devices = [f"k-{base}-{k}" for k in range(8)]
         for seq, dev in enumerate(devices):  # some are worker 1's: it is down
@@ -240,7 +226,7 @@ def test_a_worker_killed_is_started_again_and_judges_its_devices(
                            timeout=60)
         assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(len(devices)))
         _until_ready(base, base + 1)
-        assert _worker_pid(supervisor.pid, 1) != killed
+        assert worker_pid(supervisor.pid, 1) != killed
     exits = _events(tmp_path, "worker_exited")
     assert [(e["worker"], e["exit_code"]) for e in exits] == [(1, 128 + signal.SIGKILL)]
     assert [e["worker"] for e in _events(tmp_path, "worker_restarted")] == [1]
