@@ -315,6 +315,7 @@ class VerdictCounter:
         self.keys: Counter[str] = Counter()
         self.dead: list[dict[str, Any]] = []
         self.first_at: dict[str, float] = {}
+        self.last_at: dict[str, float] = {}  # when the key's latest verdict came
         self._lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"count-{free_port()}",
                                   protocol=paho.MQTTv311, clean_session=False)
@@ -336,7 +337,9 @@ class VerdictCounter:
                 self.dead.append(body)
                 return
             self.keys[body["key"]] += 1
-            self.first_at.setdefault(body["key"], time.monotonic())
+            now = time.monotonic()
+            self.first_at.setdefault(body["key"], now)
+            self.last_at[body["key"]] = now
 
     def count(self) -> int:
         with self._lock:

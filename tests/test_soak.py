@@ -16,6 +16,7 @@ its seed and faults, so it can be run again.
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import signal
@@ -53,6 +54,20 @@ def _flowing(counter: VerdictCounter, more: int, daemon: DaemonProcess, what: st
         time.sleep(0.05)
 
 
+def _repeats_by_fault(counter: VerdictCounter, began: list[float],
+                      done: list[str]) -> list[tuple[str, int]]:
+    """How many readings were judged more than once with their last verdict after each
+    fault (before the next): which faults the duplicates come from."""
+    counts = [0] * len(done)
+    with counter._lock:
+        again = [counter.last_at[k] for k, n in counter.keys.items() if n > 1]
+    for t in again:
+        i = bisect.bisect_right(began, t) - 1
+        if i >= 0:
+            counts[i] += 1
+    return list(zip(done, counts, strict=True))
+
+
 def test_a_run_of_faults_under_load_loses_no_acknowledged_reading(
     trained_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -71,6 +86,7 @@ def test_a_run_of_faults_under_load_loses_no_acknowledged_reading(
     counter = VerdictCounter(broker.host, broker.port, prefix="soak")
     pub: LoadPublisher | None = None
     done: list[str] = []
+    began: list[float] = []  # when each fault began (monotonic)
     try:
         daemon.start()
         pub = LoadPublisher(broker.host, broker.port, RATE, devices=8, prefix="soak").start()
@@ -78,6 +94,7 @@ def test_a_run_of_faults_under_load_loses_no_acknowledged_reading(
         for _ in range(FAULTS):
             time.sleep(rng.uniform(0.2, 3.0))  # the faults land at other moments each time
             kind = rng.choice(KINDS)
+            began.append(time.monotonic())
             if kind in ("restart", "layout"):
                 daemon.signal(signal.SIGTERM)
                 assert daemon.wait(60) == 0, daemon.log_tail()
@@ -98,7 +115,8 @@ def test_a_run_of_faults_under_load_loses_no_acknowledged_reading(
             done.append(f"{kind} ({layout['workers']} worker{'s' * (layout['workers'] > 1)})")
             _flowing(counter, 100, daemon, done[-1])
         result = tally("soak", pub, counter, timeout=120.0)
-        result.notes.update(seed=SEED, faults=done)
+        result.notes.update(seed=SEED, faults=done,
+                            judged_twice_after=_repeats_by_fault(counter, began, done))
         record(result)
         print(result)
         dead = list(counter.dead)
