@@ -58,6 +58,8 @@ OVERSIZE_LOG_S = 10.0
 STATE_FLUSH_TIMEOUT_S = 10.0
 #: After an alert transition the state is saved within this long (not over a save going on).
 ALERT_SAVE_S = 1.0
+#: How often the scorer looks whether the readings taken over in a handover are judged.
+HANDOVER_CHECK_S = 1.0
 
 
 def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
@@ -529,6 +531,8 @@ class Service:
             time.sleep(0.01)
         if not self._worker.is_alive():
             redeliver += self._abandon_queued()
+            # judged since the scorer last looked (once a second): its file goes now
+            self._drop_judged_handover()
         if redeliver:
             log.info("left_for_redelivery", readings=redeliver,
                      note="received while stopping; unacknowledged, so the broker resends them")
@@ -565,16 +569,23 @@ class Service:
         """Once every reading taken over is judged and its results safe with the broker
         (looked at once a second), its file goes and the intake connects. A broker that
         cannot be reached then (BrokerError) stops the daemon as at its start."""
-        if not self._spooled or time.monotonic() - self._handover_checked_at < 1.0:
+        if not self._spooled or time.monotonic() - self._handover_checked_at < HANDOVER_CHECK_S:
             return
         self._handover_checked_at = time.monotonic()
-        if all(msg.done for msg in self._spooled):
-            self._spool_path.unlink(missing_ok=True)
-            log.info("handover_judged", readings=len(self._spooled))
-            self._spooled = []
+        if self._drop_judged_handover():
             # a stop asked for meanwhile: the shutdown has nothing of the intake's to drain
             with contextlib.suppress(StoppedWhileStartingError):
                 self.mqtt.start_intake(self._stopping)
+
+    def _drop_judged_handover(self) -> bool:
+        """Whether every reading taken over is judged with its results safe with the
+        broker; its file then goes (else the next start would judge them all again)."""
+        if not self._spooled or not all(msg.done for msg in self._spooled):
+            return False
+        self._spool_path.unlink(missing_ok=True)
+        log.info("handover_judged", readings=len(self._spooled))
+        self._spooled = []
+        return True
 
     def _release_state(self) -> None:
         """Let the state directory go (``state.lock``), if this daemon took it."""

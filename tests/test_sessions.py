@@ -340,6 +340,34 @@ def journal(directory: Path, readings: list[spool.Queued]) -> None:
     taking.close()
 
 
+def test_a_handover_judged_just_before_a_stop_is_not_judged_again(
+    fresh_broker: Broker, start_daemon: Any, trained_model_dir: Path, collector_for: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The daemon looks once a second whether its handover is judged; a stop in between
+    left the file, and the next start judged every reading in it again (65 at once in
+    tests/test_soak.py). The stop now looks itself. (Here the scorer's look is never due
+    again after its first, before any verdict: the stop always comes in between.)"""
+    from daemon import service
+    from tests.conftest import make_settings
+
+    monkeypatch.setattr(service, "HANDOVER_CHECK_S", 3600.0)
+    from tests.conftest_models import NORMAL_READING
+
+    s = make_settings(fresh_broker, trained_model_dir)
+    directory = s.state.dir
+    readings = [spool.Queued(f"sensors/j{k}/readings",
+                             orjson.dumps({**NORMAL_READING, "seq": k}), float(k))
+                for k in range(6)]
+    journal(directory, readings)
+    spool.hand_to_workers(directory, lambda topic: None)
+    col = collector_for(fresh_broker, ["anomaly/+/verdict"])
+    svc = start_daemon(settings=s)
+    col.wait_for(lambda t, p: t.startswith("anomaly/j"), count=len(readings), timeout=30)
+    assert svc.shutdown()  # at once: within the second before the scorer looks again
+    assert not spool.spool_file(directory, None).exists()
+
+
 def test_an_earlier_handover_not_yet_judged_is_recut_for_the_new_layout(
     tmp_path: Path,
 ) -> None:
