@@ -227,10 +227,12 @@ class Proxy:
 
 
 class LoadPublisher:
-    """Publishes one reading per tick, QoS 1, unique ``seq`` per reading over a few devices.
+    """Publishes one reading per tick, QoS 1, over a few devices, each numbering its own
+    readings (``seq``) one by one.
 
-    Records, per seq, when it was published and when (if ever) the broker acknowledged it.
-    paho keeps unacknowledged QoS 1 publishes and resends them after a reconnect.
+    Records, per reading (by its place in the publishing order), when it was published
+    and when (if ever) the broker acknowledged it. paho keeps unacknowledged QoS 1
+    publishes and resends them after a reconnect.
     """
 
     def __init__(self, host: str, port: int, rate: float, devices: int = 4,
@@ -258,6 +260,11 @@ class LoadPublisher:
     def device_of(self, seq: int) -> str:
         return self.devices[seq % len(self.devices)]
 
+    def key_of(self, seq: int) -> str:
+        """The verdict's idempotency key for the reading published ``seq``-th: each device
+        numbers its own readings one by one, as a real one does."""
+        return f"{self.device_of(seq)}:{seq // len(self.devices)}"
+
     def _run(self) -> None:
         period = 1.0 / self.rate
         next_t = time.monotonic()
@@ -265,7 +272,7 @@ class LoadPublisher:
             seq = self._seq
             self._seq += 1
             device = self.device_of(seq)
-            body = orjson.dumps({**NORMAL, "seq": seq})
+            body = orjson.dumps({**NORMAL, "seq": seq // len(self.devices)})
             self.sent[seq] = time.monotonic()
             self.infos[seq] = self.client.publish(f"sensors/{device}/readings", body, qos=1)
             next_t += period
@@ -316,6 +323,7 @@ class VerdictCounter:
         self.dead: list[dict[str, Any]] = []
         self.first_at: dict[str, float] = {}
         self.last_at: dict[str, float] = {}  # when the key's latest verdict came
+        self.marked: Counter[str] = Counter()  # verdicts that said ``repeat``, by key
         self._lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"count-{free_port()}",
                                   protocol=paho.MQTTv311, clean_session=False)
@@ -340,6 +348,8 @@ class VerdictCounter:
             now = time.monotonic()
             self.first_at.setdefault(body["key"], now)
             self.last_at[body["key"]] = now
+            if body.get("repeat"):
+                self.marked[body["key"]] += 1
 
     def count(self) -> int:
         with self._lock:
@@ -460,21 +470,34 @@ class DaemonProcess:
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            # a supervisor's workers run in their own session: its SIGKILL leaves them
+            workers = children(self.proc.pid)
             self.proc.kill()
             self.proc.wait(10)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def children(pid: int) -> dict[int, list[bytes]]:
+    """The processes whose parent is ``pid``: their command lines, by pid."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
 
 
 def worker_pid(supervisor: int, index: int) -> int:
     """The pid of the supervisor's child running ``--worker-index index``."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if ppid == supervisor and b"--worker-index" in args and \
+    for pid, args in children(supervisor).items():
+        if b"--worker-index" in args and \
                 args[args.index(b"--worker-index") + 1] == str(index).encode():
-            return int(stat.parent.name)
+            return pid
     raise AssertionError(f"no worker {index} under {supervisor}")
 
 
@@ -561,7 +584,7 @@ def tally(fault: str, pub: LoadPublisher, counter: VerdictCounter, timeout: floa
     pub.stop()
     pub.wait_all_acked(30)
     accepted = pub.acked()
-    key = {s: f"{pub.device_of(s)}:{s}" for s in pub.infos}
+    key = {s: pub.key_of(s) for s in pub.infos}
     counter.wait_for({key[s] for s in accepted}, timeout)
     # A redelivery may still be on its way: give it a moment to show up as a duplicate.
     time.sleep(0.5)

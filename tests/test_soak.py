@@ -115,8 +115,11 @@ def test_a_run_of_faults_under_load_loses_no_acknowledged_reading(
             done.append(f"{kind} ({layout['workers']} worker{'s' * (layout['workers'] > 1)})")
             _flowing(counter, 100, daemon, done[-1])
         result = tally("soak", pub, counter, timeout=120.0)
+        with counter._lock:
+            unmarked = sum(1 for k, n in counter.keys.items() if counter.marked[k] < n - 1)
         result.notes.update(seed=SEED, faults=done,
-                            judged_twice_after=_repeats_by_fault(counter, began, done))
+                            judged_twice_after=_repeats_by_fault(counter, began, done),
+                            judged_again_without_repeat_mark=unmarked)
         record(result)
         print(result)
         dead = list(counter.dead)
