@@ -130,7 +130,11 @@ class Decoder:
         """Turn one MQTT message into readings and rejections. Never raises."""
         device_id = self.device_id(topic)
         if device_id is None:
-            detail = f"topic {show(topic)} does not match {self._subscription!r} with a valid id"
+            candidate = self.topics.id_level(topic)
+            detail = (f"topic {show(topic)} does not match {self._subscription!r}"
+                      if candidate is None else
+                      f"device id {show(candidate)} does not match limits.device_id_pattern "
+                      f"{self.topics.id_pattern!r}")
             return Decoded(None, (), (Rejection("bad_device_id", detail),), False, None)
         size = len(payload)
         if size > self._max_payload:

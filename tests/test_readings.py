@@ -220,6 +220,19 @@ def test_bad_device_id_when_topic_does_not_match(decoder: Decoder) -> None:
     result = decoder.decode("other/pump-7/readings", orjson.dumps(features()), NOW)
     assert result.device_id is None
     assert only_rejection(result).reason == "bad_device_id"
+    assert only_rejection(result).detail == (
+        "topic 'other/pump-7/readings' does not match 'sensors/+/readings'")
+
+
+def test_bad_device_id_names_the_id_and_the_setting_it_fails(decoder: Decoder) -> None:
+    """A topic that fits the subscription with an id the pattern refuses (a historian's
+    asset name with a space) names that id and the setting, not only the topic (which is
+    an invented one in ``anomalyd score``'s messages)."""
+    result = decoder.decode("sensors/Pump 1/readings", orjson.dumps(features()), NOW)
+    assert only_rejection(result).reason == "bad_device_id"
+    assert only_rejection(result).detail == (
+        "device id 'Pump 1' does not match limits.device_id_pattern "
+        "'[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}'")
 
 
 def test_payload_too_large_is_checked_before_parsing(decoder: Decoder) -> None:
