@@ -344,9 +344,8 @@ class DeviceControl:
         nothing changes (with ``WORKERS=N`` another worker may hold its alert). The state
         file is written at once."""
         check_ack_text(by, note)
+        self.show(device_id)  # UnknownDeviceError unless listed (as rewarm): one "known"
         p = self.pipeline
-        if device_id not in p.devices.devices and device_id not in p.alert_states.devices:
-            raise UnknownDeviceError(device_id)
         ack = Acknowledgement(self.clock(), by, note)
         st = p.alert_states.acknowledge(device_id, ack)
         if st is None:
