@@ -304,6 +304,16 @@ def test_post_without_a_token_is_refused_unless_bound_to_loopback() -> None:
         assert status == 403 and "Origin" in body["error"]
 
 
+def test_a_wrong_token_is_told_apart_from_none() -> None:
+    """With a token configured, a request with another one is told so, not that a token
+    is required (``HEALTH_TOKEN=old anomalyd devices`` read as if none had been given)."""
+    with bare_server("127.0.0.1", TOKEN) as server:
+        status, body, _ = request(server.port, "GET", "/devices")
+        assert status == 401 and body["error"] == "a bearer token is required"
+        status, body, _ = request(server.port, "GET", "/devices", "wrong")
+        assert status == 401 and body["error"] == "the bearer token given is not the daemon's"
+
+
 def test_wrong_methods_paths_and_device_ids_get_json_errors() -> None:
     with bare_server("127.0.0.1") as server:
         port = server.port
