@@ -145,7 +145,9 @@ class Decoder:
         except json_guard.RefusedError as refused:
             return _message_fails(device_id, refused.reason, refused.detail)
         if type(doc) is not dict:
-            return _message_fails(device_id, "not_object", f"top level is {show(doc)}")
+            detail = f"top level is {show(doc)}" + (
+                f'; send several readings as {{"{_BATCH}": [...]}}' if type(doc) is list else "")
+            return _message_fails(device_id, "not_object", detail)
         if _BATCH in doc:
             return self._decode_batch(device_id, doc, payload, received_at, dups)
         result = self._decode_entry(device_id, doc, None, None, payload, None, received_at, dups)

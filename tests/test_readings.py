@@ -324,6 +324,13 @@ def test_not_object_at_top_level(decoder: Decoder, doc: object) -> None:
     assert only_rejection(decode(decoder, doc)).reason == "not_object"
 
 
+def test_a_top_level_array_is_pointed_to_the_batch_message(decoder: Decoder) -> None:
+    """A gateway's habit: several readings as a bare JSON array."""
+    rejection = only_rejection(decode(decoder, [features(), features()]))
+    assert rejection.detail == (
+        'top level is an array of 2 items; send several readings as {"readings": [...]}')
+
+
 def test_not_object_for_sensor_data(decoder: Decoder) -> None:
     rejection = only_rejection(decode(decoder, {"sensor_data": [1, 2, 3]}))
     assert rejection.reason == "not_object"
