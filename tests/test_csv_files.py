@@ -178,7 +178,8 @@ def test_rows_out_of_time_order_are_pointed_out(tmp_path: Path) -> None:
     assert load_csv(path).notes == (
         "column 'timestamp': 1 row(s) go back in time (the first on line 5) and 1 row(s) "
         "repeat the time before them; windows are made in file order, so sort the file by "
-        "time (and drop repeated rows) if this is not intended",)
+        "time (and drop repeated rows) if this is not intended; if it holds several devices' "
+        "rows, name the column that tells them apart (--device-column NAME)",)
     ordered = write(tmp_path / "ordered.csv", "ts,temp\n1795853700,1\n1795853701,2\n")
     assert load_csv(ordered).notes == ()
 
@@ -190,6 +191,18 @@ def test_lone_carriage_returns_and_oversized_fields(tmp_path: Path) -> None:
     huge = write(tmp_path / "huge.csv", 'a,b\n1,"' + "x" * 200_000 + '"\n')
     with pytest.raises(TrainingError, match="line 2: field larger than field limit"):
         load_csv(huge)
+
+
+def test_interleaved_devices_under_a_column_of_another_name_are_hinted_at(
+    tmp_path: Path,
+) -> None:
+    """A numeric device column of a name not known (``Pump_No``) is a feature; the repeated
+    times it leaves say how to name it (it was only "sort the file by time")."""
+    rows = [f"2026-11-28T10:00:0{s},{d},{s}" for s in range(5) for d in (1, 2)]
+    fleet = write(tmp_path / "fleet.csv", "timestamp,Pump_No,temp\n" + "\n".join(rows) + "\n")
+    (note,) = load_csv(fleet).notes
+    assert note.endswith("name the column that tells them apart (--device-column NAME)")
+    assert load_csv(fleet, device="Pump_No").notes == ()
 
 
 def test_time_order_is_judged_device_by_device(tmp_path: Path) -> None:

@@ -293,7 +293,9 @@ def _time_order(numbered: Sequence[tuple[int, list[str]]], column: int, name: st
     parts = ([f"{back} row(s) go back in time (the first on line {first})"] if back else []) + (
         [f"{same} row(s) repeat the time before them"] if same else [])
     return (f"column {name!r}: {' and '.join(parts)}; windows are made in file order, so "
-            "sort the file by time (and drop repeated rows) if this is not intended")
+            "sort the file by time (and drop repeated rows) if this is not intended"
+            + ("; if it holds several devices' rows, name the column that tells them apart "
+               "(--device-column NAME)" if device is None else ""))
 
 
 def _moment(cell: str) -> float | None:
