@@ -193,6 +193,25 @@ def test_lone_carriage_returns_and_oversized_fields(tmp_path: Path) -> None:
         load_csv(huge)
 
 
+def test_times_in_a_local_spelling_are_not_suggested_as_the_device_column(
+    tmp_path: Path,
+) -> None:
+    """A historian's export: German dates under a name not known as a time column. They
+    were the column suggested for --device-column; now they are said to be times."""
+    rows = [f"0{s}.11.2026 08:00:0{s};P-1;{s},5" for s in range(1, 6)]
+    path = write(tmp_path / "de.csv", "Zeitstempel;Anlage;Temperatur\n" + "\n".join(rows))
+    with pytest.raises(TrainingError) as refused:
+        load_csv(path)
+    assert ("['Zeitstempel'] hold times in a spelling not read as times (e.g. "
+            "'01.11.2026 08:00:01'): name the column timestamp") in str(refused.value)
+    assert "give --device-column 'Anlage'" in str(refused.value)
+    us = write(tmp_path / "us.csv", "Time Stamp,temp\n" + "\n".join(
+        f"11/0{s}/2026 8:00:00 AM,{s}" for s in range(1, 6)))
+    with pytest.raises(TrainingError, match=r"not read as times .* Or leave them out") as only:
+        load_csv(us)
+    assert "--device-column" not in str(only.value)
+
+
 def test_interleaved_devices_under_a_column_of_another_name_are_hinted_at(
     tmp_path: Path,
 ) -> None:
