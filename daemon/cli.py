@@ -7,6 +7,7 @@ codes: ``daemon.exit_codes``.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -128,8 +129,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import os
-
     from daemon.models import load_bundle
     from daemon.offline import check_input, detector_problem, score_file
 
@@ -141,6 +140,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     # the same: a file that is not CSV text, or lacks --device-column, is refused first
     check_input(Path(args.input), args.device_column)
+    clash = _output_clash(args.input, args.out, args.alerts)
+    if clash:  # opening it would empty a file before it is read or written
+        print(f"error: {clash}", file=sys.stderr)
+        return EXIT_USAGE
     out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
     alerts = open(args.alerts, "wb") if args.alerts else None  # noqa: SIM115
     try:
@@ -170,6 +173,27 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"error: no reading of {args.input} could be scored: {why}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _output_clash(source: str, out: str, alerts: str | None) -> str | None:
+    """Why ``score``'s outputs cannot be opened for writing as given (each is emptied on
+    opening), or None: one of them is the file scored, or both are one file."""
+    named = [(flag, path) for flag, path in (("--out", out), ("--alerts", alerts))
+             if path and path != "-"]
+    for flag, path in named:
+        if _same_file(path, source):
+            return (f"{flag} {path} is the file being scored: it would be emptied before "
+                    "it is read; write to another file")
+    if len(named) == 2 and _same_file(named[0][1], named[1][1]):
+        return f"--out and --alerts name one file ({out}): give each its own"
+    return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

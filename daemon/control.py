@@ -259,9 +259,7 @@ class DeviceControl:
 
     def execute(self, command: Command) -> dict[str, Any]:
         if command.action == "list":
-            p = self.pipeline  # its trackers are looked up per call: restore replaces them
-            known = sorted(p.devices.devices.keys() | p.alert_states.devices.keys()
-                           | p.alert_states.silences.keys() | p.presence.last_seen.keys())
+            known = sorted(self._heard_of() | self.pipeline.alert_states.silences.keys())
             return {"devices": [self.show(d) for d in known]}
         if command.action == "show":
             return self.show(command.device_id)
@@ -276,6 +274,13 @@ class DeviceControl:
         if command.action == "forget":
             return self.forget(command.device_id)
         return self.rewarm(command.device_id)
+
+    def _heard_of(self) -> set[str]:
+        """The devices whose readings were judged and of which something is kept (state,
+        alert state, presence): those listed, but for the ones only silenced."""
+        p = self.pipeline  # its trackers are looked up per call: restore replaces them
+        return (p.devices.devices.keys() | p.alert_states.devices.keys()
+                | p.presence.last_seen.keys())
 
     def show(self, device_id: str) -> dict[str, Any]:
         """Warm-up progress, baseline threshold, alert state and, with
@@ -321,7 +326,7 @@ class DeviceControl:
         alerts = self.pipeline.alert_states
         now = self.clock()
         was = alerts.silenced_until(device_id, now)
-        known = device_id in self.pipeline.devices.devices or device_id in alerts.devices
+        known = device_id in self._heard_of()
         until = now + seconds if seconds else None
         alerts.silence(device_id, until)
         self.save()
@@ -344,9 +349,8 @@ class DeviceControl:
         nothing changes (with ``WORKERS=N`` another worker may hold its alert). The state
         file is written at once."""
         check_ack_text(by, note)
+        self.show(device_id)  # UnknownDeviceError unless listed (as rewarm): one "known"
         p = self.pipeline
-        if device_id not in p.devices.devices and device_id not in p.alert_states.devices:
-            raise UnknownDeviceError(device_id)
         ack = Acknowledgement(self.clock(), by, note)
         st = p.alert_states.acknowledge(device_id, ack)
         if st is None:

@@ -105,7 +105,7 @@ def stream(
                     baseline[body["seq"]] = body.get("baseline", {}).get("is_anomaly", False)
                 elif out.kind == "alert":
                     changes[body["seq"]] = body["active"]
-                else:
+                elif out.kind == "dead_letter":  # presence (alerts.quiet_after_s) is no figure
                     raise RuntimeError(f"evaluation reading rejected: {body['detail']}")
         moved = pipeline.devices.drift(device)
         if moved is not None and (drift is None or abs(moved.spreads) > abs(drift[1])):

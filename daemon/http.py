@@ -250,11 +250,13 @@ class HttpServer:
                 if not self._discard_body():
                     return
                 path, _, query = self.path.partition("?")
+                given = self.headers.get("Authorization")
                 if expected is not None and path != "/health" and not _authorized(
-                    self.headers.get("Authorization"), expected
+                    given, expected
                 ):
-                    self._send(_error(401, "a bearer token is required"),
-                               {"WWW-Authenticate": 'Bearer realm="anomalyd"'})
+                    why = ("a bearer token is required" if given is None
+                           else "the bearer token given is not the daemon's")
+                    self._send(_error(401, why), {"WWW-Authenticate": 'Bearer realm="anomalyd"'})
                     return
                 if expected is None and outer.loopback and path != "/health" and not (
                     _loopback_host(self.headers.get("Host"))

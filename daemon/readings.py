@@ -130,7 +130,11 @@ class Decoder:
         """Turn one MQTT message into readings and rejections. Never raises."""
         device_id = self.device_id(topic)
         if device_id is None:
-            detail = f"topic {show(topic)} does not match {self._subscription!r} with a valid id"
+            candidate = self.topics.id_level(topic)
+            detail = (f"topic {show(topic)} does not match {self._subscription!r}"
+                      if candidate is None else
+                      f"device id {show(candidate)} does not match limits.device_id_pattern "
+                      f"{self.topics.id_pattern!r}")
             return Decoded(None, (), (Rejection("bad_device_id", detail),), False, None)
         size = len(payload)
         if size > self._max_payload:
@@ -141,7 +145,9 @@ class Decoder:
         except json_guard.RefusedError as refused:
             return _message_fails(device_id, refused.reason, refused.detail)
         if type(doc) is not dict:
-            return _message_fails(device_id, "not_object", f"top level is {show(doc)}")
+            detail = f"top level is {show(doc)}" + (
+                f'; send several readings as {{"{_BATCH}": [...]}}' if type(doc) is list else "")
+            return _message_fails(device_id, "not_object", detail)
         if _BATCH in doc:
             return self._decode_batch(device_id, doc, payload, received_at, dups)
         result = self._decode_entry(device_id, doc, None, None, payload, None, received_at, dups)

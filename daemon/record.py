@@ -118,6 +118,7 @@ class Recording:
         self._checked: set[str] = set()  # devices whose file header was checked
         self.per_device: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        self._first_detail: dict[str, str] = {}  # per reason, what the first one said
         self.other_devices = 0
         self._recorded = 0
         self._seqs: dict[str, SeqWindow] = {}  # each device's recent seq values
@@ -134,6 +135,7 @@ class Recording:
         decoded: Decoded = self.decoder.decode(topic, payload, received_wall)
         for rejection in decoded.rejections:
             self.rejected[rejection.reason] += 1
+            self._first_detail.setdefault(rejection.reason, rejection.detail)
         if decoded.device_id is None or not decoded.readings:
             return
         readings = decoded.readings
@@ -192,8 +194,12 @@ class Recording:
     def progress(self, left_s: float | None) -> str:
         text = f"recorded {self.recorded:,} readings of {len(self.per_device)} devices"
         if self.rejected:
-            text += f"; not recorded: {sum(self.rejected.values()):,} (" + ", ".join(
-                f"{n} {reason}" for reason, n in self.rejected.most_common()) + ")"
+            # what the most common refusal says (a --features name no reading has)
+            counts = [f"{n} {reason}" for reason, n in self.rejected.most_common()]
+            first = self._first_detail.get(self.rejected.most_common(1)[0][0])
+            if first:
+                counts[0] += f": {first}"
+            text += f"; not recorded: {sum(self.rejected.values()):,} ({', '.join(counts)})"
         if self.other_devices:
             text += f"; {self.other_devices:,} of other devices ignored"
         if left_s is not None:

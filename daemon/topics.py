@@ -39,7 +39,13 @@ class TopicMatcher:
             cache[topic] = device_id
         return device_id
 
-    def _parse_topic(self, topic: str) -> str | None:
+    @property
+    def id_pattern(self) -> str:
+        return self._id_pattern.pattern
+
+    def id_level(self, topic: str) -> str | None:
+        """The text of `topic` at the filter's ``+`` level, valid id or not; None if the
+        topic does not fit the filter (says why `device_id` refused a topic)."""
         if len(topic) > MAX_TOPIC_LEN or "+" in topic or "#" in topic:
             return None
         levels = topic.split("/")
@@ -52,8 +58,13 @@ class TopicMatcher:
         for want, got in zip(pattern, levels, strict=False):
             if want != "+" and want != got:
                 return None
-        candidate = levels[self._id_level]
-        return candidate if self._id_pattern.fullmatch(candidate) else None
+        return levels[self._id_level]
+
+    def _parse_topic(self, topic: str) -> str | None:
+        candidate = self.id_level(topic)
+        if candidate is None or not self._id_pattern.fullmatch(candidate):
+            return None
+        return candidate
 
 
 def unshared(subscription: str) -> str:

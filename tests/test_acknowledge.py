@@ -137,6 +137,22 @@ def test_acknowledging_republishes_the_raised_alert_retained_saves_and_counts(
         "ALERT   p-1 acknowledged by alice (on my way) [")
 
 
+def test_a_device_listed_only_by_its_silence_has_no_alert_to_acknowledge(
+    model_bundle: ModelBundle,
+) -> None:
+    """A device ``anomalyd devices`` lists (here by its silence: silenced before its first
+    reading, or re-warmed with only its presence left) is known to ``ack`` as well: no
+    active alert, not "the daemon does not know device" (404) as it was."""
+    control = DeviceControl(_pipeline(model_bundle), Metrics(CollectorRegistry()),
+                            lambda o: True, lambda: None, clock=lambda: 1234.5)
+    control.execute(Command("silence", "p-2", seconds=3600))
+    assert [d["device_id"] for d in control.execute(Command("list"))["devices"]] == ["p-2"]
+    assert control.execute(Command("ack", "p-2", by="alice")) == {
+        "device_id": "p-2", "alert_active": False, "acknowledged": None, "published": False}
+    with pytest.raises(UnknownDeviceError):  # one never heard of is still unknown
+        control.execute(Command("ack", "p-3", by="alice"))
+
+
 def test_acknowledge_paths_and_texts_are_checked_before_the_scorer_is_asked() -> None:
     with bare_server("127.0.0.1") as server:
         port = server.port

@@ -178,7 +178,8 @@ def test_rows_out_of_time_order_are_pointed_out(tmp_path: Path) -> None:
     assert load_csv(path).notes == (
         "column 'timestamp': 1 row(s) go back in time (the first on line 5) and 1 row(s) "
         "repeat the time before them; windows are made in file order, so sort the file by "
-        "time (and drop repeated rows) if this is not intended",)
+        "time (and drop repeated rows) if this is not intended; if it holds several devices' "
+        "rows, name the column that tells them apart (--device-column NAME)",)
     ordered = write(tmp_path / "ordered.csv", "ts,temp\n1795853700,1\n1795853701,2\n")
     assert load_csv(ordered).notes == ()
 
@@ -190,6 +191,37 @@ def test_lone_carriage_returns_and_oversized_fields(tmp_path: Path) -> None:
     huge = write(tmp_path / "huge.csv", 'a,b\n1,"' + "x" * 200_000 + '"\n')
     with pytest.raises(TrainingError, match="line 2: field larger than field limit"):
         load_csv(huge)
+
+
+def test_times_in_a_local_spelling_are_not_suggested_as_the_device_column(
+    tmp_path: Path,
+) -> None:
+    """A historian's export: German dates under a name not known as a time column. They
+    were the column suggested for --device-column; now they are said to be times."""
+    rows = [f"0{s}.11.2026 08:00:0{s};P-1;{s},5" for s in range(1, 6)]
+    path = write(tmp_path / "de.csv", "Zeitstempel;Anlage;Temperatur\n" + "\n".join(rows))
+    with pytest.raises(TrainingError) as refused:
+        load_csv(path)
+    assert ("['Zeitstempel'] hold times in a spelling not read as times (e.g. "
+            "'01.11.2026 08:00:01'): name the column timestamp") in str(refused.value)
+    assert "give --device-column 'Anlage'" in str(refused.value)
+    us = write(tmp_path / "us.csv", "Time Stamp,temp\n" + "\n".join(
+        f"11/0{s}/2026 8:00:00 AM,{s}" for s in range(1, 6)))
+    with pytest.raises(TrainingError, match=r"not read as times .* Or leave them out") as only:
+        load_csv(us)
+    assert "--device-column" not in str(only.value)
+
+
+def test_interleaved_devices_under_a_column_of_another_name_are_hinted_at(
+    tmp_path: Path,
+) -> None:
+    """A numeric device column of a name not known (``Pump_No``) is a feature; the repeated
+    times it leaves say how to name it (it was only "sort the file by time")."""
+    rows = [f"2026-11-28T10:00:0{s},{d},{s}" for s in range(5) for d in (1, 2)]
+    fleet = write(tmp_path / "fleet.csv", "timestamp,Pump_No,temp\n" + "\n".join(rows) + "\n")
+    (note,) = load_csv(fleet).notes
+    assert note.endswith("name the column that tells them apart (--device-column NAME)")
+    assert load_csv(fleet, device="Pump_No").notes == ()
 
 
 def test_time_order_is_judged_device_by_device(tmp_path: Path) -> None:

@@ -304,6 +304,16 @@ def test_post_without_a_token_is_refused_unless_bound_to_loopback() -> None:
         assert status == 403 and "Origin" in body["error"]
 
 
+def test_a_wrong_token_is_told_apart_from_none() -> None:
+    """With a token configured, a request with another one is told so, not that a token
+    is required (``HEALTH_TOKEN=old anomalyd devices`` read as if none had been given)."""
+    with bare_server("127.0.0.1", TOKEN) as server:
+        status, body, _ = request(server.port, "GET", "/devices")
+        assert status == 401 and body["error"] == "a bearer token is required"
+        status, body, _ = request(server.port, "GET", "/devices", "wrong")
+        assert status == 401 and body["error"] == "the bearer token given is not the daemon's"
+
+
 def test_wrong_methods_paths_and_device_ids_get_json_errors() -> None:
     with bare_server("127.0.0.1") as server:
         port = server.port
@@ -456,6 +466,23 @@ def test_alert_tracker_silence_ends_by_itself_and_survives_a_restart() -> None:
         again.restore({**saved, "silences": {"a": "inf"}})
     with pytest.raises(ValueError, match="not a mapping"):
         again.restore({**saved, "silences": [["a", 100.0]]})
+
+
+def test_a_re_warmed_device_still_listed_is_silenced_as_known(
+    model_bundle: ModelBundle,
+) -> None:
+    """Re-warmed, a device is still listed by its presence (``alerts.quiet_after_s``): a
+    silence then is no "not seen yet (a typo?)" (it said so, the device listed beside)."""
+    decoder = Decoder(model_bundle.features, model_bundle.detector_names)
+    pipeline = Pipeline(model_bundle, decoder, Settings().topics,
+                        AlertConfig(quiet_after_s=60.0))
+    control = DeviceControl(pipeline, Metrics(CollectorRegistry()), lambda _o: True,
+                            lambda: None, clock=lambda: 1000.0)
+    pipeline.process([RawMessage("sensors/p-1/readings", orjson.dumps(NORMAL), 0.0)], 1000.0)
+    control.execute(Command("rewarm", "p-1"))
+    assert [d["device_id"] for d in control.execute(Command("list"))["devices"]] == ["p-1"]
+    assert control.execute(Command("silence", "p-1", 30.0))["known"] is True
+    assert control.execute(Command("silence", "p-2", 30.0))["known"] is False
 
 
 def test_a_silenced_device_raises_nothing_until_the_silence_ends(

@@ -385,6 +385,21 @@ def test_a_run_reports_the_largest_drift_its_baseline_absorbed(model_bundle: Mod
     assert stream(b, x, ENSEMBLE, warmup=0, alerts=AlertConfig()).drift is None  # no baseline
 
 
+def test_a_configuration_announcing_presence_streams_as_one_without(
+    model_bundle: ModelBundle,
+) -> None:
+    """With ``alerts.quiet_after_s`` set (as in the daemon's configuration, which
+    ``evaluate`` reads), a device's first reading also announces its presence: that is no
+    rejection (``evaluate`` stopped with ``KeyError: 'detail'`` on it)."""
+    from daemon.evaluate import stream
+
+    level = np.array([NORMAL_READING[f] for f in model_bundle.features])
+    x = level + np.random.default_rng(2).normal(size=(60, len(level))) * level * 0.01
+    quiet = stream(model_bundle, x, ENSEMBLE, warmup=0, alerts=AlertConfig(quiet_after_s=300))
+    plain = stream(model_bundle, x, ENSEMBLE, warmup=0, alerts=AlertConfig())
+    assert (quiet.flags == plain.flags).all() and (quiet.scores == plain.scores).all()
+
+
 def _per_file_rows(table: str) -> dict[tuple[str, str], list[str]]:
     """{(variant, run): the per-file table's figures} from ``--per-file`` output."""
     rows = {}

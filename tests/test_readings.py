@@ -220,6 +220,19 @@ def test_bad_device_id_when_topic_does_not_match(decoder: Decoder) -> None:
     result = decoder.decode("other/pump-7/readings", orjson.dumps(features()), NOW)
     assert result.device_id is None
     assert only_rejection(result).reason == "bad_device_id"
+    assert only_rejection(result).detail == (
+        "topic 'other/pump-7/readings' does not match 'sensors/+/readings'")
+
+
+def test_bad_device_id_names_the_id_and_the_setting_it_fails(decoder: Decoder) -> None:
+    """A topic that fits the subscription with an id the pattern refuses (a historian's
+    asset name with a space) names that id and the setting, not only the topic (which is
+    an invented one in ``anomalyd score``'s messages)."""
+    result = decoder.decode("sensors/Pump 1/readings", orjson.dumps(features()), NOW)
+    assert only_rejection(result).reason == "bad_device_id"
+    assert only_rejection(result).detail == (
+        "device id 'Pump 1' does not match limits.device_id_pattern "
+        "'[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}'")
 
 
 def test_payload_too_large_is_checked_before_parsing(decoder: Decoder) -> None:
@@ -309,6 +322,13 @@ def test_a_hostile_unterminated_string_is_refused_without_hanging() -> None:
 @pytest.mark.parametrize("doc", [[features()], "text", 3, None])
 def test_not_object_at_top_level(decoder: Decoder, doc: object) -> None:
     assert only_rejection(decode(decoder, doc)).reason == "not_object"
+
+
+def test_a_top_level_array_is_pointed_to_the_batch_message(decoder: Decoder) -> None:
+    """A gateway's habit: several readings as a bare JSON array."""
+    rejection = only_rejection(decode(decoder, [features(), features()]))
+    assert rejection.detail == (
+        'top level is an array of 2 items; send several readings as {"readings": [...]}')
 
 
 def test_not_object_for_sensor_data(decoder: Decoder) -> None:

@@ -88,6 +88,18 @@ def test_valid_readings_are_written_per_device_and_the_rest_counted(tmp_path: Pa
     assert data.X.tolist() == [[20.5, 3.0], [20.7, 3.1]]
 
 
+def test_the_progress_says_what_the_most_common_refusal_is_about(tmp_path: Path) -> None:
+    """A ``--features`` name no reading has (a typo): the progress line names it, not only
+    a count of ``missing_feature``."""
+    rec = recording(tmp_path)
+    for _ in range(3):
+        rec.add("sensors/p-1/readings", b'{"temperature": 20.5, "Flow_Rate": 3}', 1e9)
+    rec.add("sensors/p-1/readings", b"{oops", 1e9)
+    assert ("not recorded: 4 (3 missing_feature: feature 'Flow Rate' is missing (the payload "
+            "has 'Flow_Rate': feature names must match exactly), 1 not_json)"
+            ) in rec.progress(None)
+
+
 def test_a_reading_sent_again_with_its_seq_is_recorded_once(tmp_path: Path) -> None:
     """A broker's redelivery after a resumed session, or a device's resend: the same
     ``seq`` of the same device is one reading of the training data, not two."""

@@ -117,6 +117,34 @@ def test_an_unknown_detector_exits_2_naming_the_model_sets_before_touching_out(
     assert f"it has {', '.join(names)}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--out", "--alerts"])
+def test_an_output_naming_the_file_scored_exits_2_and_leaves_it_whole(
+    model_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """``--out`` (or ``--alerts``) naming the input itself, here by another spelling of
+    its path: it was emptied on opening, before it was read (the export gone, and "it holds
+    no readings")."""
+    data = write_csv(tmp_path / "run.csv", FEATURES, normal_rows(5))
+    before = data.read_bytes()
+    out = ["--out", str(tmp_path / "v.jsonl")] if flag == "--alerts" else []
+    code = main(["score", str(data), *out, flag, str(tmp_path / "." / "run.csv")])
+    assert code == 2
+    assert data.read_bytes() == before
+    assert f"{flag} {tmp_path / '.' / 'run.csv'} is the file being scored" in (
+        capsys.readouterr().err)
+
+
+def test_out_and_alerts_naming_one_file_exit_2_before_touching_it(
+    model_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_csv(tmp_path / "run.csv", FEATURES, normal_rows(5))
+    out = tmp_path / "earlier.jsonl"
+    out.write_text("an earlier backtest\n")
+    assert main(["score", str(data), "--out", str(out), "--alerts", str(out)]) == 2
+    assert out.read_text() == "an earlier backtest\n"
+    assert "--out and --alerts name one file" in capsys.readouterr().err
+
+
 def test_a_file_that_is_not_csv_text_exits_2_saying_so_before_touching_out(
     model_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

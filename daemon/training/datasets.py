@@ -51,6 +51,10 @@ EPOCH_SECONDS = (1e9, 1e10)
 EPOCH_MILLISECONDS = (1e12, 1e13)
 #: A row number a data frame wrote along (pandas' ``Unnamed: 0``): not a reading.
 _INDEX_COLUMN = re.compile(r"unnamed: \d+|index")
+#: A date, and maybe a time, in a local spelling (01.11.2026 08:00:00, 11/01/2026 8:00 AM):
+#: a time column not read as one, not a device column to suggest.
+_LOCAL_TIME = re.compile(r"\d{1,4}[./-]\d{1,2}[./-]\d{1,4}"
+                         r"(?:[ T]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:\s*[AaPp][Mm])?)?")
 #: How many rows the column rules look at.
 LOOK_ROWS = 20
 _DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+(?:[eE][+-]?\d+)?")
@@ -203,11 +207,18 @@ def load_csv(
         text = [i for i in columns if _is_text_column(body, i, comma)]
         if text:
             numeric = [header[i] for i in columns if i not in text]
+            times = [i for i in text if _LOCAL_TIME.fullmatch(body[0][i].strip())]
+            names = [i for i in text if i not in times]
             raise TrainingError(
                 f"{path}: column(s) {[header[i] for i in text]} hold text, not readings "
-                f"(e.g. {body[0][text[0]]!r}). If one names each row's device, give "
-                f"--device-column {header[text[0]]!r} (or name it device_id): each device "
-                f"is then windowed on its own; else leave them out of the file"
+                f"(e.g. {body[0][text[0]]!r})."
+                + (f" {[header[i] for i in times]} hold times in a spelling not read as "
+                   f"times (e.g. {body[0][times[0]]!r}): name the column timestamp, or "
+                   "write its times as ISO 8601 (2026-11-01T08:00:00)." if times else "")
+                + (f" If one names each row's device, give --device-column "
+                   f"{header[names[0]]!r} (or name it device_id): each device is then "
+                   "windowed on its own;" if names else "")
+                + (" else" if names else " Or") + " leave them out of the file"
                 + (f", or train on the others: --features {_listed(numeric)}"
                    if numeric else ""))
     else:
@@ -293,7 +304,9 @@ def _time_order(numbered: Sequence[tuple[int, list[str]]], column: int, name: st
     parts = ([f"{back} row(s) go back in time (the first on line {first})"] if back else []) + (
         [f"{same} row(s) repeat the time before them"] if same else [])
     return (f"column {name!r}: {' and '.join(parts)}; windows are made in file order, so "
-            "sort the file by time (and drop repeated rows) if this is not intended")
+            "sort the file by time (and drop repeated rows) if this is not intended"
+            + ("; if it holds several devices' rows, name the column that tells them apart "
+               "(--device-column NAME)" if device is None else ""))
 
 
 def _moment(cell: str) -> float | None:
