@@ -509,12 +509,18 @@ def test_a_handover_killed_while_it_drains_keeps_what_the_broker_let_go(
                     break
                 time.sleep(0.1)
             assert proxy.holds == 1, "the drain did not begin"
-            time.sleep(1.0)  # what came before the pause is taken and acknowledged
+            # what came before the pause is taken and acknowledged (waited for: on a busy
+            # machine a fixed second was once not enough for all 3,000)
+            taking = tmp_path / spool.JOURNAL
+            for _ in range(1200):
+                if taking.exists() and taking.read_bytes().count(b"\n") >= 3000:
+                    break
+                time.sleep(0.05)
         finally:
             proc.kill()
             proc.wait(10)
         journal = (tmp_path / spool.JOURNAL).read_bytes().splitlines()
-        assert len(journal) == 3000  # the first part, on disk
+        assert len(journal) == 3000  # the first part, on disk (the rest is held back)
         proxy.hold_publishes(after=0, seconds=0.0)
         s = settings_for("127.0.0.1", proxy.port, tmp_path, workers=2)
         sessions.hand_over(s, tmp_path, state.repartition(tmp_path, 2, "device"))
