@@ -70,13 +70,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from daemon.training.train import train_csv, train_default
+    from daemon.training.train import out_problem, train_csv, train_default
 
     settings = _settings(args)
     out = Path(args.out) if args.out else settings.model.dir
-    if (out / "manifest.json").exists() and not args.force:
-        print(f"error: {out} already holds a trained model set; pass --force to replace it",
-              file=sys.stderr)
+    problem = out_problem(out, settings.state.dir, force=args.force)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     features = _names(args.features)
     detectors = _detectors(args)

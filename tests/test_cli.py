@@ -112,6 +112,37 @@ def test_train_refuses_to_replace_a_model_set_without_force(trained_model_dir: P
     assert "--force" in res.stderr
 
 
+def test_train_refuses_an_out_that_is_not_a_model_directory_before_any_work(
+    tmp_path: Path,
+) -> None:
+    """A first-time user's `train --out` wrote a model set into the daemon's state
+    directory: a directory holding other files, or the configured state.dir even when
+    empty, is refused before training; a README (models/ has one) is no obstacle."""
+    state = tmp_path / "state"
+    (state / "x").mkdir(parents=True)
+    (state / "x" / "devices.json").write_text("{}")
+    env = {"STATE_DIR": str(state / "x")}
+    res = anomalyd("train", "--out", str(state / "x"), env=env)
+    assert res.returncode == 2
+    assert "is the daemon's state directory (state.dir)" in res.stderr
+    res = anomalyd("train", "--out", str(state / "x"), env={"STATE_DIR": str(tmp_path / "s")})
+    assert res.returncode == 2
+    assert "is not empty and holds no model set (devices.json)" in res.stderr
+    assert "training into" not in res.stderr
+    empty_state = tmp_path / "empty-state"
+    empty_state.mkdir()
+    res = anomalyd("train", "--out", str(empty_state), env={"STATE_DIR": str(empty_state)})
+    assert res.returncode == 2 and "state.dir" in res.stderr
+    assert list(empty_state.iterdir()) == []
+    from daemon.training.train import out_problem
+
+    readme = tmp_path / "models"
+    readme.mkdir()
+    (readme / "README.md").write_text("model sets live here")
+    assert out_problem(readme, state, force=False) is None
+    assert out_problem(tmp_path / "new", state, force=False) is None
+
+
 def test_train_refuses_an_unknown_detector_before_any_work(tmp_path: Path) -> None:
     res = anomalyd("train", "--detectors", "lof,svm", "--out", str(tmp_path / "m"))
     assert res.returncode == 2
