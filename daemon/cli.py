@@ -125,7 +125,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     return simulate(settings, devices=args.devices, rate=args.rate, duration=args.duration,
                     fault_rate=args.fault_rate, batch=args.batch, seed=args.seed,
-                    qos=args.qos)
+                    qos=args.qos, send_anyway=args.send_anyway)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="send batch messages of this many readings (default 0: single)")
     sim.add_argument("--qos", type=int, choices=(0, 1), default=1)
     sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--send-anyway", action="store_true",
+                     help="send even when the model set in model.dir reads other features "
+                          "than the simulated pumps' (its daemon dead-letters them all)")
     sim.set_defaults(func=cmd_simulate)
 
     score = sub.add_parser("score", help="score a CSV or JSON-lines file offline (backtesting)")

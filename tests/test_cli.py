@@ -338,6 +338,33 @@ def test_simulate_publishes_readings_the_daemon_accepts(
     assert all(d.readings and not d.rejections for d in decoded)
 
 
+def test_simulate_refuses_a_model_set_that_reads_other_features(
+    tmp_path: Path, broker: Broker, collector_for: Any
+) -> None:
+    """A model set trained on one's own CSV (Temp_degC, ...): the simulated pumps' readings
+    would all be dead-lettered (missing_feature), yet simulate said "sent 12 readings".
+    It refuses before connecting, naming both lists; --send-anyway sends."""
+    from daemon.training.train import train_csv
+
+    data = tmp_path / "plant.csv"
+    data.write_text("Temp_degC,temperature\n" + "".join(
+        f"{40 + i % 7 * 0.3:.1f},{45 + i % 5 * 0.2:.1f}\n" for i in range(120)))
+    models = tmp_path / "m"
+    train_csv(data, models, detectors=["isolation_forest"])
+    env = {"MODEL_DIR": str(models), "MQTT_HOST": broker.host, "MQTT_PORT": str(broker.port)}
+    col = collector_for(broker, ["sensors/+/readings"])
+    res = anomalyd("simulate", "--devices", "1", "--rate", "20", "--duration", "1", env=env)
+    assert res.returncode == 2
+    assert f"the model set in {models} reads Temp_degC, temperature; the simulator sends " \
+           "temperature, vibration" in res.stderr
+    assert "(missing_feature: Temp_degC)" in res.stderr and "--send-anyway" in res.stderr
+    assert "simulating" not in res.stderr
+    res = anomalyd("simulate", "--devices", "1", "--rate", "20", "--duration", "1",
+                   "--send-anyway", "--seed", "1", env=env)
+    assert res.returncode == 0, res.stderr
+    assert col.wait_for(lambda t, p: True, count=5)
+
+
 def test_simulate_without_a_broker_exits_3() -> None:
     from tests.broker import free_port
 
