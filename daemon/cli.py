@@ -434,13 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     score = sub.add_parser("score", help="score a CSV or JSON-lines file offline (backtesting)")
-    score.add_argument("input", help="CSV with a header, or JSON lines of reading payloads")
+    score.add_argument("input", help="CSV with a header, JSON lines of reading payloads, or "
+                       "a mosquitto_sub -v capture (topic, then payload, per line)")
     score.add_argument("--out", default="-", help="output JSON lines: the verdicts and dead "
                        "letters (default: stdout)")
     score.add_argument("--alerts", help="also write the alert messages (raised, escalated, "
                        "resolved) the daemon would publish to this JSON-lines file")
-    score.add_argument("--device", default="offline",
-                       help="device id for rows that do not name one (default: offline)")
+    score.add_argument("--device",
+                       help="device id for rows that do not name one (default: offline, "
+                            "with a warning for JSON lines)")
     score.add_argument("--model", default=None, help="detector (default: the configured one)")
     score.add_argument("--device-column", help=DEVICE_COLUMN_HELP)
     score.set_defaults(func=cmd_score)
