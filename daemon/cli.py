@@ -21,6 +21,8 @@ from daemon.errors import AnomalydError, BrokerError, ConfigError, ModelLoadErro
 from daemon.exit_codes import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.training import MIN_ROWS, QUANTILE_RANGE
 
+#: The SKAB protocol's rows per run that train and warm up the device (evaluate --warmup).
+SKAB_WARMUP = 400
 DEVICE_COLUMN_HELP = ("the CSV column naming each row's device, where it is not called "
                       "device_id, device, asset or asset_id: each device is windowed on its own")
 
@@ -210,12 +212,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     free = Path(args.anomaly_free) if args.anomaly_free else None
     detectors = _detectors(args)
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
-    results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
+    # the protocol's warm-up is --warmup; the model set's variant is served as the daemon
+    # would serve it (baseline.warmup_readings) unless --warmup says otherwise
+    warmup = SKAB_WARMUP if args.warmup is None else args.warmup
+    models_warmup = settings.baseline.warmup_readings if args.warmup is None else args.warmup
+    results = evaluate(files, anomaly_free=free, warmup=warmup, window=args.window,
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
                        detectors=detectors, root=folder, skip_bad_rows=args.skip_bad_rows,
                        threshold_margin=args.threshold_margin or settings.baseline.threshold_margin,
                        models=Path(args.models) if args.models else None,
-                       device_column=args.device_column, per_device=not args.no_per_device)
+                       device_column=args.device_column, per_device=not args.no_per_device,
+                       models_warmup=models_warmup)
     table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
@@ -464,8 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave out the per-device variant (a model set trained on each "
                          "run's first rows: slow for many runs); with --models or "
                          "--anomaly-free")
-    ev.add_argument("--warmup", type=_at_least(MIN_ROWS), default=400,
-                    help="rows per file that train/warm up the device (default 400)")
+    ev.add_argument("--warmup", type=_at_least(MIN_ROWS),
+                    help=f"rows per run that train and warm up the device, not counted in "
+                         f"the figures (default {SKAB_WARMUP}, SKAB's protocol); the --models "
+                         "variant's device baselines warm up over the configuration's "
+                         "baseline.warmup_readings unless --warmup is given")
     ev.add_argument("--window", type=_at_least(1), default=10,
                     help="feature window (default 10)")
     ev.add_argument("--quantile", type=_quantile, default=0.99,
