@@ -139,6 +139,7 @@ def test_train_refuses_an_out_that_is_not_a_model_directory_before_any_work(
     readme = tmp_path / "models"
     readme.mkdir()
     (readme / "README.md").write_text("model sets live here")
+    (readme / "lost+found").mkdir()  # a volume's root
     assert out_problem(readme, state, force=False) is None
     assert out_problem(tmp_path / "new", state, force=False) is None
 

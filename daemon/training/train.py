@@ -47,8 +47,9 @@ PREPROCESSOR = "preprocessor.json"
 Progress = Callable[[str], None]
 
 #: What a model directory may hold besides a model set: the model set's own files (of a
-#: replacement that was interrupted), a README, hidden files (``.gitkeep``, ``.tmp-*``).
-_MODEL_FILES = frozenset((MANIFEST, PREPROCESSOR,
+#: replacement that was interrupted), a file system's ``lost+found`` (a mounted volume), a
+#: README, hidden files (``.gitkeep``, ``.tmp-*``).
+_MODEL_FILES = frozenset((MANIFEST, PREPROCESSOR, "lost+found",
                           *(name for kind in MEMBER_TYPES for name in kind.artifact_names)))
 
 
