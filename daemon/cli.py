@@ -21,6 +21,8 @@ from daemon.errors import AnomalydError, BrokerError, ConfigError, ModelLoadErro
 from daemon.exit_codes import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.training import MIN_ROWS, QUANTILE_RANGE
 
+#: The SKAB protocol's rows per run that train and warm up the device (evaluate --warmup).
+SKAB_WARMUP = 400
 DEVICE_COLUMN_HELP = ("the CSV column naming each row's device, where it is not called "
                       "device_id, device, asset or asset_id: each device is windowed on its own")
 
@@ -70,13 +72,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from daemon.training.train import train_csv, train_default
+    from daemon.training.train import out_problem, train_csv, train_default
 
     settings = _settings(args)
     out = Path(args.out) if args.out else settings.model.dir
-    if (out / "manifest.json").exists() and not args.force:
-        print(f"error: {out} already holds a trained model set; pass --force to replace it",
-              file=sys.stderr)
+    problem = out_problem(out, settings.state.dir, force=args.force)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     features = _names(args.features)
     detectors = _detectors(args)
@@ -125,7 +127,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     return simulate(settings, devices=args.devices, rate=args.rate, duration=args.duration,
                     fault_rate=args.fault_rate, batch=args.batch, seed=args.seed,
-                    qos=args.qos)
+                    qos=args.qos, send_anyway=args.send_anyway)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -210,12 +212,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     free = Path(args.anomaly_free) if args.anomaly_free else None
     detectors = _detectors(args)
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
-    results = evaluate(files, anomaly_free=free, warmup=args.warmup, window=args.window,
+    # the protocol's warm-up is --warmup; the model set's variant is served as the daemon
+    # would serve it (baseline.warmup_readings) unless --warmup says otherwise
+    warmup = SKAB_WARMUP if args.warmup is None else args.warmup
+    models_warmup = settings.baseline.warmup_readings if args.warmup is None else args.warmup
+    results = evaluate(files, anomaly_free=free, warmup=warmup, window=args.window,
                        quantile=args.quantile, alerts=settings.alerts, progress=_progress,
                        detectors=detectors, root=folder, skip_bad_rows=args.skip_bad_rows,
                        threshold_margin=args.threshold_margin or settings.baseline.threshold_margin,
                        models=Path(args.models) if args.models else None,
-                       device_column=args.device_column, per_device=not args.no_per_device)
+                       device_column=args.device_column, per_device=not args.no_per_device,
+                       models_warmup=models_warmup)
     table = markdown(results, per_file=args.per_file)
     sys.stdout.write(table)
     if args.out:
@@ -428,16 +435,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="send batch messages of this many readings (default 0: single)")
     sim.add_argument("--qos", type=int, choices=(0, 1), default=1)
     sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--send-anyway", action="store_true",
+                     help="send even when the model set in model.dir reads other features "
+                          "than the simulated pumps' (its daemon dead-letters them all)")
     sim.set_defaults(func=cmd_simulate)
 
     score = sub.add_parser("score", help="score a CSV or JSON-lines file offline (backtesting)")
-    score.add_argument("input", help="CSV with a header, or JSON lines of reading payloads")
+    score.add_argument("input", help="CSV with a header, JSON lines of reading payloads, or "
+                       "a mosquitto_sub -v capture (topic, then payload, per line)")
     score.add_argument("--out", default="-", help="output JSON lines: the verdicts and dead "
                        "letters (default: stdout)")
     score.add_argument("--alerts", help="also write the alert messages (raised, escalated, "
                        "resolved) the daemon would publish to this JSON-lines file")
-    score.add_argument("--device", default="offline",
-                       help="device id for rows that do not name one (default: offline)")
+    score.add_argument("--device",
+                       help="device id for rows that do not name one (default: offline, "
+                            "with a warning for JSON lines)")
     score.add_argument("--model", default=None, help="detector (default: the configured one)")
     score.add_argument("--device-column", help=DEVICE_COLUMN_HELP)
     score.set_defaults(func=cmd_score)
@@ -459,8 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave out the per-device variant (a model set trained on each "
                          "run's first rows: slow for many runs); with --models or "
                          "--anomaly-free")
-    ev.add_argument("--warmup", type=_at_least(MIN_ROWS), default=400,
-                    help="rows per file that train/warm up the device (default 400)")
+    ev.add_argument("--warmup", type=_at_least(MIN_ROWS),
+                    help=f"rows per run that train and warm up the device, not counted in "
+                         f"the figures (default {SKAB_WARMUP}, SKAB's protocol); the --models "
+                         "variant's device baselines warm up over the configuration's "
+                         "baseline.warmup_readings unless --warmup is given")
     ev.add_argument("--window", type=_at_least(1), default=10,
                     help="feature window (default 10)")
     ev.add_argument("--quantile", type=_quantile, default=0.99,

@@ -135,6 +135,7 @@ def evaluate(
     models: Path | None = None,
     device_column: str | None = None,
     per_device: bool = True,
+    models_warmup: int | None = None,
 ) -> Evaluation:
     """Figures over all scored points of all usable files, per variant and row.
 
@@ -148,8 +149,10 @@ def evaluate(
     the rest of the file is evaluated. A file with a device column (``device_column``, or
     one of the usual names) is one run per device.
     With ``models`` (a trained model set's directory) a third variant streams every run
-    through that set, the one a daemon would serve (``models <version>``); a run without
-    one of its features is left out of that variant only. ``per_device`` False leaves
+    through that set, the one a daemon would serve (``models <version>, warm-up <n>``),
+    its device baselines warming up over ``models_warmup`` readings (the daemon's
+    ``baseline.warmup_readings``, as the command passes it; default: ``warmup``); a run
+    without one of its features is left out of that variant only. ``per_device`` False leaves
     out the per-device variant (a model set trained on each run: slow for many runs).
     """
     if not (per_device or anomaly_free or models):
@@ -231,7 +234,11 @@ def evaluate(
             pooled.into(results, "global")
     if models is not None:
         bundle = load_bundle(models)
-        variant = f"models {bundle.version}"
+        served = warmup if models_warmup is None else models_warmup
+        variant = f"models {bundle.version}, warm-up {served}"
+        say(f"{variant}: each run's device warms up its baseline over its first {served} "
+            f"readings (0: no baseline); its figures count the rows after the first "
+            f"{warmup}, as the other variants' do")
         pooled = Pooled()
         for i, (name, d) in enumerate(runs):
             missing = [f for f in bundle.features if f not in d.features]
@@ -243,7 +250,7 @@ def evaluate(
             say(f"{variant} [{i + 1}/{len(runs)}] {name}: streaming")
             columns = [d.features.index(f) for f in bundle.features]
             _score_file(bundle, replace(d, X=d.X[:, columns], features=bundle.features),
-                        name, warmup, alerts, pooled, threshold_margin)
+                        name, warmup, alerts, pooled, threshold_margin, served)
         if pooled.files:
             pooled.into(results, variant)
         else:  # no row of figures that would read as a clean result
@@ -340,12 +347,16 @@ def _score_file(
     alerts: AlertConfig,
     pooled: Pooled,
     threshold_margin: float,
+    baseline_warmup: int | None = None,
 ) -> None:
+    """Stream one run through each detector; the rows after ``warmup`` are counted. The
+    device baseline warms up over ``baseline_warmup`` rows (default: ``warmup``)."""
     assert d.labels is not None
     y = d.labels[warmup:]
     pooled.files.append(name)
+    served = warmup if baseline_warmup is None else baseline_warmup
     for detector in bundle.detector_names:
-        run = stream(bundle, d.X, detector, warmup=warmup, alerts=alerts,
+        run = stream(bundle, d.X, detector, warmup=served, alerts=alerts,
                      threshold_margin=threshold_margin)
         pooled.add(detector, run.flags[warmup:], y)
         # SKAB's own protocol has no per-device baseline: the detector's verdicts alone.

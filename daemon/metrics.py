@@ -71,6 +71,13 @@ class Metrics:
             "Readings whose seq the device had sent before (redeliveries): judged again, "
             "no state changed", registry=r,
         )
+        self.unread_time_fields = Counter(
+            "anomalyd_unread_time_fields",
+            "Devices whose readings carry their time under a name anomalyd does not read "
+            "(ts, time, Zeit, ...; it reads timestamp): stamped on receipt. Counted, and "
+            "logged as time_field_not_read, once per device and process, by the field",
+            ["field"], registry=r,
+        )
         self.late = Counter(
             "anomalyd_late_readings",
             "Readings older than their device's newest by more than readings.late_after_s: "

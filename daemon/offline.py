@@ -1,7 +1,8 @@
 """``anomalyd score``: offline backtesting through the same pipeline as the live daemon.
 
-Each row of a CSV (or each line of a JSON-lines file) becomes the payload the device would
-have published, and goes through the same decoder and pipeline, so a backtest gives the
+Each row of a CSV (or each line of a JSON-lines file, or of a ``mosquitto_sub -v``
+capture: ``<topic> <payload>``, whose topic names the device) becomes the payload the
+device would have published, and goes through the same decoder and pipeline, so a backtest gives the
 verdicts the daemon would have published for the same stream: each device starts with no
 saved state, warms up over its first ``[baseline] warmup_readings`` rows and keeps its own
 feature window, exactly as in the daemon.
@@ -41,6 +42,7 @@ from daemon.models import ModelBundle
 from daemon.oversize import RESULT_TOO_LARGE
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder, parse_timestamp
+from daemon.topics import TopicMatcher
 from daemon.training.datasets import (
     LABEL_COLUMNS,
     LOOK_ROWS,
@@ -52,6 +54,8 @@ from daemon.training.datasets import (
 )
 
 CHUNK = 512
+#: The device of records that name none (``score --device``'s default).
+DEFAULT_DEVICE = "offline"
 #: At most this often ``score_file`` reports its running counts.
 PROGRESS_SECONDS = 2.0
 
@@ -81,28 +85,16 @@ def detector_problem(bundle: ModelBundle, detector: str | None, settings: Settin
 
 
 def _rows(path: Path, features: Collection[str], note: Callable[[str], None] | None = None,
-          device: str | None = None) -> Iterator[tuple[str | None, bytes]]:
+          device: str | None = None, topics: TopicMatcher | None = None,
+          unnamed: str | None = None) -> Iterator[tuple[str | None, bytes]]:
     """(device id or None, payload bytes) for each record of the input file; ``features``
     are the model set's, never taken for a CSV's time or label column. ``note`` hears
-    what was made of the file's columns where a person should know."""
-    if _is_json_lines(path):
-        with path.open("rb") as fh:
-            for line in fh:
-                raw = line.strip()
-                if raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]  # a byte-order mark
-                if not raw:
-                    continue
-                try:
-                    obj = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    obj = None  # refused by the decoder, with the reason
-                if isinstance(obj, dict) and obj.get("reason") == RESULT_TOO_LARGE:
-                    continue  # about a result the broker could not take: no reading
-                device = obj.get("device_id") if isinstance(obj, dict) else None
-                if isinstance(obj, dict) and obj.keys() >= _DEAD_LETTER_KEYS:
-                    raw = _refused_payload(obj)
-                yield (device if isinstance(device, str) else None), raw
+    what was made of the file's columns where a person should know, and, if ``unnamed``
+    (the device of lines that name none) is given, that JSON lines name no device.
+    ``topics`` reads the device from a ``mosquitto_sub -v`` line's topic."""
+    kind = _input_kind(path)
+    if kind != "csv":
+        yield from _json_lines(path, topics if kind == "topic_json" else None, note, unnamed)
         return
     with open_table(path) as table:
         header, rows = table.header, table.rows
@@ -140,11 +132,74 @@ def _rows(path: Path, features: Collection[str], note: Callable[[str], None] | N
             yield named, orjson.dumps(payload)
 
 
+def _json_lines(path: Path, topics: TopicMatcher | None, note: Callable[[str], None] | None,
+                unnamed: str | None) -> Iterator[tuple[str | None, bytes]]:
+    """The records of a JSON-lines file: one payload per line, or with ``topics`` a
+    ``mosquitto_sub -v`` capture (``<topic> <payload>``; lines of other topics, such as
+    the daemon's results, are skipped, and said to be)."""
+    say = note or (lambda _: None)
+    skipped: list[str] = []
+    with path.open("rb") as fh:
+        for line in fh:
+            raw = line.strip()
+            if raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark
+            if not raw:
+                continue
+            topic_device = None
+            if topics is not None:
+                topic, raw = _split_topic(raw)
+                # a topic of the subscription with an id the pattern refuses is
+                # dead-lettered (bad_device_id), as the daemon does
+                topic_device = topics.id_level(topic)
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                obj = None  # refused by the decoder, with the reason
+            if isinstance(obj, dict) and obj.get("reason") == RESULT_TOO_LARGE:
+                continue  # about a result the broker could not take: no reading
+            device = obj.get("device_id") if isinstance(obj, dict) else None
+            if isinstance(obj, dict) and obj.keys() >= _DEAD_LETTER_KEYS:
+                raw = _refused_payload(obj)
+            elif topics is not None:
+                if topic_device is None:
+                    skipped.append(topic)
+                    continue
+                device = topic_device
+            if not isinstance(device, str):
+                device = None
+                if unnamed is not None:
+                    say(_unnamed_warning(path, unnamed))
+                    unnamed = None  # said once
+            yield device, raw
+    if skipped:
+        say(f"skipped {len(skipped)} lines whose topic is not one of the subscription's "
+            f"(mqtt.subscription; e.g. {skipped[0]!r}): not readings")
+
+
+def _unnamed_warning(path: Path, device: str) -> str:
+    return (f"warning: the lines of {path} name no device (no device_id field, no topic): "
+            f"all are judged as one device, {device!r}, sharing one feature window and "
+            "baseline. Keep several devices apart with a device_id field in each line, or "
+            "capture with mosquitto_sub -v (each line then starts with its topic)")
+
+
+def _split_topic(line: bytes) -> tuple[str, bytes]:
+    """A ``mosquitto_sub -v`` line's topic and payload (separated by a space; a topic may
+    hold spaces, a JSON payload starts with ``{``)."""
+    at = line.find(b" {")
+    if at < 0:
+        at = line.find(b" ")
+    if at < 0:
+        return line.decode("utf-8", "replace"), b""
+    return line[:at].decode("utf-8", "replace"), line[at + 1:].lstrip()
+
+
 def check_input(path: Path, device: str | None = None) -> None:
     """Raise TrainingError if ``path`` cannot be read as a CSV or JSON-lines file, or has
     no column ``device`` (what a bad file is, before ``score``'s ``--out`` is opened and
     emptied); a bad row further on is found while scoring."""
-    if not _is_json_lines(path):
+    if _input_kind(path) == "csv":
         with open_table(path) as table:
             next(table.rows, None)
             device_column(table.header, (), device)
@@ -153,15 +208,22 @@ def check_input(path: Path, device: str | None = None) -> None:
                             "reading's topic or device_id names its device")
 
 
-def _is_json_lines(path: Path) -> bool:
-    """Whether the file's first text is a JSON object (else it is read as a CSV, which
-    says what is wrong with a file that is neither)."""
+def _input_kind(path: Path) -> str:
+    """``json``: the file's first text is a JSON object; ``topic_json``: its first line
+    is a topic and a JSON object (``mosquitto_sub -v``); else ``csv`` (whose reader says
+    what is wrong with a file that is none of them)."""
     try:
         with path.open("rb") as fh:
-            start = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+            start = fh.readline(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+            while not start and fh.peek(1):  # blank lines before the first record
+                start = fh.readline(1 << 16).strip()
     except OSError:
-        return False  # open_table names the problem
-    return start.startswith(b"{")
+        return "csv"  # open_table names the problem
+    if start.startswith(b"{"):
+        return "json"
+    line = start.rstrip()
+    at = line.find(b" {")
+    return "topic_json" if at > 0 and line.endswith(b"}") else "csv"
 
 
 def _special_columns(
@@ -223,12 +285,15 @@ def _cell(text: str, decimal_comma: bool = False) -> int | float | str:
 
 def score_file(
     path: Path, out: IO[bytes], settings: Settings, bundle: ModelBundle, *,
-    device: str, detector: str | None, progress: Callable[[str], None] | None = None,
+    device: str | None, detector: str | None, progress: Callable[[str], None] | None = None,
     alerts: IO[bytes] | None = None, device_column: str | None = None,
 ) -> Counts:
     """Score the file's rows in chunks through the daemon's pipeline: verdicts and dead
     letters to ``out``, alert messages to ``alerts`` (each as the daemon would publish
-    it); ``progress`` hears the running counts at most every ``PROGRESS_SECONDS``."""
+    it); ``progress`` hears the running counts at most every ``PROGRESS_SECONDS``, and a
+    warning if JSON lines name no device: they are ``device``'s, ``DEFAULT_DEVICE``'s
+    if that is None. A ``mosquitto_sub -v`` line's topic names its device, read with
+    the configured ``mqtt.subscription`` as the daemon reads it."""
     decoder = Decoder(
         bundle.features, bundle.detector_names, subscription="offline/+",
         max_payload_bytes=settings.limits.max_payload_bytes,
@@ -272,8 +337,11 @@ def score_file(
             progress(f"scored {counts['readings']} readings so far: {counts['anomalies']} "
                      f"anomalies, {counts['rejected']} rejected")
 
-    for dev, payload in _rows(path, bundle.features, progress, device_column):
-        chunk.append(RawMessage(f"offline/{dev or device}", payload, time.time()))
+    topics = TopicMatcher(settings.mqtt.subscription, settings.limits.device_id_pattern)
+    unnamed = DEFAULT_DEVICE if device is None else None
+    for dev, payload in _rows(path, bundle.features, progress, device_column, topics, unnamed):
+        chunk.append(RawMessage(f"offline/{dev or device or DEFAULT_DEVICE}", payload,
+                                time.time()))
         if len(chunk) >= CHUNK:
             flush()
     if chunk:

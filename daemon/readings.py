@@ -17,6 +17,10 @@ Decisions worth knowing:
 - Batch entries inherit only ``model_name`` from the batch.
 - Duplicate keys are reported only for keys this module reads (features, meta fields,
   ``sensor_data``, ``readings``), in the objects it reads them from.
+- The time is read from ``timestamp`` only. A reading without one that carries its time
+  under another usual name (``ts``, ``time``, ``Zeit``, ...: ``TIME_FIELDS``) is stamped
+  on receipt like any other, and told once per device to an ``UnreadTimeFields`` given to
+  the decoder (which logs and counts: the decoder itself does neither).
 """
 
 from __future__ import annotations
@@ -60,6 +64,30 @@ META_FIELDS = ("timestamp", "seq", "operational_state", "model_name")
 RESERVED_FIELDS = frozenset((*META_FIELDS, _NESTED, _BATCH))
 
 _NUMBER_TYPES = frozenset((float, int))
+#: Names gateways give a reading's time that are not read as one (``timestamp`` is).
+TIME_FIELDS = frozenset(("ts", "time", "Time", "TIME", "datetime", "DateTime", "Datetime",
+                         "date_time", "Zeit", "Timestamp", "TimeStamp", "TIMESTAMP", "time_stamp",
+                         "@timestamp"))
+
+
+class UnreadTimeFields:
+    """Tells ``say(device, field)`` once per device that its readings carry their time
+    under a name that is not read (``ts``, ``time``, ...). The decoder looks at a device's
+    first reading without a ``timestamp`` only (a gateway names its fields the same way
+    every time) and then remembers the device in ``seen``, for at most ``limit`` devices:
+    a set that cannot grow without end. One object outlives model reloads."""
+
+    def __init__(self, say: Callable[[str, str], None], limit: int = 100_000) -> None:
+        self.seen: set[str] = set()
+        self._say = say
+        self._limit = limit
+
+    def look(self, device_id: str, source: Mapping[str, object], names: frozenset[str]) -> None:
+        if len(self.seen) >= self._limit:
+            return
+        self.seen.add(device_id)
+        if not source.keys().isdisjoint(names):
+            self._say(device_id, min(names.intersection(source)))
 
 
 @dataclass(slots=True)
@@ -99,6 +127,7 @@ class Decoder:
         max_payload_bytes: int = 65536,
         max_batch_readings: int = 1000,
         device_id_pattern: str = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}",
+        unread_time: UnreadTimeFields | None = None,
     ) -> None:
         self._features = tuple(features)
         if not self._features or len(set(self._features)) != len(self._features):
@@ -114,6 +143,8 @@ class Decoder:
         self._subscription = subscription
         self.topics = TopicMatcher(subscription, device_id_pattern)
         self._keyset = frozenset((*self._features, *META_FIELDS, _NESTED, _BATCH))
+        self.unread_time = unread_time
+        self._time_names = TIME_FIELDS.difference(self._features)
         # itemgetter of one name returns the value itself, not a 1-tuple
         get_all = (
             itemgetter(*self._features)
@@ -273,6 +304,9 @@ class Decoder:
         timestamp = get("timestamp")
         if timestamp is None:
             timestamp = received_at
+            unread = self.unread_time
+            if unread is not None and device_id not in unread.seen:
+                unread.look(device_id, source, self._time_names)
         elif not (type(timestamp) is float and _MIN_EPOCH <= timestamp < _MAX_EPOCH):
             parsed = parse_timestamp(timestamp)
             if isinstance(parsed, str):

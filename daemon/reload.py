@@ -20,7 +20,7 @@ from daemon.errors import ModelLoadError
 from daemon.models import ModelBundle, load_bundle
 from daemon.pipeline import Pipeline
 from daemon.ratelimit import DeviceRateLimiter
-from daemon.readings import Decoder
+from daemon.readings import Decoder, UnreadTimeFields
 from daemon.shadow import ShadowMismatchError
 
 if TYPE_CHECKING:
@@ -45,8 +45,10 @@ def build_scoring(
     bundle: ModelBundle,
     subscription: str,
     limiter: DeviceRateLimiter | None,
+    unread_time: UnreadTimeFields | None = None,
 ) -> tuple[Decoder, Pipeline]:
-    """The decoder (it reads the model's features) and the pipeline for ``bundle``, with
+    """The decoder (it reads the model's features; it tells ``unread_time`` of readings
+    whose time is in a field it does not read) and the pipeline for ``bundle``, with
     the shadow model set of ``model.shadow_dir`` loaded, if one is configured
     (ModelLoadError if it cannot be loaded, or, from the pipeline, cannot shadow
     ``bundle``)."""
@@ -59,6 +61,7 @@ def build_scoring(
         max_payload_bytes=s.limits.max_payload_bytes,
         max_batch_readings=s.limits.max_batch_readings,
         device_id_pattern=s.limits.device_id_pattern,
+        unread_time=unread_time,
     )
     try:
         pipeline = Pipeline(
@@ -73,6 +76,19 @@ def build_scoring(
             f"same features and window, or leave it out (a restart) to serve this set "
             f"without a shadow") from None
     return decoder, pipeline
+
+
+def unread_time_fields(metrics: Metrics) -> UnreadTimeFields:
+    """Logs and counts, once per device, readings whose time field is not read."""
+
+    def say(device: str, field: str) -> None:
+        metrics.unread_time_fields.labels(field).inc()
+        log.warning("time_field_not_read", device_id=device, field=field,
+                    note="readings are stamped on receipt: anomalyd reads a reading's time "
+                         "from 'timestamp' only (ISO 8601, or epoch seconds); rename the "
+                         "field at the gateway. Said once per device")
+
+    return UnreadTimeFields(say)
 
 
 def publish_model_info(metrics: Metrics, bundle: ModelBundle, default_detector: str) -> None:
@@ -117,7 +133,8 @@ class ModelReloader:
         try:
             bundle = self.load(model_dir)
             # The rate limiter is not the model's: devices keep their budgets.
-            decoder, pipeline = build_scoring(t.settings, bundle, t.subscription, old.limiter)
+            decoder, pipeline = build_scoring(t.settings, bundle, t.subscription, old.limiter,
+                                              t.decoder.unread_time)
             devices, alerts, problems = pipeline.fleet.restore(old.fleet.snapshot())
         except Exception as exc:
             self._failed(model_dir, t.bundle.version, exc)

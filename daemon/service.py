@@ -36,7 +36,13 @@ from daemon.partition import TopicOwnership
 from daemon.payloads import Outbound, iso
 from daemon.pipeline import BatchStats, RawMessage
 from daemon.presence import PresenceEvent
-from daemon.reload import ModelReloader, build_scoring, publish_model_info, rate_limiter
+from daemon.reload import (
+    ModelReloader,
+    build_scoring,
+    publish_model_info,
+    rate_limiter,
+    unread_time_fields,
+)
 from daemon.sessions import intake_client_id, subscriptions
 from daemon.status import ServiceStatus
 from daemon.summary import ScoredSummary
@@ -87,7 +93,8 @@ class Service:
         self.started_at = time.time()
         s = settings
         self.subscription, stale = subscriptions(s)
-        self.decoder, self.pipeline = build_scoring(s, bundle, self.subscription, rate_limiter(s))
+        self.decoder, self.pipeline = build_scoring(s, bundle, self.subscription, rate_limiter(s),
+                                                    unread_time_fields(self.metrics))
         self._worker_index = worker_index
         self.state_path = state.state_file(s.state.dir, worker_index)
         self.state_writer = state.StateWriter(self.state_path, self._state_save_failed,

@@ -15,8 +15,10 @@ from typing import Any
 import orjson
 
 from daemon.config import Settings
+from daemon.errors import ModelLoadError
+from daemon.models import read_manifest
 from daemon.tool_client import connect_tool_client
-from daemon.training.synthetic import PumpStream
+from daemon.training.synthetic import FEATURES, PumpStream
 
 
 def _topic(settings: Settings, device: str) -> str:
@@ -26,12 +28,35 @@ def _topic(settings: Settings, device: str) -> str:
     return sub.replace("+", device, 1).replace("/#", "")
 
 
+def feature_mismatch(settings: Settings) -> str | None:
+    """Why the configured model set (``model.dir``) would dead-letter every simulated
+    reading, or None: it reads features the pumps do not send. Nothing is said when there
+    is no readable model set there (the daemon says why it cannot start)."""
+    model_dir = settings.model.dir
+    try:
+        wanted = [str(name) for name in read_manifest(model_dir)["features"]]
+    except ModelLoadError:
+        return None
+    missing = [name for name in wanted if name not in FEATURES]
+    if not missing:
+        return None
+    return (f"the model set in {model_dir} reads {', '.join(wanted)}; the simulator sends "
+            f"{', '.join(FEATURES)}, so the daemon would dead-letter every reading "
+            f"(missing_feature: {', '.join(missing)}). Simulate against a model set trained "
+            "on the pump features (anomalyd train --out DIR, then MODEL_DIR=DIR), or pass "
+            "--send-anyway")
+
+
 def simulate(
     settings: Settings, *, devices: int, rate: float, duration: float, fault_rate: float,
-    batch: int, seed: int | None, qos: int,
+    batch: int, seed: int | None, qos: int, send_anyway: bool = False,
 ) -> int:
     if devices < 1 or rate <= 0:
         print("error: --devices must be >= 1 and --rate > 0", file=sys.stderr)
+        return 2
+    mismatch = None if send_anyway else feature_mismatch(settings)
+    if mismatch:
+        print(f"error: {mismatch}", file=sys.stderr)
         return 2
     rng = random.Random(seed)
     streams = [

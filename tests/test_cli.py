@@ -112,6 +112,38 @@ def test_train_refuses_to_replace_a_model_set_without_force(trained_model_dir: P
     assert "--force" in res.stderr
 
 
+def test_train_refuses_an_out_that_is_not_a_model_directory_before_any_work(
+    tmp_path: Path,
+) -> None:
+    """A first-time user's `train --out` wrote a model set into the daemon's state
+    directory: a directory holding other files, or the configured state.dir even when
+    empty, is refused before training; a README (models/ has one) is no obstacle."""
+    state = tmp_path / "state"
+    (state / "x").mkdir(parents=True)
+    (state / "x" / "devices.json").write_text("{}")
+    env = {"STATE_DIR": str(state / "x")}
+    res = anomalyd("train", "--out", str(state / "x"), env=env)
+    assert res.returncode == 2
+    assert "is the daemon's state directory (state.dir)" in res.stderr
+    res = anomalyd("train", "--out", str(state / "x"), env={"STATE_DIR": str(tmp_path / "s")})
+    assert res.returncode == 2
+    assert "is not empty and holds no model set (devices.json)" in res.stderr
+    assert "training into" not in res.stderr
+    empty_state = tmp_path / "empty-state"
+    empty_state.mkdir()
+    res = anomalyd("train", "--out", str(empty_state), env={"STATE_DIR": str(empty_state)})
+    assert res.returncode == 2 and "state.dir" in res.stderr
+    assert list(empty_state.iterdir()) == []
+    from daemon.training.train import out_problem
+
+    readme = tmp_path / "models"
+    readme.mkdir()
+    (readme / "README.md").write_text("model sets live here")
+    (readme / "lost+found").mkdir()  # a volume's root
+    assert out_problem(readme, state, force=False) is None
+    assert out_problem(tmp_path / "new", state, force=False) is None
+
+
 def test_train_refuses_an_unknown_detector_before_any_work(tmp_path: Path) -> None:
     res = anomalyd("train", "--detectors", "lof,svm", "--out", str(tmp_path / "m"))
     assert res.returncode == 2
@@ -305,6 +337,33 @@ def test_simulate_publishes_readings_the_daemon_accepts(
     decoder = Decoder(bundle.features, bundle.detector_names)
     decoded = [decoder.decode(t, p, 0.0) for t, p in got]
     assert all(d.readings and not d.rejections for d in decoded)
+
+
+def test_simulate_refuses_a_model_set_that_reads_other_features(
+    tmp_path: Path, broker: Broker, collector_for: Any
+) -> None:
+    """A model set trained on one's own CSV (Temp_degC, ...): the simulated pumps' readings
+    would all be dead-lettered (missing_feature), yet simulate said "sent 12 readings".
+    It refuses before connecting, naming both lists; --send-anyway sends."""
+    from daemon.training.train import train_csv
+
+    data = tmp_path / "plant.csv"
+    data.write_text("Temp_degC,temperature\n" + "".join(
+        f"{40 + i % 7 * 0.3:.1f},{45 + i % 5 * 0.2:.1f}\n" for i in range(120)))
+    models = tmp_path / "m"
+    train_csv(data, models, detectors=["isolation_forest"])
+    env = {"MODEL_DIR": str(models), "MQTT_HOST": broker.host, "MQTT_PORT": str(broker.port)}
+    col = collector_for(broker, ["sensors/+/readings"])
+    res = anomalyd("simulate", "--devices", "1", "--rate", "20", "--duration", "1", env=env)
+    assert res.returncode == 2
+    assert f"the model set in {models} reads Temp_degC, temperature; the simulator sends " \
+           "temperature, vibration" in res.stderr
+    assert "(missing_feature: Temp_degC)" in res.stderr and "--send-anyway" in res.stderr
+    assert "simulating" not in res.stderr
+    res = anomalyd("simulate", "--devices", "1", "--rate", "20", "--duration", "1",
+                   "--send-anyway", "--seed", "1", env=env)
+    assert res.returncode == 0, res.stderr
+    assert col.wait_for(lambda t, p: True, count=5)
 
 
 def test_simulate_without_a_broker_exits_3() -> None:

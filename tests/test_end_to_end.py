@@ -408,3 +408,25 @@ def test_the_log_says_what_was_judged_not_each_batch(
     assert len(lines) == 1 and "readings=1" in lines[0], lines  # the first batch, once
     batch_lines = [ln for ln in said.splitlines() if "] batch " in ln]
     assert batch_lines and all("[debug" in ln for ln in batch_lines), batch_lines
+
+
+def test_a_gateway_time_field_the_daemon_does_not_read_is_logged_and_counted_once(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any,
+) -> None:
+    """{"ts": ..., ...} from a gateway was stamped on receipt in silence: the readings are
+    judged as before, and the field is named once per device (log and counter)."""
+    import structlog
+
+    col = collector_for(broker, ["anomaly/+/verdict"])
+    with structlog.testing.capture_logs() as logs:
+        svc = start_daemon(broker)
+        pub = publisher_for(broker)
+        for seq in (1, 2):
+            pub.send("sensors/gw-ts/readings", {**NORMAL, "seq": seq, "ts": 1796650000 + seq})
+        pub.send("sensors/gw-ok/readings", {**NORMAL, "seq": 3, "timestamp": 1796650003})
+        col.wait_for(lambda t, p: True, count=3)
+    (said,) = [e for e in logs if e.get("event") == "time_field_not_read"]
+    assert said["device_id"] == "gw-ts" and said["field"] == "ts"
+    assert "from 'timestamp' only (ISO 8601, or epoch seconds)" in said["note"]
+    assert svc.metrics.registry.get_sample_value(
+        "anomalyd_unread_time_fields_total", {"field": "ts"}) == 1

@@ -438,6 +438,16 @@ def test_a_file_with_a_device_column_is_one_run_per_device(
     }
 
 
+def _model_set_on_a_normal_run(tmp_path: Path) -> tuple[Path, Path]:
+    """(an anomaly-free run, a model set trained on it with --window 10)."""
+    free = tmp_path / "free.csv"
+    write_run(free, 1000, seed=99, fault=None)
+    models = tmp_path / "models"
+    assert main(["train", "--data", str(free), "--out", str(models), "--window", "10",
+                 "--detectors", "isolation_forest"]) == 0
+    return free, models
+
+
 def test_a_trained_model_set_is_evaluated_as_the_daemon_would_serve_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -449,11 +459,7 @@ def test_a_trained_model_set_is_evaluated_as_the_daemon_would_serve_it(
     write_run(runs / "0.csv", 500, seed=10, fault=(420, 480))
     other = (runs / "0.csv").read_text().replace("Motor Current", "Motor Amps", 1)
     (runs / "1.csv").write_text(other)
-    free = tmp_path / "free.csv"
-    write_run(free, 1000, seed=99, fault=None)
-    models = tmp_path / "models"
-    assert main(["train", "--data", str(free), "--out", str(models), "--window", "10",
-                 "--detectors", "isolation_forest"]) == 0
+    free, models = _model_set_on_a_normal_run(tmp_path)
     capsys.readouterr()
     assert main(["evaluate", str(runs), "--anomaly-free", str(free), "--models", str(models),
                  "--warmup", str(WARMUP), "--per-file",
@@ -504,3 +510,47 @@ def test_the_per_device_variant_can_be_left_out(
     out, err = capsys.readouterr()
     assert "| global |" in out and "| per-device |" not in out
     assert "per-device [" not in err  # nothing trained per run
+
+
+def _rows_of(table: str, variant_start: str) -> dict[str, list[str]]:
+    """{detector row: figures} of the main table's variant whose name starts so."""
+    rows = {}
+    for line in table.split("\n\n")[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].startswith(variant_start):
+            rows[cells[1]] = cells[2:]
+    return rows
+
+
+def test_the_model_set_variant_says_its_warm_up_and_follows_the_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ``models`` variant is "streamed as the daemon would serve it", yet its device
+    baselines warmed up over --warmup (400, SKAB's protocol) where the daemon's
+    baseline.warmup_readings is 0 by default. Without --warmup it now follows the
+    configuration, and every row names the warm-up used; the rows counted stay those after
+    the protocol's warm-up (400), as in the other variants; --warmup given is both."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_run(runs / "0.csv", 700, seed=10, fault=(450, 600))
+    _, models = _model_set_on_a_normal_run(tmp_path)
+    capsys.readouterr()
+    common = ["evaluate", str(runs), "--models", str(models), "--no-per-device",
+              "--detectors", "isolation_forest"]
+    assert main(common) == 0  # config/anomalyd.toml: warmup_readings = 0
+    out, err = capsys.readouterr()
+    served = _rows_of(out, "models ")
+    assert served and all(", warm-up 0 |" in line for line in out.splitlines()
+                          if line.startswith("| models "))
+    assert "warms up its baseline over its first 0 readings (0: no baseline)" in err
+    assert "its figures count the rows after the first 400" in err
+    # no baseline: the detector as served is the detector alone (but for its AUC)
+    assert served["isolation_forest"][:-1] == served["isolation_forest, no baseline"][:-1]
+    config = tmp_path / "anomalyd.toml"
+    config.write_text("[baseline]\nwarmup_readings = 350\n")
+    assert main(["--config", str(config), *common]) == 0
+    out350, _ = capsys.readouterr()
+    assert "| models " in out350 and ", warm-up 350 |" in out350
+    assert main([*common, "--warmup", "320"]) == 0  # given: the protocol's and the variant's
+    out_given, err_given = capsys.readouterr()
+    assert ", warm-up 320 |" in out_given and "rows after the first 320" in err_given

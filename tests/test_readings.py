@@ -14,7 +14,7 @@ import pytest
 
 from daemon import json_guard, rejections, topics
 from daemon.errors import ConfigError
-from daemon.readings import REASONS, Decoded, Decoder, Reading, Rejection
+from daemon.readings import REASONS, Decoded, Decoder, Reading, Rejection, UnreadTimeFields
 
 FEATURES = ("temperature", "pressure", "Volume Flow RateRMS")
 TOPIC = "sensors/pump-7/readings"
@@ -607,3 +607,20 @@ def test_slow_path_result_matches_fast_path(decoder: Decoder) -> None:
     assert b"\\" in escaped
     slow = only_reading(decoder.decode(TOPIC, escaped, NOW))
     assert (slow.values, slow.seq, slow.operational_state) == (fast.values, 5, "caf\u00e9")
+
+
+def test_a_time_under_another_name_than_timestamp_is_told_once_per_device() -> None:
+    """A gateway's {"ts": 1796650000, ...} was stamped on receipt without a word: the
+    reading is still accepted (and stamped on receipt), and the field named once per
+    device; a device that sends timestamp, or no time at all, is not named."""
+    told: list[tuple[str, str]] = []
+    dec = Decoder(FEATURES, {"lof"}, unread_time=UnreadTimeFields(
+        lambda device, field: told.append((device, field))))
+    for device, extra in (("gw-1", {"ts": 1796650000}), ("gw-1", {"ts": 1796650001}),
+                          ("gw-2", {"Zeit": "2026-12-07T10:00:00"}), ("gw-3", {}),
+                          ("gw-4", {"timestamp": 1796650000, "time": "x"}),
+                          ("gw-5", {"datetime": "2026-12-07 10:00"})):
+        reading = only_reading(decode(dec, {**features(), **extra},
+                                      topic=f"sensors/{device}/readings"))
+        assert reading.timestamp == (1796650000.0 if device == "gw-4" else NOW)
+    assert told == [("gw-1", "ts"), ("gw-2", "Zeit"), ("gw-5", "datetime")]

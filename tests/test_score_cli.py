@@ -213,3 +213,65 @@ def test_anomalies_on_a_partial_window_are_counted_apart(
     assert filling and verdicts[0] in filling
     err = capsys.readouterr().err
     assert f"({len(filling)} on a partial window, which raise no alert)" in err
+
+
+def _capture(path: Path, devices: list[str], topics: bool) -> Path:
+    """What mosquitto_sub -t 'sensors/+/readings' writes (-v: each line's topic first)."""
+    lines = []
+    for seq in range(5):
+        for device in devices:
+            payload = orjson.dumps({**NORMAL, "seq": seq}).decode()
+            lines.append(f"sensors/{device}/readings {payload}" if topics else payload)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_json_lines_that_name_no_device_are_one_device_and_said_to_be(
+    model_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mosquitto_sub capture of two devices was scored as one device, "offline", in
+    silence. It still is (nothing in the lines tells them apart), with a warning saying
+    how to keep them apart; --device (a choice) and device_id fields (names) are not
+    warned about."""
+    data = _capture(tmp_path / "cap.jsonl", ["p-1", "p-2"], topics=False)
+    out = tmp_path / "out.jsonl"
+    assert main(["score", str(data), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert (f"warning: the lines of {data} name no device (no device_id field, no topic): "
+            "all are judged as one device, 'offline'") in err
+    assert "a device_id field in each line" in err and "mosquitto_sub -v" in err
+    assert {orjson.loads(line)["device_id"] for line in out.read_bytes().splitlines()} == {
+        "offline"}
+    assert main(["score", str(data), "--out", str(out), "--device", "p-1"]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    named = tmp_path / "named.jsonl"
+    named.write_bytes(b"".join(orjson.dumps({**NORMAL, "device_id": f"p-{i % 2}"}) + b"\n"
+                               for i in range(6)))
+    assert main(["score", str(named), "--out", str(out)]) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_a_mosquitto_sub_v_capture_takes_each_device_from_its_topic(
+    model_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mosquitto_sub -v` lines (`<topic> <json>`) were read as a CSV and every row
+    refused: each is now its topic's device's reading, read with the configured
+    subscription; a line of another topic (a verdict caught by -t '#') is skipped and
+    said to be, a device id the pattern refuses is dead-lettered as the daemon does."""
+    data = _capture(tmp_path / "cap.txt", ["p-1", "p-2"], topics=True)
+    with data.open("a") as fh:
+        fh.write('anomaly/p-1/verdict {"is_anomaly": false}\n')
+        fh.write(f"sensors/bad id!/readings {orjson.dumps(NORMAL).decode()}\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["score", str(data), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "scored 10 readings: 0 anomalies, 1 rejected" in err
+    assert "skipped 1 lines whose topic is not one of the subscription's" in err
+    assert "'anomaly/p-1/verdict'" in err and "warning:" not in err
+    records = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    verdicts = [r for r in records if "reason" not in r]
+    assert sorted((r["device_id"], r["seq"]) for r in verdicts) == sorted(
+        (d, s) for d in ("p-1", "p-2") for s in range(5))
+    (dead,) = [r for r in records if "reason" in r]
+    assert dead["reason"] == "bad_device_id"

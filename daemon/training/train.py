@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from daemon.calibration import Calibration
 from daemon.detectors import (
+    MEMBER_TYPES,
     AutoencoderDetector,
     Detector,
     Ensemble,
@@ -44,6 +45,40 @@ HOLDOUT_FRACTION = 0.2
 PREPROCESSOR = "preprocessor.json"
 
 Progress = Callable[[str], None]
+
+#: What a model directory may hold besides a model set: the model set's own files (of a
+#: replacement that was interrupted), a file system's ``lost+found`` (a mounted volume), a
+#: README, hidden files (``.gitkeep``, ``.tmp-*``).
+_MODEL_FILES = frozenset((MANIFEST, PREPROCESSOR, "lost+found",
+                          *(name for kind in MEMBER_TYPES for name in kind.artifact_names)))
+
+
+def out_problem(out: Path, state_dir: Path, *, force: bool) -> str | None:
+    """Why ``train`` must not write a model set into ``out``, or None: it already holds
+    one (without ``force``), it is the daemon's state directory, or it holds other files
+    (a model set written among them could not be told from them, nor they removed with
+    it). Checked before training starts."""
+    if out.resolve() == state_dir.resolve():
+        return (f"{out} is the daemon's state directory (state.dir): train into a "
+                "directory of its own, e.g. --out models")
+    if (out / MANIFEST).exists():
+        return (None if force else
+                f"{out} already holds a trained model set; pass --force to replace it")
+    try:
+        others = sorted(p.name for p in out.iterdir() if not _may_share(p.name))
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return f"{out} is a file, not a directory: name a new or empty directory"
+    if not others:
+        return None
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f"{out} is not empty and holds no model set ({shown}): name a new or empty "
+            "directory, or one holding a model set (replaced with --force)")
+
+
+def _may_share(name: str) -> bool:
+    return name in _MODEL_FILES or name.startswith((".", "README"))
 
 
 def train(
