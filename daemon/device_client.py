@@ -39,8 +39,9 @@ def parse_duration(text: str) -> float:
 
 
 def device_table(devices: list[dict[str, Any]]) -> str:
-    """One line per device for ``anomalyd devices``."""
-    lines = [f"{'DEVICE':<24} {'WARM-UP':<12} {'THRESHOLD':<10} {'DRIFT':<30} ALERT"]
+    """One line per device for ``anomalyd devices``, in columns as wide as their widest
+    entry needs (a long device id or input name does not shift the columns after it)."""
+    rows = [("DEVICE", "WARM-UP", "THRESHOLD", "DRIFT", "ALERT")]
     for d in devices:
         if not d.get("warmup_readings"):
             warm = "off"
@@ -65,9 +66,11 @@ def device_table(devices: list[dict[str, Any]]) -> str:
         if d.get("quiet"):
             alert += f" (quiet: last reading {d['last_seen']})"
         name = d["device_id"] + (f" (worker {d['worker']})" if "worker" in d else "")
-        lines.append(f"{name:<24} {warm:<12} {'-' if thr is None else f'{thr:.3g}':<10} "
-                     f"{moved:<30} {alert}")
-    return "\n".join(lines)
+        rows.append((name, warm, "-" if thr is None else f"{thr:.3g}", moved, alert))
+    widths = [max(minimum, *(len(r[i]) for r in rows))
+              for i, minimum in enumerate((24, 12, 10, 30))]
+    return "\n".join(" ".join([*(f"{c:<{w}}" for c, w in zip(r, widths, strict=False)), r[-1]])
+                     for r in rows)
 
 
 # -- the commands ------------------------------------------------------------------------

@@ -596,6 +596,21 @@ def test_silence_paths_and_lengths_are_checked_before_the_scorer_is_asked() -> N
         assert request(port, "POST", "/devices/p-1/silence/60")[0] == 503
 
 
+def test_the_device_tables_columns_make_room_for_a_long_device_id() -> None:
+    """A 38-character id pushed the rest of its line out of the columns (a tester's
+    table); every column is now as wide as its widest entry."""
+    from daemon.device_client import device_table
+
+    long_id = "site-north-hall-3-cooling-pump-0042-b1"
+    rows = [{"device_id": d, "warmup_readings": 0, "baseline_threshold": t,
+             "alert": {"active": False}} for d, t in (("p-1", 9.5), (long_id, None))]
+    lines = device_table(rows).splitlines()
+    at = len(long_id) + 1 + 12 + 1  # where the threshold column begins on every line
+    assert [line[at:].split()[0] for line in lines] == ["THRESHOLD", "9.5", "-"]
+    assert [line[at - 13:at].strip() for line in lines] == ["WARM-UP", "off", "off"]
+    assert lines[2].split() == [long_id, "off", "-", "-", "-"]
+
+
 def test_the_device_table_says_when_alerts_are_held_back() -> None:
     from daemon.device_client import device_table
 
