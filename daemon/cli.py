@@ -17,7 +17,14 @@ import orjson
 
 from daemon import __version__
 from daemon.config import Settings, load_settings
-from daemon.errors import AnomalydError, BrokerError, ConfigError, ModelLoadError, TrainingError
+from daemon.errors import (
+    AnomalydError,
+    BrokerError,
+    ConfigError,
+    ModelAccessError,
+    ModelLoadError,
+    TrainingError,
+)
 from daemon.exit_codes import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.training import MIN_ROWS, QUANTILE_RANGE
 
@@ -564,7 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         from daemon.shadow import ShadowMismatchError  # (its message says what to do)
 
-        if isinstance(exc, ModelLoadError) and not isinstance(exc, ShadowMismatchError):
+        if isinstance(exc, ModelLoadError) and not isinstance(
+                exc, ShadowMismatchError | ModelAccessError):
             print("hint: train a model set with `anomalyd train` "
                   "(add --force to replace an unusable one)", file=sys.stderr)
         return EXIT_USAGE

@@ -13,6 +13,11 @@ class ModelLoadError(AnomalydError):
     """Model artifacts are missing, altered or inconsistent with their manifest."""
 
 
+class ModelAccessError(ModelLoadError):
+    """The model files are there but may not be read, or trusted, as they stand (owner,
+    permissions): the message says what to change; training anew would not help."""
+
+
 class TrainingError(AnomalydError):
     """Training data is unusable or training failed."""
 

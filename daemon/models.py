@@ -20,7 +20,7 @@ import numpy as np
 
 from daemon.calibration import Calibration
 from daemon.detectors import MEMBER_TYPES, Detector, Ensemble
-from daemon.errors import ModelLoadError
+from daemon.errors import ModelAccessError, ModelLoadError
 from daemon.explain import Explanation, explain_reading
 from daemon.preprocess import StandardScaler
 from daemon.windows import derived_names
@@ -158,6 +158,9 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ModelLoadError(f"{path}: no manifest; is this a model directory?") from exc
+    except PermissionError as exc:
+        raise ModelAccessError(f"{path}: {exc.strerror}: let the user running anomalyd "
+                               "read the model directory") from exc
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: unreadable manifest: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_FORMATS:
@@ -179,14 +182,18 @@ def check_not_writable_by_others(path: Path) -> None:
     """
     try:
         st = path.stat()
+    except PermissionError as exc:
+        raise ModelAccessError(f"{path}: {exc.strerror}: let the user running anomalyd "
+                               "read the model directory") from exc
     except OSError as exc:
         raise ModelLoadError(f"{path}: {exc.strerror}") from exc
     if st.st_uid not in (0, os.geteuid()):
-        raise ModelLoadError(f"{path}: owned by uid {st.st_uid}, not by this user or root")
+        raise ModelAccessError(f"{path}: owned by uid {st.st_uid}, not by this user or root; "
+                               f"run chown {os.geteuid()} on it")
     if st.st_mode & stat.S_IWOTH:
-        raise ModelLoadError(f"{path}: writable by every user; run chmod o-w on it")
+        raise ModelAccessError(f"{path}: writable by every user; run chmod o-w on it")
     if st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid():
-        raise ModelLoadError(f"{path}: writable by group {st.st_gid}; run chmod g-w on it")
+        raise ModelAccessError(f"{path}: writable by group {st.st_gid}; run chmod g-w on it")
 
 
 def verify_artifacts(model_dir: Path, manifest: dict[str, Any]) -> None:

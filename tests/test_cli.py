@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,22 @@ def test_check_config_refuses_what_run_would_refuse_before_connecting(
     forest.write_text('[model]\ndefault_detector = "forest"\n')
     res = anomalyd("--config", str(forest), "check-config", env=ok)
     assert res.returncode == 2 and "no detector 'forest'" in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a file to another user: needs root")
+def test_model_files_of_another_owner_are_refused_with_what_to_change(
+    tmp_path: Path, trained_model_dir: Path
+) -> None:
+    """A model set that may not be trusted as it stands (another owner, writable by
+    others) says what to change; the hint to train a model set anew, printed for every
+    model error before, does not apply and is not given. A missing set still gets it."""
+    models = Path(shutil.copytree(trained_model_dir, tmp_path / "models"))
+    os.chown(models / "manifest.json", 12345, -1)  # (the tests run as root)
+    res = anomalyd("check-config", env={"MODEL_DIR": str(models)})
+    assert res.returncode == 2 and "owned by uid 12345" in res.stderr, res.stderr
+    assert f"run chown {os.geteuid()}" in res.stderr and "hint" not in res.stderr
+    res = anomalyd("check-config", env={"MODEL_DIR": str(tmp_path / "none")})
+    assert res.returncode == 2 and "hint: train a model set" in res.stderr, res.stderr
 
 
 def test_check_config_rejects_a_typo_with_exit_2(tmp_path: Path) -> None:
