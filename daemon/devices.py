@@ -129,7 +129,7 @@ class DeviceTracker:
         self.warmup = warmup
         # the baseline's threshold: this many times the largest held-back deviation
         self.threshold_margin = threshold_margin
-        self.n_fit = max(2, warmup - round(warmup * HELD_BACK))
+        self.n_fit = _n_fit(warmup)
         self.global_center = np.asarray(global_center, dtype=np.float64)
         self.global_scale = np.asarray(global_scale, dtype=np.float64)
         self.devices: dict[str, DeviceState] = {}
@@ -138,6 +138,8 @@ class DeviceTracker:
         self._kept_seqs: dict[str, SeqWindow] = {}
         #: readings devices numbered (``seq``) that never arrived, found since the start
         self.missing = 0
+        #: set by ``restore`` from state saved for another warm-up length: what was kept
+        self.warmup_change: WarmupChange | None = None
 
     def repeat(self, device_id: str, seq: int | None) -> bool:
         """Whether this device's reading ``seq`` was judged already (a redelivery), and if
@@ -385,13 +387,15 @@ class DeviceTracker:
 
     def restore(self, data: dict[str, Any]) -> int:
         """Load saved devices; returns how many. Raises ValueError if the state is for a
-        different window, feature count or warm-up length (the caller then starts fresh)."""
+        different window or feature count (the caller then starts fresh). State saved for
+        another warm-up length keeps what is still valid (``warmup_change`` says what)."""
         if data.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown device state format {data.get('format')!r}")
         if data.get("window") != self.window or data.get("n_features") != self.n_features:
             raise ValueError("device state was saved for a different feature window or schema")
-        if data.get("warmup") != self.warmup:
-            raise ValueError("device state was saved for a different warm-up length")
+        saved_warmup = data.get("warmup")
+        if type(saved_warmup) is not int or saved_warmup < 0:
+            raise ValueError(f"device state has no valid warm-up length ({saved_warmup!r})")
         width = len(self.global_center)
 
         def arr(v: Any, shape: tuple[int, ...] = (width,)) -> Matrix | None:
@@ -438,12 +442,69 @@ class DeviceTracker:
                 EventClock.from_json(raw),
                 origin=origin,
             )
+        self.warmup_change = None
+        if saved_warmup != self.warmup:
+            self.warmup_change = self._reconcile_warmup(devices, saved_warmup)
         saved_seqs = data.get("kept_seqs", {})  # state saved before they were kept has none
         if not isinstance(saved_seqs, dict):
             raise ValueError("saved seq windows of re-warmed devices are not a mapping")
         kept = {str(dev): SeqWindow.from_json(raw) for dev, raw in saved_seqs.items()}
         self.devices, self._kept_seqs = devices, kept
         return len(devices)
+
+    def _reconcile_warmup(
+        self, devices: dict[str, DeviceState], saved_warmup: int
+    ) -> WarmupChange:
+        """Keep what of state saved for a warm-up of ``saved_warmup`` readings is valid
+        under this one (``restore``; a changed ``[baseline] warmup_readings``).
+
+        The warm-up length decides only where the fitting part ends (``n_fit``) and where
+        the held-back part ends; a fitted baseline (centre, spreads, correlations and the
+        held-back part's largest deviation, from which ``restore`` takes the threshold) is
+        used without either, so it is kept. A device still warming up continues where its
+        state is exactly what the new length would have made of the same readings: in the
+        fitting part, short of the new fitting part's end (the accumulators hold its
+        readings, whatever the length); in the held-back part, when the fitting part has
+        the same length under both and the new warm-up has not ended. Any other restarts
+        its warm-up: its fit (or the split it was accumulating towards) is for another
+        fitting part, and a warm-up shorter than what it has seen would leave the held-back
+        part, hence the threshold, without readings. Windows, seq windows and event clocks
+        are kept in every case (they do not depend on the warm-up). With baselines off
+        (a warm-up of 0) fitted baselines are kept, unused and not adapting, and every
+        unfinished warm-up is dropped."""
+        n_fit_saved = _n_fit(saved_warmup)
+        fitted, continued, restarted = 0, 0, []
+        for dev, st in devices.items():
+            if st.threshold is not None:
+                fitted += 1
+            elif self.warmup > 0 and (
+                (st.center is None and st.count < self.n_fit)
+                or (st.center is not None and n_fit_saved == self.n_fit
+                    and st.count < self.warmup)
+            ):
+                continued += 1
+            else:
+                devices[dev] = DeviceState(st.recent, seqs=st.seqs, clock=st.clock)
+                restarted.append(dev)
+        return WarmupChange(saved_warmup, self.warmup, fitted, continued, restarted)
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupChange:
+    """What ``DeviceTracker.restore`` kept of state saved for another warm-up length:
+    how many fitted baselines were kept and warm-ups continued, which warm-ups restarted."""
+
+    saved: int  # the warm-up length the state was saved for
+    now: int
+    fitted: int
+    continued: int
+    restarted: list[str]
+
+
+def _n_fit(warmup: int) -> int:
+    """How many readings the fitting part of a warm-up of ``warmup`` readings takes (the
+    rest is held back to set the threshold)."""
+    return max(2, warmup - round(warmup * HELD_BACK))
 
 
 def _saved(st: DeviceState) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 from daemon.alerts import AlertTracker
 from daemon.baseline import THRESHOLD_MARGIN
 from daemon.config import AlertConfig
-from daemon.devices import DeviceTracker
+from daemon.devices import DeviceTracker, WarmupChange
 from daemon.models import ModelBundle
 from daemon.presence import PresenceEvent, PresenceTracker
 
@@ -42,6 +42,8 @@ class Fleet:
         # At most this many devices get state; readings of more are dead-lettered.
         self.max_devices = max_devices
         self._admitting: set[str] = set()  # new devices of the batch being decoded
+        #: set by ``restore`` from state saved for another warm-up length: what was kept
+        self.warmup_change: WarmupChange | None = None
 
     def _new_devices(self) -> DeviceTracker:
         b = self.bundle
@@ -107,9 +109,13 @@ class Fleet:
         Alert states and when each device was last seen are kept whatever else changed:
         the broker still holds each device's last retained alert (and presence), and only
         a tracker that knows the alert is raised (the device quiet) will publish its
-        "resolved" ("reporting"). Windows and baselines are kept only for the same schema,
-        window and warm-up length; otherwise those devices warm up again.
+        "resolved" ("reporting"). Windows, baselines and seq windows are kept only for the
+        same schema and window; otherwise those devices warm up again. State saved for
+        another warm-up length keeps them too, except the progress of warm-ups that cannot
+        continue under the new length (``DeviceTracker.restore``): ``warmup_change`` then
+        says what was kept and what restarts.
         """
+        self.warmup_change = None
         problems: list[str] = []
         alerts = self._new_alerts()
         n_alerts = 0
@@ -138,7 +144,28 @@ class Fleet:
                 problems.append(f"device state: {exc!s}")
                 devices = self._new_devices()
         self.devices, self.alert_states, self.presence = devices, alerts, presence
+        self.warmup_change = devices.warmup_change
         return n_devices, n_alerts, problems
+
+
+def describe_warmup_change(change: WarmupChange) -> str:
+    """What a restart with another warm-up length kept and what restarts, in words."""
+    def n(count: int, what: str) -> str:
+        return f"{count} {what}{'' if count == 1 else 's'}"
+
+    fitted, restarted = change.fitted, len(change.restarted)
+    if change.now:
+        said = (f"warm-up length changed from {change.saved} to {change.now} readings: "
+                f"{n(fitted, 'fitted baseline')} kept as fitted, "
+                f"{n(change.continued, 'unfinished warm-up')} continued towards "
+                f"{change.now} readings, {n(restarted, 'unfinished warm-up')} restarted "
+                "(from their next reading)")
+    else:
+        said = (f"warm-up length changed from {change.saved} readings to 0 (per-device "
+                f"baselines off): {n(fitted, 'fitted baseline')} kept, unused and not "
+                f"adapting while baselines are off; {n(restarted, 'unfinished warm-up')} "
+                "dropped")
+    return said + ". Every device's window, seq window (repeats) and alert state is kept"
 
 
 def _inputs(schema: object) -> str:

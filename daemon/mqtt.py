@@ -43,6 +43,8 @@ ACKED = "acked"
 #: A refused publish (a PUBACK with a failure reason: MQTT 5) is tried again after 1 s,
 #: then after twice as long each time, up to this.
 RETRY_MAX_S = 30.0
+#: How long ``start_intake`` waits for the broker to grant the readings' subscription.
+SUBSCRIBE_WAIT_S = 10.0
 
 Message = tuple[str, bytes, bool]  # topic, payload, retain
 
@@ -221,6 +223,8 @@ class MqttAdapter:
         self.lost_sessions = 0
         #: why the broker did not grant the readings' subscription at QoS 1 (its SUBACK)
         self.subscription_problem: str | None = None
+        # set once the broker has granted the readings' subscription on this connection
+        self._subscribed = threading.Event()
         cid = client_id or cfg.client_id
         self.intake = Link(
             cfg, metrics, name="intake", client_id=cid, persistent=True, manual_ack=True,
@@ -255,9 +259,33 @@ class MqttAdapter:
         self._retrier.start()
 
     def start_intake(self, cancel: threading.Event | None = None) -> None:
-        """Connect the intake (the readings' session); BrokerError as ``start``'s."""
+        """Connect the intake (the readings' session) and wait until the broker has
+        granted its subscription (at most ``SUBSCRIBE_WAIT_S``); BrokerError as
+        ``start``'s.
+
+        Waiting for the grant, not only the connection: the subscription is sent once the
+        broker accepts the connection, and a session the broker did not have yet (the
+        first start, an expired one) receives only what is published after the broker
+        has taken it. Returning before (as until 2026-12-07) let the daemon say it had
+        started, and ``/ready`` say ready, while readings published then were never
+        delivered to it (seen as a lost first reading in a test on a busy machine)."""
         self.intake.start(self._deadline(), cancel)
         self._intake_started = True
+        until = time.monotonic() + SUBSCRIBE_WAIT_S
+        while not self._subscribed.wait(0.05) and self.subscription_problem is None:
+            if cancel is not None and cancel.is_set():
+                return  # stopping: the caller sees it
+            if time.monotonic() >= until:
+                log.warning("subscription_not_granted_yet", subscription=self.subscription,
+                            waited_s=SUBSCRIBE_WAIT_S,
+                            note="readings published before the broker grants it are not "
+                                 "delivered to a new session; /ready says not ready until then")
+                return
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the broker has granted the readings' subscription on this connection."""
+        return self._subscribed.is_set()
 
     def _deadline(self) -> float:
         timeout = self.cfg.connect_timeout_s
@@ -366,6 +394,7 @@ class MqttAdapter:
     # -- link callbacks (network threads) ----------------------------------------------
 
     def _intake_up(self, client: paho.Client, session_present: bool, props: Any) -> None:
+        self._subscribed.clear()
         if self.intake.v5:
             client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
         else:
@@ -407,6 +436,7 @@ class MqttAdapter:
             if self.subscription_problem is not None:
                 log.info("subscription_granted", subscription=self.subscription)
             self.subscription_problem = None
+            self._subscribed.set()
             return
         if problem != self.subscription_problem:
             log.error("subscription_refused", subscription=self.subscription, answer=str(code))
@@ -414,6 +444,7 @@ class MqttAdapter:
         self.metrics.connection_errors.labels("subscription").inc()
 
     def _intake_down(self) -> None:
+        self._subscribed.clear()
         self.metrics.connected.set(0)
         self.acks.new_session()
 

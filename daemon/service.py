@@ -27,6 +27,7 @@ from daemon.batching import next_batch
 from daemon.config import Settings
 from daemon.control import Command, ControlQueue, DeviceControl
 from daemon.errors import StoppedWhileStartingError
+from daemon.fleet import describe_warmup_change
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.models import ModelBundle
@@ -370,10 +371,19 @@ class Service:
         if snapshot is None:
             return
         self.mqtt.expects_session = True  # it ran before: the broker should keep its session
-        devices, alerts, problems = self.pipeline.fleet.restore(snapshot)
+        fleet = self.pipeline.fleet
+        devices, alerts, problems = fleet.restore(snapshot)
         for problem in problems:
             log.warning("state_partly_discarded", path=str(self.state_path), error=problem,
                         note="those devices warm up again")
+        change = fleet.warmup_change
+        if change is not None:  # [baseline] warmup_readings changed since the state was saved
+            (log.warning if change.restarted else log.info)(
+                "state_warmup_changed", path=str(self.state_path),
+                saved_warmup_readings=change.saved, warmup_readings=change.now,
+                baselines_kept=change.fitted, warmups_continued=change.continued,
+                warmups_restarted=len(change.restarted),
+                restarted=change.restarted[:20], note=describe_warmup_change(change))
         log.info("state_restored", path=str(self.state_path), devices=devices,
                  alert_states=alerts)
 

@@ -46,7 +46,8 @@ class ServiceStatus:
         mqtt = svc.mqtt
         connected = mqtt.connected
         ok = (connected and not svc.stopping and self.health()[0] and mqtt.refusal is None
-              and mqtt.dropping is None and mqtt.subscription_problem is None)
+              and mqtt.dropping is None and mqtt.subscription_problem is None
+              and mqtt.subscribed)
         body: dict[str, Any] = {"ready": ok, "broker_connected": connected,
                                 "models_loaded": len(svc.bundle.detector_names),
                                 "stopping": svc.stopping}

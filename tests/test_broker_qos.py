@@ -4,6 +4,7 @@ any outage. The daemon says so instead of reconnecting in silence."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from daemon.config import MqttConfig
 from daemon.errors import BrokerError
 from daemon.metrics import Metrics
 from daemon.mqtt import MqttAdapter
+from daemon.status import ServiceStatus
 from tests.broker import Broker
 from tests.conftest_models import NORMAL_READING as NORMAL
 
@@ -85,3 +87,29 @@ def test_readings_a_device_publishes_at_qos_0_are_judged_and_said_to_be_at_risk(
     assert svc.metrics.qos0_readings._value.get() == 2
     (said,) = [e for e in logs if e.get("event") == "readings_at_qos0"]
     assert said["topic"] == "sensors/q0-1/readings" and "publish at QoS 1" in said["hint"]
+
+
+def test_the_daemon_starts_once_the_broker_has_granted_the_readings_subscription(
+    broker: Broker, start_daemon: Any, collector_for: Any, publisher_for: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A session the broker did not have receives only what is published after it took
+    the subscription. The daemon's network thread sends it once the connection is
+    accepted; here it is held up by 0.3 s, as on a busy machine (where a test once lost
+    its first reading, published the moment ``start`` returned): ``start`` returns, and
+    the daemon is ready, only once the broker has granted it."""
+    up = MqttAdapter._intake_up
+
+    def late(self: MqttAdapter, *args: Any) -> None:
+        threading.Timer(0.3, up, (self, *args)).start()
+
+    monkeypatch.setattr(MqttAdapter, "_intake_up", late)
+    col = collector_for(broker, ["anomaly/sub-1/verdict"])
+    pub = publisher_for(broker)
+    svc = start_daemon(broker)
+    assert svc.mqtt.subscribed and ServiceStatus(svc).ready()[0] is True
+    pub.send("sensors/sub-1/readings", {**NORMAL, "seq": 1})
+    (verdict,) = col.json_on("anomaly/sub-1/verdict")
+    assert verdict["seq"] == 1
+    svc.mqtt._intake_down()  # a lost connection: not ready until granted again
+    assert not svc.mqtt.subscribed and ServiceStatus(svc).ready()[0] is False

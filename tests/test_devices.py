@@ -277,14 +277,91 @@ def test_state_round_trips_through_json_and_continues_identically() -> None:
     assert np.array_equal(a.devices["done"].center, b.devices["done"].center)  # type: ignore[arg-type]
 
 
-def test_state_of_another_format_window_or_warm_up_is_refused() -> None:
+def test_state_of_another_format_or_window_is_refused() -> None:
     saved = tracker(window=2).to_json()
     with pytest.raises(ValueError, match="format"):  # format 2: one accumulator, no verdicts
         tracker(window=2).restore({**saved, "format": 2})
     with pytest.raises(ValueError, match="window"):
         tracker(window=3).restore(saved)
-    with pytest.raises(ValueError, match="warm-up"):
-        tracker(warmup=9).restore(saved)
+    with pytest.raises(ValueError, match="warm-up length"):
+        tracker(window=2).restore({**saved, "warmup": None})
+    assert tracker(warmup=9, window=2).restore(saved) == 0  # another warm-up: not refused
+
+
+def _verdicts(got: list[Assessment]) -> list[tuple[bool, bool, float, float]]:
+    return [(a.warming_up, a.is_anomaly, a.score, a.threshold) for a in got]
+
+
+@pytest.mark.parametrize("saved_warmup", [40, 12, 400])  # the new one: 20, shorter, longer
+def test_a_fitted_baseline_is_kept_whatever_the_new_warm_up_length(saved_warmup: int) -> None:
+    """A fitted baseline is used without the warm-up length (which only says where the
+    fitting and held-back parts end): after a restart with another length its verdicts
+    are those it would have given without the restart, never ``warming_up``."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(saved_warmup + 60, 2))
+    x[-5:] += 8.0
+    whole = tracker(warmup=saved_warmup, window=3)
+    expected = feed(whole, "d", x, False)
+    before = tracker(warmup=saved_warmup, window=3)
+    feed(before, "d", x[: saved_warmup + 10], False)
+    before.repeat("d", 7)
+    after = tracker(warmup=20, window=3)
+    assert after.restore(orjson.loads(state.encode(before.to_json()))) == 1
+    change = after.warmup_change
+    assert change is not None and (change.saved, change.now) == (saved_warmup, 20)
+    assert (change.fitted, change.continued, change.restarted) == (1, 0, [])
+    got = feed(after, "d", x[saved_warmup + 10 :], False)
+    assert _verdicts(got) == _verdicts(expected[saved_warmup + 10 :])
+    assert not any(a.warming_up for a in got) and got[-1].is_anomaly
+    assert after.repeat("d", 7)  # its seq window is kept
+
+
+@pytest.mark.parametrize(
+    ("saved_warmup", "cut", "new_warmup", "continues"),
+    [
+        (40, 12, 60, True),  # fitting part, short of the new fitting part's end
+        (40, 12, 20, True),  # ... of a shorter warm-up (fitting part: 15 readings)
+        (40, 12, 16, False),  # ... whose fitting part ended at 12 unfitted: restarts
+        (40, 25, 16, False),  # fitting part, past the new one's end (12): restarts
+        (40, 35, 60, False),  # held-back part of another fitting part (30 vs 45)
+        (10, 9, 11, True),  # held-back part, the same fitting part (8 readings)
+        (11, 9, 10, True),
+        (11, 10, 10, False),  # ... but the new warm-up is over: no more held back
+        (40, 12, 0, False),  # baselines off: unfinished warm-ups are dropped
+    ],
+)
+def test_an_unfinished_warm_up_continues_only_where_the_new_length_gives_the_same_state(
+    saved_warmup: int, cut: int, new_warmup: int, continues: bool
+) -> None:
+    """A device still warming up continues if its state is exactly what a warm-up of the
+    new length would have made of the same readings (then it ends as one uninterrupted
+    under the new length would), otherwise it starts its warm-up again, keeping its
+    window and seq window."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(cut + 80, 2))
+    flagged = rng.random(len(x)) < 0.3
+    x[flagged] += 6.0
+    before = tracker(warmup=saved_warmup, window=3)
+    feed(before, "d", x[:cut], flagged[:cut])
+    before.repeat("d", 3)
+    after = tracker(warmup=new_warmup, window=3)
+    assert after.restore(orjson.loads(state.encode(before.to_json()))) == 1
+    change = after.warmup_change
+    assert change is not None and change.fitted == 0
+    assert (change.continued, change.restarted) == ((1, []) if continues else (0, ["d"]))
+    assert list(after.devices["d"].recent) == list(before.devices["d"].recent)
+    assert after.repeat("d", 3)
+    got = feed(after, "d", x[cut:], flagged[cut:])
+    if continues:  # as if the new length had applied from the start
+        whole = tracker(warmup=new_warmup, window=3)
+        assert _verdicts(got) == _verdicts(feed(whole, "d", x, flagged)[cut:])
+    else:  # a new warm-up from the next reading, with the window it had
+        fresh = tracker(warmup=new_warmup, window=3)
+        for r in x[cut - 3 : cut]:
+            fresh.observe("d", r.tolist())
+        assert _verdicts(got) == _verdicts(feed(fresh, "d", x[cut:], flagged[cut:]))
+        assert got[0].warming_up is (new_warmup > 0)
+    assert not got[-1].warming_up  # each warm-up ends in the readings fed
 
 
 def test_drift_says_how_far_the_adapting_centre_has_moved_since_the_warm_up() -> None:

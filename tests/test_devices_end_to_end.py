@@ -107,6 +107,43 @@ def test_warm_up_survives_a_restart_and_alerts_are_retained_states(
     assert "raised" not in states[1:]  # no repeats while it held
 
 
+def test_a_restart_with_another_warm_up_length_keeps_the_fitted_baseline_and_repeats(
+    broker: Broker,
+    settings: Settings,
+    start_skab: Callable[[Settings], Service],
+    collector_for: Any,
+    publisher_for: Any,
+) -> None:
+    """The plant engineer shortens warmup_readings: the device warmed up under the old
+    length keeps its baseline (verdicts right after the restart are not ``warming_up``)
+    and its seq window (a redelivery is a repeat), and the log says what was kept."""
+    dev = "skab-pump-2"
+    verdicts = f"anomaly/{dev}/verdict"
+    col = collector_for(broker, [verdicts])
+    pub = publisher_for(broker)
+    first = start_skab(settings)
+    for i, x in enumerate(rows(WARMUP + 1, seed=2)):
+        pub.send(f"sensors/{dev}/readings", payload(x, i))
+    assert col.json_on(verdicts, count=WARMUP + 1)[-1]["warming_up"] is False
+    assert first.shutdown() is True
+
+    shorter = BaselineConfig(warmup_readings=WARMUP // 2)
+    with structlog.testing.capture_logs() as logs:
+        start_skab(settings.model_copy(update={"baseline": shorter}))
+    (changed,) = [e for e in logs if e["event"] == "state_warmup_changed"]
+    assert changed["log_level"] == "info"
+    assert (changed["saved_warmup_readings"], changed["warmup_readings"]) == (WARMUP, WARMUP // 2)
+    assert (changed["baselines_kept"], changed["warmups_restarted"]) == (1, 0)
+    assert not [e for e in logs if e["event"] == "state_partly_discarded"]
+    (restored,) = [e for e in logs if e["event"] == "state_restored"]
+    assert restored["devices"] == 1
+    pub.send(f"sensors/{dev}/readings", payload(rows(1, seed=2)[0], 0))  # redelivered
+    pub.send(f"sensors/{dev}/readings", payload(rows(1, seed=3)[0], WARMUP + 1))
+    after = col.json_on(verdicts, count=WARMUP + 3)[WARMUP + 1 :]
+    assert [(v["seq"], v.get("repeat", False), v["warming_up"]) for v in after] == [
+        (0, True, False), (WARMUP + 1, False, False)]
+
+
 def test_offline_score_gives_the_daemons_verdicts_for_the_same_stream(
     broker: Broker,
     settings: Settings,

@@ -1,8 +1,9 @@
 """What survives a restart when the saved state no longer fits the configuration.
 
 Alert states must survive any change (the broker keeps each device's last retained alert,
-and only a tracker that knows it is raised will publish "resolved"); windows and baselines
-only survive for the same model schema and warm-up length.
+and only a tracker that knows it is raised will publish "resolved"); windows, baselines
+and seq windows only survive for the same model schema, and a change of warm-up length
+restarts only the warm-ups that cannot continue under it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 from daemon import state
 from daemon.config import AlertConfig, StateConfig, TopicsConfig
+from daemon.fleet import describe_warmup_change
 from daemon.models import ModelBundle
 from daemon.pipeline import Pipeline, RawMessage
 from daemon.readings import Decoder
@@ -66,18 +68,45 @@ def test_the_same_configuration_restores_devices_and_alert_states(
     assert resolved["state"] == "resolved"
 
 
-def test_another_warm_up_length_refits_baselines_but_keeps_the_raised_alert(
-    model_bundle: ModelBundle, tmp_path: Path
+def verdicts(p: Pipeline, *readings: dict[str, Any]) -> list[dict[str, Any]]:
+    msgs = [RawMessage("sensors/p-1/readings", orjson.dumps(r), 0.0) for r in readings]
+    outputs, _ = p.process(msgs, 1000.0)
+    return [orjson.loads(o.payload) for outs in outputs for o in outs if o.kind == "verdict"]
+
+
+@pytest.mark.parametrize("warmup", [2, 8])  # shorter, longer
+def test_another_warm_up_length_keeps_fitted_baselines_repeats_and_the_raised_alert(
+    model_bundle: ModelBundle, tmp_path: Path, warmup: int
 ) -> None:
-    snapshot = state.load(saved_with_a_raised_alert(model_bundle, tmp_path))
+    """The operator changed warmup_readings: a device whose baseline is fitted keeps it
+    (its next verdicts are not ``warming_up``), its seq window (a redelivered reading is a
+    repeat) and its raised alert."""
+    before = pipeline(model_bundle, warmup=4)
+    verdicts(before, *({**normal(i), "seq": i} for i in range(5)))
+    (raised,) = feed(before, {**ANOMALOUS_READING, "seq": 5})
+    assert raised["state"] == "raised"
+    path = tmp_path / "devices.json"
+    state.save(path, before.fleet.snapshot())
+    snapshot = state.load(path)
     assert snapshot is not None
-    after = pipeline(model_bundle, warmup=8)  # the operator changed warmup_readings
-    devices, alerts, problems = after.fleet.restore(snapshot)
-    assert (devices, alerts) == (0, 1)
-    assert len(problems) == 1 and "warm-up" in problems[0]
-    assert after.devices.summary("p-1") is None  # the device warms up again
+    after = pipeline(model_bundle, warmup=warmup)
+    assert after.fleet.restore(snapshot) == (1, 1, [])
+    change = after.fleet.warmup_change
+    assert change is not None and (change.saved, change.now, change.fitted) == (4, warmup, 1)
+    assert change.restarted == []
+    assert describe_warmup_change(change) == (
+        f"warm-up length changed from 4 to {warmup} readings: 1 fitted baseline kept as "
+        f"fitted, 0 unfinished warm-ups continued towards {warmup} readings, 0 unfinished "
+        "warm-ups restarted (from their next reading). Every device's window, seq window "
+        "(repeats) and alert state is kept")
+    summary = after.devices.summary("p-1")
+    assert summary is not None and summary["warming_up"] is False
+    assert summary["baseline_threshold"] == before.devices.summary("p-1")["baseline_threshold"]
+    out = verdicts(after, {**normal(3), "seq": 3}, {**normal(10), "seq": 10})
+    assert [v.get("repeat", False) for v in out] == [True, False]
+    assert [v["warming_up"] for v in out] == [False, False]
     # the alert the broker still holds as raised is resolved once the device is normal
-    (resolved,) = feed(after, normal(10), normal(11))
+    (resolved,) = feed(after, normal(11))
     assert resolved["state"] == "resolved" and resolved["device_id"] == "p-1"
 
 
