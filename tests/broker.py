@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -23,30 +24,54 @@ REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "mosquitto" / "mosquitto.conf"
 
 
+_HANDED_OUT: set[int] = set()  # never the same port twice in one test run
+_PICK = random.SystemRandom()
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)
 
 
 def free_ports(n: int) -> int:
-    """The first of ``n`` consecutive free ports (workers listen on ``base + i``): a
-    port one above a free one may be taken."""
-    for _ in range(100):
-        base = free_port()
+    """The first of ``n`` consecutive free ports (workers listen on ``base + i``), chosen
+    below the kernel's ephemeral range: a port from that range can be given to any
+    outgoing connection (every client socket of a test takes one) between the choice and
+    the bind that needs it, which once cost a soak run its second worker ("Address
+    already in use" on ``base + 1``). Where that range starts too low to leave room, the
+    kernel chooses."""
+    top = _first_ephemeral_port() - n
+    for _ in range(200):
+        base = _PICK.randrange(10000, top) if top > 11000 else _kernel_port()
+        ports = range(base, base + n)
+        if _HANDED_OUT.intersection(ports):
+            continue
         held: list[socket.socket] = []
         try:
-            for port in range(base, base + n):
+            for port in ports:
                 s = socket.socket()
                 held.append(s)
                 s.bind(("127.0.0.1", port))
-            return base
         except OSError:
             continue
         finally:
             for s in held:
                 s.close()
+        _HANDED_OUT.update(ports)
+        return base
     raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+def _kernel_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:

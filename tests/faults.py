@@ -30,7 +30,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import REPO, free_port
+from tests.broker import REPO, free_port, free_ports
 from tests.conftest_models import NORMAL_READING as NORMAL
 
 DATA = REPO / "tests" / "data"
@@ -401,7 +401,7 @@ class DaemonProcess:
                  config: Path | None = None, client_id: str | None = None) -> None:
         self.host, self.port = host, port
         self.model_dir, self.workdir, self.config = model_dir, workdir, config
-        self.http_port = free_port()
+        self.http_port = free_ports(2)  # room for a second worker (WORKERS=2)
         self.client_id = client_id or f"anomalyd-fault-{self.http_port}"
         self.protocol: str | None = None  # MQTT_PROTOCOL: "5" (the default) or "3.1.1"
         self.proc: subprocess.Popen[bytes] | None = None
