@@ -141,7 +141,7 @@ def test_train_refuses_an_out_that_is_not_a_model_directory_before_any_work(
     env = {"STATE_DIR": str(state / "x")}
     res = anomalyd("train", "--out", str(state / "x"), env=env)
     assert res.returncode == 2
-    assert "is the daemon's state directory (state.dir)" in res.stderr
+    assert "is the daemon's state directory (state.dir" in res.stderr
     res = anomalyd("train", "--out", str(state / "x"), env={"STATE_DIR": str(tmp_path / "s")})
     assert res.returncode == 2
     assert "is not empty and holds no model set (devices.json)" in res.stderr
@@ -150,6 +150,10 @@ def test_train_refuses_an_out_that_is_not_a_model_directory_before_any_work(
     empty_state.mkdir()
     res = anomalyd("train", "--out", str(empty_state), env={"STATE_DIR": str(empty_state)})
     assert res.returncode == 2 and "state.dir" in res.stderr
+    assert list(empty_state.iterdir()) == []
+    res = anomalyd("train", "--out", str(empty_state / "models"),
+                   env={"STATE_DIR": str(empty_state)})  # a new folder inside it
+    assert res.returncode == 2 and "is inside the daemon's state directory" in res.stderr
     assert list(empty_state.iterdir()) == []
     from daemon.training.train import out_problem
 

@@ -55,12 +55,14 @@ _MODEL_FILES = frozenset((MANIFEST, PREPROCESSOR, "lost+found",
 
 def out_problem(out: Path, state_dir: Path, *, force: bool) -> str | None:
     """Why ``train`` must not write a model set into ``out``, or None: it already holds
-    one (without ``force``), it is the daemon's state directory, or it holds other files
-    (a model set written among them could not be told from them, nor they removed with
-    it). Checked before training starts."""
-    if out.resolve() == state_dir.resolve():
-        return (f"{out} is the daemon's state directory (state.dir): train into a "
-                "directory of its own, e.g. --out models")
+    one (without ``force``), it is (or is inside) the daemon's state directory, or it
+    holds other files (a model set written among them could not be told from them, nor
+    they removed with it). Checked before training starts."""
+    where, state = out.resolve(), state_dir.resolve()
+    if where == state or where.is_relative_to(state):
+        within = "is" if where == state else "is inside"
+        return (f"{out} {within} the daemon's state directory (state.dir {state_dir}): "
+                "train into a directory of its own, e.g. --out models")
     if (out / MANIFEST).exists():
         return (None if force else
                 f"{out} already holds a trained model set; pass --force to replace it")
