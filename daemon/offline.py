@@ -41,7 +41,7 @@ from daemon.errors import TrainingError
 from daemon.models import ModelBundle
 from daemon.oversize import RESULT_TOO_LARGE
 from daemon.pipeline import Pipeline, RawMessage
-from daemon.readings import Decoder, parse_timestamp
+from daemon.readings import Decoder, UnreadTimeFields, parse_timestamp
 from daemon.topics import TopicMatcher
 from daemon.training.datasets import (
     LABEL_COLUMNS,
@@ -177,6 +177,25 @@ def _json_lines(path: Path, topics: TopicMatcher | None, note: Callable[[str], N
             f"(mqtt.subscription; e.g. {skipped[0]!r}): not readings")
 
 
+def _unread_time_warning(
+    path: Path, progress: Callable[[str], None] | None
+) -> Callable[[str, str], None]:
+    """What ``score`` says of readings whose time is under a name that is not read (once
+    for each such name): the daemon logs the same of a device (``time_field_not_read``)."""
+    named: set[str] = set()
+
+    def say(device: str, field: str) -> None:
+        if progress is None or field in named:
+            return
+        named.add(field)
+        progress(f"warning: readings of {path} (device {device!r} first) carry their time "
+                 f"as {field!r}, which is not read: they are stamped as they are scored, "
+                 "as the daemon stamps such readings on receipt. Name the field "
+                 "'timestamp' (ISO 8601, or epoch seconds) to judge them by their time")
+
+    return say
+
+
 def _unnamed_warning(path: Path, device: str) -> str:
     return (f"warning: the lines of {path} name no device (no device_id field, no topic): "
             f"all are judged as one device, {device!r}, sharing one feature window and "
@@ -299,6 +318,7 @@ def score_file(
         max_payload_bytes=settings.limits.max_payload_bytes,
         max_batch_readings=settings.limits.max_batch_readings,
         device_id_pattern=settings.limits.device_id_pattern,
+        unread_time=UnreadTimeFields(_unread_time_warning(path, progress)),
     )
     pipeline = Pipeline(bundle, decoder, settings.topics, settings.alerts,
                         detector or settings.model.default_detector,

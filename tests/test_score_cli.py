@@ -275,3 +275,31 @@ def test_a_mosquitto_sub_v_capture_takes_each_device_from_its_topic(
         (d, s) for d in ("p-1", "p-2") for s in range(5))
     (dead,) = [r for r in records if "reason" in r]
     assert dead["reason"] == "bad_device_id"
+
+
+def test_json_lines_with_their_time_under_another_name_are_said_to_be_stamped_on_scoring(
+    model_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon logs a device whose readings carry their time as ``ts`` (not read: the
+    readings are stamped on receipt); `score` said nothing and stamped them as it scored
+    them. It now warns once for each such name, and not of readings with a
+    ``timestamp``."""
+    stamps = [START + timedelta(seconds=i) for i in range(6)]
+    data = tmp_path / "ts.jsonl"
+    data.write_bytes(b"".join(
+        orjson.dumps({**NORMAL, "device_id": f"p-{i % 2}", "ts": t.isoformat()}) + b"\n"
+        for i, t in enumerate(stamps)))
+    out = tmp_path / "out.jsonl"
+    assert main(["score", str(data), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert (f"warning: readings of {data} (device 'p-0' first) carry their time as 'ts', "
+            "which is not read") in err
+    verdicts = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert len(verdicts) == 6
+    assert all(not v["timestamp"].startswith("2020-") for v in verdicts)  # stamped now
+    data.write_bytes(b"".join(
+        orjson.dumps({**NORMAL, "device_id": "p-0", "timestamp": t.isoformat()}) + b"\n"
+        for t in stamps))
+    assert main(["score", str(data), "--out", str(out)]) == 0
+    assert "warning:" not in capsys.readouterr().err
