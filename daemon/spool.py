@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 import structlog
 
-from daemon.state import write_bytes
+from daemon.state import sync_directory, write_bytes
 
 log = structlog.get_logger("anomalyd.spool")
 
@@ -61,6 +61,7 @@ class Journal:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / JOURNAL
+        self._directory = directory
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self._lock = threading.Lock()
         self.count = 0
@@ -87,6 +88,7 @@ class Journal:
         with self._lock:
             os.fsync(self._fd)
             os.close(self._fd)
+        sync_directory(self._directory)  # the file's own entry, new with the handover
 
 
 def journal_left(directory: Path) -> bool:

@@ -205,7 +205,8 @@ def save(path: Path, snapshot: dict[str, Any]) -> None:
 
 def write_bytes(path: Path, body: bytes | Sequence[bytes]) -> None:
     """Replace ``path`` with ``body`` (or its pieces, in order) atomically: beside it,
-    flushed to disk, renamed."""
+    flushed to disk, renamed, and the rename flushed to disk too (the directory's fsync:
+    without it a power cut may leave the old file, or none, after this returned)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -218,6 +219,22 @@ def write_bytes(path: Path, body: bytes | Sequence[bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries (files created, renamed or removed in it) to disk.
+    Where a directory cannot be opened for that (not POSIX), nothing is done."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a file system that cannot sync a directory: the rename stands as it is
+    finally:
+        os.close(fd)
 
 
 class StateWriter:
