@@ -383,6 +383,8 @@ def test_a_raising_callback_costs_one_message_and_never_the_loop(
     assert status == 200
 
 
+# the injected exception ends paho's thread, as the test means it to
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_health_goes_unhealthy_when_the_network_thread_dies(
     broker: Broker, start_daemon: Any, publisher_for: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
