@@ -99,7 +99,8 @@ class Service:
         self._worker_index = worker_index
         self.state_path = state.state_file(s.state.dir, worker_index)
         self.state_writer = state.StateWriter(self.state_path, self._state_save_failed,
-                                              self.metrics.state_saved.set_to_current_time)
+                                              self._state_written)
+        self._state_save_error: str | None = None  # the last save's failure, if it failed
         self._state_saved_at = time.monotonic()
         self._alerts_unsaved = False  # an alert changed since the last snapshot was taken
         self._state_lock: int | None = None  # the state directory's lock (a single daemon)
@@ -402,8 +403,13 @@ class Service:
 
     def _state_save_failed(self, exc: Exception) -> None:
         """The writer thread could not write the state file (it tries again next time)."""
+        self._state_save_error = repr(exc)
         log.error("state_save_failed", path=str(self.state_path), error=repr(exc))
         self.metrics.callback_errors.labels("state").inc()
+
+    def _state_written(self) -> None:
+        self._state_save_error = None
+        self.metrics.state_saved.set_to_current_time()
 
     def _save_alert_changes(self) -> None:
         """Save soon after an alert was raised, escalated or resolved (at most every
@@ -531,7 +537,8 @@ class Service:
         return 0 if self.shutdown() else 1
 
     def shutdown(self) -> bool:
-        """Drain and stop within ``shutdown_timeout_s``; True if nothing was left."""
+        """Drain and stop within ``shutdown_timeout_s``; True if nothing was left and the
+        devices' state was saved."""
         timeout = self.settings.service.shutdown_timeout_s
         deadline = time.monotonic() + timeout
         self.mqtt.pause_intake()
@@ -563,11 +570,19 @@ class Service:
         self.http.stop()
         if self.state_writer.idle:  # else a save still being written keeps the directory
             self._release_state()
-        if clean:
-            log.info("stopped", uptime_s=round(time.time() - self.started_at, 1))
-        else:
+        if not clean:
             log.warning("stopped_with_work_left", **left,
                         note="unacknowledged readings stay at the broker for redelivery")
+        elif self._state_save_error is not None:  # a service manager should see it failed
+            log.error("stopped_without_saving_state", path=str(self.state_path),
+                      error=self._state_save_error,
+                      note="every reading was judged, but the devices' state since the last "
+                           "save is lost: after a restart they warm up again, and an alert "
+                           "raised since then is never resolved at the broker. Make room in "
+                           "state.dir, or mend what the error names, before starting again")
+            return False
+        else:
+            log.info("stopped", uptime_s=round(time.time() - self.started_at, 1))
         return clean
 
     def _take_over_handover(self) -> None:

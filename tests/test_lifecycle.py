@@ -16,6 +16,7 @@ import pytest
 from daemon import service
 from daemon.acks import Inbound
 from tests.broker import Broker, free_port
+from tests.conftest_models import NORMAL_READING as NORMAL
 from tests.faults import DaemonProcess, http_get
 
 pytestmark = pytest.mark.integration
@@ -151,3 +152,49 @@ def test_a_signal_stops_a_daemon_whose_handover_waits_for_its_broker(
         assert "workers_started" not in daemon.log_tail()
     finally:
         daemon.close()
+
+
+def test_a_stop_whose_state_cannot_be_saved_exits_1_and_says_so(
+    tmp_path: Path, trained_model_dir: Path
+) -> None:
+    """A full state disk made the stop's save fail: the daemon logged the failure, then
+    "stopped", and exited 0, so a service manager took it for a clean stop while every
+    device's window, baseline and alert state since the last save was lost. It now exits
+    1 with ``stopped_without_saving_state``. Here a directory stands where the state file
+    goes (the atomic rename cannot replace it), so every save fails as on a full disk;
+    the same stop without it exits 0."""
+    from tests.mqtt_client import Collector, Publisher
+
+    broker = Broker().start()
+    collector = Collector(broker.host, broker.port, ["anomaly/+/verdict"])
+    publisher = Publisher(broker.host, broker.port)
+    try:
+        for blocked in (True, False):
+            work = tmp_path / ("blocked" if blocked else "free")
+            work.mkdir()
+            daemon = DaemonProcess(broker.host, broker.port, trained_model_dir, work)
+            try:
+                daemon.start()
+                if blocked:
+                    (work / "state" / "devices.json" / "in-the-way").mkdir(parents=True)
+                device = f"pump-{work.name}"
+                publisher.send(f"sensors/{device}/readings", NORMAL)
+                collector.wait_for(lambda t, _, d=device: t == f"anomaly/{d}/verdict")
+                daemon.signal(signal.SIGTERM)
+                code = daemon.wait(30)
+                log = daemon.log_tail(20_000)
+                if blocked:
+                    assert code == 1, log
+                    assert '"event": "state_save_failed"' in log
+                    assert '"event": "stopped_without_saving_state"' in log
+                    assert '"event": "stopped",' not in log
+                else:
+                    assert code == 0, log
+                    assert (work / "state" / "devices.json").is_file()
+                    assert "stopped_without_saving_state" not in log
+            finally:
+                daemon.close()
+    finally:
+        publisher.close()
+        collector.close()
+        broker.stop()
