@@ -163,8 +163,11 @@ def check_writable(directory: Path) -> None:
     """
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=directory):
-            pass
+        # a block written and flushed: a full disk still lets an empty file be created
+        with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=directory) as probe:
+            probe.write(bytes(4096))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as exc:
         raise ConfigError(
             f"state.dir {directory} is not writable ({exc.strerror or exc}): set [state] dir "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -329,6 +330,36 @@ def test_an_unwritable_state_dir_exits_2_before_connecting(
     assert f"state.dir {blocker / 'state'} is not writable" in res.stderr
     assert "STATE_DIR" in res.stderr and "cannot reach broker" not in res.stderr
 
+
+
+def test_a_full_state_disk_exits_2_before_connecting(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    """The start's check created an empty file, which a full disk still allows, so the
+    daemon started and lost its state at the first save: it now writes a block. A tmpfs
+    of 16 KB filled to the last byte (mounting needs root: skipped without it)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        (disk / "state").mkdir()
+        with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as fh:
+            while fh.write(bytes(512)):
+                pass
+        env = dict(os.environ, MODEL_DIR=str(trained_model_dir), MQTT_PORT=str(free_port()),
+                   HEALTH_PORT=str(free_port()), STATE_DIR=str(disk / "state"))
+        res = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert (f"state.dir {disk / 'state'} is not writable (No space left on device)"
+                in res.stderr)
+        assert "cannot reach broker" not in res.stderr
+        assert list((disk / "state").iterdir()) == []  # the probe is gone
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 def test_unreachable_broker_exits_3_with_a_clear_message(
     trained_model_dir: Path, tmp_path: Path
