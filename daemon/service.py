@@ -366,8 +366,12 @@ class Service:
             snapshot = state.load(self.state_path)
         except state.StateError as exc:
             # Starting fresh costs every device a new warm-up; refusing to start would
-            # cost all verdicts. The old file is kept until the first save replaces it.
-            log.warning("state_discarded", path=str(self.state_path), error=str(exc))
+            # cost all verdicts. The file is set aside, not overwritten by the next save.
+            kept = state.set_aside(self.state_path)
+            log.warning("state_discarded", path=str(self.state_path), error=str(exc),
+                        kept_as=None if kept is None else str(kept),
+                        note="every device warms up again, and an alert the broker holds "
+                             "as raised is not resolved by this daemon")
             return
         if snapshot is None:
             return

@@ -374,6 +374,20 @@ class StateWriter:
             self._on_written()
 
 
+def set_aside(path: Path) -> Path | None:
+    """Rename a state file that could not be used to ``<name>.unreadable-<UTC time>``
+    beside it, so the first save does not overwrite what an operator may want to look at
+    or mend; returns the new path, None if it could not be renamed (or is gone)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = path.with_name(f"{path.name}.unreadable-{stamp}")
+    try:
+        os.replace(path, kept)
+    except OSError:
+        return None
+    sync_directory(path.parent)
+    return kept
+
+
 def load(path: Path) -> dict[str, Any] | None:
     """The saved snapshot, or None if there is no file yet."""
     try:

@@ -315,3 +315,31 @@ def test_a_raised_alert_is_saved_at_once_not_at_the_next_periodic_save(
             restarted.fleet.restore(loaded)
         time.sleep(0.05)
     assert svc.mqtt.loop_alive  # saved while running, not at a stop
+
+
+def test_an_unreadable_state_file_is_set_aside_not_overwritten(
+    broker: Any, trained_model_dir: Path, start_daemon: Any, publisher_for: Any
+) -> None:
+    """A state file that cannot be read (cut short by a copy, a hand edit) is discarded,
+    as before: the daemon starts and its devices warm up again. It was overwritten by the
+    first save, so no one could look at it or mend it; it is now renamed beside the new
+    one and the log says where."""
+    settings = make_settings(broker, trained_model_dir)
+    settings = settings.model_copy(update={"state": StateConfig(
+        dir=settings.state.dir, save_interval_s=0.2)})
+    settings.state.dir.mkdir(parents=True, exist_ok=True)
+    broken = b'{"format": 4, "devices": {"windows": {"p-1": [1.0, 2'
+    (settings.state.dir / "devices.json").write_bytes(broken)
+    svc = start_daemon(settings=settings)
+    (kept,) = settings.state.dir.glob("devices.json.unreadable-*")
+    assert kept.read_bytes() == broken
+    pub = publisher_for(broker)
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:  # the daemon saves its own state beside it
+        pub.send("sensors/after-1/readings", NORMAL_READING)
+        if svc.state_path.exists() and "after-1" in state.load(svc.state_path)["alerts"][
+                "devices"]:
+            break
+        time.sleep(0.05)
+    assert "after-1" in state.load(svc.state_path)["alerts"]["devices"]
+    assert kept.read_bytes() == broken
