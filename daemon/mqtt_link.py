@@ -47,6 +47,9 @@ EARLY_DROPS = 3
 #: From then on the reconnect delay doubles with each early drop, up to this (at most
 #: half of ``STABLE_S``, so two such clients still find each other's connections early).
 EARLY_DROP_MAX_DELAY_S = 30.0
+#: paho's reason code when it closes a connection that heard nothing for ``keepalive_s``
+#: (before a CONNACK too): not the other end closing it
+KEEPALIVE_TIMEOUT = 141
 
 
 def guard(metrics: Metrics, where: str, fn: F) -> F:
@@ -251,24 +254,36 @@ class Link:
                     f"stopped while connecting to {cfg.host}:{cfg.port}")
         if not self._first_connect.is_set():
             self.stop(1.0)
-            if self._closed_unanswered:
-                # MQTT 3.1.1 has no reason codes: the broker just closes the connection
-                raise BrokerError(
-                    f"broker at {cfg.host}:{cfg.port} closed the connection "
-                    f"{self._closed_unanswered} time(s) without answering CONNECT: it refuses "
-                    "something in it and cannot say what over MQTT 3.1.1, such as the QoS 1 "
-                    "Last Will of a broker that allows QoS 0 only (Mosquitto's max_qos), or "
-                    "a client id or login its plugins refuse; see the broker's log"
-                )
-            raise BrokerError(
-                f"no answer to CONNECT from broker at {cfg.host}:{cfg.port} "
-                f"within {cfg.connect_timeout_s:.0f}s"
-            )
+            raise BrokerError(self._unanswered_error())
         if self._connect_result is not None:
             self.stop(1.0)
             raise BrokerError(
                 f"broker at {cfg.host}:{cfg.port} refused the connection: {self._connect_result}"
             )
+
+    def _unanswered_error(self) -> str:
+        """Why no CONNACK came: the connection was closed each time (by the other end), or
+        nothing answered at all (paho gave up after ``keepalive_s``, or the deadline came)."""
+        cfg = self.cfg
+        where = f"{cfg.host}:{cfg.port}"
+        tls = ("" if cfg.tls.enabled else
+               f"; if {cfg.port} is a TLS listener (Mosquitto's is usually 8883), set "
+               "mqtt.tls.enabled (MQTT_TLS=true): a TLS listener closes a plain connection so")
+        if self._closed_unanswered:
+            if self.v5:  # a broker that refuses an MQTT 5 client answers with a reason
+                why = ("not what an MQTT 5 broker does when it refuses a client (it answers "
+                       "with a reason code)")
+            else:  # MQTT 3.1.1 has no reason codes: the broker just closes the connection
+                why = ("it refuses something in it and cannot say what over MQTT 3.1.1, such "
+                       "as the QoS 1 Last Will of a broker that allows QoS 0 only (Mosquitto's "
+                       "max_qos), or a client id or login its plugins refuse; see the "
+                       "broker's log")
+            return (f"broker at {where} closed the connection {self._closed_unanswered} "
+                    f"time(s) without answering CONNECT: {why}{tls}")
+        return (f"no answer to CONNECT from broker at {where} within "
+                f"{cfg.connect_timeout_s:.0f}s: the connection was taken but nothing answered "
+                f"(is an MQTT broker listening on {cfg.port}? Another service on that port, "
+                "or a proxy or firewall that holds connections, does this)")
 
     def _connect(self) -> None:
         cfg = self.cfg
@@ -413,8 +428,10 @@ class Link:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if not self._ever_connected and not self._stopped.is_set():
-            self._closed_unanswered += 1  # closed before any CONNACK (see ``start``)
+        if (not self._ever_connected and not self._stopped.is_set()
+                and getattr(reason, "value", None) != KEEPALIVE_TIMEOUT):
+            # closed before any CONNACK (see ``start``); not paho giving up on an answer
+            self._closed_unanswered += 1
         if self._on_down is not None:
             self._on_down()
         if was:

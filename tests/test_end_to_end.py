@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,15 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from daemon.config import AlertConfig, ReadingsConfig, Settings
+from daemon.config import (
+    AlertConfig,
+    HttpConfig,
+    ModelConfig,
+    MqttConfig,
+    ReadingsConfig,
+    Settings,
+)
+from daemon.errors import BrokerError
 from tests.broker import REPO, Broker, free_port, wait_for_port
 from tests.conftest import make_settings
 from tests.conftest_models import ANOMALOUS_READING as ANOMALOUS
@@ -360,6 +369,27 @@ def test_a_full_state_disk_exits_2_before_connecting(
         assert list((disk / "state").iterdir()) == []  # the probe is gone
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_port_that_takes_the_connection_but_never_answers_is_said_to(
+    start_daemon: Any, trained_model_dir: Path
+) -> None:
+    """Something on the broker's port that accepts connections and says nothing (another
+    service, a proxy holding them): paho gives up after keepalive_s, and the error said
+    the broker "closed the connection ... without answering CONNECT", blaming a refused
+    Last Will or login. It now says nothing answered, and asks what listens there."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        mqtt = MqttConfig(host="127.0.0.1", port=port, keepalive_s=5, connect_timeout_s=8,
+                          client_id=f"silent-{free_port()}")
+        settings = Settings(mqtt=mqtt, http=HttpConfig(port=0),
+                            model=ModelConfig(dir=trained_model_dir))
+        with pytest.raises(BrokerError) as unanswered:
+            start_daemon(settings=settings)
+    said = str(unanswered.value)
+    assert f"no answer to CONNECT from broker at 127.0.0.1:{port} within 8s" in said
+    assert f"is an MQTT broker listening on {port}?" in said
+    assert "closed the connection" not in said
 
 def test_unreachable_broker_exits_3_with_a_clear_message(
     trained_model_dir: Path, tmp_path: Path
