@@ -31,6 +31,7 @@ bridge, resumed then, still holds what came meanwhile.
 
 from __future__ import annotations
 
+import errno
 import os
 import ssl
 import threading
@@ -49,7 +50,7 @@ from paho.mqtt.properties import Properties
 
 from daemon import spool, state
 from daemon.config import MqttConfig, Settings
-from daemon.errors import BrokerError
+from daemon.errors import BrokerError, ConfigError
 from daemon.mqtt_link import connect_failure, pause, set_credentials
 from daemon.partition import SINGLE, TopicOwnership, layout_dispatch
 from daemon.state import write_bytes
@@ -209,10 +210,25 @@ def take_over(settings: Settings, directory: Path, workers: int,
     try:
         hand_over(settings, directory,
                   state.repartition(directory, workers, settings.service.dispatch), cancel)
+    except OSError as exc:
+        os.close(lock)
+        if exc.errno not in _DISK_ERRORS:
+            raise
+        raise ConfigError(
+            f"cannot write in state.dir {directory} while settling what the previous "
+            f"layout left ({exc.strerror}): nothing is lost, the readings already taken from "
+            f"the broker stay in {directory} ({spool.JOURNAL}, handover*.jsonl) and the rest "
+            "at the broker, for the next start; make room there (a handover needs about "
+            "twice the size of what it takes) and start again") from exc
     except BaseException:
         os.close(lock)
         raise
     return lock
+
+
+#: What writing in the state directory can fail with, as opposed to a network error.
+_DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
+                          errno.EPERM})
 
 
 def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | None,
@@ -359,9 +375,13 @@ class _Session:
                  ) -> None:
         self.cfg, self.client_id = cfg, client_id
         v5 = cfg.protocol == "5"
+        # Without ``on_message`` nothing delivered is taken, so nothing is acknowledged:
+        # paho would acknowledge (and the broker drop) what a resumed session holds, such
+        # as a bridge left by a handover cut short, in the moment this connection lasts.
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              clean_session=None if v5 else not (resume or keep),
-                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
+                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+                             manual_ack=on_message is None)
         set_credentials(client, cfg)
         self.answered = threading.Event()
         self.refusal: str | None = None  # the last answer's failure, if it was one

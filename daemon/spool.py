@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 import structlog
 
-from daemon.state import sync_directory, write_bytes
+from daemon.state import stage_bytes, sync_directory
 
 log = structlog.get_logger("anomalyd.spool")
 
@@ -104,21 +104,31 @@ def spool_file(directory: Path, worker_index: int | None) -> Path:
 def hand_to_workers(directory: Path, owner: Callable[[str], int | None]) -> None:
     """Write what the journal and earlier files hold to the file of each reading's owner
     (``owner(topic)``: a worker index, None for a single daemon), in the order they were
-    received (a device's readings in their order)."""
+    received (a device's readings in their order). All or nothing: every owner's file is
+    written in full before any replaces its namesake or an earlier file goes, so one that
+    cannot be written (a full disk) leaves the files as they were, for the next start."""
     earlier = sorted(directory.glob("handover*.jsonl"))
     readings = [q for path in earlier for q in _read(path)]
     readings.sort(key=lambda q: q.received)
     parts: dict[int | None, list[bytes]] = {}
     for q in readings:
         parts.setdefault(owner(q.topic), []).append(_line(q))
-    written = set()
-    for index, lines in parts.items():
-        path = spool_file(directory, index)
-        write_bytes(path, lines)
-        written.add(path)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for index, lines in parts.items():
+            path = spool_file(directory, index)
+            staged.append((stage_bytes(path, lines), path))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    written = {path for _, path in staged}
     for path in earlier:
         if path not in written:
             path.unlink(missing_ok=True)
+    sync_directory(directory)
 
 
 def take(directory: Path, worker_index: int | None) -> list[Queued]:

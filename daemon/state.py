@@ -210,6 +210,18 @@ def write_bytes(path: Path, body: bytes | Sequence[bytes]) -> None:
     """Replace ``path`` with ``body`` (or its pieces, in order) atomically: beside it,
     flushed to disk, renamed, and the rename flushed to disk too (the directory's fsync:
     without it a power cut may leave the old file, or none, after this returned)."""
+    tmp = stage_bytes(path, body)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_directory(path.parent)
+
+
+def stage_bytes(path: Path, body: bytes | Sequence[bytes]) -> Path:
+    """``body`` written and flushed to disk in a new file beside ``path`` (hidden: a dot
+    and ``.tmp``), for the caller to rename over ``path``; nothing is left if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -218,11 +230,10 @@ def write_bytes(path: Path, body: bytes | Sequence[bytes]) -> None:
                 fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    sync_directory(path.parent)
+    return Path(tmp)
 
 
 def sync_directory(directory: Path) -> None:

@@ -3,6 +3,8 @@ the layout changes (``daemon.sessions``), on a real Mosquitto."""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ from pydantic import SecretStr
 
 from daemon import partition, sessions, spool, state
 from daemon.config import MqttConfig, ServiceConfig, Settings, StateConfig
+from daemon.errors import ConfigError
 from tests.broker import REPO, Broker, acl_broker
 from tests.faults import Proxy
 
@@ -440,6 +443,34 @@ def test_a_handover_cut_short_is_finished_by_the_next_start(
         broker, subscribe="sensors/+/readings") == []  # the bridge is gone
 
 
+
+def test_a_handover_cut_short_and_asked_for_again_takes_over_what_its_bridge_held(
+    fresh_broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the next start asks for the same new layout again (a start that
+    failed on a full state directory, then started again once there was room): the
+    bridge is resumed to be made again, and paho acknowledged, so dropped, every reading
+    the broker delivered to it in that moment: 139 readings lost in the run that found
+    it. They are now left in the bridge and taken over with the rest."""
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 1)
+    daemon_session(broker, "a", "sensors/+/readings")
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # as a SIGKILL or a full disk would stop it
+
+    monkeypatch.setattr(sessions, "_connect_once", _cut_after_bridge(killed))
+    with pytest.raises(KeyboardInterrupt):
+        start_layout(broker, tmp_path, 2)
+    monkeypatch.undo()
+    meanwhile = [f"sensors/meanwhile-{i}/readings" for i in range(5)]
+    publish(broker, meanwhile)  # only the bridge is subscribed now
+    start_layout(broker, tmp_path, 2)  # the same new layout asked for again
+    taken = sorted(q.topic for i in range(2) for q in spool.take(tmp_path, i))
+    assert taken == sorted(meanwhile)
+    assert Probe(broker, "a-handover", MARKER).take(
+        broker, subscribe="sensors/+/readings") == []  # the bridge is gone
+
 def _cut_after_bridge(fail: Any) -> Any:
     real = sessions._connect_once
     calls: list[int] = []
@@ -642,3 +673,63 @@ def test_a_journal_cut_short_mid_line_keeps_the_next_reading_whole(tmp_path: Pat
     journal.close()
     spool.hand_to_workers(tmp_path, lambda topic: None)
     assert spool.take(tmp_path, None) == [whole, later]
+
+
+def _full_disk_on_write(after: int) -> Any:
+    """``spool.stage_bytes`` that fails as a full disk does once ``after`` files are
+    written (the write itself is the real one)."""
+    real = spool.stage_bytes
+    written: list[Path] = []
+
+    def stage(path: Path, body: Any) -> Path:
+        if len(written) >= after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return real(path, body)
+    return stage
+
+
+def test_a_handover_cut_that_cannot_be_written_leaves_every_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cutting the journal for two workers on a disk that fills up after the first
+    worker's file: that file replaced nothing yet and is gone, the journal is whole, and
+    the next cut (with room) gives every reading to its owner once. (Before, the first
+    worker's file stayed beside the journal holding the same readings: judged twice.)"""
+    readings = [spool.Queued(f"sensors/d{k}/readings", b"{}", float(k)) for k in range(8)]
+    journal(tmp_path, readings)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    owner = lambda topic: partition.owner(topic.split("/")[1], 2)  # noqa: E731
+    monkeypatch.setattr(spool, "stage_bytes", _full_disk_on_write(after=1))
+    with pytest.raises(OSError, match="No space left"):
+        spool.hand_to_workers(tmp_path, owner)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    spool.hand_to_workers(tmp_path, owner)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["handover-0.jsonl",
+                                                         "handover-1.jsonl"]
+    for i in range(2):
+        assert [q.topic for q in spool.take(tmp_path, i)] == [
+            q.topic for q in readings if owner(q.topic) == i]
+
+
+def test_a_start_whose_handover_cannot_be_written_says_what_to_do_and_lets_go(
+    fresh_broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full state directory while a handover is settled ended the start with a Python
+    traceback; it is now a clear error (exit 2 from the command line) saying nothing is
+    lost and to make room, and the directory's lock is let go."""
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 2, "shared")
+    journal(tmp_path, [spool.Queued("sensors/d1/readings", b"{}", 1.0)])
+    monkeypatch.setattr(spool, "stage_bytes", _full_disk_on_write(after=0))
+    s = settings_for(broker.host, broker.port, tmp_path, workers=2, dispatch="device")
+    with pytest.raises(ConfigError) as refused:
+        sessions.take_over(s, tmp_path, 2)
+    said = str(refused.value)
+    assert f"cannot write in state.dir {tmp_path}" in said and "No space left" in said
+    assert "nothing is lost" in said and "make room there" in said
+    monkeypatch.undo()
+    os.close(sessions.take_over(s, tmp_path, 2))  # the lock was let go; now it settles
+    assert [q.topic for i in range(2) for q in spool.take(tmp_path, i)] == [
+        "sensors/d1/readings"]
