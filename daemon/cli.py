@@ -75,7 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from daemon.supervisor import run_workers
 
         return run_workers(settings, args.config)
-    return Service(settings, bundle, worker_index=args.worker_index).run()
+    return Service(settings, bundle, worker_index=args.worker_index,
+                   supervisor_pid=args.supervisor_pid).run()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -390,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     train = sub.add_parser("train", help="train the preprocessor, the detectors and the ensemble")

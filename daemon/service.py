@@ -67,6 +67,8 @@ STATE_FLUSH_TIMEOUT_S = 10.0
 ALERT_SAVE_S = 1.0
 #: How often the scorer looks whether the readings taken over in a handover are judged.
 HANDOVER_CHECK_S = 1.0
+# How often a worker looks whether its supervisor is still there.
+SUPERVISOR_CHECK_S = 0.5
 
 
 def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
@@ -87,8 +89,10 @@ class Service:
         bundle: ModelBundle,
         metrics: Metrics | None = None,
         worker_index: int | None = None,
+        supervisor_pid: int | None = None,
     ) -> None:
         self.settings = settings
+        self._supervisor_pid = supervisor_pid  # a worker's: it stops if that one is gone
         self.bundle = bundle
         self.metrics = metrics or Metrics()
         self.started_at = time.time()
@@ -509,6 +513,18 @@ class Service:
                     action="graceful stop" if first else "forced stop")
         self.request_stop(force=not first)
 
+    def _watch_supervisor(self, supervisor: int) -> None:
+        """A worker whose supervisor is gone (SIGKILLed, by the OOM killer say: it had no
+        time to stop its workers) stops as on SIGTERM. Left running it would keep its
+        client ids, its HTTP port and the state directory's lock, inherited from the
+        supervisor, and every next start would be refused as a second anomalyd."""
+        while os.getppid() == supervisor:
+            if self._stopping.wait(SUPERVISOR_CHECK_S):
+                return
+        log.error("supervisor_gone", supervisor_pid=supervisor, action="graceful stop",
+                  note="this worker's supervisor ended without stopping it")
+        self.request_stop()
+
     def _on_reload_signal(self, signum: int) -> None:
         """SIGHUP: queue a model reload for the scorer, which logs its outcome."""
         queued = self.control.submit(Command("reload"))
@@ -527,6 +543,9 @@ class Service:
         gc.collect()
         gc.freeze()
         self.install_signal_handlers()
+        if self._supervisor_pid is not None:
+            threading.Thread(target=self._watch_supervisor, args=(self._supervisor_pid,),
+                             name="supervisor-watch", daemon=True).start()
         try:
             self.start()
         except StoppedWhileStartingError as exc:  # nothing was taken: nothing to drain

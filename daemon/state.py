@@ -145,6 +145,12 @@ def lock(directory: Path) -> int:
             os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise ConfigError(f"cannot lock state.dir {directory}: {exc.strerror}") from exc
+        if _gone(holder):  # its workers hold the lock they inherited
+            raise StateDirInUseError(
+                f"state.dir {directory} is in use by the workers of an anomalyd that has "
+                f"ended (pid {holder}); a worker stops on its own once its supervisor is "
+                "gone, within seconds: start again then, or stop them (their command line "
+                "holds --worker-index)") from exc
         raise StateDirInUseError(
             f"state.dir {directory} is in use by another anomalyd (pid {holder}): two on "
             "one directory would overwrite each other's device state and broker sessions; "
@@ -152,6 +158,17 @@ def lock(directory: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def _gone(pid: str) -> bool:
+    """Whether the process a lock file names has ended (False when unsure)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OSError):
+        return False
+    return False
 
 
 def check_writable(directory: Path) -> None:

@@ -120,7 +120,8 @@ def run_workers(settings: Settings, config: Path | None) -> int:
                                  "finishes the handover")
         return EXIT_OK
     base = [sys.executable, "-m", "daemon"] + (["--config", str(config)] if config else [])
-    workers = [Worker(i, [*base, "run", "--worker-index", str(i)], (lock,)) for i in range(n)]
+    workers = [Worker(i, [*base, "run", "--worker-index", str(i),
+                          "--supervisor-pid", str(os.getpid())], (lock,)) for i in range(n)]
     log.info("workers_started", workers=n, pids=[w.proc.pid for w in workers if w.proc])
     return _supervise(workers, signals)
 

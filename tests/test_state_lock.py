@@ -27,6 +27,23 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path: Path) -> N
     os.close(state.lock(tmp_path))  # free again once let go
 
 
+
+def test_a_lock_held_for_an_ended_holder_says_its_workers_hold_it(tmp_path: Path) -> None:
+    """Workers inherit their supervisor's lock: with the supervisor gone (SIGKILL) they
+    held it, and a new start was refused as "in use by another anomalyd" naming a pid
+    that no longer ran. It now says the ended one's workers hold it."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    fd = state.lock(tmp_path)  # as a worker holds it, with the file naming its supervisor
+    os.pwrite(fd, f"{ended.stdout.strip()}\n".encode(), 0)
+    try:
+        with pytest.raises(state.StateDirInUseError) as refused:
+            state.lock(tmp_path)
+        assert (f"in use by the workers of an anomalyd that has ended "
+                f"(pid {ended.stdout.strip()})") in str(refused.value)
+    finally:
+        os.close(fd)
+
 def test_a_killed_holder_leaves_the_directory_free(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "

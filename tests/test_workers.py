@@ -385,3 +385,58 @@ def test_a_stray_entry_from_an_older_mistake_is_not_listed_and_a_silence_drops_i
         assert _held(base, dev) is None
         owner = _held(base + 1, dev)
         assert owner is not None and owner["alert"]["silenced_until"] is not None
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"  # an unreaped zombie has ended
+
+
+def test_workers_whose_supervisor_was_killed_stop_and_let_the_next_start_in(
+    broker: Broker, trained_model_dir: Path, collector_for: Any, publisher_for: Any,
+    tmp_path: Path,
+) -> None:
+    """The OOM killer takes the supervisor alone (SIGKILL): its workers ran on for ever,
+    keeping their client ids, ports and the state directory's lock, inherited from it,
+    so every next start was refused as "in use by another anomalyd" naming the dead
+    pid. Each worker now sees its supervisor gone (within a second) and stops
+    gracefully; the next start comes in and judges what was published meanwhile."""
+    base, cid = free_ports(2), f"anomalyd-o-{free_port()}"
+    config = tmp_path / "device.toml"
+    config.write_text('[service]\ndispatch = "device"\n')
+    env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port),
+               MODEL_DIR=str(trained_model_dir), HEALTH_PORT=str(base), WORKERS="2",
+               MQTT_CLIENT_ID=cid, STATE_DIR=str(tmp_path / "state"))
+    with (tmp_path / "workers.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config),
+                                 "run"], cwd=REPO, env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+    pids: list[int] = []
+    try:
+        _until_ready(base, base + 1)
+        pids = [worker_pid(proc.pid, i) for i in range(2)]
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in pids):
+            assert time.monotonic() < deadline, "workers still running: " + _log(tmp_path)[-2000:]
+            time.sleep(0.1)
+    finally:
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert sorted(e["worker"] for e in _events(tmp_path, "supervisor_gone")) == [0, 1]
+    assert len(_events(tmp_path, "stopped")) == 2  # each gracefully
+    pub = publisher_for(broker)
+    devices = [f"o-{base}-{k}" for k in range(6)]
+    for seq, dev in enumerate(devices):  # no one reads them now: the sessions keep them
+        pub.client.publish(f"sensors/{dev}/readings",
+                           orjson.dumps({**NORMAL_READING, "seq": seq}), qos=1).wait_for_publish(5)
+    col = collector_for(broker, ["anomaly/+/verdict"])
+    with workers(broker, trained_model_dir, tmp_path, "device", cid, base):
+        got = col.wait_for(lambda t, p: t.split("/")[1] in devices, count=len(devices),
+                           timeout=60)
+        assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(len(devices)))
