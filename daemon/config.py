@@ -420,6 +420,19 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _default_config_present() -> bool:
+    """Whether ``config/anomalyd.toml`` is in the working directory. One this user may
+    not look into (``sudo -u anomalyd anomalyd train`` run from /root) is a ConfigError,
+    not a traceback."""
+    try:
+        return DEFAULT_CONFIG_PATH.is_file()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot look for the default configuration file {DEFAULT_CONFIG_PATH} in "
+            f"{os.getcwd()}: {exc.strerror or exc} (run from a directory this user may "
+            f"read, or give --config FILE)") from exc
+
+
 def load_settings(
     path: Path | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
@@ -431,7 +444,7 @@ def load_settings(
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     source = "defaults"
-    if path is None and DEFAULT_CONFIG_PATH.is_file():
+    if path is None and _default_config_present():
         path = DEFAULT_CONFIG_PATH
     if path is not None:
         try:
@@ -441,6 +454,10 @@ def load_settings(
             raise ConfigError(f"configuration file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+        except OSError as exc:  # a directory, or not readable by this user
+            raise ConfigError(
+                f"cannot read configuration file {path}: {exc.strerror or exc} (give a "
+                f"file this user may read: --config FILE)") from exc
         source = str(path)
     overridden = []
     for var, path_ in ENV_OVERRIDES.items():

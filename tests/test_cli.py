@@ -95,6 +95,17 @@ def test_check_config_rejects_a_typo_with_exit_2(tmp_path: Path) -> None:
     assert "batch.max_batch_sise" in res.stderr
 
 
+def test_a_configuration_file_that_cannot_be_read_exits_2_naming_it(tmp_path: Path) -> None:
+    """An operator's shell reading the service's root-only /etc/anomalyd/anomalyd.toml
+    (`anomalyd --config ... devices`), or --config naming a directory, ended in a
+    PermissionError (IsADirectoryError) traceback and exit 1. (The tests run as root: a
+    directory stands for the file this user may not read.)"""
+    res = anomalyd("--config", str(tmp_path), "check-config")
+    assert res.returncode == 2, res.stderr
+    assert f"cannot read configuration file {tmp_path}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_bad_arguments_exit_2() -> None:
     res = anomalyd("train", "--rows", "many")
     assert res.returncode == 2
