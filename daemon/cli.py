@@ -312,7 +312,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """The effective configuration, and what ``run`` reads of it before connecting: the
-    password and token (files), the model set and its default detector. A tester found
+    password and token (files), the TLS files, the model set and its default detector. A
+    tester found
     check-config saying "valid" for a missing model.dir or token file that run refused."""
     from daemon.models import load_bundle
     from daemon.offline import detector_problem
@@ -321,6 +322,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
     settings.mqtt.secret()
     settings.http.secret()
+    if settings.mqtt.tls.enabled:  # the CA, certificate and key files, read as run reads them
+        from daemon.tls import client_context
+
+        client_context(settings.mqtt.tls)
     bundle = load_bundle(settings.model.dir)
     problem = detector_problem(bundle, None, settings)
     if problem:

@@ -61,6 +61,9 @@ def test_check_config_refuses_what_run_would_refuse_before_connecting(
         ({**ok, "HEALTH_TOKEN_FILE": str(tmp_path / "missing")}, "token_file"),
         ({**ok, "MQTT_USERNAME": "u", "MQTT_PASSWORD_FILE": str(tmp_path / "missing")},
          "password_file"),
+        # (said "valid" while run stopped at once: "mqtt.tls.ca_file ...: No such file")
+        ({**ok, "MQTT_TLS": "true", "MQTT_CA_FILE": str(tmp_path / "missing.crt")},
+         f"mqtt.tls.ca_file {tmp_path / 'missing.crt'}"),
     ):
         res = anomalyd("check-config", env=env)
         assert res.returncode == 2 and said in res.stderr, (env, res.stderr)
