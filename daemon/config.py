@@ -52,6 +52,15 @@ class TlsConfig(_Strict):
     def _check(self) -> TlsConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+        given = [name for name in ("ca_file", "cert_file", "key_file")
+                 if getattr(self, name) is not None]
+        if given and not self.enabled:
+            # MQTT_CA_FILE set and MQTT_TLS forgotten: the link went out unencrypted (the
+            # password with it), and to a TLS port failed only after connect_timeout_s
+            raise ValueError(
+                f"{' and '.join(given)} given while enabled is false (MQTT_TLS): the "
+                f"connection would not use TLS and the file(s) would be ignored. Set "
+                f"mqtt.tls.enabled = true (MQTT_TLS=true), or leave them out")
         return self
 
 

@@ -177,6 +177,22 @@ def test_a_drift_warning_without_baselines_is_refused(tmp_path: Path) -> None:
     assert settings.baseline.drift_warn_spreads == 8.0
 
 
+def test_tls_files_without_tls_are_refused(tmp_path: Path) -> None:
+    """MQTT_CA_FILE set and MQTT_TLS forgotten was accepted: the daemon then connected
+    without TLS (a username and password in clear), and to a TLS listener it retried for
+    connect_timeout_s and ended on a message about MQTT 3.1.1 (a tester)."""
+    settings = _refused_then_loaded(
+        tmp_path, '[mqtt.tls]\nca_file = "/etc/anomalyd/ca.crt"\n',
+        r"mqtt\.tls: .*ca_file given while enabled is false \(MQTT_TLS\).*MQTT_TLS=true",
+        '[mqtt.tls]\nenabled = true\nca_file = "/etc/anomalyd/ca.crt"\n')
+    assert settings.mqtt.tls.enabled
+    with pytest.raises(ConfigError, match=r"(?s)environment \(MQTT_CA_FILE\).*ca_file given"):
+        load_settings(None, env={"MQTT_CA_FILE": "/etc/anomalyd/ca.crt"})
+    with pytest.raises(ConfigError, match=r"cert_file and key_file given while enabled is"):
+        load_settings(None, env={"MQTT_CERT_FILE": "/c.crt", "MQTT_KEY_FILE": "/c.key"})
+    assert load_settings(None, env={"MQTT_CA_FILE": "/ca.crt", "MQTT_TLS": "true"}).mqtt.tls.enabled
+
+
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.port"):
         load_settings(None, env={"MQTT_PORT": "not-a-port"})
