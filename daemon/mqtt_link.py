@@ -106,6 +106,23 @@ def connect_failure(cfg: MqttConfig, exc: OSError) -> str:
     return f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}{tls_hint}"
 
 
+def closed_unanswered(cfg: MqttConfig, times: int) -> str:
+    """Why a broker may have closed the connection ``times`` times without a CONNACK."""
+    said = (f"broker at {cfg.host}:{cfg.port} closed the connection {times} time(s) "
+            "without answering CONNECT")
+    # a TLS listener does that with a plain MQTT greeting (seen: mosquitto/secure/'s 8883
+    # with MQTT_TLS unset, 30 s of silent retries, then a message about MQTT 3.1.1 alone)
+    tls = ("" if cfg.tls.enabled else
+           f"; is {cfg.port} a TLS listener (Mosquitto's usually is 8883)? Then set "
+           "mqtt.tls.enabled (MQTT_TLS=true)")
+    if cfg.protocol == "5":  # an MQTT 5 broker that refuses a client says why
+        return f"{said}: it does not answer as an MQTT broker there{tls}; see the broker's log"
+    # MQTT 3.1.1 has no reason codes: the broker just closes the connection
+    return (f"{said}: it refuses something in it and cannot say what over MQTT 3.1.1, such "
+            "as the QoS 1 Last Will of a broker that allows QoS 0 only (Mosquitto's "
+            f"max_qos), or a client id or login its plugins refuse{tls}; see the broker's log")
+
+
 def pause(seconds: float, cancel: threading.Event | None, what: str) -> None:
     """Wait ``seconds`` before the next connection attempt, or raise
     StoppedWhileStartingError(``what``) as soon as ``cancel`` is set (a signal)."""
@@ -252,14 +269,7 @@ class Link:
         if not self._first_connect.is_set():
             self.stop(1.0)
             if self._closed_unanswered:
-                # MQTT 3.1.1 has no reason codes: the broker just closes the connection
-                raise BrokerError(
-                    f"broker at {cfg.host}:{cfg.port} closed the connection "
-                    f"{self._closed_unanswered} time(s) without answering CONNECT: it refuses "
-                    "something in it and cannot say what over MQTT 3.1.1, such as the QoS 1 "
-                    "Last Will of a broker that allows QoS 0 only (Mosquitto's max_qos), or "
-                    "a client id or login its plugins refuse; see the broker's log"
-                )
+                raise BrokerError(closed_unanswered(cfg, self._closed_unanswered))
             raise BrokerError(
                 f"no answer to CONNECT from broker at {cfg.host}:{cfg.port} "
                 f"within {cfg.connect_timeout_s:.0f}s"

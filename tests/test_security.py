@@ -402,3 +402,17 @@ def test_tls_to_a_plain_listener_says_which_port_to_check(
                       client_id=f"tls-plain-{free_port()}", tls=TlsConfig(enabled=True))
     with pytest.raises(BrokerError, match=rf"is {fresh_broker.port} the broker's TLS listener"):
         start_daemon(settings=settings(mqtt, trained_model_dir))
+
+
+def test_plain_mqtt_to_a_tls_listener_says_to_turn_tls_on(
+    sbroker: Broker, start_daemon: Any, trained_model_dir: Path
+) -> None:
+    """MQTT_PORT=8883 with MQTT_TLS forgotten (MQTT 5): the TLS listener closes each plain
+    connection, and after connect_timeout_s the error spoke of MQTT 3.1.1 reason codes and
+    a QoS 0 broker, not of TLS (a tester, against mosquitto/secure/)."""
+    mqtt = MqttConfig(host=sbroker.host, port=sbroker.port, connect_timeout_s=2,
+                      client_id=f"plain-tls-{free_port()}")
+    said = rf"is {sbroker.port} a TLS listener .*MQTT_TLS=true"
+    with pytest.raises(BrokerError, match=said) as caught:
+        start_daemon(settings=settings(mqtt, trained_model_dir))
+    assert "3.1.1" not in str(caught.value)
