@@ -428,7 +428,10 @@ class Link:
         if self._on_down is not None:
             self._on_down()
         if was:
-            log.warning("broker_disconnected", link=self.name, reason=str(reason))
+            # our own disconnect at a stop is no warning (an operator alerting on
+            # warnings was paged by every clean shutdown)
+            (log.info if self._stopped.is_set() else log.warning)(
+                "broker_disconnected", link=self.name, reason=str(reason))
             if not self._stopped.is_set() and not self._silenced:
                 self._dropped(time.monotonic(), str(reason))
 

@@ -151,3 +151,24 @@ def test_a_signal_stops_a_daemon_whose_handover_waits_for_its_broker(
         assert "workers_started" not in daemon.log_tail()
     finally:
         daemon.close()
+
+
+def test_a_clean_stop_logs_its_own_disconnects_as_info_and_a_broker_stop_as_warning(
+    fresh_broker: Broker, start_daemon: Any
+) -> None:
+    """Every SIGTERM logged two broker_disconnected warnings ("Normal disconnection"): a
+    clean stop paged whoever alerts on the log's warnings."""
+    from structlog.testing import capture_logs
+
+    svc = start_daemon(fresh_broker)
+    with capture_logs() as logs:
+        fresh_broker.stop()  # the broker goes away: that is worth a warning
+        _until(lambda: not svc.mqtt.connected)
+        _until(lambda: sum(e["event"] == "broker_disconnected" for e in logs) == 2)
+    assert {e["log_level"] for e in logs if e["event"] == "broker_disconnected"} == {"warning"}
+    fresh_broker.start()
+    _until(lambda: svc.mqtt.connected)
+    with capture_logs() as logs:
+        assert svc.shutdown() is True
+    said = [e for e in logs if e["event"] == "broker_disconnected"]
+    assert said and {e["log_level"] for e in said} == {"info"}, said
