@@ -123,7 +123,8 @@ class MqttConfig(_Strict):
             try:
                 return self.password_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read mqtt.password_file: {exc.strerror}") from exc
+                raise ConfigError(f"cannot read mqtt.password_file (MQTT_PASSWORD_FILE) "
+                                  f"{self.password_file}: {exc.strerror}") from exc
         return None
 
 
@@ -235,7 +236,8 @@ class HttpConfig(_Strict):
             try:
                 value = self.token_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read http.token_file: {exc.strerror}") from exc
+                raise ConfigError(f"cannot read http.token_file (HEALTH_TOKEN_FILE) "
+                                  f"{self.token_file}: {exc.strerror}") from exc
             if not value:
                 raise ConfigError(f"http.token_file (HEALTH_TOKEN_FILE) {self.token_file} is "
                                   "empty: write the token in it, or leave the setting out "

@@ -58,9 +58,11 @@ def test_check_config_refuses_what_run_would_refuse_before_connecting(
     assert res.returncode == 0 and "loads (isolation_forest" in res.stderr, res.stderr
     for env, said in (
         ({"MODEL_DIR": str(tmp_path / "none")}, "no manifest"),
-        ({**ok, "HEALTH_TOKEN_FILE": str(tmp_path / "missing")}, "token_file"),
+        # (each names the file it could not read: which one of several secrets' mounts?)
+        ({**ok, "HEALTH_TOKEN_FILE": str(tmp_path / "missing")},
+         f"http.token_file (HEALTH_TOKEN_FILE) {tmp_path / 'missing'}: No such file"),
         ({**ok, "MQTT_USERNAME": "u", "MQTT_PASSWORD_FILE": str(tmp_path / "missing")},
-         "password_file"),
+         f"mqtt.password_file (MQTT_PASSWORD_FILE) {tmp_path / 'missing'}: No such file"),
         # (said "valid" while run stopped at once: "mqtt.tls.ca_file ...: No such file")
         ({**ok, "MQTT_TLS": "true", "MQTT_CA_FILE": str(tmp_path / "missing.crt")},
          f"mqtt.tls.ca_file {tmp_path / 'missing.crt'}"),
