@@ -161,15 +161,17 @@ def check_writable(directory: Path) -> None:
     device's baseline and alert state at its next restart (and never resolve an alert the
     broker holds as raised), which is worth refusing to start for.
     """
+    hint = ("set [state] dir (or STATE_DIR) to a directory anomalyd may write, e.g. "
+            "/var/lib/anomalyd/state")
+    if directory.exists() and not directory.is_dir():  # said "not writable (File exists)"
+        raise ConfigError(f"state.dir {directory} is a file, not a directory: {hint}")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(prefix=".write-check-", dir=directory):
             pass
     except OSError as exc:
         raise ConfigError(
-            f"state.dir {directory} is not writable ({exc.strerror or exc}): set [state] dir "
-            "(or STATE_DIR) to a directory anomalyd may write, e.g. /var/lib/anomalyd/state"
-        ) from exc
+            f"state.dir {directory} is not writable ({exc.strerror or exc}): {hint}") from exc
 
 
 def encode(snapshot: dict[str, Any]) -> bytes:
