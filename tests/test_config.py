@@ -16,6 +16,17 @@ def test_shipped_config_file_is_valid_and_equals_the_defaults() -> None:
     assert load_settings(REPO / "config" / "anomalyd.toml", env={}) == Settings()
 
 
+def test_every_environment_variable_is_named_in_the_shipped_file_and_the_readme() -> None:
+    """The shipped file "documents every key", and an operator reads there which variable
+    sets one: MODEL_SHADOW_DIR was named in the README only."""
+    from daemon.config import ENV_OVERRIDES
+
+    toml = (REPO / "config" / "anomalyd.toml").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert [v for v in ENV_OVERRIDES if v not in toml] == []
+    assert [v for v in ENV_OVERRIDES if f"`{v}`" not in readme] == []
+
+
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     cfg = tmp_path / "a.toml"
     cfg.write_text('[mqtt]\nhost = "broker.local"\nport = 1884\n')
