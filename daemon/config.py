@@ -86,6 +86,13 @@ class MqttConfig(_Strict):
     #: documented cap); 0: only the limit an MQTT 5 broker announces (daemon.oversize)
     max_packet_bytes: int = Field(0, ge=0)
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        """``protocol = 5``, a TOML number, as ``"5"`` (refused before, with "Input should
+        be '5' or '3.1.1'")."""
+        return "5" if isinstance(value, int | float) and value == 5 else value
+
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
         if "+" not in self.subscription:

@@ -204,6 +204,17 @@ def test_tls_files_without_tls_are_refused(tmp_path: Path) -> None:
     assert load_settings(None, env={"MQTT_CA_FILE": "/ca.crt", "MQTT_TLS": "true"}).mqtt.tls.enabled
 
 
+def test_protocol_5_written_as_a_number_is_taken(tmp_path: Path) -> None:
+    """`protocol = 5` in the file was refused with "Input should be '5' or '3.1.1'": the
+    operator had written 5 (a tester)."""
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[mqtt]\nprotocol = 5\n")
+    assert load_settings(cfg, env={}).mqtt.protocol == "5"
+    cfg.write_text("[mqtt]\nprotocol = 3.1\n")  # not a protocol: still refused
+    with pytest.raises(ConfigError, match=r"mqtt\.protocol: Input should be '5' or '3\.1\.1'"):
+        load_settings(cfg, env={})
+
+
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.port"):
         load_settings(None, env={"MQTT_PORT": "not-a-port"})
