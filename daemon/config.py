@@ -40,6 +40,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _unexpanded(value: Any) -> Any:
+    """A path setting as given, refused if it starts with ``~``: nothing expands it (not
+    anomalyd, nor systemd's Environment=, nor a compose file), so ``STATE_DIR=~/state``
+    made a directory named ``~`` in the working directory and every device started
+    afresh there, without a word."""
+    if isinstance(value, str | Path) and str(value).startswith("~"):
+        raise ValueError(f"{str(value)!r}: '~' is not expanded here (nor by systemd or a "
+                         f"compose file): give the full path")
+    return value
+
+
 class TlsConfig(_Strict):
     enabled: bool = False
     ca_file: Path | None = None  # None: the system's trusted CAs
@@ -47,6 +58,11 @@ class TlsConfig(_Strict):
     key_file: Path | None = None
     verify_hostname: bool = True
     min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @field_validator('ca_file', 'cert_file', 'key_file', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
 
     @model_validator(mode="after")
     def _check(self) -> TlsConfig:
@@ -85,6 +101,11 @@ class MqttConfig(_Strict):
     #: the broker's packet size limit, where it does not announce one (MQTT 3.1.1, or a
     #: documented cap); 0: only the limit an MQTT 5 broker announces (daemon.oversize)
     max_packet_bytes: int = Field(0, ge=0)
+
+    @field_validator('password_file', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -216,6 +237,11 @@ class ModelConfig(_Strict):
     # (daemon.shadow); it must read the same features and window. None: no shadow.
     shadow_dir: Path | None = None
 
+    @field_validator('dir', 'shadow_dir', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
+
 
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
@@ -223,6 +249,11 @@ class HttpConfig(_Strict):
     # Bearer token required for everything but /health; None: no token.
     token: SecretStr | None = None
     token_file: Path | None = None
+
+    @field_validator('token_file', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
 
     @model_validator(mode="after")
     def _check(self) -> HttpConfig:
@@ -317,6 +348,11 @@ class BaselineConfig(_Strict):
 class StateConfig(_Strict):
     dir: Path = Path("state")
     save_interval_s: float = Field(60.0, gt=0)
+
+    @field_validator('dir', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
 
 
 class ServiceConfig(_Strict):

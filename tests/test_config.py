@@ -215,6 +215,22 @@ def test_protocol_5_written_as_a_number_is_taken(tmp_path: Path) -> None:
         load_settings(cfg, env={})
 
 
+def test_a_path_starting_with_a_tilde_is_refused(tmp_path: Path) -> None:
+    """STATE_DIR=~/anomalyd-state (a systemd Environment= or a compose file expands no
+    ~) made a directory named "~" in the working directory: every device started afresh
+    there, without a word (a tester)."""
+    with pytest.raises(ConfigError, match=r"(?s)STATE_DIR.*state\.dir: .*'~' is not "
+                                          r"expanded .*give the full path"):
+        load_settings(None, env={"STATE_DIR": "~/anomalyd-state"})
+    settings = _refused_then_loaded(
+        tmp_path, '[model]\ndir = "~/models"\n', r"model\.dir: .*'~/models': '~' is not",
+        '[model]\ndir = "/home/op/models"\n')
+    assert settings.model.dir == Path("/home/op/models")
+    for var in ("MQTT_PASSWORD_FILE", "HEALTH_TOKEN_FILE", "MODEL_SHADOW_DIR"):
+        with pytest.raises(ConfigError, match="'~' is not expanded"):
+            load_settings(None, env={var: "~/x", "MQTT_USERNAME": "u"})
+
+
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.port"):
         load_settings(None, env={"MQTT_PORT": "not-a-port"})
