@@ -172,3 +172,24 @@ def test_a_clean_stop_logs_its_own_disconnects_as_info_and_a_broker_stop_as_warn
         assert svc.shutdown() is True
     said = [e for e in logs if e["event"] == "broker_disconnected"]
     assert said and {e["log_level"] for e in said} == {"info"}, said
+
+
+def test_the_started_line_names_the_state_file_in_full(
+    monkeypatch: pytest.MonkeyPatch,  # first: its chdir is undone after the daemon stops
+    broker: Broker, start_daemon: Any, trained_model_dir: Path, tmp_path: Path,
+) -> None:
+    """The default state.dir, "state", is relative to the working directory: a daemon run
+    from another directory starts every device afresh in another state/, and with no
+    saved state there the log named no path at all."""
+    from structlog.testing import capture_logs
+
+    from daemon.config import StateConfig
+    from tests.conftest import make_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings(broker, trained_model_dir)
+    settings = settings.model_copy(update={"state": StateConfig(dir=Path("plant-state"))})
+    with capture_logs() as logs:
+        start_daemon(settings=settings)
+    started = [e for e in logs if e["event"] == "started"]
+    assert started and started[0]["state_file"] == str(tmp_path / "plant-state" / "devices.json")
