@@ -466,11 +466,24 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+#: Variables whose values an error never repeats.
+SECRET_VARIABLES = frozenset({"MQTT_PASSWORD", "HEALTH_TOKEN"})
+
+
+def _format_error(err: ValidationError, source: str,
+                  from_env: Mapping[tuple[str, ...], tuple[str, str]] | None = None) -> str:
+    """Each offending field's path and why; for a field an environment variable set
+    (``from_env``: path -> (variable, value)), which one and its value (a secret's
+    value aside): the header's list of variables did not say which was wrong."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {path}: {e['msg']}")
+        given = (from_env or {}).get(tuple(str(p) for p in e["loc"]))
+        said = ""
+        if given is not None:
+            var, value = given
+            said = f" (from {var})" if var in SECRET_VARIABLES else f" (from {var}={value!r})"
+        lines.append(f"  {path}: {e['msg']}{said}")
     return "\n".join(lines)
 
 
@@ -514,6 +527,7 @@ def load_settings(
                 f"file this user may read: --config FILE)") from exc
         source = str(path)
     overridden = []
+    from_env: dict[tuple[str, ...], tuple[str, str]] = {}
     for var, path_ in ENV_OVERRIDES.items():
         value = env.get(var)
         if value is None or value == "":
@@ -525,9 +539,10 @@ def load_settings(
                 raise ConfigError(f"invalid configuration ({source}): {part} must be a table")
         table[path_[-1]] = value.upper() if var == "LOG_LEVEL" else value
         overridden.append(var)
+        from_env[path_] = (var, value)
     if overridden:
         source += " + environment (" + ", ".join(overridden) + ")"
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from exc
+        raise ConfigError(_format_error(exc, source, from_env)) from exc

@@ -236,6 +236,24 @@ def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
         load_settings(None, env={"MQTT_PORT": "not-a-port"})
 
 
+def test_a_bad_environment_value_names_its_variable_and_value(tmp_path: Path) -> None:
+    """With several variables set (a systemd unit, a compose file, an env file) the error
+    said "mqtt.port: Input should be a valid integer" under a list of every variable
+    applied: which one, and what did it hold?"""
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[service]\nworkers = 'many'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(cfg, env={"MQTT_PORT": "18a3", "LOG_LEVEL": "verbose",
+                                "HEALTH_PORT": "8000"})
+    said = str(caught.value)
+    assert "mqtt.port: Input should be a valid integer" in said
+    assert "(from MQTT_PORT='18a3')" in said and "(from LOG_LEVEL='verbose')" in said
+    # the file's own value: no variable named
+    assert said.endswith("service.workers: Input should be a valid integer, unable to parse "
+                         "string as an integer")
+    assert "HEALTH_PORT=" not in said
+
+
 def test_not_toml_is_reported(tmp_path: Path) -> None:
     cfg = tmp_path / "a.toml"
     cfg.write_text("[mqtt\n")
