@@ -78,6 +78,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Service(settings, bundle, worker_index=args.worker_index).run()
 
 
+def _tensorflow_missing(detectors: list[str] | None) -> str | None:
+    """Why the autoencoder among ``detectors`` cannot be trained here: TensorFlow is not
+    installed (the serving image, a venv without the train extra); else None."""
+    import importlib.util
+
+    from daemon.training.train import member_names
+
+    if "autoencoder" not in member_names(detectors) or importlib.util.find_spec("tensorflow"):
+        return None
+    return ("training the autoencoder needs TensorFlow, which is not installed here (the "
+            "serving image has none): install the train extra (pip install "
+            "'anomalyd[train]'), train with the Dockerfile's train image, "
+            "or leave the autoencoder out (--detectors isolation_forest)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from daemon.training.train import out_problem, train_csv, train_default
 
@@ -89,6 +104,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     features = _names(args.features)
     detectors = _detectors(args)
+    missing = _tensorflow_missing(detectors)
+    if missing:  # before any work (it failed with a traceback once the forest was fitted)
+        print(f"error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"training into {out}", file=sys.stderr)
     if args.data:
         manifest = train_csv(Path(args.data), out, features=features, seed=args.seed,

@@ -111,6 +111,22 @@ def test_a_configuration_file_that_cannot_be_read_exits_2_naming_it(tmp_path: Pa
     assert "Traceback" not in res.stderr
 
 
+def test_training_the_autoencoder_without_tensorflow_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`anomalyd train` in the serving image (no TensorFlow: `docker compose exec anomalyd
+    anomalyd train ...` to retrain, then reload) fitted the forest, then ended in a
+    ModuleNotFoundError traceback with exit 1. (TensorFlow is installed here: a None in
+    sys.modules makes it missing to the import system.)"""
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    out = tmp_path / "models"
+    assert main(["train", "--out", str(out), "--rows", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert "training the autoencoder needs TensorFlow, which is not installed here" in err
+    assert "--detectors isolation_forest" in err and "fitting" not in err
+    assert not out.exists()
+
+
 def test_bad_arguments_exit_2() -> None:
     res = anomalyd("train", "--rows", "many")
     assert res.returncode == 2
