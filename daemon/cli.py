@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 
 from daemon import __version__
-from daemon.config import Settings, load_settings
+from daemon.config import UNREAD_NOTE, Settings, load_settings, unread_variables
 from daemon.errors import (
     AnomalydError,
     BrokerError,
@@ -70,6 +70,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format, worker=args.worker_index)
+    unread = unread_variables()
+    if unread and args.worker_index is None:  # (the workers inherit the supervisor's)
+        import structlog
+
+        structlog.get_logger("anomalyd").warning("environment_not_read", variables=unread,
+                                                 note=UNREAD_NOTE)
     bundle = load_bundle(settings.model.dir)
     if settings.service.workers > 1 and args.worker_index is None:
         from daemon.supervisor import run_workers
@@ -339,6 +345,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
+    unread = unread_variables()
+    if unread:
+        print(f"note: {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} "
+              f"{UNREAD_NOTE}", file=sys.stderr)
     settings.mqtt.secret()
     settings.http.secret()
     if settings.mqtt.tls.enabled:  # the CA, certificate and key files, read as run reads them

@@ -470,6 +470,23 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 SECRET_VARIABLES = frozenset({"MQTT_PASSWORD", "HEALTH_TOKEN"})
 
 
+#: The prefixes of the variables anomalyd reads: another variable with one is likely a
+#: misspelt one (MQTT_PASWORD, HEALTH_TOKEN_FILES), which nothing else would point out.
+ENV_PREFIXES = ("MQTT_", "HEALTH_", "MODEL_", "STATE_")
+
+
+def unread_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """The variables set in ``env`` that look like anomalyd's (``ENV_PREFIXES``) but are
+    none of ``ENV_OVERRIDES``: ignored, where a misspelt key in the file is an error."""
+    env = os.environ if env is None else env
+    return sorted(var for var, value in env.items()
+                  if var.startswith(ENV_PREFIXES) and var not in ENV_OVERRIDES and value)
+
+
+UNREAD_NOTE = ("not read by anomalyd: a misspelling? Its variables are " +
+               ", ".join(ENV_OVERRIDES))
+
+
 def _format_error(err: ValidationError, source: str,
                   from_env: Mapping[tuple[str, ...], tuple[str, str]] | None = None) -> str:
     """Each offending field's path and why; for a field an environment variable set

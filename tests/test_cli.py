@@ -100,6 +100,20 @@ def test_check_config_rejects_a_typo_with_exit_2(tmp_path: Path) -> None:
     assert "batch.max_batch_sise" in res.stderr
 
 
+def test_a_misspelt_variable_is_pointed_out(trained_model_dir: Path) -> None:
+    """A misspelt key in the file is an error naming it; a misspelt variable
+    (MQTT_PASWORD, HEALTH_TOKEN_FILES) was ignored without a word: the daemon ran with no
+    password, or no token."""
+    res = anomalyd("check-config", env={"MODEL_DIR": str(trained_model_dir),
+                                        "MQTT_PASWORD": "pw-123456", "HEALTH_TOKEN_FILES": "/t"})
+    assert res.returncode == 0, res.stderr
+    assert ("note: HEALTH_TOKEN_FILES, MQTT_PASWORD are not read by anomalyd: a misspelling? "
+            "Its variables are MQTT_HOST, MQTT_PORT") in res.stderr
+    assert "pw-123456" not in res.stdout + res.stderr
+    res = anomalyd("check-config", env={"MODEL_DIR": str(trained_model_dir)})
+    assert "not read by anomalyd" not in res.stderr
+
+
 def test_a_configuration_file_that_cannot_be_read_exits_2_naming_it(tmp_path: Path) -> None:
     """An operator's shell reading the service's root-only /etc/anomalyd/anomalyd.toml
     (`anomalyd --config ... devices`), or --config naming a directory, ended in a

@@ -193,3 +193,21 @@ def test_the_started_line_names_the_state_file_in_full(
         start_daemon(settings=settings)
     started = [e for e in logs if e["event"] == "started"]
     assert started and started[0]["state_file"] == str(tmp_path / "plant-state" / "devices.json")
+
+
+def test_run_warns_of_a_variable_it_does_not_read(
+    monkeypatch: pytest.MonkeyPatch, broker: Broker, trained_model_dir: Path, tmp_path: Path,
+) -> None:
+    """MQTT_PASWORD (misspelt) was ignored without a word: the daemon ran without the
+    password its operator meant to give (check-config says so too, tests/test_cli.py)."""
+    monkeypatch.setenv("MQTT_PASWORD", "pw-123456")
+    daemon = DaemonProcess(broker.host, broker.port, trained_model_dir, tmp_path).start()
+    try:
+        said = [json.loads(line) for line in daemon.log_text().splitlines()
+                if "environment_not_read" in line]
+        assert len(said) == 1 and said[0]["variables"] == ["MQTT_PASWORD"], daemon.log_tail()
+        assert said[0]["level"] == "warning" and "pw-123456" not in daemon.log_text()
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        daemon.close()
