@@ -243,6 +243,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     free = Path(args.anomaly_free) if args.anomaly_free else None
     detectors = _detectors(args)
+    # the per-device and --anomaly-free variants train model sets (a traceback before)
+    missing = _tensorflow_missing(detectors) if free or not args.no_per_device else None
+    if missing:
+        print(f"error: {missing}; evaluate trains model sets for its per-device and "
+              "--anomaly-free variants (--models DIR --no-per-device trains none)",
+              file=sys.stderr)
+        return EXIT_USAGE
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
     # the protocol's warm-up is --warmup; the model set's variant is served as the daemon
     # would serve it (baseline.warmup_readings) unless --warmup says otherwise

@@ -141,6 +141,32 @@ def test_training_the_autoencoder_without_tensorflow_is_refused_before_any_work(
     assert not out.exists()
 
 
+def test_evaluate_without_tensorflow_is_refused_unless_it_trains_nothing(
+    tmp_path: Path, trained_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """evaluate's per-device variant trains a model set per run: without TensorFlow it
+    ended in a ModuleNotFoundError traceback (exit 1) once the first forest was fitted;
+    with --models and --no-per-device it trains nothing and needs none."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    rows = [",".join(f"{v:.3f}" for v in (NORMAL["temperature"] + i % 7 * 0.1,
+                                           NORMAL["vibration"], NORMAL["pressure"],
+                                           NORMAL["flow_rate"], NORMAL["current"],
+                                           NORMAL["duty_cycle"])) + f",{int(i >= 560)}"
+            for i in range(600)]
+    (runs / "run.csv").write_text("temperature,vibration,pressure,flow_rate,current,"
+                                  "duty_cycle,anomaly\n" + "\n".join(rows) + "\n")
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    assert main(["evaluate", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "training the autoencoder needs TensorFlow" in err and "--no-per-device" in err
+    assert "training on" not in err
+    assert main(["evaluate", str(runs), "--models", str(trained_model_dir),
+                 "--no-per-device"]) == 0
+    assert "needs TensorFlow" not in capsys.readouterr().err
+
+
 def test_bad_arguments_exit_2() -> None:
     res = anomalyd("train", "--rows", "many")
     assert res.returncode == 2
