@@ -137,7 +137,10 @@ class MqttConfig(_Strict):
         if self.reconnect_max_delay_s < self.reconnect_min_delay_s:
             raise ValueError("reconnect_max_delay_s must be >= reconnect_min_delay_s")
         if self.password is not None and self.password_file is not None:
-            raise ValueError("set password or password_file, not both")
+            raise ValueError(
+                "set password or password_file, not both (MQTT_PASSWORD and "
+                "MQTT_PASSWORD_FILE set them too, and override the file key by key: a "
+                "password in the file stays beside MQTT_PASSWORD_FILE)")
         if 0 < self.max_packet_bytes < MIN_PACKET_BYTES:
             raise ValueError(f"max_packet_bytes must be 0 (the broker's own limit) or at "
                              f"least {MIN_PACKET_BYTES}: a verdict needs about that much")
@@ -258,7 +261,10 @@ class HttpConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> HttpConfig:
         if self.token is not None and self.token_file is not None:
-            raise ValueError("set token or token_file, not both")
+            raise ValueError(
+                "set token or token_file, not both (HEALTH_TOKEN and HEALTH_TOKEN_FILE "
+                "set them too, and override the file key by key: a token in the file "
+                "stays beside HEALTH_TOKEN_FILE)")
         return self
 
     def secret(self) -> str | None:

@@ -254,6 +254,21 @@ def test_a_bad_environment_value_names_its_variable_and_value(tmp_path: Path) ->
     assert "HEALTH_PORT=" not in said
 
 
+def test_a_secret_in_the_file_beside_a_secret_file_in_the_environment_is_explained(
+    tmp_path: Path,
+) -> None:
+    """password in the file and MQTT_PASSWORD_FILE in the unit's environment: the error
+    said "set password or password_file, not both", and the operator, told that the
+    environment overrides the file, had set only one of them."""
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[mqtt]\nusername = "u"\npassword = "p"\n[http]\ntoken = "t"\n')
+    with pytest.raises(ConfigError, match=r"not both \(MQTT_PASSWORD and MQTT_PASSWORD_FILE "
+                                          r"set them too, and override the file key by key"):
+        load_settings(cfg, env={"MQTT_PASSWORD_FILE": "/run/secrets/pw"})
+    with pytest.raises(ConfigError, match=r"a token in the file stays beside HEALTH_TOKEN_FILE"):
+        load_settings(cfg, env={"HEALTH_TOKEN_FILE": "/run/secrets/token"})
+
+
 def test_not_toml_is_reported(tmp_path: Path) -> None:
     cfg = tmp_path / "a.toml"
     cfg.write_text("[mqtt\n")
