@@ -385,3 +385,28 @@ def test_a_stray_entry_from_an_older_mistake_is_not_listed_and_a_silence_drops_i
         assert _held(base, dev) is None
         owner = _held(base + 1, dev)
         assert owner is not None and owner["alert"]["silenced_until"] is not None
+
+
+def test_a_workers_port_in_use_refuses_the_start_before_anything_changes(
+    broker: Broker, trained_model_dir: Path, tmp_path: Path
+) -> None:
+    """Worker 1's port taken by something else: the supervisor re-cut the state files and
+    handed the broker sessions over to two workers, started them, and only then worker 1
+    failed on its port and every worker stopped (exit 2): the next start, with the port
+    mended or WORKERS changed back, handed everything over again. Now nothing changes."""
+    import socket
+
+    base = free_ports(2)
+    state_dir = tmp_path / "state"
+    env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port),
+               MODEL_DIR=str(trained_model_dir), HEALTH_PORT=str(base), WORKERS="2",
+               MQTT_CLIENT_ID=f"port-taken-{base}", STATE_DIR=str(state_dir))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 1))
+        taken.listen()
+        res = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"cannot serve HTTP on 127.0.0.1:{base + 1}: Address already in use" in res.stderr
+    assert "workers_started" not in res.stderr
+    assert [p.name for p in state_dir.iterdir()] == []  # no layout, no sessions handed over
