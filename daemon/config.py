@@ -297,8 +297,11 @@ class LoggingConfig(_Strict):
     @field_validator("level", mode="before")
     @classmethod
     def _any_case(cls, value: Any) -> Any:
-        """``info`` as ``INFO``, in the file as in ``LOG_LEVEL``."""
-        return value.upper() if isinstance(value, str) else value
+        """``info`` as ``INFO``, in the file as in ``LOG_LEVEL``; ``warn`` (many tools'
+        spelling, and Python's own alias) as ``WARNING``."""
+        if not isinstance(value, str):
+            return value
+        return "WARNING" if value.upper() == "WARN" else value.upper()
 
 
 class AlertConfig(_Strict):

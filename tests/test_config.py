@@ -231,6 +231,17 @@ def test_a_path_starting_with_a_tilde_is_refused(tmp_path: Path) -> None:
             load_settings(None, env={var: "~/x", "MQTT_USERNAME": "u"})
 
 
+def test_log_level_warn_is_taken_for_warning(tmp_path: Path) -> None:
+    """LOG_LEVEL=WARN (many tools' spelling, and an alias in Python's logging) was
+    refused: the daemon did not start."""
+    assert load_settings(None, env={"LOG_LEVEL": "WARN"}).logging.level == "WARNING"
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[logging]\nlevel = "warn"\n')
+    assert load_settings(cfg, env={}).logging.level == "WARNING"
+    with pytest.raises(ConfigError, match=r"logging\.level: Input should be 'DEBUG'"):
+        load_settings(None, env={"LOG_LEVEL": "verbose"})
+
+
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.port"):
         load_settings(None, env={"MQTT_PORT": "not-a-port"})
