@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 
 from daemon import __version__
-from daemon.config import Settings, load_settings
+from daemon.config import UNREAD_NOTE, Settings, load_settings, unread_variables
 from daemon.errors import (
     AnomalydError,
     BrokerError,
@@ -70,6 +70,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _settings(args)
     logs.configure(settings.logging.level, settings.logging.format, worker=args.worker_index)
+    unread = unread_variables()
+    if unread and args.worker_index is None:  # (the workers inherit the supervisor's)
+        import structlog
+
+        structlog.get_logger("anomalyd").warning("environment_not_read", variables=unread,
+                                                 note=UNREAD_NOTE)
     bundle = load_bundle(settings.model.dir)
     if settings.service.workers > 1 and args.worker_index is None:
         from daemon.supervisor import run_workers
@@ -77,6 +83,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_workers(settings, args.config)
     return Service(settings, bundle, worker_index=args.worker_index,
                    supervisor_pid=args.supervisor_pid).run()
+
+
+def _tensorflow_missing(detectors: list[str] | None) -> str | None:
+    """Why the autoencoder among ``detectors`` cannot be trained here: TensorFlow is not
+    installed (the serving image, a venv without the train extra); else None."""
+    import importlib.util
+
+    from daemon.training.train import member_names
+
+    if "autoencoder" not in member_names(detectors) or importlib.util.find_spec("tensorflow"):
+        return None
+    return ("training the autoencoder needs TensorFlow, which is not installed here (the "
+            "serving image has none): install the train extra (pip install "
+            "'anomalyd[train]'), train with the Dockerfile's train image, "
+            "or leave the autoencoder out (--detectors isolation_forest)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -90,6 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     features = _names(args.features)
     detectors = _detectors(args)
+    missing = _tensorflow_missing(detectors)
+    if missing:  # before any work (it failed with a traceback once the forest was fitted)
+        print(f"error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"training into {out}", file=sys.stderr)
     if args.data:
         manifest = train_csv(Path(args.data), out, features=features, seed=args.seed,
@@ -219,6 +244,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     free = Path(args.anomaly_free) if args.anomaly_free else None
     detectors = _detectors(args)
+    # the per-device and --anomaly-free variants train model sets (a traceback before)
+    missing = _tensorflow_missing(detectors) if free or not args.no_per_device else None
+    if missing:
+        print(f"error: {missing}; evaluate trains model sets for its per-device and "
+              "--anomaly-free variants (--models DIR --no-per-device trains none)",
+              file=sys.stderr)
+        return EXIT_USAGE
     print(f"evaluating {len(files)} files from {args.folder}", file=sys.stderr)
     # the protocol's warm-up is --warmup; the model set's variant is served as the daemon
     # would serve it (baseline.warmup_readings) unless --warmup says otherwise
@@ -313,15 +345,24 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """The effective configuration, and what ``run`` reads of it before connecting: the
-    password and token (files), the model set and its default detector. A tester found
+    password and token (files), the TLS files, the model set and its default detector. A
+    tester found
     check-config saying "valid" for a missing model.dir or token file that run refused."""
     from daemon.models import load_bundle
     from daemon.offline import detector_problem
 
     settings = _settings(args)
     sys.stdout.buffer.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2) + b"\n")
+    unread = unread_variables()
+    if unread:
+        print(f"note: {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} "
+              f"{UNREAD_NOTE}", file=sys.stderr)
     settings.mqtt.secret()
     settings.http.secret()
+    if settings.mqtt.tls.enabled:  # the CA, certificate and key files, read as run reads them
+        from daemon.tls import client_context
+
+        client_context(settings.mqtt.tls)
     bundle = load_bundle(settings.model.dir)
     problem = detector_problem(bundle, None, settings)
     if problem:

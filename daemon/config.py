@@ -40,6 +40,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _unexpanded(value: Any) -> Any:
+    """A path setting as given, refused if it starts with ``~``: nothing expands it (not
+    anomalyd, nor systemd's Environment=, nor a compose file), so ``STATE_DIR=~/state``
+    made a directory named ``~`` in the working directory and every device started
+    afresh there, without a word."""
+    if isinstance(value, str | Path) and str(value).startswith("~"):
+        raise ValueError(f"{str(value)!r}: '~' is not expanded here (nor by systemd or a "
+                         f"compose file): give the full path")
+    return value
+
+
 class TlsConfig(_Strict):
     enabled: bool = False
     ca_file: Path | None = None  # None: the system's trusted CAs
@@ -48,10 +59,24 @@ class TlsConfig(_Strict):
     verify_hostname: bool = True
     min_version: Literal["1.2", "1.3"] = "1.2"
 
+    @field_validator('ca_file', 'cert_file', 'key_file', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
+
     @model_validator(mode="after")
     def _check(self) -> TlsConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+        given = [name for name in ("ca_file", "cert_file", "key_file")
+                 if getattr(self, name) is not None]
+        if given and not self.enabled:
+            # MQTT_CA_FILE set and MQTT_TLS forgotten: the link went out unencrypted (the
+            # password with it), and to a TLS port failed only after connect_timeout_s
+            raise ValueError(
+                f"{' and '.join(given)} given while enabled is false (MQTT_TLS): the "
+                f"connection would not use TLS and the file(s) would be ignored. Set "
+                f"mqtt.tls.enabled = true (MQTT_TLS=true), or leave them out")
         return self
 
 
@@ -77,6 +102,18 @@ class MqttConfig(_Strict):
     #: documented cap); 0: only the limit an MQTT 5 broker announces (daemon.oversize)
     max_packet_bytes: int = Field(0, ge=0)
 
+    @field_validator('password_file', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        """``protocol = 5``, a TOML number, as ``"5"`` (refused before, with "Input should
+        be '5' or '3.1.1'")."""
+        return "5" if isinstance(value, int | float) and value == 5 else value
+
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
         if "+" not in self.subscription:
@@ -100,7 +137,10 @@ class MqttConfig(_Strict):
         if self.reconnect_max_delay_s < self.reconnect_min_delay_s:
             raise ValueError("reconnect_max_delay_s must be >= reconnect_min_delay_s")
         if self.password is not None and self.password_file is not None:
-            raise ValueError("set password or password_file, not both")
+            raise ValueError(
+                "set password or password_file, not both (MQTT_PASSWORD and "
+                "MQTT_PASSWORD_FILE set them too, and override the file key by key: a "
+                "password in the file stays beside MQTT_PASSWORD_FILE)")
         if 0 < self.max_packet_bytes < MIN_PACKET_BYTES:
             raise ValueError(f"max_packet_bytes must be 0 (the broker's own limit) or at "
                              f"least {MIN_PACKET_BYTES}: a verdict needs about that much")
@@ -114,7 +154,8 @@ class MqttConfig(_Strict):
             try:
                 return self.password_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read mqtt.password_file: {exc.strerror}") from exc
+                raise ConfigError(f"cannot read mqtt.password_file (MQTT_PASSWORD_FILE) "
+                                  f"{self.password_file}: {exc.strerror}") from exc
         return None
 
 
@@ -199,6 +240,11 @@ class ModelConfig(_Strict):
     # (daemon.shadow); it must read the same features and window. None: no shadow.
     shadow_dir: Path | None = None
 
+    @field_validator('dir', 'shadow_dir', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
+
 
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
@@ -207,10 +253,18 @@ class HttpConfig(_Strict):
     token: SecretStr | None = None
     token_file: Path | None = None
 
+    @field_validator('token_file', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
+
     @model_validator(mode="after")
     def _check(self) -> HttpConfig:
         if self.token is not None and self.token_file is not None:
-            raise ValueError("set token or token_file, not both")
+            raise ValueError(
+                "set token or token_file, not both (HEALTH_TOKEN and HEALTH_TOKEN_FILE "
+                "set them too, and override the file key by key: a token in the file "
+                "stays beside HEALTH_TOKEN_FILE)")
         return self
 
     def secret(self) -> str | None:
@@ -226,7 +280,8 @@ class HttpConfig(_Strict):
             try:
                 value = self.token_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read http.token_file: {exc.strerror}") from exc
+                raise ConfigError(f"cannot read http.token_file (HEALTH_TOKEN_FILE) "
+                                  f"{self.token_file}: {exc.strerror}") from exc
             if not value:
                 raise ConfigError(f"http.token_file (HEALTH_TOKEN_FILE) {self.token_file} is "
                                   "empty: write the token in it, or leave the setting out "
@@ -242,8 +297,11 @@ class LoggingConfig(_Strict):
     @field_validator("level", mode="before")
     @classmethod
     def _any_case(cls, value: Any) -> Any:
-        """``info`` as ``INFO``, in the file as in ``LOG_LEVEL``."""
-        return value.upper() if isinstance(value, str) else value
+        """``info`` as ``INFO``, in the file as in ``LOG_LEVEL``; ``warn`` (many tools'
+        spelling, and Python's own alias) as ``WARNING``."""
+        if not isinstance(value, str):
+            return value
+        return "WARNING" if value.upper() == "WARN" else value.upper()
 
 
 class AlertConfig(_Strict):
@@ -299,6 +357,11 @@ class BaselineConfig(_Strict):
 class StateConfig(_Strict):
     dir: Path = Path("state")
     save_interval_s: float = Field(60.0, gt=0)
+
+    @field_validator('dir', mode="before")
+    @classmethod
+    def _no_tilde(cls, value: Any) -> Any:
+        return _unexpanded(value)
 
 
 class ServiceConfig(_Strict):
@@ -412,12 +475,55 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+#: Variables whose values an error never repeats.
+SECRET_VARIABLES = frozenset({"MQTT_PASSWORD", "HEALTH_TOKEN"})
+
+
+#: The prefixes of the variables anomalyd reads: another variable with one is likely a
+#: misspelt one (MQTT_PASWORD, HEALTH_TOKEN_FILES), which nothing else would point out.
+ENV_PREFIXES = ("MQTT_", "HEALTH_", "MODEL_", "STATE_")
+
+
+def unread_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """The variables set in ``env`` that look like anomalyd's (``ENV_PREFIXES``) but are
+    none of ``ENV_OVERRIDES``: ignored, where a misspelt key in the file is an error."""
+    env = os.environ if env is None else env
+    return sorted(var for var, value in env.items()
+                  if var.startswith(ENV_PREFIXES) and var not in ENV_OVERRIDES and value)
+
+
+UNREAD_NOTE = ("not read by anomalyd: a misspelling? Its variables are " +
+               ", ".join(ENV_OVERRIDES))
+
+
+def _format_error(err: ValidationError, source: str,
+                  from_env: Mapping[tuple[str, ...], tuple[str, str]] | None = None) -> str:
+    """Each offending field's path and why; for a field an environment variable set
+    (``from_env``: path -> (variable, value)), which one and its value (a secret's
+    value aside): the header's list of variables did not say which was wrong."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {path}: {e['msg']}")
+        given = (from_env or {}).get(tuple(str(p) for p in e["loc"]))
+        said = ""
+        if given is not None:
+            var, value = given
+            said = f" (from {var})" if var in SECRET_VARIABLES else f" (from {var}={value!r})"
+        lines.append(f"  {path}: {e['msg']}{said}")
     return "\n".join(lines)
+
+
+def _default_config_present() -> bool:
+    """Whether ``config/anomalyd.toml`` is in the working directory. One this user may
+    not look into (``sudo -u anomalyd anomalyd train`` run from /root) is a ConfigError,
+    not a traceback."""
+    try:
+        return DEFAULT_CONFIG_PATH.is_file()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot look for the default configuration file {DEFAULT_CONFIG_PATH} in "
+            f"{os.getcwd()}: {exc.strerror or exc} (run from a directory this user may "
+            f"read, or give --config FILE)") from exc
 
 
 def load_settings(
@@ -431,7 +537,7 @@ def load_settings(
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     source = "defaults"
-    if path is None and DEFAULT_CONFIG_PATH.is_file():
+    if path is None and _default_config_present():
         path = DEFAULT_CONFIG_PATH
     if path is not None:
         try:
@@ -441,8 +547,13 @@ def load_settings(
             raise ConfigError(f"configuration file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+        except OSError as exc:  # a directory, or not readable by this user
+            raise ConfigError(
+                f"cannot read configuration file {path}: {exc.strerror or exc} (give a "
+                f"file this user may read: --config FILE)") from exc
         source = str(path)
     overridden = []
+    from_env: dict[tuple[str, ...], tuple[str, str]] = {}
     for var, path_ in ENV_OVERRIDES.items():
         value = env.get(var)
         if value is None or value == "":
@@ -454,9 +565,10 @@ def load_settings(
                 raise ConfigError(f"invalid configuration ({source}): {part} must be a table")
         table[path_[-1]] = value.upper() if var == "LOG_LEVEL" else value
         overridden.append(var)
+        from_env[path_] = (var, value)
     if overridden:
         source += " + environment (" + ", ".join(overridden) + ")"
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from exc
+        raise ConfigError(_format_error(exc, source, from_env)) from exc

@@ -178,6 +178,25 @@ MAX_CONNECTIONS = 64
 BUSY_LOG_S = 60.0
 
 
+def _cannot_serve(host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}; choose another "
+        "http.port (HEALTH_PORT) or http.host (HEALTH_HOST), or stop what holds it")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError, as the server's own bind would say it, if ``host:port`` cannot be
+    served now: the supervisor asks before it re-cuts the state and hands the broker
+    sessions over for workers that would then fail on their port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise _cannot_serve(host, port, exc) from exc
+
+
 class _Server(ThreadingHTTPServer):
     """One thread per connection, at most ``MAX_CONNECTIONS`` of them; a connection's
     failure is one log line, not a traceback on stderr."""
@@ -333,10 +352,7 @@ class HttpServer:
         try:
             self._server = _Server((host, port), Handler)
         except OSError as exc:  # the port taken (a second anomalyd?), or no such address
-            raise ConfigError(
-                f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}; choose another "
-                "http.port (HEALTH_PORT) or http.host (HEALTH_HOST), or stop what holds it"
-            ) from exc
+            raise _cannot_serve(host, port, exc) from exc
         #: bound to a loopback address: POST without a token is then allowed
         self.loopback = is_loopback(str(self._server.server_address[0]))
         if expected is None and not self.loopback:

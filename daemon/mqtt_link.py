@@ -109,6 +109,23 @@ def connect_failure(cfg: MqttConfig, exc: OSError) -> str:
     return f"cannot reach broker at {cfg.host}:{cfg.port}: {exc}{tls_hint}"
 
 
+def closed_unanswered(cfg: MqttConfig, times: int) -> str:
+    """Why a broker may have closed the connection ``times`` times without a CONNACK."""
+    said = (f"broker at {cfg.host}:{cfg.port} closed the connection {times} time(s) "
+            "without answering CONNECT")
+    # a TLS listener does that with a plain MQTT greeting (seen: mosquitto/secure/'s 8883
+    # with MQTT_TLS unset, 30 s of silent retries, then a message about MQTT 3.1.1 alone)
+    tls = ("" if cfg.tls.enabled else
+           f"; is {cfg.port} a TLS listener (Mosquitto's usually is 8883)? Then set "
+           "mqtt.tls.enabled (MQTT_TLS=true)")
+    if cfg.protocol == "5":  # an MQTT 5 broker that refuses a client says why
+        return f"{said}: it does not answer as an MQTT broker there{tls}; see the broker's log"
+    # MQTT 3.1.1 has no reason codes: the broker just closes the connection
+    return (f"{said}: it refuses something in it and cannot say what over MQTT 3.1.1, such "
+            "as the QoS 1 Last Will of a broker that allows QoS 0 only (Mosquitto's "
+            f"max_qos), or a client id or login its plugins refuse{tls}; see the broker's log")
+
+
 def pause(seconds: float, cancel: threading.Event | None, what: str) -> None:
     """Wait ``seconds`` before the next connection attempt, or raise
     StoppedWhileStartingError(``what``) as soon as ``cancel`` is set (a signal)."""
@@ -265,22 +282,9 @@ class Link:
         """Why no CONNACK came: the connection was closed each time (by the other end), or
         nothing answered at all (paho gave up after ``keepalive_s``, or the deadline came)."""
         cfg = self.cfg
-        where = f"{cfg.host}:{cfg.port}"
-        tls = ("" if cfg.tls.enabled else
-               f"; if {cfg.port} is a TLS listener (Mosquitto's is usually 8883), set "
-               "mqtt.tls.enabled (MQTT_TLS=true): a TLS listener closes a plain connection so")
         if self._closed_unanswered:
-            if self.v5:  # a broker that refuses an MQTT 5 client answers with a reason
-                why = ("not what an MQTT 5 broker does when it refuses a client (it answers "
-                       "with a reason code)")
-            else:  # MQTT 3.1.1 has no reason codes: the broker just closes the connection
-                why = ("it refuses something in it and cannot say what over MQTT 3.1.1, such "
-                       "as the QoS 1 Last Will of a broker that allows QoS 0 only (Mosquitto's "
-                       "max_qos), or a client id or login its plugins refuse; see the "
-                       "broker's log")
-            return (f"broker at {where} closed the connection {self._closed_unanswered} "
-                    f"time(s) without answering CONNECT: {why}{tls}")
-        return (f"no answer to CONNECT from broker at {where} within "
+            return closed_unanswered(cfg, self._closed_unanswered)
+        return (f"no answer to CONNECT from broker at {cfg.host}:{cfg.port} within "
                 f"{cfg.connect_timeout_s:.0f}s: the connection was taken but nothing answered "
                 f"(is an MQTT broker listening on {cfg.port}? Another service on that port, "
                 "or a proxy or firewall that holds connections, does this)")
@@ -435,7 +439,10 @@ class Link:
         if self._on_down is not None:
             self._on_down()
         if was:
-            log.warning("broker_disconnected", link=self.name, reason=str(reason))
+            # our own disconnect at a stop is no warning (an operator alerting on
+            # warnings was paged by every clean shutdown)
+            (log.info if self._stopped.is_set() else log.warning)(
+                "broker_disconnected", link=self.name, reason=str(reason))
             if not self._stopped.is_set() and not self._silenced:
                 self._dropped(time.monotonic(), str(reason))
 

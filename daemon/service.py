@@ -469,7 +469,10 @@ class Service:
         shadow = self.pipeline.shadow
         log.info("started", version=__version__, model_version=self.bundle.version,
                  subscription=self.subscription, detector=self.pipeline.default_detector,
-                 shadow_model_version=None if shadow is None else shadow.version)
+                 shadow_model_version=None if shadow is None else shadow.version,
+                 # where the device state goes: the default, "state", is relative to the
+                 # working directory, and a new directory was said nowhere else
+                 state_file=str(self.state_path.absolute()))
         for advice in self.bundle.outdated:
             log.warning("model_outdated", model_version=self.bundle.version, advice=advice)
 

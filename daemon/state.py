@@ -178,6 +178,10 @@ def check_writable(directory: Path) -> None:
     device's baseline and alert state at its next restart (and never resolve an alert the
     broker holds as raised), which is worth refusing to start for.
     """
+    hint = ("set [state] dir (or STATE_DIR) to a directory anomalyd may write, e.g. "
+            "/var/lib/anomalyd/state")
+    if directory.exists() and not directory.is_dir():  # said "not writable (File exists)"
+        raise ConfigError(f"state.dir {directory} is a file, not a directory: {hint}")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # a block written and flushed: a full disk still lets an empty file be created
@@ -187,9 +191,7 @@ def check_writable(directory: Path) -> None:
             os.fsync(probe.fileno())
     except OSError as exc:
         raise ConfigError(
-            f"state.dir {directory} is not writable ({exc.strerror or exc}): set [state] dir "
-            "(or STATE_DIR) to a directory anomalyd may write, e.g. /var/lib/anomalyd/state"
-        ) from exc
+            f"state.dir {directory} is not writable ({exc.strerror or exc}): {hint}") from exc
 
 
 def encode(snapshot: dict[str, Any]) -> bytes:

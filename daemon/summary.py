@@ -24,6 +24,7 @@ class ScoredSummary:
 
     def _reset(self) -> None:
         self.batches = self.messages = self.readings = self.anomalies = self.rejected = 0
+        self.repeats = self.late = 0
         self.max_latency_s = 0.0
 
     def add(self, stats: BatchStats, elapsed_s: float) -> None:
@@ -32,6 +33,8 @@ class ScoredSummary:
         self.readings += stats.readings
         self.anomalies += stats.anomalies
         self.rejected += stats.rejected
+        self.repeats += stats.repeats
+        self.late += stats.late
         self.max_latency_s = max(self.max_latency_s, elapsed_s)
 
     def due(self, now: float) -> bool:
@@ -44,6 +47,10 @@ class ScoredSummary:
                   "rejected": self.rejected,
                   "max_latency_ms": round(self.max_latency_s * 1000, 3),
                   "period_s": None if self._since is None else round(now - self._since, 1)}
+        # readings judged that changed nothing (no window, baseline or alert), said when
+        # there were any: 30 readings "normal" that resolved no alert, with no word why
+        # (a device that counted its seq anew within 64 of its old highest)
+        fields.update({k: v for k, v in (("repeats", self.repeats), ("late", self.late)) if v})
         self._since = now
         self._reset()
         return fields

@@ -36,6 +36,7 @@ from daemon import sessions, state
 from daemon.config import Settings
 from daemon.errors import StoppedWhileStartingError
 from daemon.exit_codes import EXIT_OK, EXIT_USAGE
+from daemon.http import check_port_free
 
 log = structlog.get_logger("anomalyd.supervisor")
 
@@ -104,6 +105,11 @@ class Worker:
 def run_workers(settings: Settings, config: Path | None) -> int:
     n = settings.service.workers
     state.check_writable(settings.state.dir)
+    # each worker's port, before anything changes for workers that could not serve
+    # (seen: the state re-cut and the sessions handed over to 2 workers, then worker 1
+    # failed on its port and every worker stopped)
+    for i in range(n if settings.http.port else 0):
+        check_port_free(settings.http.host, settings.http.port + i)
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def hand_over(signum: int, frame: FrameType | None) -> None:

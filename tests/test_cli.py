@@ -58,9 +58,14 @@ def test_check_config_refuses_what_run_would_refuse_before_connecting(
     assert res.returncode == 0 and "loads (isolation_forest" in res.stderr, res.stderr
     for env, said in (
         ({"MODEL_DIR": str(tmp_path / "none")}, "no manifest"),
-        ({**ok, "HEALTH_TOKEN_FILE": str(tmp_path / "missing")}, "token_file"),
+        # (each names the file it could not read: which one of several secrets' mounts?)
+        ({**ok, "HEALTH_TOKEN_FILE": str(tmp_path / "missing")},
+         f"http.token_file (HEALTH_TOKEN_FILE) {tmp_path / 'missing'}: No such file"),
         ({**ok, "MQTT_USERNAME": "u", "MQTT_PASSWORD_FILE": str(tmp_path / "missing")},
-         "password_file"),
+         f"mqtt.password_file (MQTT_PASSWORD_FILE) {tmp_path / 'missing'}: No such file"),
+        # (said "valid" while run stopped at once: "mqtt.tls.ca_file ...: No such file")
+        ({**ok, "MQTT_TLS": "true", "MQTT_CA_FILE": str(tmp_path / "missing.crt")},
+         f"mqtt.tls.ca_file {tmp_path / 'missing.crt'}"),
     ):
         res = anomalyd("check-config", env=env)
         assert res.returncode == 2 and said in res.stderr, (env, res.stderr)
@@ -93,6 +98,73 @@ def test_check_config_rejects_a_typo_with_exit_2(tmp_path: Path) -> None:
     res = anomalyd("--config", str(bad), "check-config")
     assert res.returncode == 2
     assert "batch.max_batch_sise" in res.stderr
+
+
+def test_a_misspelt_variable_is_pointed_out(trained_model_dir: Path) -> None:
+    """A misspelt key in the file is an error naming it; a misspelt variable
+    (MQTT_PASWORD, HEALTH_TOKEN_FILES) was ignored without a word: the daemon ran with no
+    password, or no token."""
+    res = anomalyd("check-config", env={"MODEL_DIR": str(trained_model_dir),
+                                        "MQTT_PASWORD": "pw-123456", "HEALTH_TOKEN_FILES": "/t"})
+    assert res.returncode == 0, res.stderr
+    assert ("note: HEALTH_TOKEN_FILES, MQTT_PASWORD are not read by anomalyd: a misspelling? "
+            "Its variables are MQTT_HOST, MQTT_PORT") in res.stderr
+    assert "pw-123456" not in res.stdout + res.stderr
+    res = anomalyd("check-config", env={"MODEL_DIR": str(trained_model_dir)})
+    assert "not read by anomalyd" not in res.stderr
+
+
+def test_a_configuration_file_that_cannot_be_read_exits_2_naming_it(tmp_path: Path) -> None:
+    """An operator's shell reading the service's root-only /etc/anomalyd/anomalyd.toml
+    (`anomalyd --config ... devices`), or --config naming a directory, ended in a
+    PermissionError (IsADirectoryError) traceback and exit 1. (The tests run as root: a
+    directory stands for the file this user may not read.)"""
+    res = anomalyd("--config", str(tmp_path), "check-config")
+    assert res.returncode == 2, res.stderr
+    assert f"cannot read configuration file {tmp_path}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_training_the_autoencoder_without_tensorflow_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`anomalyd train` in the serving image (no TensorFlow: `docker compose exec anomalyd
+    anomalyd train ...` to retrain, then reload) fitted the forest, then ended in a
+    ModuleNotFoundError traceback with exit 1. (TensorFlow is installed here: a None in
+    sys.modules makes it missing to the import system.)"""
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    out = tmp_path / "models"
+    assert main(["train", "--out", str(out), "--rows", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert "training the autoencoder needs TensorFlow, which is not installed here" in err
+    assert "--detectors isolation_forest" in err and "fitting" not in err
+    assert not out.exists()
+
+
+def test_evaluate_without_tensorflow_is_refused_unless_it_trains_nothing(
+    tmp_path: Path, trained_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """evaluate's per-device variant trains a model set per run: without TensorFlow it
+    ended in a ModuleNotFoundError traceback (exit 1) once the first forest was fitted;
+    with --models and --no-per-device it trains nothing and needs none."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    rows = [",".join(f"{v:.3f}" for v in (NORMAL["temperature"] + i % 7 * 0.1,
+                                           NORMAL["vibration"], NORMAL["pressure"],
+                                           NORMAL["flow_rate"], NORMAL["current"],
+                                           NORMAL["duty_cycle"])) + f",{int(i >= 560)}"
+            for i in range(600)]
+    (runs / "run.csv").write_text("temperature,vibration,pressure,flow_rate,current,"
+                                  "duty_cycle,anomaly\n" + "\n".join(rows) + "\n")
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    assert main(["evaluate", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "training the autoencoder needs TensorFlow" in err and "--no-per-device" in err
+    assert "training on" not in err
+    assert main(["evaluate", str(runs), "--models", str(trained_model_dir),
+                 "--no-per-device"]) == 0
+    assert "needs TensorFlow" not in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_2() -> None:

@@ -16,6 +16,17 @@ def test_shipped_config_file_is_valid_and_equals_the_defaults() -> None:
     assert load_settings(REPO / "config" / "anomalyd.toml", env={}) == Settings()
 
 
+def test_every_environment_variable_is_named_in_the_shipped_file_and_the_readme() -> None:
+    """The shipped file "documents every key", and an operator reads there which variable
+    sets one: MODEL_SHADOW_DIR was named in the README only."""
+    from daemon.config import ENV_OVERRIDES
+
+    toml = (REPO / "config" / "anomalyd.toml").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert [v for v in ENV_OVERRIDES if v not in toml] == []
+    assert [v for v in ENV_OVERRIDES if f"`{v}`" not in readme] == []
+
+
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     cfg = tmp_path / "a.toml"
     cfg.write_text('[mqtt]\nhost = "broker.local"\nport = 1884\n')
@@ -177,9 +188,96 @@ def test_a_drift_warning_without_baselines_is_refused(tmp_path: Path) -> None:
     assert settings.baseline.drift_warn_spreads == 8.0
 
 
+def test_tls_files_without_tls_are_refused(tmp_path: Path) -> None:
+    """MQTT_CA_FILE set and MQTT_TLS forgotten was accepted: the daemon then connected
+    without TLS (a username and password in clear), and to a TLS listener it retried for
+    connect_timeout_s and ended on a message about MQTT 3.1.1 (a tester)."""
+    settings = _refused_then_loaded(
+        tmp_path, '[mqtt.tls]\nca_file = "/etc/anomalyd/ca.crt"\n',
+        r"mqtt\.tls: .*ca_file given while enabled is false \(MQTT_TLS\).*MQTT_TLS=true",
+        '[mqtt.tls]\nenabled = true\nca_file = "/etc/anomalyd/ca.crt"\n')
+    assert settings.mqtt.tls.enabled
+    with pytest.raises(ConfigError, match=r"(?s)environment \(MQTT_CA_FILE\).*ca_file given"):
+        load_settings(None, env={"MQTT_CA_FILE": "/etc/anomalyd/ca.crt"})
+    with pytest.raises(ConfigError, match=r"cert_file and key_file given while enabled is"):
+        load_settings(None, env={"MQTT_CERT_FILE": "/c.crt", "MQTT_KEY_FILE": "/c.key"})
+    assert load_settings(None, env={"MQTT_CA_FILE": "/ca.crt", "MQTT_TLS": "true"}).mqtt.tls.enabled
+
+
+def test_protocol_5_written_as_a_number_is_taken(tmp_path: Path) -> None:
+    """`protocol = 5` in the file was refused with "Input should be '5' or '3.1.1'": the
+    operator had written 5 (a tester)."""
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[mqtt]\nprotocol = 5\n")
+    assert load_settings(cfg, env={}).mqtt.protocol == "5"
+    cfg.write_text("[mqtt]\nprotocol = 3.1\n")  # not a protocol: still refused
+    with pytest.raises(ConfigError, match=r"mqtt\.protocol: Input should be '5' or '3\.1\.1'"):
+        load_settings(cfg, env={})
+
+
+def test_a_path_starting_with_a_tilde_is_refused(tmp_path: Path) -> None:
+    """STATE_DIR=~/anomalyd-state (a systemd Environment= or a compose file expands no
+    ~) made a directory named "~" in the working directory: every device started afresh
+    there, without a word (a tester)."""
+    with pytest.raises(ConfigError, match=r"(?s)STATE_DIR.*state\.dir: .*'~' is not "
+                                          r"expanded .*give the full path"):
+        load_settings(None, env={"STATE_DIR": "~/anomalyd-state"})
+    settings = _refused_then_loaded(
+        tmp_path, '[model]\ndir = "~/models"\n', r"model\.dir: .*'~/models': '~' is not",
+        '[model]\ndir = "/home/op/models"\n')
+    assert settings.model.dir == Path("/home/op/models")
+    for var in ("MQTT_PASSWORD_FILE", "HEALTH_TOKEN_FILE", "MODEL_SHADOW_DIR"):
+        with pytest.raises(ConfigError, match="'~' is not expanded"):
+            load_settings(None, env={var: "~/x", "MQTT_USERNAME": "u"})
+
+
+def test_log_level_warn_is_taken_for_warning(tmp_path: Path) -> None:
+    """LOG_LEVEL=WARN (many tools' spelling, and an alias in Python's logging) was
+    refused: the daemon did not start."""
+    assert load_settings(None, env={"LOG_LEVEL": "WARN"}).logging.level == "WARNING"
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[logging]\nlevel = "warn"\n')
+    assert load_settings(cfg, env={}).logging.level == "WARNING"
+    with pytest.raises(ConfigError, match=r"logging\.level: Input should be 'DEBUG'"):
+        load_settings(None, env={"LOG_LEVEL": "verbose"})
+
+
 def test_invalid_env_value_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.port"):
         load_settings(None, env={"MQTT_PORT": "not-a-port"})
+
+
+def test_a_bad_environment_value_names_its_variable_and_value(tmp_path: Path) -> None:
+    """With several variables set (a systemd unit, a compose file, an env file) the error
+    said "mqtt.port: Input should be a valid integer" under a list of every variable
+    applied: which one, and what did it hold?"""
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[service]\nworkers = 'many'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(cfg, env={"MQTT_PORT": "18a3", "LOG_LEVEL": "verbose",
+                                "HEALTH_PORT": "8000"})
+    said = str(caught.value)
+    assert "mqtt.port: Input should be a valid integer" in said
+    assert "(from MQTT_PORT='18a3')" in said and "(from LOG_LEVEL='verbose')" in said
+    # the file's own value: no variable named
+    assert said.endswith("service.workers: Input should be a valid integer, unable to parse "
+                         "string as an integer")
+    assert "HEALTH_PORT=" not in said
+
+
+def test_a_secret_in_the_file_beside_a_secret_file_in_the_environment_is_explained(
+    tmp_path: Path,
+) -> None:
+    """password in the file and MQTT_PASSWORD_FILE in the unit's environment: the error
+    said "set password or password_file, not both", and the operator, told that the
+    environment overrides the file, had set only one of them."""
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[mqtt]\nusername = "u"\npassword = "p"\n[http]\ntoken = "t"\n')
+    with pytest.raises(ConfigError, match=r"not both \(MQTT_PASSWORD and MQTT_PASSWORD_FILE "
+                                          r"set them too, and override the file key by key"):
+        load_settings(cfg, env={"MQTT_PASSWORD_FILE": "/run/secrets/pw"})
+    with pytest.raises(ConfigError, match=r"a token in the file stays beside HEALTH_TOKEN_FILE"):
+        load_settings(cfg, env={"HEALTH_TOKEN_FILE": "/run/secrets/token"})
 
 
 def test_not_toml_is_reported(tmp_path: Path) -> None:

@@ -338,6 +338,12 @@ def test_an_unwritable_state_dir_exits_2_before_connecting(
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"state.dir {blocker / 'state'} is not writable" in res.stderr
     assert "STATE_DIR" in res.stderr and "cannot reach broker" not in res.stderr
+    # STATE_DIR naming the file itself said "is not writable (File exists)"
+    res = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO,
+                         env={**env, "STATE_DIR": str(blocker)}, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"state.dir {blocker} is a file, not a directory: set [state] dir" in res.stderr
 
 
 

@@ -198,3 +198,63 @@ def test_a_stop_whose_state_cannot_be_saved_exits_1_and_says_so(
         publisher.close()
         collector.close()
         broker.stop()
+
+
+def test_a_clean_stop_logs_its_own_disconnects_as_info_and_a_broker_stop_as_warning(
+    fresh_broker: Broker, start_daemon: Any
+) -> None:
+    """Every SIGTERM logged two broker_disconnected warnings ("Normal disconnection"): a
+    clean stop paged whoever alerts on the log's warnings."""
+    from structlog.testing import capture_logs
+
+    svc = start_daemon(fresh_broker)
+    with capture_logs() as logs:
+        fresh_broker.stop()  # the broker goes away: that is worth a warning
+        _until(lambda: not svc.mqtt.connected)
+        _until(lambda: sum(e["event"] == "broker_disconnected" for e in logs) == 2)
+    assert {e["log_level"] for e in logs if e["event"] == "broker_disconnected"} == {"warning"}
+    fresh_broker.start()
+    _until(lambda: svc.mqtt.connected)
+    with capture_logs() as logs:
+        assert svc.shutdown() is True
+    said = [e for e in logs if e["event"] == "broker_disconnected"]
+    assert said and {e["log_level"] for e in said} == {"info"}, said
+
+
+def test_the_started_line_names_the_state_file_in_full(
+    monkeypatch: pytest.MonkeyPatch,  # first: its chdir is undone after the daemon stops
+    broker: Broker, start_daemon: Any, trained_model_dir: Path, tmp_path: Path,
+) -> None:
+    """The default state.dir, "state", is relative to the working directory: a daemon run
+    from another directory starts every device afresh in another state/, and with no
+    saved state there the log named no path at all."""
+    from structlog.testing import capture_logs
+
+    from daemon.config import StateConfig
+    from tests.conftest import make_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings(broker, trained_model_dir)
+    settings = settings.model_copy(update={"state": StateConfig(dir=Path("plant-state"))})
+    with capture_logs() as logs:
+        start_daemon(settings=settings)
+    started = [e for e in logs if e["event"] == "started"]
+    assert started and started[0]["state_file"] == str(tmp_path / "plant-state" / "devices.json")
+
+
+def test_run_warns_of_a_variable_it_does_not_read(
+    monkeypatch: pytest.MonkeyPatch, broker: Broker, trained_model_dir: Path, tmp_path: Path,
+) -> None:
+    """MQTT_PASWORD (misspelt) was ignored without a word: the daemon ran without the
+    password its operator meant to give (check-config says so too, tests/test_cli.py)."""
+    monkeypatch.setenv("MQTT_PASWORD", "pw-123456")
+    daemon = DaemonProcess(broker.host, broker.port, trained_model_dir, tmp_path).start()
+    try:
+        said = [json.loads(line) for line in daemon.log_text().splitlines()
+                if "environment_not_read" in line]
+        assert len(said) == 1 and said[0]["variables"] == ["MQTT_PASWORD"], daemon.log_tail()
+        assert said[0]["level"] == "warning" and "pw-123456" not in daemon.log_text()
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        daemon.close()

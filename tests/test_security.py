@@ -404,18 +404,15 @@ def test_tls_to_a_plain_listener_says_which_port_to_check(
         start_daemon(settings=settings(mqtt, trained_model_dir))
 
 
-def test_a_plain_connection_to_a_tls_listener_says_to_turn_tls_on(
-    sbroker: Broker, certs: Path, start_daemon: Any, trained_model_dir: Path
+def test_plain_mqtt_to_a_tls_listener_says_to_turn_tls_on(
+    sbroker: Broker, start_daemon: Any, trained_model_dir: Path
 ) -> None:
-    """The reverse of the test above: TLS off against the secure broker's TLS listener,
-    which closes each plain connection. The error blamed a refused Last Will, client id
-    or login "over MQTT 3.1.1" (the daemon speaks MQTT 5) and never named TLS."""
-    mqtt = MqttConfig(host="localhost", port=sbroker.port, connect_timeout_s=2,
-                      client_id=f"plain-tls-{free_port()}", username="anomalyd",
-                      password=SecretStr(password(certs, "anomalyd")))
-    with pytest.raises(BrokerError) as refused:
+    """MQTT_PORT=8883 with MQTT_TLS forgotten (MQTT 5): the TLS listener closes each plain
+    connection, and after connect_timeout_s the error spoke of MQTT 3.1.1 reason codes and
+    a QoS 0 broker, not of TLS (a tester, against mosquitto/secure/)."""
+    mqtt = MqttConfig(host=sbroker.host, port=sbroker.port, connect_timeout_s=2,
+                      client_id=f"plain-tls-{free_port()}")
+    said = rf"is {sbroker.port} a TLS listener .*MQTT_TLS=true"
+    with pytest.raises(BrokerError, match=said) as caught:
         start_daemon(settings=settings(mqtt, trained_model_dir))
-    said = str(refused.value)
-    assert "without answering CONNECT: not what an MQTT 5 broker does" in said
-    assert f"if {sbroker.port} is a TLS listener" in said and "MQTT_TLS=true" in said
-    assert "3.1.1" not in said
+    assert "3.1.1" not in str(caught.value)

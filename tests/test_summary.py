@@ -26,3 +26,16 @@ def test_the_first_batch_is_said_at_once_then_each_period_what_came_since() -> N
     assert s.take(60.5) == {"batches": 2, "messages": 15, "readings": 13, "anomalies": 0,
                             "rejected": 2, "max_latency_ms": 4.0, "period_s": 60.5}
     assert not s.due(200.0)  # idle since: no line
+
+
+def test_repeats_and_late_readings_are_counted_when_there_are_any() -> None:
+    """A device (or the simulator) that counted its seq anew within 64 of its old highest
+    had its readings taken for repeats: the line said 30 readings, 0 anomalies, and its
+    raised alert never resolved, with nothing in the line to say why."""
+    s = ScoredSummary(every_s=60.0)
+    s.add(BatchStats(messages=30, readings=30, repeats=30), 0.001)
+    assert s.take(0.0)["repeats"] == 30
+    s.add(BatchStats(messages=4, readings=4, repeats=1, late=2), 0.001)
+    s.add(BatchStats(messages=1, readings=1, late=1), 0.001)
+    said = s.take(60.0)
+    assert said["repeats"] == 1 and said["late"] == 3

@@ -440,3 +440,28 @@ def test_workers_whose_supervisor_was_killed_stop_and_let_the_next_start_in(
         got = col.wait_for(lambda t, p: t.split("/")[1] in devices, count=len(devices),
                            timeout=60)
         assert sorted(orjson.loads(p)["seq"] for _, p in got) == list(range(len(devices)))
+
+
+def test_a_workers_port_in_use_refuses_the_start_before_anything_changes(
+    broker: Broker, trained_model_dir: Path, tmp_path: Path
+) -> None:
+    """Worker 1's port taken by something else: the supervisor re-cut the state files and
+    handed the broker sessions over to two workers, started them, and only then worker 1
+    failed on its port and every worker stopped (exit 2): the next start, with the port
+    mended or WORKERS changed back, handed everything over again. Now nothing changes."""
+    import socket
+
+    base = free_ports(2)
+    state_dir = tmp_path / "state"
+    env = dict(os.environ, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port),
+               MODEL_DIR=str(trained_model_dir), HEALTH_PORT=str(base), WORKERS="2",
+               MQTT_CLIENT_ID=f"port-taken-{base}", STATE_DIR=str(state_dir))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 1))
+        taken.listen()
+        res = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"cannot serve HTTP on 127.0.0.1:{base + 1}: Address already in use" in res.stderr
+    assert "workers_started" not in res.stderr
+    assert [p.name for p in state_dir.iterdir()] == []  # no layout, no sessions handed over
