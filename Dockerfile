@@ -37,7 +37,7 @@ USER anomalyd
 ENV HEALTH_HOST=0.0.0.0 HEALTH_PORT=8000 MODEL_DIR=/app/models STATE_DIR=/app/state
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('HEALTH_PORT', '8000'), timeout=2)"]
+  CMD ["python", "-c", "import os,urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('HEALTH_PORT', '8000'), timeout=2)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["anomalyd"]
 CMD ["run"]

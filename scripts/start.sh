@@ -44,7 +44,14 @@ fi
 pids+=($!)
 echo "== anomalyd running (log: run/anomalyd.log; health: http://${HEALTH_HOST:-127.0.0.1}:${HEALTH_PORT:-8000}/health)" >&2
 for _ in $(seq 1 60); do
-  "$VENV/bin/python" -c "import urllib.request,sys; urllib.request.urlopen('http://${HEALTH_HOST:-127.0.0.1}:${HEALTH_PORT:-8000}/ready', timeout=1)" 2>/dev/null && break
+  # /ready, with the bearer token if one is set, never through an http_proxy
+  "$VENV/bin/python" -c "
+import os, urllib.request as u
+f = os.environ.get('HEALTH_TOKEN_FILE')
+token = os.environ.get('HEALTH_TOKEN') or (open(f).read().strip() if f else '')
+req = u.Request('http://${HEALTH_HOST:-127.0.0.1}:${HEALTH_PORT:-8000}/ready',
+                headers={'Authorization': 'Bearer ' + token} if token else {})
+u.build_opener(u.ProxyHandler({})).open(req, timeout=1)" 2>/dev/null && break
   kill -0 "${pids[-1]}" 2>/dev/null || { echo "anomalyd exited; see run/anomalyd.log:" >&2; tail -20 run/anomalyd.log >&2; exit 1; }
   sleep 0.5
 done
