@@ -470,6 +470,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MODEL_DIR": ("model", "dir"),
     "MODEL_SHADOW_DIR": ("model", "shadow_dir"),
     "LOG_LEVEL": ("logging", "level"),
+    "LOG_FORMAT": ("logging", "format"),
     "WORKERS": ("service", "workers"),
     "STATE_DIR": ("state", "dir"),
 }
@@ -563,7 +564,8 @@ def load_settings(
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"invalid configuration ({source}): {part} must be a table")
-        table[path_[-1]] = value.upper() if var == "LOG_LEVEL" else value
+        table[path_[-1]] = (value.upper() if var == "LOG_LEVEL" else
+                            value.lower() if var == "LOG_FORMAT" else value)
         overridden.append(var)
         from_env[path_] = (var, value)
     if overridden:

@@ -32,8 +32,10 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     cfg.write_text('[mqtt]\nhost = "broker.local"\nport = 1884\n')
     s = load_settings(
         cfg,
-        env={"MQTT_PORT": "2883", "LOG_LEVEL": "debug", "WORKERS": "2", "MODEL_DIR": "/srv/models"},
+        env={"MQTT_PORT": "2883", "LOG_LEVEL": "debug", "WORKERS": "2", "MODEL_DIR": "/srv/models",
+             "LOG_FORMAT": "Console"},
     )
+    assert s.logging.format == "console"  # a container's logs without a configuration file
     assert s.mqtt.host == "broker.local"
     assert s.mqtt.port == 2883
     assert s.logging.level == "DEBUG"
