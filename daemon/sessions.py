@@ -67,6 +67,8 @@ log = structlog.get_logger("anomalyd.sessions")
 
 #: The sessions the daemon of a state directory keeps at its broker.
 SESSIONS_FILE = "sessions.json"
+#: The record's list of drained sessions still to be ended (a handover cut short).
+ENDING = "ending"
 #: How long one exchange with the broker (CONNACK, SUBACK) may take once connected.
 ANSWER_S = 10.0
 #: A session being drained has given all it queued once the marker published behind its
@@ -256,6 +258,16 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
     everything = unshared(next(iter(now.sessions.values())))
     marker = _marker_topic(settings)
     left = _bridge_left(record)
+    unended = _left_to_end(record)
+    if unended and keeps:
+        # a handover cut short while it ended the sessions it had drained: the record
+        # names the new layout already, and they hold nothing the new sessions do not
+        for cid in unended:
+            _end(cfg, cid, deadline)
+        log.info("handover_sessions_ended", client_ids=unended,
+                 note="left by a handover cut short after the new sessions were in place")
+        if before is not None:
+            write_bytes(record, orjson.dumps(before.to_json()))
     if todo.fresh and before is not None and keeps:
         owner = _owner(settings)
         # 1. a bridging session, subscribed to every reading: what is published while the
@@ -286,7 +298,13 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
         if bridge is not None:
             taken += _take(directory, owner, cfg, [(bridge, everything, lambda topic: True)],
                            deadline, marker)
-        for cid in (*todo.end, *([bridge] if bridge else [])):
+        # 5. the old sessions and the bridge end. The new sessions now hold everything
+        #    from here on: the record names them first, so that a start after a cut here
+        #    uses them as they are (made afresh again, they would drop what they hold) and
+        #    only ends what is left of these
+        ending = [*todo.end, *([bridge] if bridge else [])]
+        write_bytes(record, orjson.dumps({**now.to_json(), ENDING: ending}))
+        for cid in ending:
             _end(cfg, cid, deadline)
         log.info("broker_sessions_handed_over", drained=list(todo.drain),
                  ended=list(todo.end), started=list(todo.fresh), readings_taken_over=taken,
@@ -341,6 +359,15 @@ class Deadline:
 
     def sleep(self, seconds: float) -> None:
         pause(seconds, self.cancel, "stopped while handing the broker sessions over")
+
+
+def _left_to_end(record: Path) -> list[str]:
+    """The drained sessions a handover cut short had still to end (its record says)."""
+    try:
+        ending = orjson.loads(record.read_bytes()).get(ENDING)
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return []
+    return [c for c in ending if isinstance(c, str)] if isinstance(ending, list) else []
 
 
 def _bridge_left(record: Path) -> str | None:

@@ -471,6 +471,36 @@ def test_a_handover_cut_short_and_asked_for_again_takes_over_what_its_bridge_hel
     assert Probe(broker, "a-handover", MARKER).take(
         broker, subscribe="sensors/+/readings") == []  # the bridge is gone
 
+
+def test_a_handover_cut_short_while_it_ends_the_old_sessions_keeps_the_new_ones(
+    fresh_broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the old sessions and the bridge were ended, before the record said
+    the new layout was in place (found by the soak: 75 readings lost): the new sessions
+    alone held what was published since, and the next start, reading the old layout in
+    the record, made them afresh, which drops what they hold. The record now names the
+    new layout before anything is ended; the next start uses the new sessions as they
+    are and only ends what was left to end."""
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 1)
+    daemon_session(broker, "a", "sensors/+/readings")
+    real_end = sessions._end
+
+    def end_then_killed(cfg: Any, client_id: str, deadline: Any) -> None:
+        real_end(cfg, client_id, deadline)
+        if client_id == "a-handover":  # the last one: the record is written next
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sessions, "_end", end_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        start_layout(broker, tmp_path, 2)
+    monkeypatch.undo()
+    gap = [f"sensors/gap-{i}/readings" for i in range(6)]
+    publish(broker, gap)  # only the new sessions are subscribed now
+    start_layout(broker, tmp_path, 2)  # the same layout, started again
+    for i in range(2):
+        assert Probe(broker, f"a-{i}", MARKER).take(broker) == gap  # device dispatch: all
+
 def _cut_after_bridge(fail: Any) -> Any:
     real = sessions._connect_once
     calls: list[int] = []
