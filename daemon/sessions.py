@@ -266,8 +266,8 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
             _end(cfg, cid, deadline)
         log.info("handover_sessions_ended", client_ids=unended,
                  note="left by a handover cut short after the new sessions were in place")
-        if before is not None:
-            write_bytes(record, orjson.dumps(before.to_json()))
+        if before is not None:  # (its bridge, if one is left, is still to take over)
+            write_bytes(record, orjson.dumps(_with_work_left(before, left, ())))
     if todo.fresh and before is not None and keeps:
         owner = _owner(settings)
         # 1. a bridging session, subscribed to every reading: what is published while the
@@ -275,7 +275,7 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
         #    by a handover cut short still holds what came after it. Recorded first, so
         #    that a start after one cut short knows to take it over.
         bridge: str | None = f"{cfg.client_id}-handover"
-        write_bytes(record, orjson.dumps({**before.to_json(), "bridge": bridge}))
+        write_bytes(record, orjson.dumps(_with_work_left(before, bridge, ())))
         try:
             _connect_once(cfg, str(bridge), deadline, keep=True, subscription=everything,
                           resume=True)
@@ -290,20 +290,21 @@ def hand_over(settings: Settings, directory: Path, layout: Mapping[str, Any] | N
         taken = _take(directory, owner, cfg, [
             (cid, before.sessions[cid], _was_owned(settings, before, cid))
             for cid in todo.drain], deadline, marker)
-        # 3. the new sessions, made afresh and subscribed: they queue from now on
+        # 3. the new sessions, made afresh and subscribed: they queue from now on. So the
+        #    record names them from here on, with what is left to do (the bridge to take
+        #    over, the old sessions to end): a start after a cut uses them as they are
+        #    (made afresh again, they would drop what only they hold) and does the rest
         for cid in todo.fresh:
             _connect_once(cfg, cid, deadline, keep=False)
             _connect_once(cfg, cid, deadline, keep=True, subscription=now.sessions[cid])
+        write_bytes(record, orjson.dumps(_with_work_left(now, bridge, todo.end)))
         # 4. what the bridge holds, after the old sessions' readings; then it goes
         if bridge is not None:
             taken += _take(directory, owner, cfg, [(bridge, everything, lambda topic: True)],
                            deadline, marker)
-        # 5. the old sessions and the bridge end. The new sessions now hold everything
-        #    from here on: the record names them first, so that a start after a cut here
-        #    uses them as they are (made afresh again, they would drop what they hold) and
-        #    only ends what is left of these
+        # 5. the old sessions and the bridge end
         ending = [*todo.end, *([bridge] if bridge else [])]
-        write_bytes(record, orjson.dumps({**now.to_json(), ENDING: ending}))
+        write_bytes(record, orjson.dumps(_with_work_left(now, None, ending)))
         for cid in ending:
             _end(cfg, cid, deadline)
         log.info("broker_sessions_handed_over", drained=list(todo.drain),
@@ -359,6 +360,14 @@ class Deadline:
 
     def sleep(self, seconds: float) -> None:
         pause(seconds, self.cancel, "stopped while handing the broker sessions over")
+
+
+def _with_work_left(layout: Record, bridge: str | None, ending: Sequence[str]
+                    ) -> dict[str, Any]:
+    """The record of ``layout`` with what a handover has still to do: a ``bridge`` to
+    take over, sessions it has drained to end."""
+    return {**layout.to_json(), **({"bridge": bridge} if bridge else {}),
+            **({ENDING: list(ending)} if ending else {})}
 
 
 def _left_to_end(record: Path) -> list[str]:

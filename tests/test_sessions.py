@@ -501,6 +501,47 @@ def test_a_handover_cut_short_while_it_ends_the_old_sessions_keeps_the_new_ones(
     for i in range(2):
         assert Probe(broker, f"a-{i}", MARKER).take(broker) == gap  # device dispatch: all
 
+
+def test_a_handover_cut_short_after_it_took_the_bridge_keeps_the_new_sessions(
+    fresh_broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed once the bridge was drained (and so unsubscribed), before anything was
+    ended: as above, the new sessions alone held what came next, and the next start
+    made them afresh. What the bridge held before is handed over once."""
+    broker = fresh_broker
+    start_layout(broker, tmp_path, 1)
+    daemon_session(broker, "a", "sensors/+/readings")
+    real_take = sessions._take
+    drain = sessions._drain
+    calls: list[int] = []
+
+    def drain_then_publish(*args: Any, **kwargs: Any) -> None:
+        drain(*args, **kwargs)
+        if not calls:  # the old sessions are drained, the new ones not made yet
+            publish(broker, ["sensors/in-bridge/readings"])
+        calls.append(1)
+
+    def take_then_killed(directory: Path, owner: Any, cfg: Any, olds: Any, *rest: Any) -> int:
+        taken = real_take(directory, owner, cfg, olds, *rest)
+        if olds[0][0] == "a-handover":
+            raise KeyboardInterrupt
+        return taken
+
+    monkeypatch.setattr(sessions, "_drain", drain_then_publish)
+    monkeypatch.setattr(sessions, "_take", take_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        start_layout(broker, tmp_path, 2)
+    monkeypatch.undo()
+    gap = [f"sensors/gap-{i}/readings" for i in range(6)]
+    publish(broker, gap)  # only the new sessions are subscribed now
+    start_layout(broker, tmp_path, 2)  # the same layout, started again
+    for i in range(2):
+        assert Probe(broker, f"a-{i}", MARKER).take(broker) == gap  # device dispatch: all
+    handed = [q.topic for i in range(2) for q in spool.take(tmp_path, i)]
+    assert handed == ["sensors/in-bridge/readings"]
+    assert Probe(broker, "a-handover", MARKER).take(
+        broker, subscribe="sensors/+/readings") == []  # the bridge is gone
+
 def _cut_after_bridge(fail: Any) -> Any:
     real = sessions._connect_once
     calls: list[int] = []
