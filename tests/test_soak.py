@@ -4,8 +4,10 @@ throughout (``tests.faults``).
 
 The faults: the daemon stopped and started again (SIGTERM); its layout changed (one
 process <-> two workers, so the broker sessions are handed over while readings keep
-coming); the daemon, or one worker, SIGKILLed; the broker restarted (SIGTERM: it saves its
-database); every link through the proxy reset. Each one alone has its own test; here they
+coming); such a change cut short (the new start SIGKILLed, with its workers, at a random
+moment of its handover or just after it, then started again with the same layout); the
+daemon, or one worker, SIGKILLed; the broker restarted (SIGTERM: it saves its database);
+every link through the proxy reset. Each one alone has its own test; here they
 meet each other's leftovers (a handover after a kill, a broker restart right after a
 layout change, ...). At the end every reading the broker acknowledged must have a verdict;
 duplicates are allowed (at least once) and printed with the tally.
@@ -42,7 +44,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SEED = int(os.environ.get("ANOMALYD_SOAK_SEED", "20261207"))
 FAULTS = int(os.environ.get("ANOMALYD_SOAK_FAULTS", "12"))
 RATE = 100.0  # readings/s over 8 devices
-KINDS = ("restart", "layout", "kill", "broker", "reset")
+KINDS = ("restart", "layout", "cut", "kill", "broker", "reset")
 
 
 def _flowing(counter: VerdictCounter, more: int, daemon: DaemonProcess, what: str) -> None:
@@ -52,6 +54,15 @@ def _flowing(counter: VerdictCounter, more: int, daemon: DaemonProcess, what: st
     while counter.count() < target:
         assert time.monotonic() < deadline, f"no verdicts after {what}: " + daemon.log_tail()
         time.sleep(0.05)
+
+
+def _handover_begun(daemon: DaemonProcess) -> None:
+    """Until the start has re-cut the saved state for its layout, the step before its
+    handover."""
+    deadline = time.monotonic() + 60
+    while "state_repartitioned" not in daemon.log_tail():
+        assert time.monotonic() < deadline, "no handover began: " + daemon.log_tail()
+        time.sleep(0.01)
 
 
 def _repeats_by_fault(counter: VerdictCounter, began: list[float],
@@ -95,12 +106,17 @@ def test_a_run_of_faults_under_load_loses_no_acknowledged_reading(
             time.sleep(rng.uniform(0.2, 3.0))  # the faults land at other moments each time
             kind = rng.choice(KINDS)
             began.append(time.monotonic())
-            if kind in ("restart", "layout"):
+            if kind in ("restart", "layout", "cut"):
                 daemon.signal(signal.SIGTERM)
                 assert daemon.wait(60) == 0, daemon.log_tail()
-                if kind == "layout":
+                if kind != "restart":
                     layout["workers"] = 3 - layout["workers"]
                     configure()
+                if kind == "cut":
+                    daemon.start(wait=False)
+                    _handover_begun(daemon)
+                    time.sleep(rng.uniform(0.0, 0.4))  # a handover takes 0.1-0.5 s here
+                    daemon.close()  # SIGKILL, and its workers'
                 daemon.start()
             elif kind == "kill" and layout["workers"] == 1:
                 daemon.kill()
