@@ -67,7 +67,7 @@ STATE_FLUSH_TIMEOUT_S = 10.0
 ALERT_SAVE_S = 1.0
 #: How often the scorer looks whether the readings taken over in a handover are judged.
 HANDOVER_CHECK_S = 1.0
-# How often a worker looks whether its supervisor is still there.
+#: How often a worker looks whether its supervisor is still there.
 SUPERVISOR_CHECK_S = 0.5
 
 
