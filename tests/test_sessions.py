@@ -492,14 +492,7 @@ def test_a_handover_cut_short_while_it_ends_the_old_sessions_keeps_the_new_ones(
             raise KeyboardInterrupt
 
     monkeypatch.setattr(sessions, "_end", end_then_killed)
-    with pytest.raises(KeyboardInterrupt):
-        start_layout(broker, tmp_path, 2)
-    monkeypatch.undo()
-    gap = [f"sensors/gap-{i}/readings" for i in range(6)]
-    publish(broker, gap)  # only the new sessions are subscribed now
-    start_layout(broker, tmp_path, 2)  # the same layout, started again
-    for i in range(2):
-        assert Probe(broker, f"a-{i}", MARKER).take(broker) == gap  # device dispatch: all
+    _cut_then_started_again(broker, tmp_path, monkeypatch)
 
 
 def test_a_handover_cut_short_after_it_took_the_bridge_keeps_the_new_sessions(
@@ -529,18 +522,27 @@ def test_a_handover_cut_short_after_it_took_the_bridge_keeps_the_new_sessions(
 
     monkeypatch.setattr(sessions, "_drain", drain_then_publish)
     monkeypatch.setattr(sessions, "_take", take_then_killed)
-    with pytest.raises(KeyboardInterrupt):
-        start_layout(broker, tmp_path, 2)
-    monkeypatch.undo()
-    gap = [f"sensors/gap-{i}/readings" for i in range(6)]
-    publish(broker, gap)  # only the new sessions are subscribed now
-    start_layout(broker, tmp_path, 2)  # the same layout, started again
-    for i in range(2):
-        assert Probe(broker, f"a-{i}", MARKER).take(broker) == gap  # device dispatch: all
+    _cut_then_started_again(broker, tmp_path, monkeypatch)
     handed = [q.topic for i in range(2) for q in spool.take(tmp_path, i)]
     assert handed == ["sensors/in-bridge/readings"]
     assert Probe(broker, "a-handover", MARKER).take(
         broker, subscribe="sensors/+/readings") == []  # the bridge is gone
+
+
+def _cut_then_started_again(broker: Broker, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handover to two workers, cut short where the patches in place make it stop;
+    readings published then (only the new sessions are subscribed); the same layout
+    started again: each new session still holds them (device dispatch: every one)."""
+    with pytest.raises(KeyboardInterrupt):
+        start_layout(broker, tmp_path, 2)
+    monkeypatch.undo()
+    gap = [f"sensors/gap-{i}/readings" for i in range(6)]
+    publish(broker, gap)
+    start_layout(broker, tmp_path, 2)
+    for i in range(2):
+        assert Probe(broker, f"a-{i}", MARKER).take(broker) == gap
+
 
 def _cut_after_bridge(fail: Any) -> Any:
     real = sessions._connect_once
