@@ -34,7 +34,7 @@ import structlog
 
 from daemon import sessions, state
 from daemon.config import Settings
-from daemon.errors import StoppedWhileStartingError
+from daemon.errors import ConfigError, StoppedWhileStartingError
 from daemon.exit_codes import EXIT_OK, EXIT_USAGE
 from daemon.http import check_port_free
 
@@ -108,8 +108,14 @@ def run_workers(settings: Settings, config: Path | None) -> int:
     # each worker's port, before anything changes for workers that could not serve
     # (seen: the state re-cut and the sessions handed over to 2 workers, then worker 1
     # failed on its port and every worker stopped)
-    for i in range(n if settings.http.port else 0):
-        check_port_free(settings.http.host, settings.http.port + i)
+    try:
+        for i in range(n if settings.http.port else 0):
+            check_port_free(settings.http.host, settings.http.port + i)
+    except ConfigError:
+        # the same configuration started twice takes the port too: the state directory's
+        # lock says so better ("in use by another anomalyd (pid ...)") than the port
+        os.close(state.lock(settings.state.dir))
+        raise
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def hand_over(signum: int, frame: FrameType | None) -> None:

@@ -83,6 +83,13 @@ def test_a_second_daemon_on_the_directory_is_refused_and_the_first_runs_on(
     assert done.returncode == 2, done.stderr.decode()[-2000:]
     assert b"in use by another anomalyd" in done.stderr
     assert b"workers_started" not in done.stderr + done.stdout
+    # the same configuration started twice: the port is taken as well, and the state
+    # directory says why (the port check said "stop what holds it")
+    env["HEALTH_PORT"] = str(first.http.port)
+    done = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 2, done.stderr.decode()[-2000:]
+    assert b"in use by another anomalyd" in done.stderr
 
     first.shutdown()
     deadline = time.monotonic() + 5
