@@ -20,12 +20,13 @@ from daemon.config import UNREAD_NOTE, Settings, load_settings, unread_variables
 from daemon.errors import (
     AnomalydError,
     BrokerError,
+    BrokerRefusedError,
     ConfigError,
     ModelAccessError,
     ModelLoadError,
     TrainingError,
 )
-from daemon.exit_codes import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from daemon.exit_codes import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from daemon.training import MIN_ROWS, QUANTILE_RANGE
 
 #: The SKAB protocol's rows per run that train and warm up the device (evaluate --warmup).
@@ -607,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
+    except BrokerRefusedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BROKER

@@ -26,6 +26,11 @@ class BrokerError(AnomalydError):
     """The MQTT broker cannot be reached or refused the connection."""
 
 
+class BrokerRefusedError(BrokerError):
+    """The broker refused these credentials, this client id or certificate, or cannot give
+    QoS 1: starting again as configured cannot help (a service manager should not retry)."""
+
+
 class StoppedWhileStartingError(AnomalydError):
     """A stop was asked for (SIGTERM, SIGINT) while the daemon was still connecting: it
     had taken no reading, so it stops at once and loses nothing."""

@@ -5,5 +5,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 #: Bad arguments, configuration or models.
 EXIT_USAGE = 2
-#: The broker could not be reached or refused the connection.
+#: The broker could not be reached, or refused the connection for a while (busy, starting).
 EXIT_BROKER = 3
+#: The broker refused these credentials, this client id or certificate, or gives QoS 0
+#: only: starting again as configured cannot help (the systemd unit does not restart it).
+EXIT_REFUSED = 4

@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.config import MqttConfig
-from daemon.errors import BrokerError, StoppedWhileStartingError
+from daemon.errors import BrokerError, BrokerRefusedError, StoppedWhileStartingError
 from daemon.hosts import is_loopback
 from daemon.metrics import Metrics
 from daemon.tls import client_context, describe_failure
@@ -47,6 +47,12 @@ EARLY_DROPS = 3
 #: From then on the reconnect delay doubles with each early drop, up to this (at most
 #: half of ``STABLE_S``, so two such clients still find each other's connections early).
 EARLY_DROP_MAX_DELAY_S = 30.0
+#: CONNACK refusals that may pass by themselves (a broker starting, busy or rate limiting):
+#: a start they stop may be retried; any other (credentials, client id, protocol, QoS 0
+#: only) needs the configuration or the broker changed (``BrokerRefusedError``).
+PASSING_REFUSALS = frozenset({"Server unavailable", "Server busy", "Quota exceeded",
+                              "Connection rate exceeded",
+                              "Use another server", "Server moved"})
 #: paho's reason code when it closes a connection that heard nothing for ``keepalive_s``
 #: (before a CONNACK too): not the other end closing it
 KEEPALIVE_TIMEOUT = 141
@@ -247,7 +253,7 @@ class Link:
                 # Retrying cannot fix a certificate: say what is wrong and stop.
                 self.metrics.connection_errors.labels("tls").inc()
                 self.last_error = connect_failure(cfg, exc)
-                raise BrokerError(self.last_error) from exc
+                raise BrokerRefusedError(self.last_error) from exc
             except OSError as exc:
                 self.last_error = connect_failure(cfg, exc)
                 self.metrics.connection_errors.labels("unreachable").inc()
@@ -274,9 +280,9 @@ class Link:
             raise BrokerError(self._unanswered_error())
         if self._connect_result is not None:
             self.stop(1.0)
-            raise BrokerError(
-                f"broker at {cfg.host}:{cfg.port} refused the connection: {self._connect_result}"
-            )
+            said = f"broker at {cfg.host}:{cfg.port} refused the connection: {self._connect_result}"
+            raise (BrokerError if self._connect_result in PASSING_REFUSALS
+                   else BrokerRefusedError)(said)
 
     def _unanswered_error(self) -> str:
         """Why no CONNACK came: the connection was closed each time (by the other end), or

@@ -50,8 +50,8 @@ from paho.mqtt.properties import Properties
 
 from daemon import spool, state
 from daemon.config import MqttConfig, Settings
-from daemon.errors import BrokerError, ConfigError
-from daemon.mqtt_link import connect_failure, pause, set_credentials
+from daemon.errors import BrokerError, BrokerRefusedError, ConfigError
+from daemon.mqtt_link import PASSING_REFUSALS, connect_failure, pause, set_credentials
 from daemon.partition import SINGLE, TopicOwnership, layout_dispatch
 from daemon.state import write_bytes
 from daemon.topics import (
@@ -452,7 +452,9 @@ class _Session:
                     client.connect(cfg.host, cfg.port, cfg.keepalive_s)
                 break
             except OSError as exc:  # ssl.SSLError included: retrying cannot mend a certificate
-                if isinstance(exc, ssl.SSLError) or time.monotonic() + delay > deadline.at:
+                if isinstance(exc, ssl.SSLError):
+                    raise BrokerRefusedError(connect_failure(cfg, exc)) from exc
+                if time.monotonic() + delay > deadline.at:
                     raise BrokerError(connect_failure(cfg, exc)) from exc
                 log.warning("broker_unreachable", host=cfg.host, port=cfg.port, error=str(exc),
                             retry_in_s=delay)
@@ -463,8 +465,10 @@ class _Session:
         try:
             self.wait("CONNECT")
             if refused[0] is not None:
-                raise BrokerError(f"broker at {cfg.host}:{cfg.port} refused the connection "
-                                  f"as {client_id!r}: {refused[0]}")
+                said = (f"broker at {cfg.host}:{cfg.port} refused the connection as "
+                        f"{client_id!r}: {refused[0]}")
+                raise (BrokerError if refused[0] in PASSING_REFUSALS
+                       else BrokerRefusedError)(said)
         except BaseException:
             self.close()
             raise

@@ -35,7 +35,7 @@ import structlog
 from daemon import sessions, state
 from daemon.config import Settings
 from daemon.errors import ConfigError, StoppedWhileStartingError
-from daemon.exit_codes import EXIT_OK, EXIT_USAGE
+from daemon.exit_codes import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from daemon.http import check_port_free
 
 log = structlog.get_logger("anomalyd.supervisor")
@@ -204,10 +204,10 @@ def _supervise(workers: list[Worker], signals: queue.SimpleQueue[int]) -> int:
                 codes[w.index] = code
                 if stopping:
                     continue
-                if code == EXIT_USAGE:
+                if code in (EXIT_USAGE, EXIT_REFUSED):
                     log.error("worker_failed", worker=w.index, exit_code=code,
-                              action="stopping every worker: they share its configuration "
-                                     "and models")
+                              action="stopping every worker: they share its configuration, "
+                                     "models and broker login")
                     worst, stopping = code, True
                     stops_sent.add(signal.SIGTERM)
                     for other in workers:

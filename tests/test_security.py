@@ -182,6 +182,30 @@ def test_wrong_password_is_refused_with_a_clear_error(
         )
 
 
+@pytest.mark.parametrize("case", ["password", "ca"])
+def test_a_refusal_retrying_cannot_mend_exits_4_not_3(
+    sbroker: Broker, certs: Path, trained_model_dir: Path, tmp_path: Path, case: str
+) -> None:
+    """A wrong password or an unknown CA exited 3, as an unreachable broker does, and the
+    systemd unit (Restart=on-failure) started the daemon again every few seconds, for
+    ever. They exit 4 now, which the unit does not restart; an unreachable broker is
+    still 3 (tests/test_end_to_end.py)."""
+    env = dict(os.environ, MQTT_HOST="localhost", MQTT_PORT=str(sbroker.port),
+               MQTT_USERNAME="anomalyd", MQTT_TLS="true", MODEL_DIR=str(trained_model_dir),
+               MQTT_PASSWORD="wrong" if case == "password" else password(certs, "anomalyd"),
+               MQTT_CA_FILE=str(certs / "ca.crt") if case == "password" else
+               str(make_certs() / "ca.crt"),
+               HEALTH_PORT="0", STATE_DIR=str(tmp_path / "state"))
+    res = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 4, res.stderr[-2000:]
+    said = ("refused the connection: Not authorized" if case == "password" else
+            "certificate was rejected")
+    assert said in res.stderr
+    unit = (REPO / "deploy" / "anomalyd.service").read_text()
+    assert "RestartPreventExitStatus=2 4" in unit
+
+
 def test_unknown_ca_is_refused_with_a_clear_error(
     sbroker: Broker,
     certs: Path,

@@ -53,13 +53,14 @@ def test_a_worker_stopped_while_it_starts_counts_as_stopped() -> None:
     assert [e["exit_codes"] for e in logs if e["event"] == "workers_stopped"] == [[0, 0]]
 
 
-def test_a_worker_that_fails_on_its_configuration_stops_them_all() -> None:
+@pytest.mark.parametrize("code", [2, 4])  # its configuration; its broker login refused
+def test_a_worker_that_fails_on_its_configuration_stops_them_all(code: int) -> None:
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     serving = Worker(0, _python(SERVES))
-    failing = Worker(1, _python("import sys; sys.exit(2)"))
+    failing = Worker(1, _python(f"import sys; sys.exit({code})"))
     _stop_after(signals, 5.0)  # so that a supervisor that went on would still return
     with capture_logs() as logs:
-        assert supervisor._supervise([serving, failing], signals) == 2
+        assert supervisor._supervise([serving, failing], signals) == code
     assert [e["worker"] for e in logs if e["event"] == "worker_failed"] == [1]
     assert not [e for e in logs if e["event"] == "worker_exited"]  # not started again
 
