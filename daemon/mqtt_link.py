@@ -442,6 +442,10 @@ class Link:
                 and getattr(reason, "value", None) != KEEPALIVE_TIMEOUT):
             # closed before any CONNACK (see ``start``); not paho giving up on an answer
             self._closed_unanswered += 1
+            if self._closed_unanswered == 1:  # said now, not only when start gives up
+                log.warning("broker_closed_unanswered", link=self.name,
+                            note=closed_unanswered(self.cfg, 1), retrying_for_s=(
+                                self.cfg.connect_timeout_s or None))
         if self._on_down is not None:
             self._on_down()
         if was:

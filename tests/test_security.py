@@ -25,6 +25,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from daemon.config import HttpConfig, LimitsConfig, ModelConfig, MqttConfig, Settings, TlsConfig
 from daemon.errors import BrokerError
@@ -437,6 +438,10 @@ def test_plain_mqtt_to_a_tls_listener_says_to_turn_tls_on(
     mqtt = MqttConfig(host=sbroker.host, port=sbroker.port, connect_timeout_s=2,
                       client_id=f"plain-tls-{free_port()}")
     said = rf"is {sbroker.port} a TLS listener .*MQTT_TLS=true"
-    with pytest.raises(BrokerError, match=said) as caught:
+    with capture_logs() as logs, pytest.raises(BrokerError, match=said) as caught:
         start_daemon(settings=settings(mqtt, trained_model_dir))
     assert "3.1.1" not in str(caught.value)
+    # said at the first closed connection, not only once the start gives up (30 s later
+    # by default, with nothing logged in between)
+    closed = [e for e in logs if e["event"] == "broker_closed_unanswered"]
+    assert closed and "a TLS listener" in closed[0]["note"]
