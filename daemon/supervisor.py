@@ -114,7 +114,8 @@ def run_workers(settings: Settings, config: Path | None) -> int:
     except ConfigError:
         # the same configuration started twice takes the port too: the state directory's
         # lock says so better ("in use by another anomalyd (pid ...)") than the port
-        os.close(state.lock(settings.state.dir))
+        if (settings.state.dir / state.LOCK_FILE).exists():  # (none: no one holds it)
+            os.close(state.lock(settings.state.dir))
         raise
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
