@@ -247,16 +247,8 @@ def test_readings_published_during_the_handover_wait_in_its_bridge(
     broker = fresh_broker
     start_layout(broker, tmp_path, 1)
     daemon_session(broker, "a", "sensors/+/readings")
-    drain = sessions._drain
-    calls: list[int] = []
-
-    def drain_then_publish(*args: Any, **kwargs: Any) -> None:
-        drain(*args, **kwargs)
-        if not calls:  # the old sessions are drained, the new ones not made yet
-            publish(broker, ["sensors/gap/readings"])
-        calls.append(1)
-
-    monkeypatch.setattr(sessions, "_drain", drain_then_publish)
+    monkeypatch.setattr(sessions, "_drain",
+                        _publishing_after_the_old_drain(broker, ["sensors/gap/readings"]))
     start_layout(broker, tmp_path, 2)
     owner = partition.owner("gap", 2)
     assert [q.topic for q in spool.take(tmp_path, owner)] == ["sensors/gap/readings"]
@@ -265,6 +257,20 @@ def test_readings_published_during_the_handover_wait_in_its_bridge(
         assert Probe(broker, f"a-{i}", MARKER).take(broker) == []
     assert Probe(broker, "a-handover", MARKER).take(
         broker, subscribe="sensors/+/readings") == []  # the bridge is gone
+
+
+def _publishing_after_the_old_drain(broker: Broker, topics: list[str]) -> Any:
+    """``sessions._drain`` that publishes ``topics`` once the old sessions are drained and
+    before the new ones are made: only the bridge is subscribed then."""
+    drain = sessions._drain
+    calls: list[int] = []
+
+    def drain_then_publish(*args: Any, **kwargs: Any) -> None:
+        drain(*args, **kwargs)
+        if not calls:  # the first drain: the old sessions'
+            publish(broker, topics)
+        calls.append(1)
+    return drain_then_publish
 
 
 def test_an_unreachable_broker_leaves_the_record_for_the_next_start(tmp_path: Path) -> None:
@@ -505,14 +511,6 @@ def test_a_handover_cut_short_after_it_took_the_bridge_keeps_the_new_sessions(
     start_layout(broker, tmp_path, 1)
     daemon_session(broker, "a", "sensors/+/readings")
     real_take = sessions._take
-    drain = sessions._drain
-    calls: list[int] = []
-
-    def drain_then_publish(*args: Any, **kwargs: Any) -> None:
-        drain(*args, **kwargs)
-        if not calls:  # the old sessions are drained, the new ones not made yet
-            publish(broker, ["sensors/in-bridge/readings"])
-        calls.append(1)
 
     def take_then_killed(directory: Path, owner: Any, cfg: Any, olds: Any, *rest: Any) -> int:
         taken = real_take(directory, owner, cfg, olds, *rest)
@@ -520,7 +518,8 @@ def test_a_handover_cut_short_after_it_took_the_bridge_keeps_the_new_sessions(
             raise KeyboardInterrupt
         return taken
 
-    monkeypatch.setattr(sessions, "_drain", drain_then_publish)
+    monkeypatch.setattr(sessions, "_drain",
+                        _publishing_after_the_old_drain(broker, ["sensors/in-bridge/readings"]))
     monkeypatch.setattr(sessions, "_take", take_then_killed)
     _cut_then_started_again(broker, tmp_path, monkeypatch)
     handed = [q.topic for i in range(2) for q in spool.take(tmp_path, i)]
