@@ -12,10 +12,11 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -51,18 +52,18 @@ def _unexpanded(value: Any) -> Any:
     return value
 
 
+#: A path setting: refused if it starts with ``~`` (``_unexpanded``).
+SettingPath = Annotated[Path, BeforeValidator(_unexpanded)]
+OptionalSettingPath = Annotated[Path | None, BeforeValidator(_unexpanded)]
+
+
 class TlsConfig(_Strict):
     enabled: bool = False
-    ca_file: Path | None = None  # None: the system's trusted CAs
-    cert_file: Path | None = None  # client certificate (mutual TLS), with key_file
-    key_file: Path | None = None
+    ca_file: OptionalSettingPath = None  # None: the system's trusted CAs
+    cert_file: OptionalSettingPath = None  # client certificate (mutual TLS), with key_file
+    key_file: OptionalSettingPath = None
     verify_hostname: bool = True
     min_version: Literal["1.2", "1.3"] = "1.2"
-
-    @field_validator('ca_file', 'cert_file', 'key_file', mode="before")
-    @classmethod
-    def _no_tilde(cls, value: Any) -> Any:
-        return _unexpanded(value)
 
     @model_validator(mode="after")
     def _check(self) -> TlsConfig:
@@ -87,7 +88,7 @@ class MqttConfig(_Strict):
     client_id: str = Field("anomalyd", min_length=1, max_length=128)
     username: str | None = None
     password: SecretStr | None = None
-    password_file: Path | None = None
+    password_file: OptionalSettingPath = None
     tls: TlsConfig = TlsConfig()
     keepalive_s: int = Field(30, ge=5, le=3600)
     session_expiry_s: int = Field(86400, ge=0, le=4_294_967_295)  # MQTT's 4-byte limit
@@ -101,11 +102,6 @@ class MqttConfig(_Strict):
     #: the broker's packet size limit, where it does not announce one (MQTT 3.1.1, or a
     #: documented cap); 0: only the limit an MQTT 5 broker announces (daemon.oversize)
     max_packet_bytes: int = Field(0, ge=0)
-
-    @field_validator('password_file', mode="before")
-    @classmethod
-    def _no_tilde(cls, value: Any) -> Any:
-        return _unexpanded(value)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -234,16 +230,11 @@ class ReadingsConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    dir: Path = Path("models")
+    dir: SettingPath = Path("models")
     default_detector: str | None = None
     # A candidate model set that also judges every reading, compared only, never published
     # (daemon.shadow); it must read the same features and window. None: no shadow.
-    shadow_dir: Path | None = None
-
-    @field_validator('dir', 'shadow_dir', mode="before")
-    @classmethod
-    def _no_tilde(cls, value: Any) -> Any:
-        return _unexpanded(value)
+    shadow_dir: OptionalSettingPath = None
 
 
 class HttpConfig(_Strict):
@@ -251,12 +242,7 @@ class HttpConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     # Bearer token required for everything but /health; None: no token.
     token: SecretStr | None = None
-    token_file: Path | None = None
-
-    @field_validator('token_file', mode="before")
-    @classmethod
-    def _no_tilde(cls, value: Any) -> Any:
-        return _unexpanded(value)
+    token_file: OptionalSettingPath = None
 
     @model_validator(mode="after")
     def _check(self) -> HttpConfig:
@@ -355,13 +341,8 @@ class BaselineConfig(_Strict):
 
 
 class StateConfig(_Strict):
-    dir: Path = Path("state")
+    dir: SettingPath = Path("state")
     save_interval_s: float = Field(60.0, gt=0)
-
-    @field_validator('dir', mode="before")
-    @classmethod
-    def _no_tilde(cls, value: Any) -> Any:
-        return _unexpanded(value)
 
 
 class ServiceConfig(_Strict):
