@@ -51,11 +51,16 @@ EARLY_DROP_MAX_DELAY_S = 30.0
 #: a start they stop may be retried; any other (credentials, client id, protocol, QoS 0
 #: only) needs the configuration or the broker changed (``BrokerRefusedError``).
 PASSING_REFUSALS = frozenset({"Server unavailable", "Server busy", "Quota exceeded",
-                              "Connection rate exceeded",
-                              "Use another server", "Server moved"})
+                              "Connection rate exceeded", "Use another server", "Server moved"})
 #: paho's reason code when it closes a connection that heard nothing for ``keepalive_s``
 #: (before a CONNACK too): not the other end closing it
 KEEPALIVE_TIMEOUT = 141
+
+
+def refusal(reason: str, said: str) -> BrokerError:
+    """The error for a broker's CONNACK refusal ``reason``: ``BrokerRefusedError`` unless
+    it may pass by itself (``PASSING_REFUSALS``)."""
+    return (BrokerError if reason in PASSING_REFUSALS else BrokerRefusedError)(said)
 
 
 def guard(metrics: Metrics, where: str, fn: F) -> F:
@@ -280,9 +285,8 @@ class Link:
             raise BrokerError(self._unanswered_error())
         if self._connect_result is not None:
             self.stop(1.0)
-            said = f"broker at {cfg.host}:{cfg.port} refused the connection: {self._connect_result}"
-            raise (BrokerError if self._connect_result in PASSING_REFUSALS
-                   else BrokerRefusedError)(said)
+            raise refusal(self._connect_result, f"broker at {cfg.host}:{cfg.port} refused "
+                          f"the connection: {self._connect_result}")
 
     def _unanswered_error(self) -> str:
         """Why no CONNACK came: the connection was closed each time (by the other end), or

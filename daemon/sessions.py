@@ -51,7 +51,7 @@ from paho.mqtt.properties import Properties
 from daemon import spool, state
 from daemon.config import MqttConfig, Settings
 from daemon.errors import BrokerError, BrokerRefusedError, ConfigError
-from daemon.mqtt_link import PASSING_REFUSALS, connect_failure, pause, set_credentials
+from daemon.mqtt_link import connect_failure, pause, refusal, set_credentials
 from daemon.partition import SINGLE, TopicOwnership, layout_dispatch
 from daemon.state import write_bytes
 from daemon.topics import (
@@ -465,10 +465,8 @@ class _Session:
         try:
             self.wait("CONNECT")
             if refused[0] is not None:
-                said = (f"broker at {cfg.host}:{cfg.port} refused the connection as "
-                        f"{client_id!r}: {refused[0]}")
-                raise (BrokerError if refused[0] in PASSING_REFUSALS
-                       else BrokerRefusedError)(said)
+                raise refusal(refused[0], f"broker at {cfg.host}:{cfg.port} refused the "
+                              f"connection as {client_id!r}: {refused[0]}")
         except BaseException:
             self.close()
             raise
