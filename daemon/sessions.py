@@ -212,18 +212,15 @@ def take_over(settings: Settings, directory: Path, workers: int,
     try:
         hand_over(settings, directory,
                   state.repartition(directory, workers, settings.service.dispatch), cancel)
-    except OSError as exc:
+    except BaseException as exc:
         os.close(lock)
-        if exc.errno not in _DISK_ERRORS:
-            raise
-        raise ConfigError(
-            f"cannot write in state.dir {directory} while settling what the previous "
-            f"layout left ({exc.strerror}): nothing is lost, the readings already taken from "
-            f"the broker stay in {directory} ({spool.JOURNAL}, handover*.jsonl) and the rest "
-            "at the broker, for the next start; make room there (a handover needs about "
-            "twice the size of what it takes) and start again") from exc
-    except BaseException:
-        os.close(lock)
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+            raise ConfigError(
+                f"cannot write in state.dir {directory} while settling what the previous "
+                f"layout left ({exc.strerror}): nothing is lost, the readings already taken "
+                f"from the broker stay in {directory} ({spool.JOURNAL}, handover*.jsonl) and "
+                "the rest at the broker, for the next start; make room there (a handover "
+                "needs about twice the size of what it takes) and start again") from exc
         raise
     return lock
 
