@@ -159,8 +159,7 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise ModelLoadError(f"{path}: no manifest; is this a model directory?") from exc
     except PermissionError as exc:
-        raise ModelAccessError(f"{path}: {exc.strerror}: let the user running anomalyd "
-                               "read the model directory") from exc
+        raise _unreadable(path, exc) from exc
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: unreadable manifest: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_FORMATS:
@@ -173,6 +172,11 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def _unreadable(path: Path, exc: PermissionError) -> ModelAccessError:
+    return ModelAccessError(f"{path}: {exc.strerror}: let the user running anomalyd read the "
+                            "model directory")
+
+
 def check_not_writable_by_others(path: Path) -> None:
     """Refuse a file or directory that users other than us (or root) could have altered.
 
@@ -183,8 +187,7 @@ def check_not_writable_by_others(path: Path) -> None:
     try:
         st = path.stat()
     except PermissionError as exc:
-        raise ModelAccessError(f"{path}: {exc.strerror}: let the user running anomalyd "
-                               "read the model directory") from exc
+        raise _unreadable(path, exc) from exc
     except OSError as exc:
         raise ModelLoadError(f"{path}: {exc.strerror}") from exc
     if st.st_uid not in (0, os.geteuid()):
