@@ -12,10 +12,11 @@ reaches them through the supervisor only (a second signal would force their stop
 worker that exits while nobody asked it to (killed by the kernel's OOM killer, its scorer
 crashed, the broker unreachable at its start) is started again after a delay that doubles
 while it keeps failing; its persistent session has kept its readings meanwhile. A worker
-that exits with a configuration or model error (exit 2) stops them all: the others would
-meet the same error. The supervisor exits with the worst exit code of its workers (a
-worker killed by a signal counts as 128 + the signal's number, except by the stop it was
-sent while still starting: that is the stop asked for, 0).
+that exits with a configuration or model error (exit 2), or whose login the broker refused
+(exit 4), stops them all: the others would meet the same error. The supervisor exits with
+the worst exit code of its workers (a worker killed by a signal counts as 128 + the
+signal's number, except by the stop it was sent while still starting: that is the stop
+asked for, 0).
 """
 
 from __future__ import annotations
